@@ -1,0 +1,51 @@
+# her2exp: `make help` lists the targets. Every target creates .venv on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.her2exp-installed
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-slow bench lint format ui montage clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+# Reinstalls only when pyproject.toml is newer than the stamp: a second `make install` takes
+# well under a second.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install her2exp (editable, with dev extras); idempotent
+
+train: $(STAMP) ## train on the embedded data (CPU, one MLflow run in ./mlflow.db); ARGS="k=v ..." adds overrides
+	$(VENV)/bin/her2exp-train $(ARGS)
+
+test: $(STAMP) ## the whole test suite (what CI runs)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP) ## long soak tests
+	$(PY) -m pytest -q -m slow
+
+bench: $(STAMP) ## images/s of her2exp's epoch vs a bare PyTorch loop, and their ratio
+	$(PY) -m her2exp.bench $(ARGS)
+
+lint: $(STAMP) ## ruff check + format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP) ## apply ruff format and safe fixes
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+ui: $(STAMP) ## MLflow UI on 127.0.0.1:5000 over ./mlflow.db
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+montage: $(STAMP) ## redraw docs/synthetic_montage.png from the embedded generator
+	$(PY) -c "from her2exp.data import synthetic as s; from PIL import Image; \
+	im = Image.fromarray(s.montage(s.generate(seed=0), per_group=6)); \
+	im.resize((im.width * 2, im.height * 2), Image.NEAREST).save('docs/synthetic_montage.png')"
+
+clean: ## remove outputs/, multirun contents and the local MLflow store (not .venv)
+	rm -rf outputs mlflow.db mlartifacts && find multirun -mindepth 1 ! -name .gitkeep -delete

@@ -1,0 +1,210 @@
+"""Structured configs: Hydra validates keys and types at compose time; `validate` checks values.
+
+Every option a user can set lives here once, with its type and default, so a typo in an override
+fails at compose time instead of deep inside training.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; raised before any training starts."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "resnet18"
+    pretrained: bool = False
+    num_classes: int = 2
+    drop_rate: float = 0.0
+    channels_last: bool = False
+    compile: bool = False
+    compile_mode: str = "default"
+    min_image_size: int = 32
+
+
+@dataclass
+class LossConfig:
+    name: str = "ce"
+    gamma: float = 2.0
+    alpha: float | None = None
+    use_class_weights: bool = False
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class SplitConfig:
+    train: float = 0.7
+    val: float = 0.15
+    test: float = 0.15
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"
+    n_patients: int = 100
+    patches_per_patient: int = 20
+    positive_fraction: float = 0.25
+    sites: list[str] = field(default_factory=lambda: ["site_a", "site_b"])
+    image_size: int = 64
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    prefetch_factor: int | None = None
+    persistent_workers: bool = False
+    pin_memory: bool = False
+    augment: bool = True
+    split: SplitConfig = field(default_factory=SplitConfig)
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    accumulation_steps: int = 1
+    grad_clip_norm: float | None = 1.0
+    amp: str = "auto"
+    early_stop_patience: int = 5
+    monitor: str = "val_auc"
+    resume: str | None = None
+    stop_after_epoch: int | None = None
+    deterministic: bool = False
+    device: str = "auto"
+    nproc_per_node: int = 1
+    progress: bool = True
+    save_checkpoints: bool = True
+
+
+@dataclass
+class StainConfig:
+    name: str = "none"
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "mlflow"
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "her2exp"
+    run_name: str | None = None
+    artifact_location: str | None = None
+    log_checkpoint: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    stain: StainConfig = field(default_factory=StainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    seed: int = 42
+    task_name: str = "train"
+    output_dir: str = MISSING
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def register_configs() -> None:
+    """Put the schema in Hydra's ConfigStore; `conf/train.yaml` lists it first in its defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+LOSS_CHOICES = ("ce", "focal")
+MONITOR_CHOICES = ("val_auc",)
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def validate(cfg: DictConfig | TrainConfig) -> None:
+    """Reject values that would fail (or silently mislead) later, naming the key and what is allowed."""
+    t, d, m, loss = cfg.trainer, cfg.data, cfg.model, cfg.loss
+    if not t.lr > 0:
+        _fail("trainer.lr", t.lr, "a learning rate > 0")
+    if t.epochs < 1:
+        _fail("trainer.epochs", t.epochs, "an integer >= 1")
+    if t.accumulation_steps < 1:
+        _fail("trainer.accumulation_steps", t.accumulation_steps, "an integer >= 1")
+    if t.weight_decay < 0:
+        _fail("trainer.weight_decay", t.weight_decay, "a value >= 0")
+    if t.warmup_epochs < 0:
+        _fail("trainer.warmup_epochs", t.warmup_epochs, "a value >= 0")
+    if t.grad_clip_norm is not None and not t.grad_clip_norm > 0:
+        _fail("trainer.grad_clip_norm", t.grad_clip_norm, "null (no clipping) or a value > 0")
+    if t.early_stop_patience < 1:
+        _fail("trainer.early_stop_patience", t.early_stop_patience, "an integer >= 1")
+    if t.amp not in AMP_CHOICES:
+        _fail("trainer.amp", t.amp, f"one of {', '.join(AMP_CHOICES)}")
+    if t.monitor not in MONITOR_CHOICES:
+        _fail("trainer.monitor", t.monitor, f"one of {', '.join(MONITOR_CHOICES)}")
+    if t.device not in ("auto", "cpu", "cuda") and not str(t.device).startswith("cuda:"):
+        _fail("trainer.device", t.device, "auto, cpu, cuda or cuda:N")
+    if t.stop_after_epoch is not None and t.stop_after_epoch < 1:
+        _fail("trainer.stop_after_epoch", t.stop_after_epoch, "null or an integer >= 1")
+    if t.nproc_per_node != 1:
+        _fail(
+            "trainer.nproc_per_node",
+            t.nproc_per_node,
+            "1 (in-process multi-worker launch is not available yet; use torchrun)",
+        )
+    if d.batch_size < 1:
+        _fail("data.batch_size", d.batch_size, "an integer >= 1")
+    if d.eval_batch_size < 1:
+        _fail("data.eval_batch_size", d.eval_batch_size, "an integer >= 1")
+    if d.num_workers < 0:
+        _fail("data.num_workers", d.num_workers, "an integer >= 0")
+    if d.prefetch_factor is not None and (d.num_workers == 0 or d.prefetch_factor < 1):
+        _fail(
+            "data.prefetch_factor",
+            d.prefetch_factor,
+            "null, or an integer >= 1 together with data.num_workers > 0",
+        )
+    if d.persistent_workers and d.num_workers == 0:
+        _fail("data.persistent_workers", True, "false unless data.num_workers > 0")
+    if d.source != "synthetic":
+        _fail("data.source", d.source, "synthetic (folder and manifest sources are not built yet)")
+    if d.image_size < m.min_image_size:
+        _fail(
+            "data.image_size",
+            d.image_size,
+            f"at least {m.min_image_size} px for model.name={m.name} (model.min_image_size)",
+        )
+    fractions = (d.split.train, d.split.val, d.split.test)
+    if min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
+        _fail(
+            "data.split",
+            dict(zip(("train", "val", "test"), fractions, strict=True)),
+            "three fractions > 0 that sum to 1",
+        )
+    if loss.name not in LOSS_CHOICES:
+        _fail("loss.name", loss.name, f"one of {', '.join(LOSS_CHOICES)}")
+    if loss.gamma < 0:
+        _fail("loss.gamma", loss.gamma, "a value >= 0")
+    if loss.alpha is not None and not 0 < loss.alpha < 1:
+        _fail("loss.alpha", loss.alpha, "null or a value in (0, 1) weighting the HER2+ class")
+    if m.num_classes != 2:
+        _fail("model.num_classes", m.num_classes, "2 (binary HER2-/HER2+)")
+    if cfg.stain.name != "none":
+        _fail("stain.name", cfg.stain.name, "none (stain normalisation is not built yet)")
+    if cfg.tracking.backend not in ("mlflow", "off"):
+        _fail("tracking.backend", cfg.tracking.backend, "mlflow or off")
+
+
+def close_matches(name: str, candidates: list[str], n: int = 5) -> list[str]:
+    """Names a user probably meant; used for unknown model names."""
+    return difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)

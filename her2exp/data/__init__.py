@@ -1,0 +1,122 @@
+"""Data: a manifest (one row per patch) plus datasets and loaders built from it.
+
+The manifest columns are the contract every source fills: label, patient_id, slide_id, site,
+split (and latent_score for the synthetic source, which lets tests know the Bayes ceiling).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, DistributedSampler
+
+from her2exp.data import splits, synthetic
+from her2exp.data.datasets import PatchDataset
+from her2exp.seed import worker_init_fn
+
+
+@dataclass
+class DataBundle:
+    manifest: pd.DataFrame
+    images: np.ndarray
+    fingerprint: str
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.manifest["split"].to_numpy() == split)
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.manifest["label"].to_numpy()[self.indices(split)]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        table = self.manifest.groupby(["split", "label"]).size()
+        return {
+            s: {"her2_neg": int(table.get((s, 0), 0)), "her2_pos": int(table.get((s, 1), 0))}
+            for s in splits.SPLITS
+        }
+
+
+def build(cfg: DictConfig, seed: int) -> DataBundle:
+    """Materialise the data set and its patient-grouped split; fails early on an unusable split."""
+    data = synthetic.generate(
+        n_patients=cfg.n_patients,
+        patches_per_patient=cfg.patches_per_patient,
+        image_size=cfg.image_size,
+        sites=list(cfg.sites),
+        positive_fraction=cfg.positive_fraction,
+        seed=seed,
+    )
+    manifest = data.frame.copy()
+    fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
+    manifest["split"] = splits.assign(manifest, fractions, seed)
+    splits.check(manifest)
+    generator_cfg = OmegaConf.to_container(cfg, resolve=True)
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"generator": generator_cfg, "seed": seed}, sort_keys=True).encode())
+    digest.update(pd.util.hash_pandas_object(manifest, index=True).to_numpy().tobytes())
+    return DataBundle(manifest=manifest, images=data.images, fingerprint=digest.hexdigest()[:16])
+
+
+def make_dataset(bundle: DataBundle, split: str, cfg: DictConfig, seed: int) -> PatchDataset:
+    idx = bundle.indices(split)
+    return PatchDataset(
+        bundle.images[idx],
+        bundle.manifest["label"].to_numpy()[idx],
+        mean=list(cfg.mean),
+        std=list(cfg.std),
+        augment=bool(cfg.augment) and split == "train",
+        seed=seed,
+    )
+
+
+def _loader_kwargs(cfg: DictConfig, device: torch.device) -> dict:
+    kwargs: dict = {
+        "num_workers": cfg.num_workers,
+        "pin_memory": bool(cfg.pin_memory) and device.type == "cuda",
+        "worker_init_fn": worker_init_fn if cfg.num_workers > 0 else None,
+    }
+    if cfg.num_workers > 0:
+        kwargs["persistent_workers"] = bool(cfg.persistent_workers)
+        if cfg.prefetch_factor is not None:
+            kwargs["prefetch_factor"] = cfg.prefetch_factor
+    return kwargs
+
+
+def train_loader(
+    dataset: PatchDataset,
+    cfg: DictConfig,
+    seed: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> DataLoader:
+    """Shuffled by a sampler seeded with (seed, epoch): call `sampler.set_epoch` every epoch."""
+    if cfg.batch_size % world_size:
+        raise ValueError(
+            f"data.batch_size={cfg.batch_size} is the global batch and must divide by the "
+            f"world size {world_size}"
+        )
+    sampler = DistributedSampler(
+        dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
+    )
+    per_rank = cfg.batch_size // world_size
+    return DataLoader(
+        dataset,
+        batch_size=per_rank,
+        sampler=sampler,
+        # A last batch of one sample breaks BatchNorm in train mode; drop only that case.
+        drop_last=len(sampler) % per_rank == 1,
+        **_loader_kwargs(cfg, device),
+    )
+
+
+def eval_loader(dataset: PatchDataset, cfg: DictConfig, device: torch.device) -> DataLoader:
+    """In dataset order, every sample exactly once."""
+    return DataLoader(
+        dataset, batch_size=cfg.eval_batch_size, shuffle=False, **_loader_kwargs(cfg, device)
+    )

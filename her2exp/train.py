@@ -1,0 +1,234 @@
+"""`her2exp-train`: compose the config, wire the parts, return the best validation AUC.
+
+Three layers, as in lightning-hydra-template: `train(cfg)` does the work and returns a summary;
+`main` is the Hydra entry point that turns configuration errors into one readable line and
+returns the objective a Hydra sweeper maximises.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from her2exp import checkpoint, data, distributed, losses, metrics, models, reports, tracking
+from her2exp.config import ConfigError, register_configs, validate
+from her2exp.engine import evaluate
+from her2exp.seed import set_seed
+from her2exp.trainer import Trainer
+
+log = logging.getLogger("her2exp")
+register_configs()
+# conf/ sits beside the package (see DESIGN.md); an absolute path works for the console script,
+# `python -m her2exp.train` and torchrun alike.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _hydra_overrides() -> list[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # composed without @hydra.main (tests, notebooks)
+        return []
+
+
+def check_input_size(model: torch.nn.Module, image_size: int, name: str, device) -> None:
+    """One dummy forward so a too-small patch size fails now, not after the data is built."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(1, 3, image_size, image_size, device=device))
+    except RuntimeError as exc:
+        raise ConfigError(
+            f"data.image_size={image_size} is too small for model.name={name}: {exc}"
+        ) from exc
+    if out.shape != (1, 2):
+        raise ConfigError(f"model.name={name} returned shape {tuple(out.shape)}, expected (1, 2)")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train, pick the best epoch on val AUC, score test at the val-chosen threshold."""
+    validate(cfg)
+    models.check_model_name(cfg.model.name)
+    dctx = distributed.init(cfg.trainer.device)
+    set_seed(cfg.seed + dctx.rank, deterministic=cfg.trainer.deterministic)
+    run_dir = Path(cfg.output_dir)
+    if dctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    try:
+        bundle = data.build(cfg.data, cfg.seed)
+    except ValueError as exc:
+        raise ConfigError(f"data: {exc}") from exc
+    model = models.build(cfg.model, dctx.device)
+    check_input_size(model, cfg.data.image_size, cfg.model.name, dctx.device)
+    train_set = data.make_dataset(bundle, "train", cfg.data, cfg.seed)
+    val_set = data.make_dataset(bundle, "val", cfg.data, cfg.seed)
+    test_set = data.make_dataset(bundle, "test", cfg.data, cfg.seed)
+    train_loader = data.train_loader(
+        train_set, cfg.data, cfg.seed, dctx.rank, dctx.world_size, dctx.device
+    )
+    val_loader = data.eval_loader(val_set, cfg.data, dctx.device)
+    test_loader = data.eval_loader(test_set, cfg.data, dctx.device)
+    criterion = losses.build(cfg.loss, bundle.labels("train")).to(dctx.device)
+    train_model = models.maybe_compile(model, cfg.model)
+
+    resume = cfg.trainer.resume
+    if resume == "auto":
+        resume = checkpoint.find_latest(run_dir)
+        if resume is None:
+            log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", run_dir)
+
+    tracker = tracking.build(cfg.tracking, dctx.is_main)
+    status = "FAILED"
+    try:
+        tags = tracking.run_tags(
+            cfg, dctx.device, dctx.world_size, dctx.backend, _hydra_overrides(), bundle.fingerprint
+        )
+        tags["run_dir"] = str(run_dir.resolve())
+        counts = bundle.counts()
+        for split, c in counts.items():
+            tags[f"data.{split}"] = f"{c['her2_pos']} HER2+ / {c['her2_neg']} HER2-"
+        if resume:
+            tags["resumed_from"] = str(resume)
+        tracker.start(cfg, tags)
+        trainer = Trainer(
+            cfg, model, train_model, criterion, train_loader, val_loader, dctx, tracker, run_dir
+        )
+        if resume:
+            trainer.resume_from(resume)
+            for row in trainer.history:  # the resumed run shows the whole curve
+                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
+        fit = trainer.fit()
+
+        summary: dict[str, Any] = {
+            "model": cfg.model.name,
+            "best_epoch": fit.best_epoch,
+            "last_epoch": fit.last_epoch,
+            "best_val_auc": fit.best_val_auc,
+            "threshold_youden_val": fit.threshold_youden_val,
+            "stopped_early": fit.stopped_early,
+            "data_fingerprint": bundle.fingerprint,
+            "mlflow_run_id": tracker.run_id,
+            "tracking_uri": tracker.uri,
+            "run_dir": str(run_dir.resolve()),
+        }
+        if fit.interrupted:
+            status = "KILLED"
+            last = run_dir / "checkpoints" / "last.pt"
+            tracker.set_tags({"interrupted_after_epoch": fit.last_epoch, "resume_with": last})
+            summary["interrupted"] = True
+            print(f"her2exp: stopped after epoch {fit.last_epoch}; resume with "
+                  f"trainer.resume={last}")  # fmt: skip
+            return summary
+
+        model.load_state_dict(fit.best_state)
+        summary.update(final_evaluation(cfg, model, criterion, val_loader, test_loader, trainer,
+                                        fit.threshold_youden_val, tracker, run_dir, summary,
+                                        dctx.is_main))  # fmt: skip
+        status = "FINISHED"
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end(status)
+        distributed.teardown()
+
+
+def final_evaluation(
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    criterion: torch.nn.Module,
+    val_loader,
+    test_loader,
+    trainer: Trainer,
+    threshold: float,
+    tracker: tracking.Tracker,
+    run_dir: Path,
+    summary: dict[str, Any],
+    is_main: bool,
+) -> dict[str, Any]:
+    """Best weights on val (for the record) and test at the frozen val thresholds; reports."""
+    val = evaluate(model, val_loader, criterion, trainer.ctx)
+    test = evaluate(model, test_loader, criterion, trainer.ctx)
+    tables = {
+        "val @ youden(val)": metrics.at_threshold(val.labels, val.probs, threshold),
+        "test @ youden(val)": metrics.at_threshold(test.labels, test.probs, threshold),
+        "test @ 0.5": metrics.at_threshold(test.labels, test.probs, 0.5),
+    }
+    at_youden, at_half = tables["test @ youden(val)"], tables["test @ 0.5"]
+    out: dict[str, Any] = {
+        "val_at_youden": tables["val @ youden(val)"].as_dict(),
+        "test_auc": at_youden.auc,
+        "test_at_youden_val": at_youden.as_dict(),
+        "test_at_0.5": at_half.as_dict(),
+        "tables": {k: v.as_dict() for k, v in tables.items()},
+    }
+    final = {
+        "best_epoch": summary["best_epoch"],
+        "best_val_auc": summary["best_val_auc"],
+        "threshold_youden_val": threshold,
+        **{f"final_val_youden_{k}": v for k, v in tables["val @ youden(val)"].as_dict().items()},
+        **{f"test_youden_{k}": v for k, v in at_youden.as_dict().items()},
+        **{f"test_p50_{k}": v for k, v in at_half.as_dict().items()},
+        "test_auc": at_youden.auc,
+        "test_loss": test.loss,
+    }
+    if not is_main:
+        return out
+    tracker.log_metrics(final)
+    report_dir = run_dir / "reports"
+    full = {**summary, **out}
+    reports.write_best_json(report_dir / "best.json", full)
+    reports.write_summary_md(report_dir / "summary.md", full)
+    v, tt = tables["val @ youden(val)"], tables["test @ youden(val)"]
+    reports.plot_roc(
+        report_dir / "roc.png",
+        {"val": (val.labels, val.probs), "test": (test.labels, test.probs)},
+        {
+            f"val @ {threshold:.3f}": (1 - v.specificity, v.sensitivity),
+            f"test @ {threshold:.3f} (frozen)": (1 - tt.specificity, tt.sensitivity),
+        },
+    )
+    reports.atomic_write_text(
+        run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True)
+    )
+    tracker.log_artifact(run_dir / "config_resolved.yaml")
+    tracker.log_artifact(run_dir / ".hydra", "hydra")
+    tracker.log_artifact(report_dir, "reports")
+    if cfg.tracking.get("log_checkpoint", True) and (run_dir / "checkpoints" / "best.pt").is_file():
+        tracker.log_artifact(run_dir / "checkpoints" / "best.pt", "checkpoints")
+    return out
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        summary = train(cfg)
+    except ConfigError as exc:
+        print(f"her2exp: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if not summary.get("interrupted"):
+        t = summary["test_at_youden_val"]
+        print(
+            f"her2exp: best val AUC {summary['best_val_auc']:.4f} at epoch {summary['best_epoch']}"
+            f" | Youden threshold (val) {summary['threshold_youden_val']:.4f}"
+            f" | test AUC {summary['test_auc']:.4f}, at that threshold sensitivity "
+            f"{t['sensitivity']:.3f} specificity {t['specificity']:.3f}"
+        )
+        where = summary["tracking_uri"]
+        if where:
+            print(f"her2exp: MLflow run {summary['mlflow_run_id']} in {where}")
+        print(f"her2exp: run directory {summary['run_dir']}")
+    return float(summary["best_val_auc"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""The epoch loop: AMP set-up, evaluation each epoch, early stopping, checkpoints and resume.
+
+Metric formulas live in metrics.py, MLflow in tracking.py; this module only decides what happens
+when, and keeps enough state in `last.pt` that a resumed run replays an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from her2exp import checkpoint, metrics
+from her2exp.distributed import DistContext
+from her2exp.engine import StepContext, evaluate, train_one_epoch
+from her2exp.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+def resolve_amp(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use GradScaler) for `trainer.amp` on this device.
+
+    auto: bf16 on CUDA that supports it, else fp16 + GradScaler; fp32 on the CPU, where bf16
+    autocast without bf16 instructions runs many times slower. bf16 on the CPU only when asked.
+    """
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None, False
+    if amp == "auto":
+        return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
+    if amp == "bf16":
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+def build_optimizer(
+    model: nn.Module, cfg: DictConfig, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW without decay on norms and biases; linear warmup then cosine, stepped per update."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+    )
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+        optimizer, T_max=max(1, total - warmup), eta_min=cfg.lr * cfg.min_lr_ratio
+    )
+    if warmup == 0:
+        return optimizer, cosine
+    ramp = torch.optim.lr_scheduler.LinearLR(
+        optimizer, start_factor=1.0 / (warmup + 1), end_factor=1.0, total_iters=warmup
+    )
+    return optimizer, torch.optim.lr_scheduler.SequentialLR(
+        optimizer, [ramp, cosine], milestones=[warmup]
+    )
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val_auc: float
+    threshold_youden_val: float
+    last_epoch: int
+    stopped_early: bool
+    interrupted: bool
+    best_state: dict[str, torch.Tensor]
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_checkpoint: Path | None = None
+
+
+class Trainer:
+    """Holds what one fit needs; `fit` runs epochs until done, early-stopped or told to stop."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        model: nn.Module,
+        train_model: nn.Module,
+        criterion: nn.Module,
+        train_loader: torch.utils.data.DataLoader,
+        val_loader: torch.utils.data.DataLoader,
+        dctx: DistContext,
+        tracker: Tracker,
+        run_dir: Path,
+    ) -> None:
+        self.cfg, self.t = cfg, cfg.trainer
+        self.model = model  # the plain module: its state_dict is what checkpoints hold
+        self.train_model = train_model  # possibly compiled
+        self.criterion = criterion
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.dctx, self.tracker = dctx, tracker
+        self.ckpt_dir = run_dir / "checkpoints"
+        k = self.t.accumulation_steps
+        self.steps_per_epoch = math.ceil(len(train_loader) / k)
+        self.optimizer, self.scheduler = build_optimizer(model, self.t, self.steps_per_epoch)
+        dtype, use_scaler = resolve_amp(self.t.amp, dctx.device)
+        self.ctx = StepContext(
+            device=dctx.device,
+            autocast_dtype=dtype,
+            scaler=torch.amp.GradScaler(dctx.device.type, enabled=use_scaler),
+            accumulation_steps=k,
+            grad_clip_norm=self.t.grad_clip_norm,
+            channels_last=cfg.model.channels_last,
+            show_progress=bool(self.t.progress) and dctx.is_main,
+        )
+        self.start_epoch = 1
+        self.best_auc = -math.inf
+        self.best_epoch = 0
+        self.best_threshold = 0.5
+        self.bad_epochs = 0
+        self.history: list[dict[str, float]] = []
+        self.best_state: dict[str, torch.Tensor] = {}
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _resume_state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.ctx.scaler.state_dict(),
+            "epoch": epoch,
+            "best_val_auc": self.best_auc,
+            "best_epoch": self.best_epoch,
+            "threshold_youden_val": self.best_threshold,
+            "early_stop_bad_epochs": self.bad_epochs,
+            "history": self.history,
+            "rng": checkpoint.rng_state(),
+            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+        }
+
+    def resume_from(self, path: str | Path) -> None:
+        """Restore everything `last.pt` holds; the best weights come from `best.pt` beside it."""
+        path = Path(path)
+        state = checkpoint.load(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.ctx.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.best_auc = float(state["best_val_auc"])
+        self.best_epoch = int(state["best_epoch"])
+        self.best_threshold = float(state["threshold_youden_val"])
+        self.bad_epochs = int(state["early_stop_bad_epochs"])
+        self.history = list(state["history"])
+        best_path = path.parent / "best.pt"
+        if self.best_epoch > 0:
+            self.best_state = checkpoint.load(best_path)["model"]
+            if self.dctx.is_main and self.t.save_checkpoints:
+                self._save_best()
+        checkpoint.set_rng_state(state["rng"])
+        log.info("resumed from %s after epoch %d", path, state["epoch"])
+
+    def _save_best(self) -> Path:
+        return checkpoint.save(
+            {
+                "model": self.best_state,
+                "epoch": self.best_epoch,
+                "best_val_auc": self.best_auc,
+                "threshold_youden_val": self.best_threshold,
+                "model_name": self.cfg.model.name,
+                "config": OmegaConf.to_yaml(self.cfg, resolve=True),
+            },
+            self.ckpt_dir / "best.pt",
+        )
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self) -> FitResult:
+        t = self.t
+        stopped_early = interrupted = False
+        epoch = self.start_epoch - 1
+        if self.start_epoch > t.epochs:
+            log.info("nothing to train: checkpoint already at epoch %d", epoch)
+        for epoch in range(self.start_epoch, t.epochs + 1):
+            self.train_loader.sampler.set_epoch(epoch)
+            self.train_loader.dataset.set_epoch(epoch)
+            stats = train_one_epoch(
+                self.train_model,
+                self.train_loader,
+                self.criterion,
+                self.optimizer,
+                self.scheduler,
+                self.ctx,
+                epoch,
+            )
+            scores = evaluate(self.train_model, self.val_loader, self.criterion, self.ctx)
+            threshold = metrics.youden_threshold(scores.labels, scores.probs)
+            report = metrics.at_threshold(scores.labels, scores.probs, threshold)
+            row = {
+                "epoch": epoch,
+                "train_loss": stats.loss,
+                "val_loss": scores.loss,
+                "val_auc": report.auc,
+                "val_sensitivity": report.sensitivity,
+                "val_specificity": report.specificity,
+                "val_precision": report.precision,
+                "val_f1": report.f1,
+                "val_youden_threshold": threshold,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "epoch_seconds": stats.seconds,
+                "images_per_second": stats.images_per_second,
+            }
+            self.history.append(row)
+            improved = not math.isnan(report.auc) and report.auc > self.best_auc
+            if improved:
+                self.best_auc, self.best_epoch, self.best_threshold = report.auc, epoch, threshold
+                self.bad_epochs = 0
+                self.best_state = {
+                    k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
+                }
+            else:
+                self.bad_epochs += 1
+            if self.dctx.is_main:
+                self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
+                log.info(
+                    "epoch %d/%d train_loss %.4f val_loss %.4f val_auc %.4f sens %.3f spec %.3f "
+                    "thr %.3f %.0f img/s%s",
+                    epoch, t.epochs, stats.loss, scores.loss, report.auc, report.sensitivity,
+                    report.specificity, threshold, stats.images_per_second,
+                    " *" if improved else "",
+                )  # fmt: skip
+                if t.save_checkpoints:
+                    if improved:
+                        self._save_best()
+                    checkpoint.save(self._resume_state(epoch), self.ckpt_dir / "last.pt")
+            if self.bad_epochs >= t.early_stop_patience:
+                stopped_early = True
+                log.info("early stop: no val AUC gain in %d epochs", self.bad_epochs)
+                break
+            if t.stop_after_epoch is not None and epoch >= t.stop_after_epoch and epoch < t.epochs:
+                interrupted = True
+                log.info("stopping after epoch %d as asked (trainer.stop_after_epoch)", epoch)
+                break
+        if not self.best_state:
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        best_ckpt = self.ckpt_dir / "best.pt"
+        return FitResult(
+            best_epoch=self.best_epoch,
+            best_val_auc=self.best_auc,
+            threshold_youden_val=self.best_threshold,
+            last_epoch=epoch,
+            stopped_early=stopped_early,
+            interrupted=interrupted,
+            best_state=self.best_state,
+            history=self.history,
+            best_checkpoint=best_ckpt if best_ckpt.is_file() else None,
+        )
