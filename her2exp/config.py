@@ -6,12 +6,13 @@ fails at compose time instead of deep inside training.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -131,8 +132,27 @@ def _fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
+def _check_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
+    """`+key=value` overrides slip past Hydra's struct check; unknown keys are refused here."""
+    known = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in node.items_ex(resolve=False):
+        if key == "hydra" and not prefix:
+            continue
+        if key not in known:
+            allowed = ", ".join(sorted(known))
+            raise ConfigError(
+                f"{prefix}{key}: not allowed by the schema; {prefix or 'top level'} "
+                f"keys are: {allowed}"
+            )
+        sub = OmegaConf.get_type(node, key) if isinstance(value, DictConfig) else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            _check_keys(node[key], sub, f"{prefix}{key}.")
+
+
 def validate(cfg: DictConfig | TrainConfig) -> None:
     """Reject values that would fail (or silently mislead) later, naming the key and what is allowed."""
+    if isinstance(cfg, DictConfig):
+        _check_keys(cfg, TrainConfig)
     t, d, m, loss = cfg.trainer, cfg.data, cfg.model, cfg.loss
     if not t.lr > 0:
         _fail("trainer.lr", t.lr, "a learning rate > 0")

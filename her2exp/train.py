@@ -44,7 +44,7 @@ def check_input_size(model: torch.nn.Module, image_size: int, name: str, device)
     try:
         with torch.no_grad():
             out = model(torch.zeros(1, 3, image_size, image_size, device=device))
-    except RuntimeError as exc:
+    except (RuntimeError, AssertionError, ValueError) as exc:
         raise ConfigError(
             f"data.image_size={image_size} is too small for model.name={name}: {exc}"
         ) from exc
@@ -62,12 +62,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if dctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
 
+    model = models.build(cfg.model, dctx.device)
+    check_input_size(model, cfg.data.image_size, cfg.model.name, dctx.device)
     try:
         bundle = data.build(cfg.data, cfg.seed)
     except ValueError as exc:
         raise ConfigError(f"data: {exc}") from exc
-    model = models.build(cfg.model, dctx.device)
-    check_input_size(model, cfg.data.image_size, cfg.model.name, dctx.device)
     train_set = data.make_dataset(bundle, "train", cfg.data, cfg.seed)
     val_set = data.make_dataset(bundle, "val", cfg.data, cfg.seed)
     test_set = data.make_dataset(bundle, "test", cfg.data, cfg.seed)

@@ -1,0 +1,67 @@
+"""Shared fixtures: Hydra composition as the CLI does it, and one real smoke run through the CLI.
+
+The smoke run (experiment=smoke into a temporary SQLite MLflow store) is trained once per session
+and shared by every test that inspects what a run leaves behind.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+REPO = Path(__file__).resolve().parent.parent
+CONF = REPO / "conf"
+BIN = Path(sys.executable).parent
+
+
+def compose_train(overrides: list[str] | None = None, output_dir: Path | None = None) -> DictConfig:
+    """Compose conf/train.yaml exactly as `her2exp-train` would, minus Hydra's run directory."""
+    import her2exp.train  # noqa: F401 - registers the structured schema
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides or [])
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.output_dir = str(output_dir)
+    return cfg
+
+
+def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the installed `her2exp-train` console script the way the README tells a user to."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run(
+        [str(BIN / "her2exp-train"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+@dataclass
+class SmokeRun:
+    cwd: Path
+    run_dir: Path
+    uri: str
+    run_id: str
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
+    cwd = tmp_path_factory.mktemp("smoke")
+    run_dir = cwd / "run"
+    proc = run_cli(["experiment=smoke", f"hydra.run.dir={run_dir}"], cwd=cwd)
+    assert proc.returncode == 0, f"smoke run failed:\n{proc.stdout}\n{proc.stderr}"
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("her2exp: MLflow run "))
+    run_id = line.split()[3]
+    return SmokeRun(cwd, run_dir, f"sqlite:///{cwd}/mlflow.db", run_id, proc.stdout, proc.stderr)
