@@ -28,6 +28,8 @@ class ModelConfig:
     channels_last: bool = False
     compile: bool = False
     compile_mode: str = "default"
+    compile_before_ddp: bool = False
+    compile_backend: str = "inductor"
     min_image_size: int = 32
 
 
@@ -84,6 +86,8 @@ class TrainerConfig:
     deterministic: bool = False
     device: str = "auto"
     nproc_per_node: int = 1
+    sync_bn: bool = False
+    dist_timeout_s: float = 300.0
     progress: bool = True
     save_checkpoints: bool = True
 
@@ -176,12 +180,10 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
         _fail("trainer.device", t.device, "auto, cpu, cuda or cuda:N")
     if t.stop_after_epoch is not None and t.stop_after_epoch < 1:
         _fail("trainer.stop_after_epoch", t.stop_after_epoch, "null or an integer >= 1")
-    if t.nproc_per_node != 1:
-        _fail(
-            "trainer.nproc_per_node",
-            t.nproc_per_node,
-            "1 (in-process multi-worker launch is not available yet; use torchrun)",
-        )
+    if t.nproc_per_node < 1:
+        _fail("trainer.nproc_per_node", t.nproc_per_node, "an integer >= 1")
+    if t.dist_timeout_s <= 0:
+        _fail("trainer.dist_timeout_s", t.dist_timeout_s, "a number of seconds > 0")
     if d.batch_size < 1:
         _fail("data.batch_size", d.batch_size, "an integer >= 1")
     if d.eval_batch_size < 1:

@@ -114,11 +114,16 @@ def train_one_epoch(
 
 @dataclass
 class Scores:
-    """HER2+ probabilities and labels in dataset order, plus the mean loss."""
+    """HER2+ probabilities and labels in loader order, plus the summed loss and count."""
 
     probs: np.ndarray
     labels: np.ndarray
-    loss: float
+    loss_sum: float
+    n: int
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.n if self.n else math.nan
 
 
 @torch.no_grad()
@@ -141,5 +146,6 @@ def evaluate(
     return Scores(
         probs=torch.cat(probs).numpy().astype(np.float64) if probs else np.zeros(0),
         labels=torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64),
-        loss=total_loss / max(total_n, 1),
+        loss_sum=total_loss,
+        n=total_n,
     )

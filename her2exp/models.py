@@ -35,5 +35,9 @@ def build(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
 def maybe_compile(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
     """torch.compile when asked; the uncompiled module is kept for checkpoints."""
     if cfg.compile:
-        return torch.compile(model, mode=cfg.compile_mode)
+        return torch.compile(
+            model,
+            backend=cfg.compile_backend,
+            mode=None if cfg.compile_backend != "inductor" else cfg.compile_mode,
+        )
     return model

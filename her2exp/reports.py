@@ -1,4 +1,8 @@
-"""Files a reviewer opens: best.json, summary.md and ROC plots. Written atomically, rank 0 only."""
+"""Files a reviewer opens: best.json, summary.md and the clinical figures (ROC with CI band,
+precision-recall, confusion matrices, reliability, decision curves, false-negative and
+false-positive galleries). Plotting and formatting only: every number comes from
+``her2exp.metrics``. Each file is written atomically (temp file + os.replace), rank 0 only.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from her2exp.metrics import SplitEvaluation, misclassified
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
@@ -29,17 +35,26 @@ def atomic_write_text(path: Path, text: str) -> Path:
 
 
 def _clean(value: Any) -> Any:
+    """JSON-safe copy: NaN/inf -> None (null), numpy scalars/arrays -> Python, Paths -> str."""
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _clean(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if isinstance(value, np.generic):
-        return value.item()
+    if isinstance(value, Path):
+        return str(value)
     return value
 
 
 def write_best_json(path: Path, summary: dict[str, Any]) -> Path:
-    return atomic_write_text(path, json.dumps(_clean(summary), indent=2, sort_keys=False) + "\n")
+    return atomic_write_text(
+        path, json.dumps(_clean(summary), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    )
 
 
 def _row(name: str, rep: dict[str, Any]) -> str:
@@ -103,3 +118,472 @@ def plot_roc(
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+# --------------------------------------------------------------------------------------------
+# Clinical report: every figure and table from SplitEvaluations (metrics.evaluate_split)
+# --------------------------------------------------------------------------------------------
+
+SPLIT_TITLES = {
+    "val": "validation (thresholds chosen here)",
+    "test": "test (frozen thresholds)",
+    "external": "external cohort (frozen thresholds)",
+}
+
+
+def _split_title(name: str) -> str:
+    return SPLIT_TITLES.get(name, f"{name} (frozen thresholds)")
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    """Save a figure atomically (temp PNG in the same folder + os.replace) and close it."""
+    plt = _pyplot()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    return f"{v:.{digits}f}"
+
+
+def _ci(v: float, low: float, high: float) -> str:
+    if not math.isfinite(v):
+        return "n/a"
+    return f"{v:.3f} [{_fmt(low)}, {_fmt(high)}]"
+
+
+def plot_roc_ci(path: Path, evaluations: dict[str, SplitEvaluation]) -> Path:
+    """ROC per split, DeLong CI in the legend, a pointwise Wilson band on sensitivity at each
+    FPR (see ``metrics.RocCurve``) and each frozen operating point marked."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=120)
+    markers = "osD^vP*X"
+    for name, ev in evaluations.items():
+        if ev.roc is None:
+            ax.plot([], [], " ", label=f"{name}: one class, ROC undefined")
+            continue
+        a = ev.auc
+        (line,) = ax.plot(
+            ev.roc.fpr,
+            ev.roc.tpr,
+            lw=1.5,
+            label=f"{name} AUC {a.auc:.3f} (95% CI {_fmt(a.low)}-{_fmt(a.high)}, DeLong)",
+        )
+        ax.fill_between(
+            ev.roc.band_fpr,
+            ev.roc.band_low,
+            ev.roc.band_high,
+            step="post",
+            color=line.get_color(),
+            alpha=0.15,
+            lw=0,
+        )
+        for j, (op, rep) in enumerate(ev.reports.items()):
+            ax.plot(
+                [1 - rep.specificity],
+                [rep.sensitivity],
+                markers[j % len(markers)],
+                color=line.get_color(),
+                mec="black",
+                ms=6,
+                label=f"{name} @ {op} ({rep.threshold:.3f})",
+            )
+    ax.plot([0, 1], [0, 1], ":", color="grey", lw=1)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_xlabel("1 - specificity (HER2- called HER2+)")
+    ax.set_ylabel("sensitivity (HER2+ recall)")
+    ax.set_title("ROC; band: pointwise 95% Wilson CI of sensitivity", fontsize=9)
+    ax.legend(loc="lower right", fontsize=6)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_precision_recall(path: Path, evaluations: dict[str, SplitEvaluation]) -> Path:
+    """Precision-recall per split with its average precision and the prevalence baseline."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5.0), dpi=120)
+    for name, ev in evaluations.items():
+        if ev.pr is None:
+            ax.plot([], [], " ", label=f"{name}: one class, PR undefined")
+            continue
+        (line,) = ax.plot(
+            ev.pr.recall,
+            ev.pr.precision,
+            drawstyle="steps-post",
+            label=f"{name} AP {ev.pr.average_precision:.3f}",
+        )
+        ax.axhline(ev.pr.prevalence, ls=":", lw=1, color=line.get_color())
+        for op, rep in ev.reports.items():
+            if math.isfinite(rep.precision):
+                ax.plot([rep.sensitivity], [rep.precision], "o", color=line.get_color(), mec="k")
+                ax.annotate(op, (rep.sensitivity, rep.precision), fontsize=6)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_xlabel("recall (HER2+ sensitivity)")
+    ax.set_ylabel("precision (PPV)")
+    ax.set_title("Precision-recall (dotted: prevalence)", fontsize=9)
+    ax.legend(loc="lower left", fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_confusion_matrices(path: Path, evaluation: SplitEvaluation, title: str) -> Path:
+    """One confusion-matrix panel per operating point (rows: truth, columns: prediction)."""
+    plt = _pyplot()
+    k = len(evaluation.reports)
+    fig, axes = plt.subplots(1, k, figsize=(3.2 * k, 3.4), dpi=120, squeeze=False)
+    for ax, (op, rep) in zip(axes[0], evaluation.reports.items(), strict=True):
+        cm = np.array([[rep.tn, rep.fp], [rep.fn, rep.tp]])
+        ax.imshow(cm, cmap="Blues", vmin=0, vmax=max(int(cm.max()), 1))
+        for (r, c), v in np.ndenumerate(cm):
+            colour = "white" if v > cm.max() / 2 else "black"
+            ax.text(c, r, str(v), ha="center", va="center", color=colour, fontsize=11)
+        ax.set_xticks([0, 1], ["HER2-", "HER2+"])
+        ax.set_yticks([0, 1], ["HER2-", "HER2+"])
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(
+            f"{op} t={rep.threshold:.3f}\nsens {_fmt(rep.sensitivity)} spec "
+            f"{_fmt(rep.specificity)}",
+            fontsize=8,
+        )
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_reliability(path: Path, evaluations: dict[str, SplitEvaluation]) -> Path:
+    """Reliability diagram: observed HER2+ fraction vs mean predicted probability per bin."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.0, 5.0), dpi=120)
+    ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="perfect calibration")
+    for name, ev in evaluations.items():
+        c = ev.calibration
+        ax.plot(
+            c.prob_pred,
+            c.prob_true,
+            "o-",
+            ms=4,
+            label=f"{name} Brier {c.brier:.3f}, ECE {c.ece:.3f} ({c.n_bins} bins)",
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean predicted P(HER2+) in bin")
+    ax.set_ylabel("observed HER2+ fraction in bin")
+    ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_decision_curves(path: Path, evaluations: dict[str, SplitEvaluation]) -> Path:
+    """Net benefit of the model vs treat-all vs treat-none, one panel per split."""
+    plt = _pyplot()
+    k = len(evaluations)
+    fig, axes = plt.subplots(1, k, figsize=(4.5 * k, 4.0), dpi=120, squeeze=False)
+    for ax, (name, ev) in zip(axes[0], evaluations.items(), strict=True):
+        d = ev.decision_curve
+        ax.plot(d.thresholds, d.net_benefit, lw=1.5, label="model")
+        ax.plot(d.thresholds, d.treat_all, "--", lw=1, label="treat all as HER2+")
+        ax.plot(d.thresholds, d.treat_none, ":", color="k", lw=1, label="treat none")
+        ax.set_ylim(min(-0.05, -0.25 * d.prevalence), max(d.prevalence * 1.1, 0.05))
+        ax.set_xlabel("threshold probability p_t")
+        ax.set_ylabel("net benefit")
+        ax.set_title(_split_title(name), fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_error_gallery(
+    path: Path,
+    images: np.ndarray,
+    scores: np.ndarray,
+    indices: np.ndarray,
+    title: str,
+    max_images: int = 32,
+    columns: int = 8,
+) -> Path:
+    """Patches at ``indices`` (already ordered worst first) with their HER2+ scores."""
+    plt = _pyplot()
+    shown = np.asarray(indices)[:max_images]
+    rows = max(1, math.ceil(shown.size / columns))
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(1.6 * columns, 1.8 * rows + 0.5), dpi=100, squeeze=False
+    )
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, i in zip(axes.ravel(), shown, strict=False):
+        ax.imshow(images[i])
+        ax.set_title(f"#{int(i)} p={scores[i]:.3f}", fontsize=7)
+    if shown.size == 0:
+        axes[0, 0].text(0, 0.5, "none", fontsize=12, transform=axes[0, 0].transAxes)
+    fig.suptitle(f"{title} ({len(indices)} total, {shown.size} shown)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _checklist(
+    evaluations: dict[str, SplitEvaluation],
+    header: dict[str, Any],
+    galleries_written: bool,
+    decision_curve_written: bool,
+) -> list[dict[str, str]]:
+    """The seed's Clinical Evaluation Checklist, each item judged from the numbers."""
+    val, test = evaluations.get("val"), evaluations.get("test")
+    op = header.get("operating_point") or (
+        "youden" if val is None or "youden" in val.thresholds else next(iter(val.thresholds))
+    )
+
+    def item(name: str, passed: bool | None, evidence: str) -> dict[str, str]:
+        status = "n/a" if passed is None else ("PASS" if passed else "FAIL")
+        return {"item": name, "status": status, "evidence": evidence}
+
+    def at_op(ev: SplitEvaluation | None, field: str) -> float:
+        rep = None if ev is None else ev.reports.get(op)
+        return math.nan if rep is None else float(getattr(rep, field))
+
+    val_auc = math.nan if val is None else val.auc.auc
+    sens, spec = at_op(test, "sensitivity"), at_op(test, "specificity")
+    frozen = val is not None and all(
+        ev.thresholds == val.thresholds for name, ev in evaluations.items() if name != "val"
+    )
+    external = [k for k in evaluations if k not in ("val", "test")]
+    commit = str(header.get("git_commit") or "")
+    return [
+        item("AUC >= 0.95 on validation", val_auc >= 0.95, f"val AUC {_fmt(val_auc)}"),
+        item(
+            "HER2+ recall >= 0.90 (test, val-chosen operating point)",
+            sens >= 0.90,
+            f"test sensitivity {_fmt(sens)} at {op}",
+        ),
+        item(
+            "Specificity >= 0.85 (test, val-chosen operating point)",
+            spec >= 0.85,
+            f"test specificity {_fmt(spec)} at {op}",
+        ),
+        item(
+            "False-negative analysis present",
+            galleries_written,
+            "false-negative gallery written" if galleries_written else "no gallery given",
+        ),
+        item(
+            "Threshold tuned on validation and documented",
+            frozen,
+            "thresholds from val, identical on every other split"
+            if frozen
+            else "no validation split, or thresholds differ between splits",
+        ),
+        item(
+            "Decision curve analysis present",
+            decision_curve_written,
+            "decision_curve.png" if decision_curve_written else "missing",
+        ),
+        item(
+            "External cohort evaluated",
+            bool(external),
+            ", ".join(external) if external else "no external cohort given",
+        ),
+        item(
+            "Seed and git commit recorded",
+            header.get("seed") is not None and commit not in ("", "unknown", "None"),
+            f"seed {header.get('seed')}, commit {commit or 'missing'}",
+        ),
+    ]
+
+
+def _split_section(name: str, ev: SplitEvaluation) -> list[str]:
+    a = ev.auc
+    lines = [
+        f"## {_split_title(name)}",
+        "",
+        f"n = {ev.n} patches, HER2+ = {ev.n_pos}. "
+        f"AUC {_ci(a.auc, a.low, a.high)} (95% CI, DeLong)"
+        + (
+            f"; bootstrap {_fmt(ev.auc_bootstrap.low)}-{_fmt(ev.auc_bootstrap.high)}"
+            if ev.auc_bootstrap is not None
+            else ""
+        )
+        + ".",
+        "",
+    ]
+    lines += _report_table(ev.reports)
+    c = ev.calibration
+    lines += [
+        "",
+        f"Calibration: Brier {_fmt(c.brier, 4)}, ECE {_fmt(c.ece, 4)} "
+        f"({c.n_bins} equal-width bins)."
+        + (f" Average precision {_fmt(ev.pr.average_precision)}." if ev.pr is not None else ""),
+        "",
+    ]
+    if ev.patient is not None:
+        p = ev.patient
+        lines += [
+            f"### {name}: patient level ({p.how} of patch scores)",
+            "",
+            f"n = {p.n} patients, HER2+ = {p.n_pos}. "
+            f"AUC {_ci(p.auc.auc, p.auc.low, p.auc.high)} (95% CI, DeLong).",
+            "",
+        ]
+        lines += _report_table(p.reports)
+        lines.append("")
+    return lines
+
+
+def _report_table(reports: dict[str, Any]) -> list[str]:
+    lines = [
+        "| operating point | threshold | sensitivity | specificity | PPV | NPV | F1 | "
+        "accuracy | TP/FN/FP/TN |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for op, r in reports.items():
+        lines.append(
+            f"| {op} | {r.threshold:.4f} | "
+            f"{_ci(r.sensitivity, r.sensitivity_low, r.sensitivity_high)} | "
+            f"{_ci(r.specificity, r.specificity_low, r.specificity_high)} | "
+            f"{_ci(r.precision, r.precision_low, r.precision_high)} | "
+            f"{_ci(r.npv, r.npv_low, r.npv_high)} | {_fmt(r.f1)} | "
+            f"{_ci(r.accuracy, r.accuracy_low, r.accuracy_high)} | "
+            f"{r.tp}/{r.fn}/{r.fp}/{r.tn} |"
+        )
+    return lines
+
+
+def _clinical_markdown(
+    evaluations: dict[str, SplitEvaluation],
+    header: dict[str, Any],
+    checklist: list[dict[str, str]],
+    figures: list[Path],
+) -> str:
+    lines = [f"# her2exp clinical evaluation ({header.get('model', 'model')})", ""]
+    lines += ["| run | value |", "|---|---|"]
+    lines += [f"| {k} | {_fmt(v, 4) if isinstance(v, float) else v} |" for k, v in header.items()]
+    lines.append("")
+    val = evaluations.get("val")
+    if val is not None:
+        lines += [
+            "Operating points were chosen on **validation** and frozen; every other split is "
+            "scored at exactly these thresholds (HER2+ when P(HER2+) >= threshold):",
+            "",
+        ]
+        lines += [f"- `{k}` = {v:.4f}" for k, v in val.thresholds.items()]
+        lines.append("")
+    lines += [
+        "Intervals are 95%: DeLong for AUC, Wilson for sensitivity, specificity, PPV, NPV and "
+        "accuracy.",
+        "",
+    ]
+    for name, ev in evaluations.items():
+        lines += _split_section(name, ev)
+    lines += [
+        "## Clinical Evaluation Checklist",
+        "",
+        "| item | status | evidence |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {c['item']} | {c['status']} | {c['evidence']} |" for c in checklist]
+    lines += ["", "## Figures", ""]
+    lines += [f"- `{p.name}`" for p in figures]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def write_clinical_report(
+    report_dir: Path,
+    evaluations: dict[str, SplitEvaluation],
+    galleries: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]] | None = None,
+    header: dict[str, Any] | None = None,
+    max_gallery: int = 32,
+) -> list[Path]:
+    """Write every figure, summary.md and best.json for one run; returns the paths written.
+
+    ``evaluations`` come from ``metrics.evaluate_split`` ("val", "test", optionally "external"
+    or other cohorts), all at the thresholds chosen on val. ``galleries[split]`` is (uint8
+    images (N, H, W, 3), labels, scores, threshold): its false negatives (lowest score first)
+    and false positives (highest score first) are drawn. ``header`` is recorded verbatim (model,
+    best_epoch, seed, git_commit, data_fingerprint, operating_point: the threshold name the
+    checklist judges, default "youden").
+    """
+    report_dir = Path(report_dir)
+    header = dict(header or {})
+    galleries = galleries or {}
+    if not evaluations:
+        raise ValueError("no evaluations to report")
+    figures = [
+        plot_roc_ci(report_dir / "roc.png", evaluations),
+        plot_precision_recall(report_dir / "precision_recall.png", evaluations),
+        plot_reliability(report_dir / "reliability.png", evaluations),
+        plot_decision_curves(report_dir / "decision_curve.png", evaluations),
+    ]
+    for name, ev in evaluations.items():
+        figures.append(
+            plot_confusion_matrices(report_dir / f"confusion_{name}.png", ev, _split_title(name))
+        )
+    fn_written = False
+    for name, (images, labels, scores, threshold) in galleries.items():
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] != len(scores):
+            raise ValueError(
+                f"gallery {name!r}: images must be (N, H, W, 3) with N = {len(scores)}; "
+                f"got {images.shape}"
+            )
+        fn, fp = misclassified(labels, scores, threshold)
+        s = np.asarray(scores, dtype=np.float64)
+        figures.append(
+            plot_error_gallery(
+                report_dir / f"false_negatives_{name}.png",
+                images,
+                s,
+                fn,
+                f"{name}: HER2+ called HER2- at t={threshold:.3f}, lowest score first",
+                max_gallery,
+            )
+        )
+        figures.append(
+            plot_error_gallery(
+                report_dir / f"false_positives_{name}.png",
+                images,
+                s,
+                fp,
+                f"{name}: HER2- called HER2+ at t={threshold:.3f}, highest score first",
+                max_gallery,
+            )
+        )
+        fn_written = True
+    checklist = _checklist(evaluations, header, fn_written, True)
+    flat: dict[str, Any] = {}
+    for name, ev in evaluations.items():
+        flat.update(ev.as_flat_dict(f"{name}_"))
+    summary_path = atomic_write_text(
+        report_dir / "summary.md", _clinical_markdown(evaluations, header, checklist, figures)
+    )
+    best = {
+        **header,
+        **flat,
+        "checklist": checklist,
+        "splits": {name: ev.to_dict() for name, ev in evaluations.items()},
+        "figures": [p.name for p in figures],
+    }
+    best_path = write_best_json(report_dir / "best.json", best)
+    return [*figures, summary_path, best_path]

@@ -18,12 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from her2exp import checkpoint, data, distributed, losses, metrics, models, reports, tracking
 from her2exp.config import ConfigError, register_configs, validate
-from her2exp.engine import evaluate
 from her2exp.seed import set_seed
 from her2exp.trainer import Trainer
 
 log = logging.getLogger("her2exp")
 register_configs()
+distributed.register_resolvers()
 # conf/ sits beside the package (see DESIGN.md); an absolute path works for the console script,
 # `python -m her2exp.train` and torchrun alike.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -56,7 +56,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train, pick the best epoch on val AUC, score test at the val-chosen threshold."""
     validate(cfg)
     models.check_model_name(cfg.model.name)
-    dctx = distributed.init(cfg.trainer.device)
+    dctx = distributed.init(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+    if cfg.trainer.sync_bn and dctx.device.type != "cuda":
+        raise ConfigError(
+            "trainer.sync_bn=true is not allowed here: SyncBatchNorm needs CUDA (PyTorch has no "
+            "gloo/CPU implementation); use trainer.sync_bn=false"
+        )
     set_seed(cfg.seed + dctx.rank, deterministic=cfg.trainer.deterministic)
     run_dir = Path(cfg.output_dir)
     if dctx.is_main:
@@ -74,10 +79,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     train_loader = data.train_loader(
         train_set, cfg.data, cfg.seed, dctx.rank, dctx.world_size, dctx.device
     )
-    val_loader = data.eval_loader(val_set, cfg.data, dctx.device)
-    test_loader = data.eval_loader(test_set, cfg.data, dctx.device)
+    shard = (dctx.rank, dctx.world_size)
+    val_loader = data.eval_loader(val_set, cfg.data, dctx.device, *shard)
+    test_loader = data.eval_loader(test_set, cfg.data, dctx.device, *shard)
     criterion = losses.build(cfg.loss, bundle.labels("train")).to(dctx.device)
-    train_model = models.maybe_compile(model, cfg.model)
+    if cfg.model.compile_before_ddp:
+        train_model, no_sync = distributed.wrap_ddp(
+            models.maybe_compile(model, cfg.model), dctx, cfg.trainer.sync_bn
+        )
+    else:
+        train_model, no_sync = distributed.wrap_ddp(model, dctx, cfg.trainer.sync_bn)
+        train_model = models.maybe_compile(train_model, cfg.model)
 
     resume = cfg.trainer.resume
     if resume == "auto":
@@ -99,8 +111,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             tags["resumed_from"] = str(resume)
         tracker.start(cfg, tags)
         trainer = Trainer(
-            cfg, model, train_model, criterion, train_loader, val_loader, dctx, tracker, run_dir
-        )
+            cfg, model, train_model, criterion, train_loader, val_loader, dctx, tracker, run_dir,
+            no_sync,
+        )  # fmt: skip
         if resume:
             trainer.resume_from(resume)
             for row in trainer.history:  # the resumed run shows the whole curve
@@ -129,7 +142,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             return summary
 
         model.load_state_dict(fit.best_state)
-        summary.update(final_evaluation(cfg, model, criterion, val_loader, test_loader, trainer,
+        summary.update(final_evaluation(cfg, bundle, val_loader, test_loader, trainer,
                                         fit.threshold_youden_val, tracker, run_dir, summary,
                                         dctx.is_main))  # fmt: skip
         status = "FINISHED"
@@ -144,8 +157,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def final_evaluation(
     cfg: DictConfig,
-    model: torch.nn.Module,
-    criterion: torch.nn.Module,
+    bundle: data.DataBundle,
     val_loader,
     test_loader,
     trainer: Trainer,
@@ -156,8 +168,8 @@ def final_evaluation(
     is_main: bool,
 ) -> dict[str, Any]:
     """Best weights on val (for the record) and test at the frozen val thresholds; reports."""
-    val = evaluate(model, val_loader, criterion, trainer.ctx)
-    test = evaluate(model, test_loader, criterion, trainer.ctx)
+    val = trainer.evaluate_all(val_loader)
+    test = trainer.evaluate_all(test_loader)
     tables = {
         "val @ youden(val)": metrics.at_threshold(val.labels, val.probs, threshold),
         "test @ youden(val)": metrics.at_threshold(test.labels, test.probs, threshold),
@@ -197,6 +209,14 @@ def final_evaluation(
             f"test @ {threshold:.3f} (frozen)": (1 - tt.specificity, tt.sensitivity),
         },
     )
+    for split, scores in (("val", val), ("test", test)):
+        rows = bundle.manifest.iloc[bundle.indices(split)].copy()
+        rows.insert(0, "row", bundle.indices(split))
+        rows["prob_her2_pos"] = scores.probs
+        rows["called_her2_pos_youden_val"] = (scores.probs >= threshold).astype(int)
+        if not (rows["label"].to_numpy() == scores.labels).all():
+            raise RuntimeError("gathered scores are not in dataset order")
+        reports.atomic_write_text(report_dir / f"predictions_{split}.csv", rows.to_csv(index=False))
     reports.atomic_write_text(
         run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True)
     )
@@ -208,13 +228,51 @@ def final_evaluation(
     return out
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float:
+def _worker(container: dict[str, Any]) -> dict[str, Any]:
+    """Entry point of each worker started by `trainer.nproc_per_node=N` (spawned: no Hydra)."""
+    cfg = OmegaConf.create(container)
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"[%(asctime)s][rank {distributed.env_rank()}][%(name)s][%(levelname)s] - %(message)s",
+        handlers=[
+            logging.StreamHandler(),
+            logging.FileHandler(run_dir / distributed.rank_log_name("train")),
+        ],
+    )
     try:
         summary = train(cfg)
     except ConfigError as exc:
-        print(f"her2exp: configuration error: {exc}", file=sys.stderr)
+        if distributed.env_rank() == 0:
+            print(f"her2exp: configuration error: {exc}", file=sys.stderr)
+        raise
+    return {k: v for k, v in summary.items() if k != "tables"}
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train in this process, under torchrun, or by starting `trainer.nproc_per_node` workers."""
+    n = cfg.trainer.nproc_per_node
+    if n > 1 and not distributed.under_launcher():
+        validate(cfg)  # fail in the parent, before any worker starts
+        container = OmegaConf.to_container(cfg, resolve=True)  # resolvers don't cross spawn
+        log.info("starting %d workers (trainer.nproc_per_node)", n)
+        return distributed.launch(
+            _worker, n, (container,), Path(cfg.output_dir), cfg.trainer.dist_timeout_s
+        )
+    return train(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        summary = run(cfg)
+    except ConfigError as exc:
+        if distributed.env_rank() == 0:
+            print(f"her2exp: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if distributed.env_rank() != 0:
+        return float(summary["best_val_auc"])
     if not summary.get("interrupted"):
         t = summary["test_at_youden_val"]
         print(

@@ -6,9 +6,11 @@ when, and keeps enough state in `last.pt` that a resumed run replays an uninterr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,9 +19,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from her2exp import checkpoint, metrics
+from her2exp import checkpoint, distributed, metrics
 from her2exp.distributed import DistContext
-from her2exp.engine import StepContext, evaluate, train_one_epoch
+from her2exp.engine import Scores, StepContext, evaluate, train_one_epoch
 from her2exp.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -97,10 +99,12 @@ class Trainer:
         dctx: DistContext,
         tracker: Tracker,
         run_dir: Path,
+        no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
     ) -> None:
         self.cfg, self.t = cfg, cfg.trainer
         self.model = model  # the plain module: its state_dict is what checkpoints hold
-        self.train_model = train_model  # possibly compiled
+        self.train_model = train_model  # possibly compiled and/or DDP-wrapped
+        self.no_sync = no_sync
         self.criterion = criterion
         self.train_loader, self.val_loader = train_loader, val_loader
         self.dctx, self.tracker = dctx, tracker
@@ -127,7 +131,7 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] = {}
 
     # -- checkpoints -------------------------------------------------------------------------
-    def _resume_state(self, epoch: int) -> dict[str, Any]:
+    def _resume_state(self, epoch: int, rng_per_rank: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -139,14 +143,21 @@ class Trainer:
             "threshold_youden_val": self.best_threshold,
             "early_stop_bad_epochs": self.bad_epochs,
             "history": self.history,
-            "rng": checkpoint.rng_state(),
+            "rng": rng_per_rank[0],
+            "rng_per_rank": rng_per_rank,
+            "world_size": self.dctx.world_size,
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
         }
 
     def resume_from(self, path: str | Path) -> None:
         """Restore everything `last.pt` holds; the best weights come from `best.pt` beside it."""
         path = Path(path)
-        state = checkpoint.load(path)
+        state = best = None
+        if self.dctx.is_main:  # rank 0 reads; the others get it by broadcast (no shared FS needed)
+            state = checkpoint.load(path)
+            if int(state["best_epoch"]) > 0:
+                best = checkpoint.load(path.parent / "best.pt")["model"]
+        state, best = distributed.broadcast_object((state, best))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -157,12 +168,13 @@ class Trainer:
         self.best_threshold = float(state["threshold_youden_val"])
         self.bad_epochs = int(state["early_stop_bad_epochs"])
         self.history = list(state["history"])
-        best_path = path.parent / "best.pt"
-        if self.best_epoch > 0:
-            self.best_state = checkpoint.load(best_path)["model"]
+        if best is not None:
+            self.best_state = best
             if self.dctx.is_main and self.t.save_checkpoints:
                 self._save_best()
-        checkpoint.set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank", [state["rng"]])
+        same_layout = int(state.get("world_size", 1)) == self.dctx.world_size
+        checkpoint.set_rng_state(per_rank[self.dctx.rank] if same_layout else state["rng"])
         log.info("resumed from %s after epoch %d", path, state["epoch"])
 
     def _save_best(self) -> Path:
@@ -176,6 +188,24 @@ class Trainer:
                 "config": OmegaConf.to_yaml(self.cfg, resolve=True),
             },
             self.ckpt_dir / "best.pt",
+        )
+
+    def evaluate_all(self, loader: torch.utils.data.DataLoader) -> Scores:
+        """Score a sharded eval loader on every rank and gather in dataset order.
+
+        BatchNorm running stats drift apart between ranks during training, so rank 0's are
+        broadcast first: every rank scores its shard with identical weights.
+        """
+        distributed.broadcast_module_state(self.model)
+        local = evaluate(self.model, loader, self.criterion, self.ctx)
+        if not self.dctx.is_distributed:
+            return local
+        loss_sum, n = distributed.all_reduce_sum([local.loss_sum, local.n], self.dctx.device)
+        return Scores(
+            probs=distributed.gather_in_order(local.probs),
+            labels=distributed.gather_in_order(local.labels),
+            loss_sum=loss_sum,
+            n=int(n),
         )
 
     # -- the loop ----------------------------------------------------------------------------
@@ -196,8 +226,14 @@ class Trainer:
                 self.scheduler,
                 self.ctx,
                 epoch,
+                no_sync=self.no_sync,
             )
-            scores = evaluate(self.train_model, self.val_loader, self.criterion, self.ctx)
+            loss_sum, n_seen, seconds = distributed.all_reduce_sum(
+                [stats.loss * stats.samples, stats.samples, stats.seconds], self.dctx.device
+            )
+            stats.loss, stats.samples = loss_sum / max(n_seen, 1), int(n_seen)
+            stats.seconds = seconds / self.dctx.world_size
+            scores = self.evaluate_all(self.val_loader)
             threshold = metrics.youden_threshold(scores.labels, scores.probs)
             report = metrics.at_threshold(scores.labels, scores.probs, threshold)
             row = {
@@ -233,11 +269,14 @@ class Trainer:
                     report.specificity, threshold, stats.images_per_second,
                     " *" if improved else "",
                 )  # fmt: skip
-                if t.save_checkpoints:
-                    if improved:
-                        self._save_best()
-                    checkpoint.save(self._resume_state(epoch), self.ckpt_dir / "last.pt")
-            if self.bad_epochs >= t.early_stop_patience:
+            rng_per_rank = distributed.all_gather_object(checkpoint.rng_state())
+            if self.dctx.is_main and t.save_checkpoints:
+                if improved:
+                    self._save_best()
+                checkpoint.save(self._resume_state(epoch, rng_per_rank), self.ckpt_dir / "last.pt")
+            # Every rank holds the same gathered metrics; rank 0's decision is still broadcast
+            # so no rank can ever wait on a collective that the others have left.
+            if distributed.broadcast_object(self.bad_epochs >= t.early_stop_patience):
                 stopped_early = True
                 log.info("early stop: no val AUC gain in %d epochs", self.bad_epochs)
                 break

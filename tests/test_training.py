@@ -192,3 +192,21 @@ def test_non_finite_loss_stops_with_epoch_and_step(tmp_path: Path) -> None:
         else []
     )
     assert leftovers == []
+
+
+def test_loader_workers_do_not_change_the_science(tmp_path: Path, reference_3_epochs: dict) -> None:
+    """Augmentation is keyed by (seed, epoch, index), so worker processes replay it exactly."""
+    out = _train(
+        tmp_path,
+        "trainer.epochs=3",
+        "data.num_workers=2",
+        "data.prefetch_factor=2",
+        "data.persistent_workers=true",
+    )
+    assert _comparable(out) == _comparable(reference_3_epochs)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_explicit_amp_modes_run_on_the_cpu(tmp_path: Path, amp: str) -> None:
+    out = _train(tmp_path, f"trainer.amp={amp}", "trainer.epochs=1", "data.n_patients=12")
+    assert math.isfinite(out["test_auc"])

@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from her2exp.data import splits, synthetic
 from her2exp.data.datasets import PatchDataset
+from her2exp.distributed import shard_indices
 from her2exp.seed import worker_init_fn
 
 
@@ -115,8 +116,12 @@ def train_loader(
     )
 
 
-def eval_loader(dataset: PatchDataset, cfg: DictConfig, device: torch.device) -> DataLoader:
-    """In dataset order, every sample exactly once."""
+def eval_loader(
+    dataset: PatchDataset, cfg: DictConfig, device: torch.device, rank: int = 0, world_size: int = 1
+) -> DataLoader:
+    """In dataset order, every sample exactly once: rank r scores the r-th contiguous shard
+    (no DistributedSampler padding, whose duplicates would bias AUC and thresholds)."""
+    shard = Subset(dataset, shard_indices(len(dataset), rank, world_size).tolist())
     return DataLoader(
-        dataset, batch_size=cfg.eval_batch_size, shuffle=False, **_loader_kwargs(cfg, device)
+        shard, batch_size=cfg.eval_batch_size, shuffle=False, **_loader_kwargs(cfg, device)
     )

@@ -31,10 +31,16 @@ class PatchDataset(Dataset):
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1) * 255.0
         self.augment = augment
         self.seed = seed
-        self.epoch = 0
+        # In shared memory: persistent DataLoader workers hold their own copy of the dataset,
+        # and must still see the epoch the trainer sets.
+        self._epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch[0] = epoch
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -1,0 +1,145 @@
+"""DDP with real torchrun and gloo on the CPU: same science as one process, one run directory,
+rank 0 alone writing, in-process launch for sweeps, and prompt failure when a rank dies."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import BIN, REPO, compose_train
+from her2exp import checkpoint
+from her2exp import train as train_mod
+
+# LayerNorm model: DDP's averaged gradients then equal the single-process big-batch gradient.
+# (BatchNorm statistics are per rank by construction; SyncBatchNorm is CUDA-only.)
+COMMON = ["experiment=smoke", "model.name=test_convnext", "trainer.epochs=2"]
+
+
+def torchrun(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300):
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", str(REPO / "tests" / "ddp_entry.py"), *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=full_env)  # fmt: skip
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.glob("outputs/*/*/checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    tmp = tmp_path_factory.mktemp("single")
+    return train_mod.train(compose_train([*COMMON, "tracking=off"], tmp)), tmp
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    cwd = tmp_path_factory.mktemp("ddp")
+    proc = torchrun([*COMMON, "tracking.uri=sqlite:///mlflow.db"], cwd,
+                    env={"HER2EXP_TEST_SKEW_S": "1.5"})  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, cwd
+
+
+def test_ddp_matches_single_process(single, ddp) -> None:
+    summary, single_dir = single
+    _, cwd = ddp
+    (run_dir,) = run_dirs(cwd)
+    import json
+
+    best = json.loads((run_dir / "reports" / "best.json").read_text())
+    assert abs(best["best_val_auc"] - summary["best_val_auc"]) <= 0.002
+    assert abs(best["test_auc"] - summary["test_auc"]) <= 0.002
+    one = pd.read_csv(single_dir / "reports" / "predictions_val.csv")
+    two = pd.read_csv(run_dir / "reports" / "predictions_val.csv")
+    # Every val sample scored exactly once, the same samples, in the same (dataset) order.
+    assert two["row"].is_unique and len(two) == len(one)
+    assert two["row"].tolist() == one["row"].tolist()
+    assert (two["prob_her2_pos"] - one["prob_her2_pos"]).abs().max() < 1e-3
+
+
+def test_one_run_dir_per_rank_logs_and_one_mlflow_run(ddp) -> None:
+    """Ranks started 1.5 s apart still share rank 0's run directory; rank 1 writes no files."""
+    import mlflow
+
+    proc, cwd = ddp
+    (run_dir,) = run_dirs(cwd)
+    assert (run_dir / "train_rank0.log").is_file() and (run_dir / "train_rank1.log").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    assert "rank 1" not in proc.stdout  # progress and results printed by rank 0 only
+    assert proc.stdout.count("her2exp: best val AUC") == 1
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{cwd}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("her2exp").experiment_id])
+    assert len(runs) == 1
+    tags = runs[0].data.tags
+    assert tags["world_size"] == "2" and tags["backend"] == "gloo"
+
+
+def test_resume_under_torchrun_equals_uninterrupted(ddp, tmp_path: Path) -> None:
+    _, cwd = ddp
+    (ref_dir,) = run_dirs(cwd)
+    import json
+
+    ref = json.loads((ref_dir / "reports" / "best.json").read_text())
+    run_dir = tmp_path / "run"
+    first = torchrun([*COMMON, "tracking=off", "trainer.stop_after_epoch=1",
+                      f"hydra.run.dir={run_dir}"], tmp_path)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    assert state["epoch"] == 1 and len(state["rng_per_rank"]) == 2
+    second = torchrun([*COMMON, "tracking=off", "trainer.resume=auto",
+                       f"hydra.run.dir={run_dir}"], tmp_path)  # fmt: skip
+    assert second.returncode == 0, second.stderr[-3000:]
+    got = json.loads((run_dir / "reports" / "best.json").read_text())
+    for key in ("best_val_auc", "threshold_youden_val", "test_auc", "best_epoch"):
+        assert got[key] == pytest.approx(ref[key], abs=1e-9), key
+
+
+def test_failure_on_one_rank_ends_the_job_promptly(tmp_path: Path) -> None:
+    start = time.monotonic()
+    proc = torchrun([*COMMON, "trainer.epochs=3", "tracking=off"], tmp_path,
+                    env={"HER2EXP_TEST_FAIL_RANK": "1"}, timeout=240)  # fmt: skip
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "deliberate failure on rank 1" in proc.stdout + proc.stderr
+    assert elapsed < 120, f"took {elapsed:.0f} s to fail"
+
+
+def test_in_process_launch_multirun(tmp_path: Path) -> None:
+    """`her2exp-train -m trainer.nproc_per_node=2 ...`: two jobs, each one 2-process DDP run."""
+    import mlflow
+
+    proc = subprocess.run(
+        [str(BIN / "her2exp-train"), "-m", *COMMON, "trainer.epochs=1",
+         "trainer.nproc_per_node=2", "loss=ce,focal", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for job in ("0", "1"):
+        d = tmp_path / "sweep" / job
+        assert (d / "train_rank0.log").is_file() and (d / "train_rank1.log").is_file()
+        assert (d / "reports" / "best.json").is_file()
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("her2exp").experiment_id])
+    assert sorted(r.data.params["loss.name"] for r in runs) == ["ce", "focal"]
+    assert all(r.data.tags["world_size"] == "2" for r in runs)
+
+
+@pytest.mark.parametrize("before", ["true", "false"])
+def test_compile_and_ddp_in_either_order(tmp_path: Path, before: str) -> None:
+    proc = torchrun([*COMMON, "trainer.epochs=1", "tracking=off", "model.compile=true",
+                     "model.compile_backend=aot_eager", f"model.compile_before_ddp={before}"],
+                    tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "her2exp: best val AUC" in proc.stdout
+
+
+def test_sync_bn_is_refused_on_cpu_with_a_clear_message(tmp_path: Path) -> None:
+    cfg = compose_train(["experiment=smoke", "tracking=off", "trainer.sync_bn=true"], tmp_path)
+    with pytest.raises(train_mod.ConfigError, match="trainer.sync_bn=true .* needs CUDA"):
+        train_mod.train(cfg)
