@@ -108,6 +108,17 @@ class TrackingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """How runs are scored: operating points chosen on validation, CIs, patient aggregation."""
+
+    target_sensitivity: float = 0.90
+    n_boot: int = 1000
+    patient_aggregation: str = "mean"
+    operating_point: str = "youden"
+    gallery_max: int = 32
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -115,16 +126,32 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     stain: StainConfig = field(default_factory=StainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     seed: int = 42
     task_name: str = "train"
     output_dir: str = MISSING
     tags: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class EvalConfig:
+    """`her2exp-eval`: a trained run (MLflow run id or best.pt) scored on another cohort."""
+
+    run_id: str | None = None
+    checkpoint: str | None = None
+    cohort_name: str = "external"
+    seed: int = 2026
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    output_dir: str = MISSING
+
+
 def register_configs() -> None:
-    """Put the schema in Hydra's ConfigStore; `conf/train.yaml` lists it first in its defaults."""
+    """Put the schemas in Hydra's ConfigStore; the entry configs list them first in defaults."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
 
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -223,8 +250,21 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
         _fail("model.num_classes", m.num_classes, "2 (binary HER2-/HER2+)")
     if cfg.stain.name != "none":
         _fail("stain.name", cfg.stain.name, "none (stain normalisation is not built yet)")
+    validate_evaluation(cfg.evaluation)
     if cfg.tracking.backend not in ("mlflow", "off"):
         _fail("tracking.backend", cfg.tracking.backend, "mlflow or off")
+
+
+def validate_evaluation(e: Any) -> None:
+    if not 0 < e.target_sensitivity < 1:
+        _fail("evaluation.target_sensitivity", e.target_sensitivity, "a value in (0, 1)")
+    if e.n_boot < 0:
+        _fail("evaluation.n_boot", e.n_boot, "0 (DeLong CI only) or a number of resamples")
+    if e.patient_aggregation not in ("mean", "max"):
+        _fail("evaluation.patient_aggregation", e.patient_aggregation, "mean or max")
+    points = ("youden", f"sens{int(round(e.target_sensitivity * 100))}", "p50")
+    if e.operating_point not in points:
+        _fail("evaluation.operating_point", e.operating_point, f"one of {', '.join(points)}")
 
 
 def close_matches(name: str, candidates: list[str], n: int = 5) -> list[str]:

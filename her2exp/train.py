@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from her2exp import checkpoint, data, distributed, losses, metrics, models, reports, tracking
 from her2exp.config import ConfigError, register_configs, validate
+from her2exp.evaluate import ScoredSplit, format_table, report_cohorts
 from her2exp.seed import set_seed
 from her2exp.trainer import Trainer
 
@@ -167,64 +169,60 @@ def final_evaluation(
     summary: dict[str, Any],
     is_main: bool,
 ) -> dict[str, Any]:
-    """Best weights on val (for the record) and test at the frozen val thresholds; reports."""
+    """Best weights scored on val (where the operating points are chosen, then frozen) and on
+    test at those frozen thresholds, through the one evaluation path of evaluate.py."""
     val = trainer.evaluate_all(val_loader)
     test = trainer.evaluate_all(test_loader)
-    tables = {
-        "val @ youden(val)": metrics.at_threshold(val.labels, val.probs, threshold),
-        "test @ youden(val)": metrics.at_threshold(test.labels, test.probs, threshold),
-        "test @ 0.5": metrics.at_threshold(test.labels, test.probs, 0.5),
-    }
-    at_youden, at_half = tables["test @ youden(val)"], tables["test @ 0.5"]
-    out: dict[str, Any] = {
-        "val_at_youden": tables["val @ youden(val)"].as_dict(),
-        "test_auc": at_youden.auc,
-        "test_at_youden_val": at_youden.as_dict(),
-        "test_at_0.5": at_half.as_dict(),
-        "tables": {k: v.as_dict() for k, v in tables.items()},
-    }
-    final = {
-        "best_epoch": summary["best_epoch"],
-        "best_val_auc": summary["best_val_auc"],
-        "threshold_youden_val": threshold,
-        **{f"final_val_youden_{k}": v for k, v in tables["val @ youden(val)"].as_dict().items()},
-        **{f"test_youden_{k}": v for k, v in at_youden.as_dict().items()},
-        **{f"test_p50_{k}": v for k, v in at_half.as_dict().items()},
-        "test_auc": at_youden.auc,
-        "test_loss": test.loss,
-    }
+    thresholds = metrics.operating_points(val.labels, val.probs, cfg.evaluation.target_sensitivity)
+    if abs(thresholds["youden"] - threshold) > 1e-9:  # same weights, same val: must agree
+        raise RuntimeError(f"Youden threshold drifted: {thresholds['youden']} vs {threshold}")
+    out: dict[str, Any] = {"thresholds": thresholds}
     if not is_main:
         return out
-    tracker.log_metrics(final)
-    report_dir = run_dir / "reports"
-    full = {**summary, **out}
-    reports.write_best_json(report_dir / "best.json", full)
-    reports.write_summary_md(report_dir / "summary.md", full)
-    v, tt = tables["val @ youden(val)"], tables["test @ youden(val)"]
-    reports.plot_roc(
-        report_dir / "roc.png",
-        {"val": (val.labels, val.probs), "test": (test.labels, test.probs)},
-        {
-            f"val @ {threshold:.3f}": (1 - v.specificity, v.sensitivity),
-            f"test @ {threshold:.3f} (frozen)": (1 - tt.specificity, tt.sensitivity),
-        },
-    )
-    for split, scores in (("val", val), ("test", test)):
-        rows = bundle.manifest.iloc[bundle.indices(split)].copy()
-        rows.insert(0, "row", bundle.indices(split))
-        rows["prob_her2_pos"] = scores.probs
-        rows["called_her2_pos_youden_val"] = (scores.probs >= threshold).astype(int)
-        if not (rows["label"].to_numpy() == scores.labels).all():
+    scored = [
+        ScoredSplit(
+            split,
+            bundle.manifest.iloc[bundle.indices(split)].reset_index(),
+            s.probs,
+            bundle.images[bundle.indices(split)],
+        )  # fmt: skip
+        for split, s in (("val", val), ("test", test))
+    ]
+    for split, s in zip(scored, (val, test), strict=True):
+        if not np.array_equal(split.labels, s.labels):
             raise RuntimeError("gathered scores are not in dataset order")
-        reports.atomic_write_text(report_dir / f"predictions_{split}.csv", rows.to_csv(index=False))
+    git = tracking.git_info()
+    header = {
+        **summary,
+        "seed": cfg.seed,
+        "git_commit": git["git_commit"],
+        "git_dirty": git["git_dirty"],
+        "test_loss": test.loss,
+    }
+    evs = report_cohorts(scored, thresholds, cfg.evaluation, run_dir / "reports", tracker,
+                         header, cfg.seed)  # fmt: skip
+    tracker.log_metrics(
+        {
+            "best_epoch": summary["best_epoch"],
+            "best_val_auc": summary["best_val_auc"],
+            "threshold_youden_val": threshold,
+            "test_loss": test.loss,
+        }
+    )
+    best_ckpt = run_dir / "checkpoints" / "best.pt"
+    if best_ckpt.is_file():  # freeze the operating points into the model file evaluations load
+        state = checkpoint.load(best_ckpt)
+        state["thresholds"] = thresholds
+        checkpoint.save(state, best_ckpt)
     reports.atomic_write_text(
         run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True)
     )
     tracker.log_artifact(run_dir / "config_resolved.yaml")
     tracker.log_artifact(run_dir / ".hydra", "hydra")
-    tracker.log_artifact(report_dir, "reports")
-    if cfg.tracking.get("log_checkpoint", True) and (run_dir / "checkpoints" / "best.pt").is_file():
-        tracker.log_artifact(run_dir / "checkpoints" / "best.pt", "checkpoints")
+    if cfg.tracking.get("log_checkpoint", True) and best_ckpt.is_file():
+        tracker.log_artifact(best_ckpt, "checkpoints")
+    out.update({"val_evaluation": evs["val"], "test_evaluation": evs["test"],
+                "test_auc": evs["test"].auc.auc})  # fmt: skip
     return out
 
 
@@ -247,7 +245,7 @@ def _worker(container: dict[str, Any]) -> dict[str, Any]:
         if distributed.env_rank() == 0:
             print(f"her2exp: configuration error: {exc}", file=sys.stderr)
         raise
-    return {k: v for k, v in summary.items() if k != "tables"}
+    return summary
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -274,13 +272,16 @@ def main(cfg: DictConfig) -> float:
     if distributed.env_rank() != 0:
         return float(summary["best_val_auc"])
     if not summary.get("interrupted"):
-        t = summary["test_at_youden_val"]
+        th = summary["thresholds"]
+        test = summary["test_evaluation"]
         print(
             f"her2exp: best val AUC {summary['best_val_auc']:.4f} at epoch {summary['best_epoch']}"
-            f" | Youden threshold (val) {summary['threshold_youden_val']:.4f}"
-            f" | test AUC {summary['test_auc']:.4f}, at that threshold sensitivity "
-            f"{t['sensitivity']:.3f} specificity {t['specificity']:.3f}"
+            f" | Youden threshold (val) {th['youden']:.4f} | test AUC {test.auc.auc:.4f}"
         )
+        print("her2exp: operating points chosen on validation, then frozen: "
+              + ", ".join(f"{k}={v:.4f}" for k, v in th.items()))  # fmt: skip
+        print(format_table(summary["val_evaluation"], "validation (thresholds chosen here)"))
+        print(format_table(test, "test (frozen thresholds)"))
         where = summary["tracking_uri"]
         if where:
             print(f"her2exp: MLflow run {summary['mlflow_run_id']} in {where}")

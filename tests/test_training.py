@@ -83,9 +83,14 @@ def test_final_test_metrics_at_the_frozen_val_threshold(mlflow_run, smoke_run: S
     assert m["test_p50_threshold"] == 0.5
     assert m["best_val_auc"] == pytest.approx(best["best_val_auc"])
     assert m["test_auc"] == pytest.approx(best["test_auc"]) and 0.5 < m["test_auc"] <= 1.0
-    t = best["test_at_youden_val"]
+    t = best["splits"]["test"]["reports"]["youden"]
     assert t["tp"] + t["fn"] + t["fp"] + t["tn"] == t["n"]
     assert m["test_youden_sensitivity"] == pytest.approx(t["tp"] / (t["tp"] + t["fn"]))
+    assert m["test_youden_sensitivity_low"] < m["test_youden_sensitivity"] or t["fn"] == 0
+    assert m["test_auc_low"] <= m["test_auc"] <= m["test_auc_high"]
+    # Operating points chosen on val are the ones test is scored at.
+    assert best["splits"]["test"]["thresholds"] == best["splits"]["val"]["thresholds"]
+    assert m["threshold_sens90_val"] == pytest.approx(best["thresholds"]["sens90"])
     # The best epoch's val AUC is what the per-epoch history says it was.
     assert best["best_val_auc"] == max(h["val_auc"] for h in _history(smoke_run))
 
@@ -134,8 +139,16 @@ def _train(tmp: Path, *extra: str) -> dict:
 
 
 def _comparable(summary: dict) -> dict:
-    keys = ("best_epoch", "best_val_auc", "threshold_youden_val", "test_auc")
-    return {k: summary[k] for k in keys} | {"test": summary["test_at_youden_val"]}
+    """The numbers two equivalent runs must share, from train()'s summary or a best.json."""
+    flat = (
+        summary["test_evaluation"].as_flat_dict("test_")
+        if "test_evaluation" in summary
+        else summary
+    )
+    keys = ("best_epoch", "best_val_auc", "threshold_youden_val")
+    tests = ("test_auc", "test_youden_tp", "test_youden_fn", "test_youden_fp", "test_youden_tn",
+             "test_sens90_threshold")  # fmt: skip
+    return {k: summary[k] for k in keys} | {k: flat[k] for k in tests}
 
 
 @pytest.fixture(scope="module")

@@ -44,6 +44,16 @@ class DataBundle:
 
 def build(cfg: DictConfig, seed: int) -> DataBundle:
     """Materialise the data set and its patient-grouped split; fails early on an unusable split."""
+    bundle = build_cohort(cfg, seed)
+    manifest = bundle.manifest
+    fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
+    manifest["split"] = splits.assign(manifest, fractions, seed)
+    splits.check(manifest)
+    return DataBundle(manifest, bundle.images, _fingerprint(cfg, seed, manifest))
+
+
+def build_cohort(cfg: DictConfig, seed: int) -> DataBundle:
+    """The whole data set as one cohort (split "cohort"): what an external evaluation scores."""
     data = synthetic.generate(
         n_patients=cfg.n_patients,
         patches_per_patient=cfg.patches_per_patient,
@@ -53,18 +63,22 @@ def build(cfg: DictConfig, seed: int) -> DataBundle:
         seed=seed,
     )
     manifest = data.frame.copy()
-    fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
-    manifest["split"] = splits.assign(manifest, fractions, seed)
-    splits.check(manifest)
+    manifest["split"] = "cohort"
+    return DataBundle(manifest, data.images, _fingerprint(cfg, seed, manifest))
+
+
+def _fingerprint(cfg: DictConfig, seed: int, manifest: pd.DataFrame) -> str:
+    """Hash of the generator config, the seed and the manifest (ids, labels, splits)."""
     generator_cfg = OmegaConf.to_container(cfg, resolve=True)
     digest = hashlib.sha256()
     digest.update(json.dumps({"generator": generator_cfg, "seed": seed}, sort_keys=True).encode())
     digest.update(pd.util.hash_pandas_object(manifest, index=True).to_numpy().tobytes())
-    return DataBundle(manifest=manifest, images=data.images, fingerprint=digest.hexdigest()[:16])
+    return digest.hexdigest()[:16]
 
 
-def make_dataset(bundle: DataBundle, split: str, cfg: DictConfig, seed: int) -> PatchDataset:
-    idx = bundle.indices(split)
+def make_dataset(bundle: DataBundle, split: str | None, cfg: DictConfig, seed: int) -> PatchDataset:
+    """Dataset of one split (None: every row), augmented only for "train"."""
+    idx = bundle.indices(split) if split is not None else np.arange(len(bundle.manifest))
     return PatchDataset(
         bundle.images[idx],
         bundle.manifest["label"].to_numpy()[idx],
