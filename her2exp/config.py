@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,16 @@ class DataConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # The user's own patches (data=folder | data=manifest; her2exp/data/sources.py).
+    root: str | None = None  # data=folder: class (or HER2 score) sub-folders of patches
+    path: str | None = None  # data=manifest: a .csv or .parquet manifest
+    label_map: dict[str, int] = field(default_factory=lambda: {"her2_neg": 0, "her2_pos": 1})
+    # IHC score -> label; 2+ (equivocal without ISH) is decided by `equivocal`.
+    score_map: dict[str, int] = field(default_factory=lambda: {"0": 0, "1+": 0, "3+": 1})
+    equivocal: str = "exclude"  # exclude | positive | negative
+    patient_regex: str | None = None  # patient id from the file name: named group or group 1
+    on_bad_file: str = "error"  # error: list every problem and stop | skip: drop bad files
+    cache: bool = True  # decode every patch once, up front, and keep them in memory
 
 
 @dataclass
@@ -105,6 +116,9 @@ class TrackingConfig:
     run_name: str | None = None
     artifact_location: str | None = None
     log_checkpoint: bool = True
+    log_model: bool = True
+    registered_model_name: str | None = None
+    fallback: str = "none"
 
 
 @dataclass
@@ -157,6 +171,8 @@ def register_configs() -> None:
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 LOSS_CHOICES = ("ce", "focal")
 MONITOR_CHOICES = ("val_auc",)
+DATA_SOURCES = ("synthetic", "folder", "manifest")
+EQUIVOCAL_CHOICES = ("exclude", "positive", "negative")
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -225,8 +241,31 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
         )
     if d.persistent_workers and d.num_workers == 0:
         _fail("data.persistent_workers", True, "false unless data.num_workers > 0")
-    if d.source != "synthetic":
-        _fail("data.source", d.source, "synthetic (folder and manifest sources are not built yet)")
+    if d.source not in DATA_SOURCES:
+        _fail("data.source", d.source, f"one of {', '.join(DATA_SOURCES)}")
+    if d.equivocal not in EQUIVOCAL_CHOICES:
+        _fail("data.equivocal", d.equivocal, f"one of {', '.join(EQUIVOCAL_CHOICES)} (for 2+)")
+    if d.on_bad_file not in ("error", "skip"):
+        _fail("data.on_bad_file", d.on_bad_file, "error or skip")
+    if not d.cache:
+        _fail("data.cache", d.cache, "true (streaming patches from disk is not built yet)")
+    for key in ("label_map", "score_map"):
+        mapping = dict(d[key])
+        if not mapping or not set(mapping.values()) <= {0, 1}:
+            _fail(
+                f"data.{key}", mapping, "a non-empty map of names to labels 0 (HER2-) or 1 (HER2+)"
+            )
+    if "2+" in d.score_map:
+        _fail("data.score_map", dict(d.score_map), "no 2+ entry: data.equivocal decides 2+")
+    if d.patient_regex is not None:
+        try:
+            pattern = re.compile(d.patient_regex)
+        except re.error as exc:
+            _fail("data.patient_regex", d.patient_regex, f"a valid regular expression ({exc})")
+        if pattern.groups == 0:
+            _fail("data.patient_regex", d.patient_regex, "a pattern with a (named) group")
+    if d.path is not None and not str(d.path).lower().endswith((".csv", ".parquet", ".pq")):
+        _fail("data.path", d.path, "a .csv or .parquet manifest")
     if d.image_size < m.min_image_size:
         _fail(
             "data.image_size",
@@ -253,6 +292,8 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
     validate_evaluation(cfg.evaluation)
     if cfg.tracking.backend not in ("mlflow", "off"):
         _fail("tracking.backend", cfg.tracking.backend, "mlflow or off")
+    if cfg.tracking.fallback not in ("none", "local"):
+        _fail("tracking.fallback", cfg.tracking.fallback, "none (stop) or local (./mlflow.db)")
 
 
 def validate_evaluation(e: Any) -> None:

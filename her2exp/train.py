@@ -99,7 +99,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if resume is None:
             log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", run_dir)
 
-    tracker = tracking.build(cfg.tracking, dctx.is_main)
+    try:
+        tracker = tracking.build(cfg.tracking, dctx.is_main)
+    except tracking.TrackingUnavailable as exc:
+        raise ConfigError(str(exc)) from exc
     status = "FAILED"
     try:
         tags = tracking.run_tags(
@@ -112,6 +115,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if resume:
             tags["resumed_from"] = str(resume)
         tracker.start(cfg, tags)
+        tracker.log_dataset(bundle.manifest, cfg.data.source, bundle.fingerprint, counts)
         trainer = Trainer(
             cfg, model, train_model, criterion, train_loader, val_loader, dctx, tracker, run_dir,
             no_sync,
@@ -148,6 +152,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                         fit.threshold_youden_val, tracker, run_dir, summary,
                                         dctx.is_main))  # fmt: skip
         status = "FINISHED"
+        summary["tracking_errors"] = list(tracker.errors)
         return summary
     except KeyboardInterrupt:
         status = "KILLED"
@@ -221,6 +226,20 @@ def final_evaluation(
     tracker.log_artifact(run_dir / ".hydra", "hydra")
     if cfg.tracking.get("log_checkpoint", True) and best_ckpt.is_file():
         tracker.log_artifact(best_ckpt, "checkpoints")
+    if cfg.tracking.get("log_model", True):
+        size = cfg.data.image_size
+        tracker.log_model(
+            trainer.model.eval(),
+            np.zeros((1, 3, size, size), dtype=np.float32),
+            {
+                "thresholds": thresholds,
+                "class_names": ["HER2-", "HER2+"],
+                "output": "logits; softmax column 1 is P(HER2+)",
+                "image_size": size,
+                "mean": list(cfg.data.mean),
+                "std": list(cfg.data.std),
+            },
+        )
     out.update({"val_evaluation": evs["val"], "test_evaluation": evs["test"],
                 "test_auc": evs["test"].auc.auc})  # fmt: skip
     return out
@@ -255,9 +274,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         validate(cfg)  # fail in the parent, before any worker starts
         container = OmegaConf.to_container(cfg, resolve=True)  # resolvers don't cross spawn
         log.info("starting %d workers (trainer.nproc_per_node)", n)
-        return distributed.launch(
-            _worker, n, (container,), Path(cfg.output_dir), cfg.trainer.dist_timeout_s
-        )
+        with distributed.env(**tracking.export_sweep_context()):
+            return distributed.launch(
+                _worker, n, (container,), Path(cfg.output_dir), cfg.trainer.dist_timeout_s
+            )
     return train(cfg)
 
 
@@ -285,7 +305,13 @@ def main(cfg: DictConfig) -> float:
         where = summary["tracking_uri"]
         if where:
             print(f"her2exp: MLflow run {summary['mlflow_run_id']} in {where}")
+            print(f"her2exp: rerun from MLflow alone with: her2exp-rerun "
+                  f"{summary['mlflow_run_id']} tracking.uri={where}")  # fmt: skip
         print(f"her2exp: run directory {summary['run_dir']}")
+        if summary.get("tracking_errors"):
+            print(f"her2exp: MLflow logging failed {len(summary['tracking_errors'])} time(s), "
+                  f"first: {summary['tracking_errors'][0]}; checkpoints and reports are in the "
+                  "run directory", file=sys.stderr)  # fmt: skip
     return float(summary["best_val_auc"])
 
 

@@ -1,14 +1,15 @@
 """Data: a manifest (one row per patch) plus datasets and loaders built from it.
 
 The manifest columns are the contract every source fills: label, patient_id, slide_id, site,
-split (and latent_score for the synthetic source, which lets tests know the Bayes ceiling).
+split (and latent_score for the synthetic source, which lets tests know the Bayes ceiling; path
+and, when scores were given, her2_score for the file sources of sources.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -16,17 +17,25 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from her2exp.data import splits, synthetic
+from her2exp.data import sources, splits, synthetic
 from her2exp.data.datasets import PatchDataset
 from her2exp.distributed import shard_indices
 from her2exp.seed import worker_init_fn
 
 
+def _no_skipped() -> pd.DataFrame:
+    return pd.DataFrame(columns=list(sources.SKIPPED_COLUMNS))
+
+
 @dataclass
 class DataBundle:
     manifest: pd.DataFrame
-    images: np.ndarray
+    images: np.ndarray  # uint8 (N, H, W, 3), decoded up front, in manifest order
     fingerprint: str
+    #: Files dropped by data.on_bad_file=skip: (path, problem); empty otherwise.
+    skipped: pd.DataFrame = field(default_factory=_no_skipped)
+    #: Conversions applied while decoding (RGBA/grayscale -> RGB, resizes), with counts.
+    notes: list[str] = field(default_factory=list)
 
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.manifest["split"].to_numpy() == split)
@@ -43,7 +52,13 @@ class DataBundle:
 
 
 def build(cfg: DictConfig, seed: int) -> DataBundle:
-    """Materialise the data set and its patient-grouped split; fails early on an unusable split."""
+    """Materialise the data set and its patient-grouped split; fails early on an unusable split.
+
+    File sources (data=folder | data=manifest) raise sources.DataValidationError, a ValueError
+    listing every bad file and split problem at once.
+    """
+    if cfg.source != "synthetic":
+        return _from_files(sources.load(cfg, seed))
     bundle = build_cohort(cfg, seed)
     manifest = bundle.manifest
     fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
@@ -54,6 +69,8 @@ def build(cfg: DictConfig, seed: int) -> DataBundle:
 
 def build_cohort(cfg: DictConfig, seed: int) -> DataBundle:
     """The whole data set as one cohort (split "cohort"): what an external evaluation scores."""
+    if cfg.source != "synthetic":
+        return _from_files(sources.load(cfg, seed, cohort=True))
     data = synthetic.generate(
         n_patients=cfg.n_patients,
         patches_per_patient=cfg.patches_per_patient,
@@ -65,6 +82,12 @@ def build_cohort(cfg: DictConfig, seed: int) -> DataBundle:
     manifest = data.frame.copy()
     manifest["split"] = "cohort"
     return DataBundle(manifest, data.images, _fingerprint(cfg, seed, manifest))
+
+
+def _from_files(loaded: sources.Loaded) -> DataBundle:
+    return DataBundle(
+        loaded.manifest, loaded.images, loaded.fingerprint, loaded.skipped, loaded.notes
+    )
 
 
 def _fingerprint(cfg: DictConfig, seed: int, manifest: pd.DataFrame) -> str:
