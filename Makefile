@@ -5,7 +5,7 @@ STAMP := $(VENV)/.her2exp-installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow bench lint format ui montage clean
+.PHONY: help install train test test-slow bench lint format ui montage clean demo-folder ddp sweep compare
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -46,6 +46,20 @@ montage: $(STAMP) ## redraw docs/synthetic_montage.png from the embedded generat
 	$(PY) -c "from her2exp.data import synthetic as s; from PIL import Image; \
 	im = Image.fromarray(s.montage(s.generate(seed=0), per_group=6)); \
 	im.resize((im.width * 2, im.height * 2), Image.NEAREST).save('docs/synthetic_montage.png')"
+
+demo-folder: $(STAMP) ## export the embedded data as a PNG folder + manifest under outputs/, then train on it via data=folder
+	rm -rf outputs/demo_folder
+	$(VENV)/bin/her2exp-manifest --export-synthetic $(CURDIR)/outputs/demo_folder --n-patients 40 --patches-per-patient 12 --image-size 32
+	$(VENV)/bin/her2exp-train experiment=smoke data=folder data.root=$(CURDIR)/outputs/demo_folder 'data.patient_regex="^([^-]+)-"' $(ARGS)
+
+ddp: $(STAMP) ## the 2-process CPU DDP example (torchrun, gloo)
+	$(VENV)/bin/torchrun --nproc_per_node=2 -m her2exp.train experiment=smoke model.name=test_convnext trainer.epochs=3 $(ARGS)
+
+sweep: $(STAMP) ## a small Optuna sweep on the CPU (in-memory study; one MLflow parent run, one child per trial)
+	$(VENV)/bin/her2exp-train -m hydra/sweeper=her2_optuna hydra.sweeper.n_trials=6 experiment=smoke loss=focal tracking.log_model=false $(ARGS)
+
+compare: $(STAMP) ## table of the latest sweep's runs from MLflow, best first (ARGS="sweep=all" for every run)
+	$(VENV)/bin/her2exp-compare $(ARGS)
 
 clean: ## remove outputs/, multirun contents and the local MLflow store (not .venv)
 	rm -rf outputs mlflow.db mlartifacts && find multirun -mindepth 1 ! -name .gitkeep -delete

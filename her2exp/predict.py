@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
 
 from her2exp import models, reports
 from her2exp.config import ConfigError
+from her2exp.data.sources import read_patch  # decoded exactly as in training
 from her2exp.evaluate import load_source
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
@@ -33,16 +33,6 @@ DEFAULTS = {
     "batch_size": 64,
     "tracking": {"uri": "sqlite:///mlflow.db"},
 }
-
-
-def read_patch(path: Path, size: int) -> np.ndarray:
-    """8-bit RGB (RGBA and grayscale converted), resized only when the size differs."""
-    with Image.open(path) as im:
-        im.load()
-        rgb = im.convert("RGB")
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8)
 
 
 def predict_folder(opts: Any) -> tuple[pd.DataFrame, list[tuple[str, str]]]:

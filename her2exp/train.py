@@ -116,6 +116,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             tags["resumed_from"] = str(resume)
         tracker.start(cfg, tags)
         tracker.log_dataset(bundle.manifest, cfg.data.source, bundle.fingerprint, counts)
+        if len(bundle.skipped) and dctx.is_main:  # data.on_bad_file=skip: what was left out
+            reports.atomic_write_text(
+                run_dir / "skipped_files.csv", bundle.skipped.to_csv(index=False)
+            )
+            tracker.log_artifact(run_dir / "skipped_files.csv", "data")
         trainer = Trainer(
             cfg, model, train_model, criterion, train_loader, val_loader, dctx, tracker, run_dir,
             no_sync,
