@@ -105,7 +105,22 @@ class TrainerConfig:
 
 @dataclass
 class StainConfig:
-    name: str = "none"
+    """Macenko normalisation (all splits) and/or HED jitter (train only); her2exp/stain/."""
+
+    name: str = "none"  # none | macenko | hed_jitter | macenko_jitter
+    io: float = 240.0
+    alpha: float = 1.0
+    beta: float = 0.15
+    min_tissue_fraction: float = 0.05
+    n_sample: int | None = 4096
+    percentile_method: str = "topk"
+    exact: bool = False
+    rescale: str = "hematoxylin"  # all (classic Macenko) | hematoxylin | none; see macenko.py
+    on_device: bool = False  # true: per batch on the training device; false: in the workers
+    reference: str | None = None  # a reference image; null: fit on training patches
+    fit_patches: int = 512
+    sigma: float = 0.05
+    shift_sigma: float | None = None
 
 
 @dataclass
@@ -287,8 +302,19 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
         _fail("loss.alpha", loss.alpha, "null or a value in (0, 1) weighting the HER2+ class")
     if m.num_classes != 2:
         _fail("model.num_classes", m.num_classes, "2 (binary HER2-/HER2+)")
-    if cfg.stain.name != "none":
-        _fail("stain.name", cfg.stain.name, "none (stain normalisation is not built yet)")
+    st = cfg.stain
+    if st.name not in ("none", "macenko", "hed_jitter", "macenko_jitter"):
+        _fail("stain.name", st.name, "none, macenko, hed_jitter or macenko_jitter")
+    if not 0 <= st.min_tissue_fraction < 1:
+        _fail("stain.min_tissue_fraction", st.min_tissue_fraction, "a fraction in [0, 1)")
+    if st.rescale not in ("all", "hematoxylin", "none"):
+        _fail("stain.rescale", st.rescale, "all, hematoxylin (keeps DAB intensity) or none")
+    if st.percentile_method not in ("topk", "sort"):
+        _fail("stain.percentile_method", st.percentile_method, "topk or sort")
+    if st.sigma < 0 or st.sigma >= 1:
+        _fail("stain.sigma", st.sigma, "a value in [0, 1)")
+    if st.fit_patches < 1:
+        _fail("stain.fit_patches", st.fit_patches, "an integer >= 1")
     validate_evaluation(cfg.evaluation)
     if cfg.tracking.backend not in ("mlflow", "off"):
         _fail("tracking.backend", cfg.tracking.backend, "mlflow or off")

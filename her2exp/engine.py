@@ -31,16 +31,30 @@ class StepContext:
     grad_clip_norm: float | None = None
     channels_last: bool = False
     show_progress: bool = False
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    # Stain pipeline applied on the device (stain.on_device=true); None: done in the workers.
+    stain: Callable[..., torch.Tensor] | None = None
+    epoch: int = 0
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_device(
+        self, x: torch.Tensor, y: torch.Tensor, train: bool = False, key: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 batch -> device -> (stain on device) -> float, normalised by mean/std."""
+        x = x.to(self.device, non_blocking=True)
+        if self.stain is not None:
+            x = self.stain(x, train, self.epoch, key)
+        if x.dtype == torch.uint8:
+            mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1) * 255.0
+            std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1) * 255.0
+            x = (x.float() - mean) / std
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        x = x.to(self.device, non_blocking=True, memory_format=fmt)
-        return x, y.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=fmt), y.to(self.device, non_blocking=True)
 
 
 @dataclass
@@ -78,8 +92,8 @@ def train_one_epoch(
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not ctx.show_progress)
-    for step, (x, y) in enumerate(bar):
-        x, y = ctx.to_device(x, y)
+    for step, (x, y, *_) in enumerate(bar):
+        x, y = ctx.to_device(x, y, train=True, key=step)
         window_start = (step // k) * k
         window = min(k, n_batches - window_start)
         boundary = step - window_start == window - 1
@@ -134,8 +148,8 @@ def evaluate(
     model.eval()
     probs, labels = [], []
     total_loss, total_n = 0.0, 0
-    for x, y in loader:
-        x, y = ctx.to_device(x, y)
+    for step, (x, y, *_) in enumerate(loader):
+        x, y = ctx.to_device(x, y, train=False, key=step)
         with ctx.autocast():
             logits = model(x)
         logits = logits.float()

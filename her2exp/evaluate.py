@@ -151,7 +151,17 @@ def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
     bundle = data.build_cohort(with_model_contract, ecfg.seed)
     dataset = data.make_dataset(bundle, None, with_model_contract, ecfg.seed)
     loader = data.eval_loader(dataset, with_model_contract, device)
-    ctx = StepContext(device, None, torch.amp.GradScaler(device.type, enabled=False))
+    from her2exp.stain import pipeline as stain_pipeline
+
+    stain = stain_pipeline.from_state(train_cfg.stain, state.get("stain"), ecfg.seed)
+    ctx = StepContext(
+        device,
+        None,
+        torch.amp.GradScaler(device.type, enabled=False),
+        mean=tuple(train_cfg.data.mean),
+        std=tuple(train_cfg.data.std),
+        stain=None if stain is None else stain.to(device),  # the run's own fitted reference
+    )
     scores = evaluate(model, loader, torch.nn.CrossEntropyLoss(), ctx)
     thresholds = {k: float(v) for k, v in state["thresholds"].items()}
     ecfg_eval = OmegaConf.merge(train_cfg.get("evaluation", {}), ecfg.evaluation)

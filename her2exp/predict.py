@@ -53,6 +53,9 @@ def predict_folder(opts: Any) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     model = models.build(cfg.model, device)
     model.load_state_dict(state["model"])
     model.eval()
+    from her2exp.stain import pipeline as stain_pipeline
+
+    stain = stain_pipeline.from_state(cfg.stain, state.get("stain"), 0)
     mean = torch.tensor(list(cfg.data.mean)).view(1, 3, 1, 1) * 255.0
     std = torch.tensor(list(cfg.data.std)).view(1, 3, 1, 1) * 255.0
 
@@ -67,7 +70,10 @@ def predict_folder(opts: Any) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
                 errors.append((str(path), f"{type(exc).__name__}: {exc}"))
         if not batch:
             continue
-        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float()
+        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+        if stain is not None:
+            x = stain(x, False)
+        x = x.float()
         with torch.no_grad():
             probs = torch.softmax(model(((x - mean) / std).to(device)).float(), 1)[:, 1].cpu()
         for path, p in zip(paths, probs.tolist(), strict=True):

@@ -21,6 +21,8 @@ from her2exp import checkpoint, data, distributed, losses, metrics, models, repo
 from her2exp.config import ConfigError, register_configs, validate
 from her2exp.evaluate import ScoredSplit, format_table, report_cohorts
 from her2exp.seed import set_seed
+from her2exp.stain import pipeline as stain_pipeline
+from her2exp.stain.pipeline import StainCollate
 from her2exp.trainer import Trainer
 
 log = logging.getLogger("her2exp")
@@ -78,12 +80,26 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     train_set = data.make_dataset(bundle, "train", cfg.data, cfg.seed)
     val_set = data.make_dataset(bundle, "val", cfg.data, cfg.seed)
     test_set = data.make_dataset(bundle, "test", cfg.data, cfg.seed)
+    try:
+        stain = stain_pipeline.build(cfg.stain, bundle.images[bundle.indices("train")], cfg.seed)
+    except ValueError as exc:
+        raise ConfigError(f"stain: {exc}") from exc
+    on_device = stain is not None and cfg.stain.on_device
+    if on_device:
+        stain.to(dctx.device)
+
+    def collate(ds: Any, is_train: bool) -> Any:
+        return None if stain is None or on_device else StainCollate(stain, is_train, ds)
+
     train_loader = data.train_loader(
-        train_set, cfg.data, cfg.seed, dctx.rank, dctx.world_size, dctx.device
-    )
+        train_set, cfg.data, cfg.seed, dctx.rank, dctx.world_size, dctx.device,
+        collate(train_set, True),
+    )  # fmt: skip
     shard = (dctx.rank, dctx.world_size)
-    val_loader = data.eval_loader(val_set, cfg.data, dctx.device, *shard)
-    test_loader = data.eval_loader(test_set, cfg.data, dctx.device, *shard)
+    val_loader = data.eval_loader(val_set, cfg.data, dctx.device, *shard, collate(val_set, False))
+    test_loader = data.eval_loader(
+        test_set, cfg.data, dctx.device, *shard, collate(test_set, False)
+    )
     criterion = losses.build(cfg.loss, bundle.labels("train")).to(dctx.device)
     if cfg.model.compile_before_ddp:
         train_model, no_sync = distributed.wrap_ddp(
@@ -123,8 +139,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             tracker.log_artifact(run_dir / "skipped_files.csv", "data")
         trainer = Trainer(
             cfg, model, train_model, criterion, train_loader, val_loader, dctx, tracker, run_dir,
-            no_sync,
+            no_sync, stain if on_device else None,
         )  # fmt: skip
+        if stain is not None and stain.normalizer is not None and dctx.is_main:
+            _record_stain(stain, run_dir, tracker)
+            _count_stain_skips(stain, bundle, tracker)
         if resume:
             trainer.resume_from(resume)
             for row in trainer.history:  # the resumed run shows the whole curve
@@ -155,7 +174,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         model.load_state_dict(fit.best_state)
         summary.update(final_evaluation(cfg, bundle, val_loader, test_loader, trainer,
                                         fit.threshold_youden_val, tracker, run_dir, summary,
-                                        dctx.is_main))  # fmt: skip
+                                        dctx.is_main, stain))  # fmt: skip
         status = "FINISHED"
         summary["tracking_errors"] = list(tracker.errors)
         return summary
@@ -178,6 +197,7 @@ def final_evaluation(
     run_dir: Path,
     summary: dict[str, Any],
     is_main: bool,
+    stain: Any = None,
 ) -> dict[str, Any]:
     """Best weights scored on val (where the operating points are chosen, then frozen) and on
     test at those frozen thresholds, through the one evaluation path of evaluate.py."""
@@ -223,6 +243,7 @@ def final_evaluation(
     if best_ckpt.is_file():  # freeze the operating points into the model file evaluations load
         state = checkpoint.load(best_ckpt)
         state["thresholds"] = thresholds
+        state["stain"] = None if stain is None else stain.state_dict()
         checkpoint.save(state, best_ckpt)
     reports.atomic_write_text(
         run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True)
@@ -248,6 +269,32 @@ def final_evaluation(
     out.update({"val_evaluation": evs["val"], "test_evaluation": evs["test"],
                 "test_auc": evs["test"].auc.auc})  # fmt: skip
     return out
+
+
+def _record_stain(stain: Any, run_dir: Path, tracker: tracking.Tracker) -> None:
+    """The fitted Macenko reference, saved with the run and logged, so evaluation reuses it."""
+    state = stain.state_dict()
+    path = checkpoint.save(state, run_dir / "checkpoints" / "stain_reference.pt")
+    tracker.log_artifact(path, "stain")
+    ref = state["normalizer"]
+    tags = {}
+    for key in ("stain_matrix", "max_concentrations", "stains", "max_conc"):
+        if key in ref and hasattr(ref[key], "tolist"):
+            tags[f"stain.reference.{key}"] = str([round(float(v), 4) for v in ref[key].flatten()])
+    tracker.set_tags(tags)
+
+
+def _count_stain_skips(stain: Any, bundle: data.DataBundle, tracker: tracking.Tracker) -> None:
+    """Patches returned unchanged (too little tissue, degenerate stains), counted per split."""
+    counts = {}
+    for split in ("train", "val", "test"):
+        images = torch.from_numpy(bundle.images[bundle.indices(split)]).permute(0, 3, 1, 2)
+        skipped = 0
+        for i in range(0, len(images), 256):
+            skipped += stain.normalizer.normalize(images[i : i + 256])[1].n_skipped
+        counts[f"stain_skipped_{split}"] = skipped
+    tracker.log_metrics(counts)
+    log.info("stain normalisation left unchanged: %s", counts)
 
 
 def _worker(container: dict[str, Any]) -> dict[str, Any]:

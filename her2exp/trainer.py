@@ -100,6 +100,7 @@ class Trainer:
         tracker: Tracker,
         run_dir: Path,
         no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+        stain_on_device: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         self.cfg, self.t = cfg, cfg.trainer
         self.model = model  # the plain module: its state_dict is what checkpoints hold
@@ -121,6 +122,9 @@ class Trainer:
             grad_clip_norm=self.t.grad_clip_norm,
             channels_last=cfg.model.channels_last,
             show_progress=bool(self.t.progress) and dctx.is_main,
+            mean=tuple(cfg.data.mean),
+            std=tuple(cfg.data.std),
+            stain=stain_on_device,
         )
         self.start_epoch = 1
         self.best_auc = -math.inf
@@ -218,6 +222,7 @@ class Trainer:
         for epoch in range(self.start_epoch, t.epochs + 1):
             self.train_loader.sampler.set_epoch(epoch)
             self.train_loader.dataset.set_epoch(epoch)
+            self.ctx.epoch = epoch
             stats = train_one_epoch(
                 self.train_model,
                 self.train_loader,

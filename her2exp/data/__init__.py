@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,8 +106,6 @@ def make_dataset(bundle: DataBundle, split: str | None, cfg: DictConfig, seed: i
     return PatchDataset(
         bundle.images[idx],
         bundle.manifest["label"].to_numpy()[idx],
-        mean=list(cfg.mean),
-        std=list(cfg.std),
         augment=bool(cfg.augment) and split == "train",
         seed=seed,
     )
@@ -132,6 +131,7 @@ def train_loader(
     rank: int,
     world_size: int,
     device: torch.device,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
     """Shuffled by a sampler seeded with (seed, epoch): call `sampler.set_epoch` every epoch."""
     if cfg.batch_size % world_size:
@@ -149,16 +149,26 @@ def train_loader(
         sampler=sampler,
         # A last batch of one sample breaks BatchNorm in train mode; drop only that case.
         drop_last=len(sampler) % per_rank == 1,
+        collate_fn=collate_fn,
         **_loader_kwargs(cfg, device),
     )
 
 
 def eval_loader(
-    dataset: PatchDataset, cfg: DictConfig, device: torch.device, rank: int = 0, world_size: int = 1
+    dataset: PatchDataset,
+    cfg: DictConfig,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    collate_fn: Callable | None = None,
 ) -> DataLoader:
     """In dataset order, every sample exactly once: rank r scores the r-th contiguous shard
     (no DistributedSampler padding, whose duplicates would bias AUC and thresholds)."""
     shard = Subset(dataset, shard_indices(len(dataset), rank, world_size).tolist())
     return DataLoader(
-        shard, batch_size=cfg.eval_batch_size, shuffle=False, **_loader_kwargs(cfg, device)
+        shard,
+        batch_size=cfg.eval_batch_size,
+        shuffle=False,
+        collate_fn=collate_fn,
+        **_loader_kwargs(cfg, device),
     )

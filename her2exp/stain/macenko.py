@@ -339,7 +339,14 @@ class MacenkoNormalizer:
         percentile_method: PercentileMethod = "topk",
         use_lut: bool = True,
         exact: bool = False,
+        rescale: str = "all",
     ) -> None:
+        if rescale not in ("all", "hematoxylin", "none"):
+            raise ValueError(f"rescale must be 'all', 'hematoxylin' or 'none', not {rescale!r}")
+        # Classic Macenko ("all") maps each patch's 99th-percentile concentrations to the
+        # reference's. For HER2 IHC that erases the DAB intensity that *is* the HER2 score;
+        # "hematoxylin" rescales only the counterstain, "none" normalises colour alone.
+        self.rescale = rescale
         if io <= 0 or not 0 <= alpha < 50 or beta < 0 or not 0 <= min_tissue_fraction <= 1:
             raise ValueError(
                 f"invalid Macenko parameters io={io}, alpha={alpha}, beta={beta}, "
@@ -446,6 +453,9 @@ class MacenkoNormalizer:
         keep = ok.nonzero().squeeze(1)
         if keep.numel() > 0:
             scale = ref_c / est.max_conc[keep]  # (K,2)
+            if self.rescale != "all":
+                keep_cols = 1 if self.rescale == "hematoxylin" else 0
+                scale[:, keep_cols:] = 1.0
             mat = (ref_s.unsqueeze(0) * scale.unsqueeze(1)) @ _pinv_2(est.stains[keep])  # (K,3,3)
             bias = (math.log(self.io) * (1.0 - mat.sum(dim=2))).unsqueeze(2)
         if keep.numel() == batch.shape[0]:  # the common case: no copies, no scatter

@@ -1,0 +1,120 @@
+"""Stain handling as the data pipeline uses it: one callable over uint8 batches.
+
+`stain=macenko` normalises every split to one reference (fitted on a reference image or on
+training patches, saved with the run so evaluation uses the same one); `stain=hed_jitter`
+augments the training split only; `stain=macenko_jitter` does both, normalisation first.
+Random draws are keyed by (seed, epoch, batch key), so workers, ranks and resumed runs agree.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import Tensor
+
+from her2exp.stain.hed import HedJitter
+from her2exp.stain.macenko import MacenkoNormalizer
+
+log = logging.getLogger(__name__)
+
+STAIN_CHOICES = ("none", "macenko", "hed_jitter", "macenko_jitter")
+
+
+class StainPipeline:
+    """Macenko normalisation (all splits) and/or HED jitter (train only) on uint8 batches."""
+
+    def __init__(
+        self, normalizer: MacenkoNormalizer | None, jitter: HedJitter | None, seed: int
+    ) -> None:
+        self.normalizer, self.jitter, self.seed = normalizer, jitter, seed
+        self.n_seen = 0
+        self.n_skipped = 0
+
+    def __call__(self, batch: Tensor, train: bool, epoch: int = 0, key: int = 0) -> Tensor:
+        if self.normalizer is not None:
+            batch, info = self.normalizer.normalize(batch)
+            self.n_seen += batch.shape[0]
+            self.n_skipped += info.n_skipped
+        if train and self.jitter is not None:
+            gen = torch.Generator(device=batch.device)
+            gen.manual_seed(hash((self.seed, epoch, key)) % 2**62)
+            batch = self.jitter(batch, gen)
+        return batch
+
+    def to(self, device: torch.device) -> StainPipeline:
+        if self.normalizer is not None:
+            self.normalizer.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a run saves so that evaluation and prediction normalise exactly the same way."""
+        return {"normalizer": None if self.normalizer is None else self.normalizer.state_dict()}
+
+
+def _normalizer(cfg: DictConfig) -> MacenkoNormalizer:
+    return MacenkoNormalizer(
+        io=cfg.io,
+        alpha=cfg.alpha,
+        beta=cfg.beta,
+        min_tissue_fraction=cfg.min_tissue_fraction,
+        n_sample=cfg.n_sample,
+        percentile_method=cfg.percentile_method,
+        exact=cfg.exact,
+        rescale=cfg.rescale,
+    )
+
+
+def _load_reference(path: str) -> Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+
+
+def build(cfg: DictConfig, train_images: np.ndarray | None, seed: int) -> StainPipeline | None:
+    """Fit the pipeline for a training run: reference image, else `fit_patches` train patches."""
+    if cfg.name == "none":
+        return None
+    normalizer = None
+    if cfg.name in ("macenko", "macenko_jitter"):
+        normalizer = _normalizer(cfg)
+        if cfg.reference:
+            normalizer.fit(_load_reference(cfg.reference))
+        else:
+            if train_images is None or not len(train_images):
+                raise ValueError("stain.reference is null and there are no training patches to fit")
+            rng = np.random.default_rng(seed)
+            pick = rng.choice(len(train_images), min(cfg.fit_patches, len(train_images)), False)
+            normalizer.fit(torch.from_numpy(train_images[np.sort(pick)]).permute(0, 3, 1, 2))
+        log.info("stain: %r", normalizer)
+    jitter = None
+    if cfg.name in ("hed_jitter", "macenko_jitter"):
+        jitter = HedJitter(sigma=cfg.sigma, shift_sigma=cfg.shift_sigma)
+    return StainPipeline(normalizer, jitter, seed)
+
+
+def from_state(cfg: DictConfig, state: dict[str, Any] | None, seed: int) -> StainPipeline | None:
+    """The saved pipeline of a trained run (evaluation and prediction: no refitting)."""
+    if cfg.name == "none" or state is None or state.get("normalizer") is None:
+        return None
+    normalizer = _normalizer(cfg).load_state_dict(state["normalizer"])
+    return StainPipeline(normalizer, None, seed)
+
+
+class StainCollate:
+    """collate_fn for `stain.on_device=false`: the pipeline runs in the DataLoader workers."""
+
+    def __init__(self, pipeline: StainPipeline, train: bool, dataset: Any) -> None:
+        self.pipeline, self.train, self.dataset = pipeline, train, dataset
+
+    def __call__(self, samples: list[tuple[Tensor, Tensor, int]]) -> tuple[Tensor, ...]:
+        x = torch.stack([s[0] for s in samples])
+        y = torch.stack([torch.as_tensor(s[1]) for s in samples])
+        idx = torch.as_tensor([s[2] for s in samples])
+        x = self.pipeline(x, self.train, self.dataset.epoch, int(idx[0]))
+        return x, y, idx
