@@ -28,7 +28,11 @@ test: $(STAMP) ## the whole test suite (what CI runs)
 test-slow: $(STAMP) ## long soak tests
 	$(PY) -m pytest -q -m slow
 
-bench: $(STAMP) ## images/s of her2exp's epoch vs a bare PyTorch loop, and their ratio
+$(VENV)/.bench-installed: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
+	@touch $@
+
+bench: $(VENV)/.bench-installed ## her2exp's epoch vs a bare PyTorch loop (img/s, ratio); CI speed; stain normalisers
 	$(PY) -m her2exp.bench $(ARGS)
 
 lint: $(STAMP) ## ruff check + format check

@@ -15,6 +15,7 @@ import re
 import socket
 import subprocess
 import sys
+import uuid
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -284,8 +285,17 @@ class MlflowTracker(Tracker):
                 tags[f"sweep.{key}"] = sweep[key]
         if getattr(self, "fallback_from", None):
             tags["tracking_fallback_from"] = self.fallback_from
+        # MLflow's own random names come from the `random` module, which the run has just
+        # seeded: every job of a sweep would get the same name. Ours come from os.urandom.
+        parts = [
+            OmegaConf.select(cfg, "model.name"),
+            OmegaConf.select(cfg, "loss.name") or OmegaConf.select(cfg, "cohort_name"),
+            f"job{sweep['job_num']}" if "job_num" in sweep else None,
+            uuid.uuid4().hex[:6],
+        ]
+        name = self.cfg.run_name or "-".join(str(p) for p in parts if p)
         run = self.client.create_run(
-            _experiment_id(self.client, self.cfg, self.uri), run_name=self.cfg.run_name, tags=tags
+            _experiment_id(self.client, self.cfg, self.uri), run_name=name, tags=tags
         )
         self.run_id = run.info.run_id
         params = flatten(OmegaConf.to_container(cfg, resolve=True))
