@@ -212,7 +212,7 @@ def final_evaluation(
     scored = [
         ScoredSplit(
             split,
-            bundle.manifest.iloc[bundle.indices(split)].reset_index(),
+            bundle.manifest.iloc[bundle.indices(split)].reset_index(names="row"),
             s.probs,
             bundle.images[bundle.indices(split)],
         )  # fmt: skip

@@ -70,7 +70,7 @@ def test_train_loader_epochs_shuffle_reproducibly(bundle: data.DataBundle) -> No
 def test_eval_loader_keeps_dataset_order(bundle: data.DataBundle) -> None:
     cfg = compose_train().data
     ds = data.make_dataset(bundle, "val", cfg, seed=0)
-    labels = torch.cat([y for _, y in data.eval_loader(ds, cfg, torch.device("cpu"))]).numpy()
+    labels = torch.cat([y for _, y, _ in data.eval_loader(ds, cfg, torch.device("cpu"))]).numpy()
     assert np.array_equal(labels, bundle.labels("val"))
 
 
@@ -85,13 +85,13 @@ def test_augmentation_is_a_dihedral_transform(bundle: data.DataBundle) -> None:
     cfg = compose_train().data
     plain = data.make_dataset(bundle, "train", OmegaConf.merge(cfg, {"augment": False}), 0)
     aug = data.make_dataset(bundle, "train", cfg, 0)
-    x, _ = plain[5]
+    x, _, _ = plain[5]
     variants = [torch.rot90(x, k, (1, 2)) for k in range(4)]
     variants += [torch.flip(v, (2,)) for v in variants]
     seen = set()
     for epoch in range(8):
         aug.set_epoch(epoch)
-        y, _ = aug[5]
+        y, _, _ = aug[5]
         matches = [i for i, v in enumerate(variants) if torch.equal(v, y)]
         assert matches, "augmented patch is not a rotation/flip of the original"
         seen.add(matches[0])

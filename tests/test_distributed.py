@@ -126,6 +126,10 @@ def test_in_process_launch_multirun(tmp_path: Path) -> None:
         assert (d / "reports" / "best.json").is_file()
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("her2exp").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep") == "parent"]
+    runs = [r for r in runs if r.data.tags.get("sweep") != "parent"]
+    assert len(parents) == 1  # the sweep's parent run; the workers' runs are its children
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in runs)
     assert sorted(r.data.params["loss.name"] for r in runs) == ["ce", "focal"]
     assert all(r.data.tags["world_size"] == "2" for r in runs)
 
