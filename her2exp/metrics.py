@@ -662,13 +662,16 @@ def aggregate_by_patient(
 _RATE_KEYS = ("sensitivity", "specificity", "precision", "npv", "accuracy")
 
 
-def _to_jsonable(value: Any) -> Any:
+def to_jsonable(value: Any) -> Any:
+    """JSON-safe copy: NaN/inf -> None (null), numpy scalars/arrays -> Python, paths -> str."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     if isinstance(value, dict):
-        return {str(k): _to_jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_to_jsonable(v) for v in value]
+        return [to_jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _to_jsonable(value.tolist())
+        return to_jsonable(value.tolist())
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
@@ -677,7 +680,7 @@ def _to_jsonable(value: Any) -> Any:
 
 
 def _dataclass_dict(obj: Any) -> Any:
-    return None if obj is None else _to_jsonable(asdict(obj))
+    return None if obj is None else to_jsonable(asdict(obj))
 
 
 @dataclass(frozen=True)
@@ -747,13 +750,13 @@ class SplitEvaluation:
             "n_pos": self.n_pos,
             "auc": _dataclass_dict(self.auc),
             "auc_bootstrap": _dataclass_dict(self.auc_bootstrap),
-            "thresholds": _to_jsonable(self.thresholds),
+            "thresholds": to_jsonable(self.thresholds),
             "reports": {k: _dataclass_dict(v) for k, v in self.reports.items()},
             "calibration": _dataclass_dict(self.calibration),
             "decision_curve": _dataclass_dict(self.decision_curve),
             "average_precision": None
             if self.pr is None
-            else _to_jsonable(self.pr.average_precision),
+            else to_jsonable(self.pr.average_precision),
             "patient": None
             if self.patient is None
             else {

@@ -162,16 +162,13 @@ def test_gallery_with_wrong_image_shape_is_named(tmp_path: Path) -> None:
         reports.write_clinical_report(tmp_path, evaluations, {"test": (bad, tl, ts, t)}, HEADER)
 
 
-def test_legacy_writers_still_work(tmp_path: Path) -> None:
+def test_best_json_is_strict_json(tmp_path: Path) -> None:
     labels, scores, _ = _split(100, 4)
     rep = metrics.at_threshold(labels, scores, 0.5)
-    summary = {"model": "m", "best_epoch": 1, "last_epoch": 2, "best_val_auc": 0.9,
-               "threshold_youden_val": 0.5, "tables": {"test @ 0.5": rep.as_dict()},
-               "x": float("nan")}  # fmt: skip
+    summary = {"model": "m", "best_epoch": 1, "tables": {"test @ 0.5": rep.as_dict()},
+               "x": float("nan"), "where": tmp_path, "arr": np.array([1.0, np.inf])}  # fmt: skip
     reports.write_best_json(tmp_path / "best.json", summary)
-    assert json.loads((tmp_path / "best.json").read_text())["x"] is None
-    reports.write_summary_md(tmp_path / "summary.md", summary)
-    assert "test @ 0.5" in (tmp_path / "summary.md").read_text()
-    reports.plot_roc(tmp_path / "roc.png", {"test": (labels, scores)}, {"p": (0.1, 0.8)})
-    with Image.open(tmp_path / "roc.png") as im:
-        im.verify()
+    loaded = json.loads((tmp_path / "best.json").read_text())
+    assert loaded["x"] is None
+    assert loaded["where"] == str(tmp_path) and loaded["arr"] == [1.0, None]
+    assert loaded["tables"]["test @ 0.5"]["n"] == 100
