@@ -22,8 +22,22 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet18"
-    pretrained: bool = False
+    """A timm backbone (built offline from `name` + `kwargs`) and the HER2 head on its embedding."""
+
+    name: str = "resnet18"  # the timm architecture; hub names (hf-hub:...) go in hub_id
+    pretrained: bool = False  # timm's own pretrained weights (a hub download unless cached)
+    hub_id: str | None = None  # where pretrained=true loads from; null: timm's default for `name`
+    weights: str | None = None  # a local .safetensors/.pth/.bin for the backbone (offline)
+    # Extra timm.create_model kwargs (init_values, dynamic_img_size, pretrained_cfg_overlay, ...);
+    # values with a _target_ are built by hydra.utils.instantiate (e.g. Virchow2's mlp_layer).
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    embedding: str = "pooled"  # pooled: timm's global_pool | cls_mean: class token + mean patch
+    head: str = "linear"  # linear | mlp (timm.layers.Mlp, head_hidden_dim wide)
+    head_hidden_dim: int = 256
+    finetune: str = "full"  # full | frozen (linear probe) | last_n_blocks
+    n_last_blocks: int = 1  # finetune=last_n_blocks: timm layer groups trained, from the top
+    cache_features: bool = False  # frozen backbone: embed each image once, train the head on it
+    feature_cache_dir: str | None = None  # null: <run dir>/features; shared: reused across runs
     num_classes: int = 2
     drop_rate: float = 0.0
     channels_last: bool = False
@@ -66,8 +80,9 @@ class DataConfig:
     pin_memory: bool = False
     augment: bool = True
     split: SplitConfig = field(default_factory=SplitConfig)
-    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # null: the model's own normalisation (timm.data.resolve_data_config), filled in at start.
+    mean: list[float] | None = None
+    std: list[float] | None = None
     # The user's own patches (data=folder | data=manifest; her2exp/data/sources.py).
     root: str | None = None  # data=folder: class (or HER2 score) sub-folders of patches
     path: str | None = None  # data=manifest: a .csv or .parquet manifest
@@ -87,6 +102,7 @@ class TrainerConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
+    layer_decay: float | None = None  # ViT-style layer-wise lr decay (timm), e.g. 0.75; null: off
     accumulation_steps: int = 1
     grad_clip_norm: float | None = 1.0
     amp: str = "auto"
@@ -188,6 +204,10 @@ LOSS_CHOICES = ("ce", "focal")
 MONITOR_CHOICES = ("val_auc",)
 DATA_SOURCES = ("synthetic", "folder", "manifest")
 EQUIVOCAL_CHOICES = ("exclude", "positive", "negative")
+FINETUNE_CHOICES = ("full", "frozen", "last_n_blocks")
+HEAD_CHOICES = ("linear", "mlp")
+EMBEDDING_CHOICES = ("pooled", "cls_mean")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -302,7 +322,30 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
         _fail("loss.alpha", loss.alpha, "null or a value in (0, 1) weighting the HER2+ class")
     if m.num_classes != 2:
         _fail("model.num_classes", m.num_classes, "2 (binary HER2-/HER2+)")
+    validate_model(m)
+    if t.layer_decay is not None and not 0 < t.layer_decay <= 1:
+        _fail("trainer.layer_decay", t.layer_decay, "null (off) or a value in (0, 1], e.g. 0.75")
+    for key in ("mean", "std"):
+        v = d[key]
+        if v is not None and (len(v) != 3 or (key == "std" and min(v) <= 0)):
+            _fail(f"data.{key}", list(v), "null (the model's own) or three values (std > 0)")
     st = cfg.stain
+    if m.cache_features:
+        # Features are computed once per image: anything drawn anew each epoch would be frozen
+        # into a single draw, silently turning augmentation off.
+        why = (
+            "cached features hold one embedding per image, so a random augmentation would be "
+            "drawn once and frozen into the cache"
+        )
+        if d.augment:
+            _fail("data.augment", True, f"false with model.cache_features=true ({why})")
+        if st.name in ("hed_jitter", "macenko_jitter"):
+            _fail(
+                "stain.name",
+                st.name,
+                f"none or macenko with model.cache_features=true ({why}; stain normalisation "
+                "is deterministic and is applied before caching)",
+            )
     if st.name not in ("none", "macenko", "hed_jitter", "macenko_jitter"):
         _fail("stain.name", st.name, "none, macenko, hed_jitter or macenko_jitter")
     if not 0 <= st.min_tissue_fraction < 1:
@@ -320,6 +363,38 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
         _fail("tracking.backend", cfg.tracking.backend, "mlflow or off")
     if cfg.tracking.fallback not in ("none", "local"):
         _fail("tracking.fallback", cfg.tracking.fallback, "none (stop) or local (./mlflow.db)")
+
+
+def validate_model(m: Any) -> None:
+    """The backbone options: weights source, fine-tuning mode, head, feature cache."""
+    if m.finetune not in FINETUNE_CHOICES:
+        _fail("model.finetune", m.finetune, f"one of {', '.join(FINETUNE_CHOICES)}")
+    if m.n_last_blocks < 1:
+        _fail("model.n_last_blocks", m.n_last_blocks, "an integer >= 1")
+    if m.head not in HEAD_CHOICES:
+        _fail("model.head", m.head, f"one of {', '.join(HEAD_CHOICES)}")
+    if m.head_hidden_dim < 1:
+        _fail("model.head_hidden_dim", m.head_hidden_dim, "an integer >= 1")
+    if m.embedding not in EMBEDDING_CHOICES:
+        _fail("model.embedding", m.embedding, f"one of {', '.join(EMBEDDING_CHOICES)}")
+    if m.pretrained and m.weights:
+        _fail(
+            "model.weights",
+            m.weights,
+            "null with model.pretrained=true (give one source: the hub or a local file)",
+        )
+    if m.weights and not str(m.weights).lower().endswith(WEIGHT_SUFFIXES):
+        _fail("model.weights", m.weights, f"a {', '.join(WEIGHT_SUFFIXES)} file")
+    for key in ("num_classes", "pretrained", "pretrained_cfg", "checkpoint_path"):
+        if key in m.kwargs:
+            _fail(f"model.kwargs.{key}", m.kwargs[key], f"not set here (her2exp sets {key})")
+    if m.cache_features and m.finetune != "frozen":
+        _fail(
+            "model.cache_features",
+            True,
+            "true only with model.finetune=frozen (a backbone that trains changes its "
+            "features every step)",
+        )
 
 
 def validate_evaluation(e: Any) -> None:

@@ -187,7 +187,8 @@ def shard_indices(n: int, rank: int, world_size: int) -> np.ndarray:
 def gather_in_order(parts: np.ndarray) -> np.ndarray:
     """Concatenate every rank's contiguous shard in rank order, i.e. in dataset order."""
     gathered = all_gather_object(np.asarray(parts))
-    return np.concatenate(gathered) if gathered else np.asarray(parts)
+    nonempty = [g for g in gathered if len(g)]  # an empty shard may not have the others' shape
+    return np.concatenate(nonempty) if nonempty else np.asarray(parts)
 
 
 # -- DDP wrapping --------------------------------------------------------------------------------

@@ -146,7 +146,7 @@ def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
         {k: train_cfg.data[k] for k in ("image_size", "mean", "std")},  # the model's input contract
     )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = models.build(train_cfg.model, device)
+    model = models.build(train_cfg.model, device, load_weights=False)  # best.pt holds them
     model.load_state_dict(state["model"])
     bundle = data.build_cohort(with_model_contract, ecfg.seed)
     dataset = data.make_dataset(bundle, None, with_model_contract, ecfg.seed)

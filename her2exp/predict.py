@@ -50,7 +50,7 @@ def predict_folder(opts: Any) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
         "youden": float(state["threshold_youden_val"])
     }
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = models.build(cfg.model, device)
+    model = models.build(cfg.model, device, load_weights=False)  # best.pt holds them
     model.load_state_dict(state["model"])
     model.eval()
     from her2exp.stain import pipeline as stain_pipeline

@@ -454,8 +454,10 @@ def run_tags(
     backend: str | None,
     overrides: list[str],
     data_fingerprint: str,
+    weights: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The audit tags every run carries."""
+    """The audit tags every run carries; `weights`: where the backbone's weights came from
+    (`weights.source`, and for a local file `weights.file` and `weights.sha256`)."""
     tags = {
         "seed": str(cfg.seed),
         "overrides": " ".join(overrides),
@@ -469,6 +471,7 @@ def run_tags(
         **git_info(),
         **environment_tags(device),
         **{f"user.{k}": str(v) for k, v in (cfg.tags or {}).items()},
+        **{f"weights.{k}": str(v) for k, v in (weights or {"source": "random init"}).items()},
     }
     tags["mlflow.source.git.commit"] = tags["git_commit"]  # what the MLflow UI shows
     return tags

@@ -17,13 +17,23 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from her2exp import checkpoint, data, distributed, losses, metrics, models, reports, tracking
+from her2exp import (
+    checkpoint,
+    data,
+    distributed,
+    features,
+    losses,
+    metrics,
+    models,
+    reports,
+    tracking,
+)
 from her2exp.config import ConfigError, register_configs, validate
 from her2exp.evaluate import ScoredSplit, format_table, report_cohorts
 from her2exp.seed import set_seed
 from her2exp.stain import pipeline as stain_pipeline
 from her2exp.stain.pipeline import StainCollate
-from her2exp.trainer import Trainer
+from her2exp.trainer import Trainer, resolve_amp
 
 log = logging.getLogger("her2exp")
 register_configs()
@@ -43,14 +53,18 @@ def _hydra_overrides() -> list[str]:
 
 
 def check_input_size(model: torch.nn.Module, image_size: int, name: str, device) -> None:
-    """One dummy forward so a too-small patch size fails now, not after the data is built."""
+    """One dummy forward so a patch size the model cannot take fails now, not after the data
+    is built (too small for a CNN; not the fixed input size of a ViT without dynamic_img_size)."""
     model.eval()
     try:
         with torch.no_grad():
             out = model(torch.zeros(1, 3, image_size, image_size, device=device))
     except (RuntimeError, AssertionError, ValueError) as exc:
+        backbone = getattr(model, "backbone", model)
+        native = getattr(backbone, "pretrained_cfg", {}).get("input_size")
+        hint = f" (its input size is {native[-1]} px)" if native else ""
         raise ConfigError(
-            f"data.image_size={image_size} is too small for model.name={name}: {exc}"
+            f"data.image_size={image_size} does not fit model.name={name}{hint}: {exc}"
         ) from exc
     if out.shape != (1, 2):
         raise ConfigError(f"model.name={name} returned shape {tuple(out.shape)}, expected (1, 2)")
@@ -72,6 +86,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         run_dir.mkdir(parents=True, exist_ok=True)
 
     model = models.build(cfg.model, dctx.device)
+    # data.mean/std null: the model's own normalisation, written into the config so that
+    # checkpoints, MLflow params and evaluation all carry the values actually used.
+    mean, std = models.normalisation(model)
+    cfg.data.mean = list(cfg.data.mean) if cfg.data.mean is not None else mean
+    cfg.data.std = list(cfg.data.std) if cfg.data.std is not None else std
     check_input_size(model, cfg.data.image_size, cfg.model.name, dctx.device)
     try:
         bundle = data.build(cfg.data, cfg.seed)
@@ -101,7 +120,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         test_set, cfg.data, dctx.device, *shard, collate(test_set, False)
     )
     criterion = losses.build(cfg.loss, bundle.labels("train")).to(dctx.device)
-    if cfg.model.compile_before_ddp:
+    cache_features = bool(cfg.model.cache_features)
+    if cache_features:  # the head trains on cached embeddings; the backbone never runs again
+        train_model, no_sync = distributed.wrap_ddp(model.head, dctx)
+    elif cfg.model.compile_before_ddp:
         train_model, no_sync = distributed.wrap_ddp(
             models.maybe_compile(model, cfg.model), dctx, cfg.trainer.sync_bn
         )
@@ -122,8 +144,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     status = "FAILED"
     try:
         tags = tracking.run_tags(
-            cfg, dctx.device, dctx.world_size, dctx.backend, _hydra_overrides(), bundle.fingerprint
-        )
+            cfg, dctx.device, dctx.world_size, dctx.backend, _hydra_overrides(), bundle.fingerprint,
+            model.weights_info,
+        )  # fmt: skip
         tags["run_dir"] = str(run_dir.resolve())
         counts = bundle.counts()
         for split, c in counts.items():
@@ -137,9 +160,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 run_dir / "skipped_files.csv", bundle.skipped.to_csv(index=False)
             )
             tracker.log_artifact(run_dir / "skipped_files.csv", "data")
+        cached = None
+        if cache_features:
+            cached, (train_loader, val_loader, test_loader) = _feature_loaders(
+                cfg, model, bundle, run_dir, dctx, stain, tracker
+            )
         trainer = Trainer(
             cfg, model, train_model, criterion, train_loader, val_loader, dctx, tracker, run_dir,
-            no_sync, stain if on_device else None,
+            no_sync, stain if on_device else None, features=cache_features,
         )  # fmt: skip
         if stain is not None and stain.normalizer is not None and dctx.is_main:
             _record_stain(stain, run_dir, tracker)
@@ -162,6 +190,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "tracking_uri": tracker.uri,
             "run_dir": str(run_dir.resolve()),
         }
+        if cached is not None:
+            summary["feature_cache"] = {"key": cached.key, "dir": str(cached.directory),
+                                        "computed": cached.computed, "reused": cached.reused,
+                                        "seconds": cached.seconds}  # fmt: skip
         if fit.interrupted:
             status = "KILLED"
             last = run_dir / "checkpoints" / "last.pt"
@@ -264,11 +296,41 @@ def final_evaluation(
                 "image_size": size,
                 "mean": list(cfg.data.mean),
                 "std": list(cfg.data.std),
+                "backbone_weights": dict(getattr(trainer.model, "weights_info", {})),
             },
         )
     out.update({"val_evaluation": evs["val"], "test_evaluation": evs["test"],
                 "test_auc": evs["test"].auc.auc})  # fmt: skip
     return out
+
+
+def _feature_loaders(
+    cfg: DictConfig,
+    model: models.Her2Classifier,
+    bundle: data.DataBundle,
+    run_dir: Path,
+    dctx: distributed.DistContext,
+    stain: Any,
+    tracker: tracking.Tracker,
+) -> tuple[features.CachedFeatures, tuple[Any, Any, Any]]:
+    """model.cache_features: embed every image once (or read the cache), then loaders over the
+    embeddings with the same batches and shuffling as the image loaders."""
+    root = Path(cfg.model.feature_cache_dir or run_dir / "features").expanduser()
+    autocast_dtype, _ = resolve_amp(cfg.trainer.amp, dctx.device)
+    cached = features.build(model, bundle, cfg, root, dctx, autocast_dtype, stain)
+    tracker.set_tags({"features.cache_key": cached.key, "features.dir": cached.directory})
+    tracker.log_metrics({"features_computed": cached.computed, "features_reused": cached.reused,
+                         "feature_seconds": cached.seconds})  # fmt: skip
+    fcfg = features.loader_config(cfg.data)
+    sets = {
+        s: features.FeatureDataset(cached.features[s], bundle.labels(s)) for s in features.SPLITS
+    }
+    shard = (dctx.rank, dctx.world_size)
+    return cached, (
+        data.train_loader(sets["train"], fcfg, cfg.seed, *shard, dctx.device),
+        data.eval_loader(sets["val"], fcfg, dctx.device, *shard),
+        data.eval_loader(sets["test"], fcfg, dctx.device, *shard),
+    )
 
 
 def _record_stain(stain: Any, run_dir: Path, tracker: tracking.Tracker) -> None:

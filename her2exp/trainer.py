@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -45,31 +46,46 @@ def resolve_amp(amp: str, device: torch.device) -> tuple[torch.dtype | None, boo
 def build_optimizer(
     model: nn.Module, cfg: DictConfig, steps_per_epoch: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW without decay on norms and biases; linear warmup then cosine, stepped per update."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [
+    """AdamW without decay on norms and biases; linear warmup then cosine, stepped per update.
+
+    `trainer.layer_decay` (ViTs) uses timm's layer-wise groups: the lr of layer group i is
+    lr * layer_decay ** (top - i), the head at lr. Only trainable parameters are optimised, so a
+    frozen backbone contributes nothing. The schedule scales every group's own lr.
+    """
+    if cfg.get("layer_decay") is not None:
+        from timm.optim import param_groups_layer_decay
+
+        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+        groups = param_groups_layer_decay(
+            model, cfg.weight_decay, no_weight_decay_list=skip, layer_decay=cfg.layer_decay
+        )
+        for group in groups:
+            group["lr"] = cfg.lr * group["lr_scale"]
+    else:
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim <= 1 else decay).append(p)
+        groups = [
             {"params": decay, "weight_decay": cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.lr,
-    )
+        ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-        optimizer, T_max=max(1, total - warmup), eta_min=cfg.lr * cfg.min_lr_ratio
+    factor = functools.partial(
+        warmup_cosine, warmup=warmup, total=total, min_ratio=cfg.min_lr_ratio
     )
-    if warmup == 0:
-        return optimizer, cosine
-    ramp = torch.optim.lr_scheduler.LinearLR(
-        optimizer, start_factor=1.0 / (warmup + 1), end_factor=1.0, total_iters=warmup
-    )
-    return optimizer, torch.optim.lr_scheduler.SequentialLR(
-        optimizer, [ramp, cosine], milestones=[warmup]
-    )
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """lr factor at `step`: linear from 1/(warmup+1) to 1, then cosine down to `min_ratio`."""
+    if step < warmup:
+        start = 1.0 / (warmup + 1)
+        return start + (1.0 - start) * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass
@@ -101,10 +117,14 @@ class Trainer:
         run_dir: Path,
         no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
         stain_on_device: Callable[..., torch.Tensor] | None = None,
+        features: bool = False,
     ) -> None:
         self.cfg, self.t = cfg, cfg.trainer
         self.model = model  # the plain module: its state_dict is what checkpoints hold
         self.train_model = train_model  # possibly compiled and/or DDP-wrapped
+        # model.cache_features: the loaders yield cached embeddings, so the head alone is
+        # trained and scored; checkpoints still hold the whole model.
+        self.score_model = model.head if features else model
         self.no_sync = no_sync
         self.criterion = criterion
         self.train_loader, self.val_loader = train_loader, val_loader
@@ -120,11 +140,11 @@ class Trainer:
             scaler=torch.amp.GradScaler(dctx.device.type, enabled=use_scaler),
             accumulation_steps=k,
             grad_clip_norm=self.t.grad_clip_norm,
-            channels_last=cfg.model.channels_last,
+            channels_last=cfg.model.channels_last and not features,
             show_progress=bool(self.t.progress) and dctx.is_main,
             mean=tuple(cfg.data.mean),
             std=tuple(cfg.data.std),
-            stain=stain_on_device,
+            stain=None if features else stain_on_device,
         )
         self.start_epoch = 1
         self.best_auc = -math.inf
@@ -200,8 +220,8 @@ class Trainer:
         BatchNorm running stats drift apart between ranks during training, so rank 0's are
         broadcast first: every rank scores its shard with identical weights.
         """
-        distributed.broadcast_module_state(self.model)
-        local = evaluate(self.model, loader, self.criterion, self.ctx)
+        distributed.broadcast_module_state(self.score_model)
+        local = evaluate(self.score_model, loader, self.criterion, self.ctx)
         if not self.dctx.is_distributed:
             return local
         loss_sum, n = distributed.all_reduce_sum([local.loss_sum, local.n], self.dctx.device)
@@ -251,7 +271,7 @@ class Trainer:
                 "val_precision": report.precision,
                 "val_f1": report.f1,
                 "val_youden_threshold": threshold,
-                "lr": self.optimizer.param_groups[0]["lr"],
+                "lr": max(g["lr"] for g in self.optimizer.param_groups),  # the head's
                 "epoch_seconds": stats.seconds,
                 "images_per_second": stats.images_per_second,
             }
