@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from conftest import SmokeRun, compose_train
 from her2exp import checkpoint
@@ -123,12 +124,15 @@ def test_best_checkpoint_reproduces_the_test_auc(smoke_run: SmokeRun) -> None:
     cfg = compose_train(["experiment=smoke"], smoke_run.run_dir)
     best = json.loads((smoke_run.run_dir / "reports" / "best.json").read_text())
     model = models.build(cfg.model, torch.device("cpu"))
-    model.load_state_dict(checkpoint.load(smoke_run.run_dir / "checkpoints" / "best.pt")["model"])
+    state = checkpoint.load(smoke_run.run_dir / "checkpoints" / "best.pt")
+    model.load_state_dict(state["model"])
+    run_cfg = OmegaConf.create(state["config"])  # data.mean/std as resolved from the model
     bundle = data.build(cfg.data, cfg.seed)
     assert bundle.fingerprint == best["data_fingerprint"]
     loader = data.eval_loader(data.make_dataset(bundle, "test", cfg.data, cfg.seed), cfg.data,
                               torch.device("cpu"))  # fmt: skip
-    ctx = StepContext(torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False))
+    ctx = StepContext(torch.device("cpu"), None, torch.amp.GradScaler("cpu", enabled=False),
+                      mean=tuple(run_cfg.data.mean), std=tuple(run_cfg.data.std))  # fmt: skip
     scores = evaluate(model, loader, torch.nn.CrossEntropyLoss(), ctx)
     assert metrics.auc(scores.labels, scores.probs) == pytest.approx(best["test_auc"], abs=1e-9)
 

@@ -92,8 +92,14 @@ def _from_files(loaded: sources.Loaded) -> DataBundle:
 
 
 def _fingerprint(cfg: DictConfig, seed: int, manifest: pd.DataFrame) -> str:
-    """Hash of the generator config, the seed and the manifest (ids, labels, splits)."""
+    """Hash of the generator config, the seed and the manifest (ids, labels, splits).
+
+    The input normalisation (mean/std) is left out: it belongs to the model (null: resolved from
+    it at the start of a run) and does not change the data.
+    """
     generator_cfg = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("mean", "std"):
+        generator_cfg.pop(key, None)
     digest = hashlib.sha256()
     digest.update(json.dumps({"generator": generator_cfg, "seed": seed}, sort_keys=True).encode())
     digest.update(pd.util.hash_pandas_object(manifest, index=True).to_numpy().tobytes())
