@@ -315,6 +315,9 @@ def _feature_loaders(
 ) -> tuple[features.CachedFeatures, tuple[Any, Any, Any]]:
     """model.cache_features: embed every image once (or read the cache), then loaders over the
     embeddings with the same batches and shuffling as the image loaders."""
+    # Only the head is DDP-wrapped (and so synchronised): every rank must embed with rank 0's
+    # backbone, or a random-init backbone would differ per rank (seeded seed + rank).
+    distributed.broadcast_module_state(model)
     root = Path(cfg.model.feature_cache_dir or run_dir / "features").expanduser()
     autocast_dtype, _ = resolve_amp(cfg.trainer.amp, dctx.device)
     cached = features.build(model, bundle, cfg, root, dctx, autocast_dtype, stain)

@@ -440,3 +440,21 @@ def test_cli_cached_probe_records_the_weights_and_evaluates(resnet_file, tmp_pat
     assert "external (frozen thresholds from the training run)" in ev.stdout
     state = OmegaConf.create(checkpoint.load(run_dir / "checkpoints" / "best.pt")["config"])
     assert state.model.cache_features is True and list(state.data.mean) == [0.5, 0.5, 0.5]
+
+
+def test_ddp_cached_probe_matches_one_process(tmp_path: Path) -> None:
+    """Two gloo workers embed half of the images each, with rank 0's (random-init) backbone,
+    and train the same head as one process does."""
+    import json
+
+    args = ["model.finetune=frozen", "model.cache_features=true", "data.augment=false"]
+    single = _train(tmp_path / "single", *args)
+    run_dir = tmp_path / "ddp"
+    proc = run_cli(["experiment=smoke", "tracking=off", "trainer.nproc_per_node=2", *args,
+                    f"hydra.run.dir={run_dir}"], cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (key_dir,) = (run_dir / "features").iterdir()  # both ranks used one key: the same weights
+    assert key_dir.name == single["feature_cache"]["key"]
+    best = json.loads((run_dir / "reports" / "best.json").read_text())
+    assert best["best_val_auc"] == pytest.approx(single["best_val_auc"], abs=0.002)
+    assert best["test_auc"] == pytest.approx(single["test_auc"], abs=0.002)
