@@ -30,7 +30,7 @@ from her2exp import checkpoint, distributed
 from her2exp.data import DataBundle
 from her2exp.distributed import DistContext
 from her2exp.engine import StepContext
-from her2exp.models import Her2Classifier
+from her2exp.models import Her2Classifier, state_digest, update_digest
 from her2exp.reports import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -92,32 +92,6 @@ def image_hashes(images: np.ndarray) -> list[str]:
     return out
 
 
-def _update(digest: Any, obj: Any) -> None:
-    """Feed nested dicts/lists/tensors into a hash deterministically (keys sorted)."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    elif isinstance(obj, np.ndarray):
-        _update(digest, torch.from_numpy(np.ascontiguousarray(obj)))
-    elif isinstance(obj, dict):
-        for k in sorted(obj, key=str):
-            digest.update(str(k).encode())
-            _update(digest, obj[k])
-    elif isinstance(obj, list | tuple):
-        for v in obj:
-            _update(digest, v)
-    else:
-        digest.update(repr(obj).encode())
-
-
-def state_digest(module: torch.nn.Module) -> str:
-    """sha256 of a module's parameters and buffers: the identity of weights without a file."""
-    digest = hashlib.sha256()
-    _update(digest, dict(module.state_dict()))
-    return digest.hexdigest()
-
-
 def cache_key(
     model: Her2Classifier,
     model_cfg: DictConfig,
@@ -128,11 +102,12 @@ def cache_key(
     autocast_dtype: torch.dtype | None,
 ) -> tuple[str, dict[str, Any]]:
     """(key, what it hashes): the model, its weights and the transform in front of it."""
-    weights = model.weights_info.get("sha256") or state_digest(model.backbone)
+    info = model.weights_info
+    weights = info.get("sha256") or info.get("state_sha256") or state_digest(model.backbone)
     stain_desc: Any = None
     if stain is not None and getattr(stain, "normalizer", None) is not None:
         digest = hashlib.sha256()
-        _update(digest, stain.state_dict())
+        update_digest(digest, stain.state_dict())
         stain_desc = {
             "config": OmegaConf.to_container(stain_cfg, resolve=True) if stain_cfg else None,
             "reference": digest.hexdigest(),

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 from hydra.utils import instantiate
@@ -133,6 +134,7 @@ def build(cfg: DictConfig, device: torch.device, load_weights: bool = True) -> H
         tag = backbone.pretrained_cfg.get("hf_hub_id") or backbone.pretrained_cfg.get("url")
         if tag:
             info["pretrained_cfg"] = str(tag)
+        info["state_sha256"] = state_digest(backbone)  # what was downloaded, as loaded
     elif load_weights and cfg.get("weights"):
         info = load_backbone_weights(backbone, cfg.weights)
     n_features = backbone.num_features * (2 if cfg.get("embedding") == "cls_mean" else 1)
@@ -150,6 +152,32 @@ def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
+    return digest.hexdigest()
+
+
+def update_digest(digest: Any, obj: Any) -> None:
+    """Feed nested dicts/lists/tensors into a hash deterministically (keys sorted)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, np.ndarray):
+        update_digest(digest, torch.from_numpy(np.ascontiguousarray(obj)))
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            digest.update(str(k).encode())
+            update_digest(digest, obj[k])
+    elif isinstance(obj, list | tuple):
+        for v in obj:
+            update_digest(digest, v)
+    else:
+        digest.update(repr(obj).encode())
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 of a module's parameters and buffers: the identity of weights without a file."""
+    digest = hashlib.sha256()
+    update_digest(digest, dict(module.state_dict()))
     return digest.hexdigest()
 
 

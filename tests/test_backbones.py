@@ -74,6 +74,25 @@ def test_local_safetensors_weights_give_the_files_backbone(vit_file, tmp_path: P
     }
 
 
+def test_pretrained_uses_timms_own_loading(vit_file, tmp_path: Path) -> None:
+    """model.pretrained=true goes through timm's loader (here pointed at a local file with
+    timm's pretrained_cfg_overlay, so no hub is needed) and records a digest of what it loaded."""
+    path, ref = vit_file
+    overlay = f"+model.kwargs.pretrained_cfg_overlay={{file: '{path}'}}"
+    cfg = compose_train([*VIT, "model.pretrained=true", overlay], tmp_path)
+    validate(cfg)
+    model = models.build(cfg.model, CPU).eval()
+    x = _images()
+    with torch.no_grad():
+        expected = ref.forward_head(ref.forward_features(x), pre_logits=True)
+        assert torch.equal(model.embed(x), expected)
+    info = model.weights_info
+    assert info["source"] == "timm pretrained" and info["hub_id"] == "vit_tiny_patch16_224"
+    assert info["state_sha256"] == models.state_digest(model.backbone)
+    # Evaluation rebuilds the same architecture without loading anything.
+    assert models.build(cfg.model, CPU, load_weights=False).weights_info["source"] == "random init"
+
+
 def test_weights_round_trip_through_the_config(tmp_path: Path) -> None:
     """A model's backbone saved (.pth) and loaded back through model.weights: same outputs."""
     cfg = compose_train(VIT, tmp_path)
