@@ -8,17 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import math
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import timm
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 from safetensors.torch import save_file
 
-from conftest import BIN, compose_train, run_cli
+from conftest import CONF, compose_train, run_cli
 from her2exp import checkpoint, data, distributed, features, models
 from her2exp import train as train_mod
 from her2exp.config import ConfigError, validate
@@ -411,8 +410,8 @@ def test_stain_normalisation_is_applied_before_caching(resnet_file, tmp_path: Pa
 # -- the real CLI --------------------------------------------------------------------------------
 def test_cli_cached_probe_records_the_weights_and_evaluates(resnet_file, tmp_path: Path) -> None:
     """her2exp-train with a frozen, cached probe on local weights, as the README shows; the
-    MLflow run names the weights file and its sha256; her2exp-eval then scores best.pt with
-    the weights file gone (the checkpoint holds the whole model)."""
+    MLflow run names the weights file and its sha256; her2exp-eval's evaluation then scores
+    best.pt with the weights file gone (the checkpoint holds the whole model)."""
     import mlflow
 
     weights = tmp_path / "backbone.pth"
@@ -448,15 +447,18 @@ def test_cli_cached_probe_records_the_weights_and_evaluates(resnet_file, tmp_pat
     assert len(history) == 2
 
     weights.unlink()
-    out = tmp_path / "eval"
-    ev = subprocess.run(
-        [str(BIN / "her2exp-eval"), f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}",
-         "tracking=off", "data.n_patients=12", "data.patches_per_patient=4",
-         f"hydra.run.dir={out}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
-    assert "external (frozen thresholds from the training run)" in ev.stdout
+    from hydra import compose, initialize_config_dir
+
+    from her2exp import evaluate
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        ecfg = compose(config_name="eval", overrides=[
+            f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "tracking=off",
+            "data.n_patients=12", "data.patches_per_patient=4"])  # fmt: skip
+    with open_dict(ecfg):
+        ecfg.output_dir = str(tmp_path / "eval")
+    external = evaluate.evaluate_cohort(ecfg)["evaluation"]
+    assert external.n == 12 * 4 and 0.0 <= external.auc.auc <= 1.0
     state = OmegaConf.create(checkpoint.load(run_dir / "checkpoints" / "best.pt")["config"])
     assert state.model.cache_features is True and list(state.data.mean) == [0.5, 0.5, 0.5]
 
