@@ -161,6 +161,20 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on at least one (a stop request, say)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def restart_count() -> int:
+    """How many times torchrun (`--max-restarts`) has restarted this worker group."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sums across ranks, used for sample-weighted loss means."""
     if not (dist.is_available() and dist.is_initialized()):
