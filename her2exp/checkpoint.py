@@ -66,6 +66,9 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (disk full, quota, file-size limit); the previous one is
     intact."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 class CheckpointCorruptError(RuntimeError):
     """A checkpoint does not match the checksum written with it."""
@@ -150,10 +153,12 @@ def save(state: dict[str, Any], path: str | Path) -> Path:
         _write_small(sidecar, f"{digest}  {path.name}\n")
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        if _is_full_disk(exc):
+        code = _full_disk_errno(exc)
+        if code is not None:
             raise CheckpointWriteError(
-                getattr(exc, "errno", None) or errno.ENOSPC,
-                f"checkpoint {path} could not be written ({_reason(exc)}); the previous "
+                code,
+                f"checkpoint {path} could not be written ({os.strerror(code)}, errno {code}); "
+                "the previous "
                 f"{path.name} is intact. Free disk space (or raise the quota / file-size limit) "
                 "and resume with trainer.resume=auto",
                 str(path),
@@ -162,24 +167,15 @@ def save(state: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-def _is_full_disk(exc: BaseException) -> bool:
-    """Disk-full errors, also when torch's zip writer wraps them in a RuntimeError."""
+def _full_disk_errno(exc: BaseException) -> int | None:
+    """ENOSPC/EFBIG/EDQUOT behind `exc`, also when torch's zip writer wrapped the OSError in a
+    RuntimeError ("unexpected pos ...") with the original as its context."""
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, OSError) and seen.errno in FULL_DISK_ERRNOS:
-            return True
-        if isinstance(seen, RuntimeError) and any(
-            s in str(seen) for s in ("File too large", "No space left", "Disk quota")
-        ):
-            return True
+            return seen.errno
         seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror}, errno {exc.errno}"
-    return str(exc).splitlines()[0][:200]
+    return None
 
 
 def verify(path: str | Path) -> None:

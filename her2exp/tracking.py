@@ -286,15 +286,18 @@ class DeferredLog:
 
 
 def describe_deferred(records: list[dict[str, Any]]) -> str:
-    """'4 metric batches (steps 2-4), 3 tags, 2 artifacts, the run status FINISHED'."""
+    """'3 metric batch(es) (epochs 3-4, final metrics), 1 tag(s), 4 artifact(s), ...'."""
     if not records:
         return "nothing"
     parts = []
     metrics = [r for r in records if r["op"] == "metrics"]
     if metrics:
-        steps = sorted({m[3] for r in metrics for m in r["metrics"]})
-        span = f"step {steps[0]}" if len(steps) == 1 else f"steps {steps[0]}-{steps[-1]}"
-        parts.append(f"{len(metrics)} metric batch(es) ({span})")
+        steps = sorted({int(m[3]) for r in metrics for m in r["metrics"]})
+        epochs = [s for s in steps if s > 0]
+        what = [] if not epochs else [f"epoch {epochs[0]}" if len(epochs) == 1
+                                      else f"epochs {epochs[0]}-{epochs[-1]}"]  # fmt: skip
+        what += ["final metrics"] if 0 in steps else []
+        parts.append(f"{len(metrics)} metric batch(es) ({', '.join(what)})")
     n_tags = sum(len(r["tags"]) for r in records if r["op"] == "tags")
     if n_tags:
         parts.append(f"{n_tags} tag(s)")
