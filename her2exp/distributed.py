@@ -82,7 +82,15 @@ def init(requested_device: str = "auto", timeout_s: float = 300.0) -> DistContex
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+            # torchrun's agent keeps one key-value store across `--max-restarts` restarts, and
+            # gloo/nccl publish each rank's address under fixed keys: a restarted group could
+            # read a dead worker's address and fail to connect. One key prefix per attempt.
+            timeout = datetime.timedelta(seconds=timeout_s)
+            store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+            store = dist.PrefixStore(f"her2exp/attempt_{restart_count()}", store)
+            dist.init_process_group(
+                backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+            )
     return DistContext(rank, local_rank, world_size, device, backend)
 
 

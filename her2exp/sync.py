@@ -28,6 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     except (tracking.TrackingUnavailable, FileNotFoundError) as exc:
         print(f"her2exp-sync: {exc}; nothing sent ({what} still queued)", file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001 - the unsent rest stays queued; say so, don't trace
+        left = tracking.DeferredLog(args.run_dir / tracking.BUFFER_FILE).records()
+        print(f"her2exp-sync: stopped by {type(exc).__name__}: {exc}; still queued: "
+              f"{tracking.describe_deferred(left)}; run it again", file=sys.stderr)  # fmt: skip
+        return 1
     if not queued:
         print(f"her2exp-sync: nothing to replay in {args.run_dir}")
         return 0
