@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import platform
+import random
 import re
 import shutil
 import socket
@@ -226,6 +227,42 @@ SWEEP_ENV = {
 def export_sweep_context() -> dict[str, str]:
     """Environment for spawned workers so their run joins the same sweep parent."""
     return {SWEEP_ENV[k]: v for k, v in sweep_context().items()}
+
+
+#: Messages of store errors that go away on their own: SQLite's writer lock, PostgreSQL's
+#: deadlock and serialisation failures, an overloaded or restarting server (HTTP 429/5xx).
+_TRANSIENT = ("database is locked", "deadlock detected", "could not serialize",
+              "temporarily unavailable", "too many requests", " 429", " 502", " 503", " 504")  # fmt: skip
+#: Back-off jitter from its own generator: the global `random` state is the run's, seeded and
+#: checkpointed for exact resume.
+_JITTER = random.Random()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a tracking error is worth retrying (not a wrong value or a missing server)."""
+    text = f"{type(exc).__name__}: {exc}".lower()
+    return any(marker in text for marker in _TRANSIENT)
+
+
+def with_retries(fn: Any, *args: Any, attempts: int = 5, base_delay_s: float = 0.2,
+                 **kwargs: Any) -> Any:  # fmt: skip
+    """Call fn, retrying transient store errors with exponential back-off and jitter.
+
+    Concurrent sweep jobs share one store: a job that meets another's SQLite write lock or a
+    PostgreSQL serialisation failure waits 0.2, 0.4, 0.8, 1.6 s (+ up to 50% jitter) and tries
+    again; any other error, or the last attempt's, is raised to the caller.
+    """
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if attempt == attempts - 1 or not is_transient(exc):
+                raise
+            delay = base_delay_s * 2**attempt * (1.0 + 0.5 * _JITTER.random())
+            log.warning("MLflow call failed transiently (%s); retry %d/%d in %.1f s",
+                        exc, attempt + 1, attempts - 1, delay)  # fmt: skip
+            time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def _experiment_id(client: Any, cfg: DictConfig, uri: str) -> str:
@@ -451,7 +488,7 @@ class MlflowTracker(Tracker):
 
     def _safe(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
+            return with_retries(fn, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - tracking must never kill a training run
             reason = "unreachable" if check_reachable(self.uri) else "error"
             self._errors.append(f"{what}: {type(exc).__name__}: {exc} ({reason})")
@@ -489,7 +526,7 @@ class MlflowTracker(Tracker):
             self.deferred.append(record)
             return
         try:
-            _apply(self.client, record)
+            with_retries(_apply, self.client, record)
         except Exception as exc:  # noqa: BLE001 - tracking must never kill a training run
             if check_reachable(self.uri, timeout_s=2.0) is None:
                 self._errors.append(f"{record['op']}: {type(exc).__name__}: {exc} (error)")
@@ -545,8 +582,8 @@ class MlflowTracker(Tracker):
             uuid.uuid4().hex[:6],
         ]
         name = self.cfg.run_name or "-".join(str(p) for p in parts if p)
-        exp_id = _experiment_id(self.client, self.cfg, self.uri)
-        run = self.client.create_run(exp_id, run_name=name, tags=tags)
+        exp_id = with_retries(_experiment_id, self.client, self.cfg, self.uri)
+        run = with_retries(self.client.create_run, exp_id, run_name=name, tags=tags)
         self.run_id = run.info.run_id
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -737,8 +774,9 @@ class MlflowSweepCallback(Callback):
         self.tracker = MlflowTracker(config.tracking)
         client = self.tracker.client
         sweeper = str(hc.runtime.choices.get("hydra/sweeper", "basic"))
-        run = client.create_run(
-            _experiment_id(client, config.tracking, self.tracker.uri),
+        run = with_retries(
+            client.create_run,
+            with_retries(_experiment_id, client, config.tracking, self.tracker.uri),
             run_name=f"sweep {Path(str(hc.sweep.dir)).name}",
             tags={
                 "sweep": "parent",

@@ -249,3 +249,62 @@ def test_two_torchrun_nodes_meet_through_c10d_and_train_one_model(tmp_path: Path
     logs = {p.name for p in (tmp_path / "run").glob("train_rank*.log")}
     assert logs == {"train_rank0.log", "train_rank1.log"}
     assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+
+
+def test_a_locked_store_is_retried_with_back_off_until_the_lock_goes(tmp_path: Path) -> None:
+    """A writer meets another's exclusive SQLite lock: with_retries backs off and succeeds.
+
+    (MLflow's own SQLite sessions wait up to 20 s on a lock first; the retries are what covers a
+    longer lock, PostgreSQL serialisation failures and an overloaded server's 429/5xx.)
+    """
+    import sqlite3
+    import threading
+
+    from her2exp.tracking import is_transient, with_retries
+
+    db = tmp_path / "store.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE metrics (key TEXT, value REAL)")
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_lock() -> None:
+        conn = sqlite3.connect(db, isolation_level=None)
+        conn.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        release.wait(20)
+        conn.execute("COMMIT")
+        conn.close()
+
+    attempts = []
+
+    def log_metric() -> None:
+        attempts.append(time.monotonic())
+        with sqlite3.connect(db, timeout=0) as conn:  # no busy wait: fail at once if locked
+            conn.execute("INSERT INTO metrics VALUES ('val_auc', 0.9)")
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    locked.wait(10)
+    threading.Timer(1.0, release.set).start()
+    try:
+        with pytest.raises(sqlite3.OperationalError) as once:
+            log_metric()
+        assert is_transient(once.value), once.value
+        with_retries(log_metric, attempts=6, base_delay_s=0.1)
+    finally:
+        release.set()
+        holder.join()
+    assert len(attempts) >= 3  # failed at least once more, then got through
+    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+    assert gaps[-1] > gaps[0]  # backing off
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM metrics").fetchone() == (1,)
+    calls = []
+
+    def wrong_value() -> None:
+        calls.append(1)
+        raise ValueError("metric value must be a number")
+
+    with pytest.raises(ValueError):
+        with_retries(wrong_value)
+    assert calls == [1]  # a real mistake is not retried
