@@ -5,7 +5,7 @@ STAMP := $(VENV)/.her2exp-installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow bench lint format ui montage clean demo-folder ddp sweep compare
+.PHONY: help install train test test-slow bench lint format ui montage clean demo-folder ddp sweep compare mlflow-server
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ lint: $(STAMP) ## ruff check + format check
 format: $(STAMP) ## apply ruff format and safe fixes
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+mlflow-server: $(STAMP) ## team MLflow server on 127.0.0.1:5000: PostgreSQL backend (private cluster in .mlflow-server/ unless ARGS="--backend-store-uri ..."), served artifacts
+	$(VENV)/bin/her2exp-server --dir $(CURDIR)/.mlflow-server --port 5000 $(ARGS)
 
 ui: $(STAMP) ## MLflow UI on 127.0.0.1:5000 over ./mlflow.db
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -3,10 +3,18 @@
 Only tensors, numbers, strings, lists and dicts go in, so loading never unpickles arbitrary code.
 A write goes to a temporary file in the same directory, is fsynced, then `os.replace`d over the
 target: a reader sees the old checkpoint or the new one, never half of one.
+
+Each file has a `sha256sum`-style sidecar (`last.pt.sha256`) checked on load, so a file damaged
+after the fact (a bad copy, a failing disk) is refused with its name instead of resuming from
+garbage. Two files cannot be replaced atomically together, so the sidecar is rewritten *before*
+the replace to accept both the new and the current file, and narrowed to the new one after it: a
+process killed at any instant leaves a checkpoint that matches its sidecar.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import random
 import tempfile
@@ -54,28 +62,144 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(state: dict[str, Any], path: str | Path) -> Path:
-    """Atomically write `state` to `path` (temp file + fsync + os.replace)."""
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, file-size limit); the previous one is
+    intact."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class CheckpointCorruptError(RuntimeError):
+    """A checkpoint does not match the checksum written with it."""
+
+
+FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def checksum_path(path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(path.name + ".sha256")
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _accepted(sidecar: Path) -> list[str]:
+    """The digests a sidecar accepts (first one: the file's current content)."""
+    try:
+        lines = sidecar.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [ln.split()[0] for ln in lines if ln.strip()]
+
+
+def _write_small(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (a power cut after os.replace must not bring back the old name)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save(state: dict[str, Any], path: str | Path) -> Path:
+    """Atomically write `state` to `path` with its checksum sidecar.
+
+    A failed write (disk full, EFBIG under a file-size limit) removes the temporary file and
+    raises CheckpointWriteError naming the file; the previous checkpoint is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = checksum_path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        digest = sha256_file(tmp)
+        current = _accepted(sidecar)
+        if not current and path.is_file():  # a checkpoint written before sidecars existed
+            current = [sha256_file(path)]
+        # Accept the new and the current content while the replace is pending ...
+        _write_small(sidecar, "".join(f"{d}  {path.name}\n" for d in [digest, *current[:2]]))
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        # ... then only the new one (`sha256sum -c last.pt.sha256` checks it).
+        _write_small(sidecar, f"{digest}  {path.name}\n")
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        code = _full_disk_errno(exc)
+        if code is not None:
+            raise CheckpointWriteError(
+                code,
+                f"checkpoint {path} could not be written ({os.strerror(code)}, errno {code}); "
+                "the previous "
+                f"{path.name} is intact. Free disk space (or raise the quota / file-size limit) "
+                "and resume with trainer.resume=auto",
+                str(path),
+            ) from exc
+        raise
     return path
 
 
+def _full_disk_errno(exc: BaseException) -> int | None:
+    """ENOSPC/EFBIG/EDQUOT behind `exc`, also when torch's zip writer wrapped the OSError in a
+    RuntimeError ("unexpected pos ...") with the original as its context."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in FULL_DISK_ERRNOS:
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def verify(path: str | Path) -> None:
+    """Compare `path` with its sidecar; a file without one (an MLflow download) is accepted."""
+    path = Path(path)
+    sidecar = checksum_path(path)
+    accepted = _accepted(sidecar)
+    if not accepted:
+        return
+    actual = sha256_file(path)
+    if actual not in accepted:
+        raise CheckpointCorruptError(
+            f"checkpoint {path} does not match its checksum in {sidecar.name} "
+            f"(sha256 {actual[:16]}..., expected {accepted[0][:16]}...): the file is damaged or "
+            "was replaced. Restore it, or delete it (and its .sha256) to start that run afresh"
+        )
+
+
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load with `weights_only=True`; a missing or unreadable file names itself."""
+    """Verify the checksum, then load with `weights_only=True`; every failure names the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    verify(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
@@ -83,6 +207,13 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
 
 
 def find_latest(run_dir: str | Path) -> Path | None:
-    """`trainer.resume=auto`: the run directory's last.pt, if a previous attempt left one."""
-    candidate = Path(run_dir) / "checkpoints" / "last.pt"
+    """`trainer.resume=auto`: the run directory's last.pt, if a previous attempt left one.
+
+    Temporary files of writes that a killed attempt never finished are removed here (only one
+    process ever writes into checkpoints/, and it has not started writing yet).
+    """
+    folder = Path(run_dir) / "checkpoints"
+    for stale in folder.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    candidate = folder / "last.pt"
     return candidate if candidate.is_file() else None

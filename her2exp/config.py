@@ -117,6 +117,13 @@ class TrainerConfig:
     dist_timeout_s: float = 300.0
     progress: bool = True
     save_checkpoints: bool = True
+    # A non-finite loss or gradient: stop (keep the last good checkpoint) or skip that optimizer
+    # step, counting it, and stop once more than max_nonfinite_steps were skipped in the run.
+    on_nonfinite: str = "stop"
+    max_nonfinite_steps: int = 10
+    # Debugging: NaN inputs at this training batch (0-based, counted over the whole run), to
+    # exercise on_nonfinite. Never set it for real training.
+    debug_nan_at_step: int | None = None
 
 
 @dataclass
@@ -260,6 +267,12 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
         _fail("trainer.stop_after_epoch", t.stop_after_epoch, "null or an integer >= 1")
     if t.nproc_per_node < 1:
         _fail("trainer.nproc_per_node", t.nproc_per_node, "an integer >= 1")
+    if t.on_nonfinite not in ("stop", "skip"):
+        _fail("trainer.on_nonfinite", t.on_nonfinite, "stop or skip")
+    if t.max_nonfinite_steps < 0:
+        _fail("trainer.max_nonfinite_steps", t.max_nonfinite_steps, "an integer >= 0")
+    if t.debug_nan_at_step is not None and t.debug_nan_at_step < 0:
+        _fail("trainer.debug_nan_at_step", t.debug_nan_at_step, "null or an integer >= 0")
     if t.dist_timeout_s <= 0:
         _fail("trainer.dist_timeout_s", t.dist_timeout_s, "a number of seconds > 0")
     if d.batch_size < 1:

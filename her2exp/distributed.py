@@ -82,7 +82,15 @@ def init(requested_device: str = "auto", timeout_s: float = 300.0) -> DistContex
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+            # torchrun's agent keeps one key-value store across `--max-restarts` restarts, and
+            # gloo/nccl publish each rank's address under fixed keys: a restarted group could
+            # read a dead worker's address and fail to connect. One key prefix per attempt.
+            timeout = datetime.timedelta(seconds=timeout_s)
+            store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+            store = dist.PrefixStore(f"her2exp/attempt_{restart_count()}", store)
+            dist.init_process_group(
+                backend=backend, store=store, rank=rank, world_size=world_size, timeout=timeout
+            )
     return DistContext(rank, local_rank, world_size, device, backend)
 
 
@@ -159,6 +167,20 @@ def all_gather_object(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on at least one (a stop request, say)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def restart_count() -> int:
+    """How many times torchrun (`--max-restarts`) has restarted this worker group."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -287,12 +287,14 @@ def auc_ci_bootstrap(
     to the split's, as in pROC's stratified bootstrap. The interval is the (alpha/2, 1 - alpha/2)
     quantile pair of the resampled AUCs; ``se`` is their standard deviation.
 
-    Vectorised without sorting a resample: sort the HER2- scores once and give every HER2+
-    score its placement p_i (number of HER2- scores below it, ties counting 1/2). A resample
-    draws HER2- indices into the sorted order, counts them (bincount) and cumulates the counts,
-    so G_b(k) = resampled HER2- among the k lowest; its AUC is
-    sum over resampled positives of G_b(p_i) / (m n). Cost O(n_boot (m + n)), in chunks of
-    resamples that bound memory to a few MB.
+    Each resample costs O(m + n) with no sort: AUC is a sum over pairs, so only the multiplicity
+    of each case matters. With the smaller class (say HER2+, sorted) drawn as counts w, every
+    HER2- score y_j credits S(a_j) = sum of w over the HER2+ cases above it, where the index a_j
+    comes from one ``searchsorted`` up front; a resample's AUC is then the sum of S(a_j) over the
+    drawn HER2- indices / (m n) - one bincount and one cumsum over the smaller class, one gather
+    over the larger, all in cache. Ties count 1/2 (two gathers). Resamples are split into a fixed
+    number of random streams (``SeedSequence.spawn``) run on up to two threads (numpy releases
+    the GIL in the generator and the gathers), so the result depends on ``seed`` only.
 
     Reference: Efron & Tibshirani (1993), An Introduction to the Bootstrap, ch. 13; Robin et al.
     (2011), pROC, BMC Bioinformatics 12:77.
@@ -309,43 +311,44 @@ def auc_ci_bootstrap(
     return AucCI(area, float(low), float(high), float(aucs.std(ddof=1)), "bootstrap", alpha)
 
 
-def _bootstrap_aucs(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+#: Independent random streams of a bootstrap: a constant, so a seed gives the same resamples
+#: whatever the number of threads that share them.
+_BOOT_STREAMS = 8
+
+
+def _bootstrap_aucs(
+    x: np.ndarray, y: np.ndarray, n_boot: int, seed: int, workers: int | None = None
+) -> np.ndarray:
+    """n_boot stratified-bootstrap AUCs of HER2+ scores x against HER2- scores y."""
+    if x.size > y.size:  # count the smaller class: P(x > y) = P(-y > -x)
+        x, y = -y, -x
     m, n = x.size, y.size
-    y = np.sort(y)
-    # Slot 0 of each row stays empty so that cumsum[k] counts resampled negatives with index < k.
-    below = np.searchsorted(y, x, side="left").astype(np.int64)
-    upto = np.searchsorted(y, x, side="right").astype(np.int64)
-    ties = bool((below != upto).any())
-    chunk = int(max(1, min(n_boot, 1_000_000 // (m + n))))
-    width = n + 1
-    offsets = np.arange(chunk, dtype=np.int64)[:, None] * width
-    starts = list(range(0, n_boot, chunk))
-    # One generator per chunk (SeedSequence.spawn): the result does not depend on how many
-    # threads share the work. numpy releases the GIL in the bulk loops, so two threads on two
-    # cores halve the time.
-    seeds = np.random.SeedSequence(seed).spawn(len(starts))
+    x = np.sort(x)
+    above = np.searchsorted(x, y, side="right")  # first HER2+ strictly above y_j
+    at_or_above = np.searchsorted(x, y, side="left")
+    ties = bool((above != at_or_above).any())
+    blocks = [b for b in np.array_split(np.arange(n_boot), _BOOT_STREAMS) if b.size]
+    seeds = np.random.SeedSequence(seed).spawn(len(blocks))
     out = np.empty(n_boot)
 
     def run(i: int) -> None:
-        start = starts[i]
-        c = min(chunk, n_boot - start)
         rng = np.random.Generator(np.random.SFC64(seeds[i]))
-        neg = rng.integers(1, n + 1, size=(c, n), dtype=np.uint32).astype(np.int64)
-        neg += offsets[:c]
-        counts = np.bincount(neg.ravel(), minlength=c * width)
-        cum = np.cumsum(counts.reshape(c, width), axis=1).ravel()
-        pos = rng.integers(0, m, size=(c, m), dtype=np.uint32)
-        total = cum[below[pos] + offsets[:c]].sum(axis=1, dtype=np.float64)
-        if ties:
-            total = 0.5 * (total + cum[upto[pos] + offsets[:c]].sum(axis=1, dtype=np.float64))
-        out[start : start + c] = total / (m * n)
+        credit = np.zeros(m + 1, dtype=np.int64)  # credit[k] = drawn HER2+ among x[k:]
+        for b in blocks[i]:
+            w = np.bincount(rng.integers(0, m, m), minlength=m)
+            np.cumsum(w[::-1], out=credit[-2::-1])
+            drawn = rng.integers(0, n, n)
+            total = credit.take(above.take(drawn)).sum(dtype=np.float64)
+            if ties:
+                total = 0.5 * (total + credit.take(at_or_above.take(drawn)).sum(dtype=np.float64))
+            out[b] = total / (m * n)
 
-    workers = min(len(starts), os.cpu_count() or 1, 4)
+    workers = min(len(blocks), workers or min(os.cpu_count() or 1, 2))
     if workers > 1:
         with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(run, range(len(starts))))
+            list(pool.map(run, range(len(blocks))))
     else:
-        for i in range(len(starts)):
+        for i in range(len(blocks)):
             run(i)
     return out
 

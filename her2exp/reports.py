@@ -28,10 +28,17 @@ def atomic_write_text(path: Path, text: str) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        _name_the_file(exc, path)
         raise
     return path
+
+
+def _name_the_file(exc: BaseException, path: Path) -> None:
+    """A full disk surfaces as a bare `[Errno 28]` from write(): say which report it was."""
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+        raise OSError(exc.errno, f"{exc.strerror} while writing {path}", str(path)) from exc
 
 
 def write_best_json(path: Path, summary: dict[str, Any]) -> Path:
@@ -69,8 +76,9 @@ def _save(fig: Any, path: Path) -> Path:
     try:
         fig.savefig(tmp, format="png")
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        _name_the_file(exc, path)
         raise
     finally:
         plt.close(fig)

@@ -8,6 +8,7 @@ returns the objective a Hydra sweeper maximises.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         train_model = models.maybe_compile(train_model, cfg.model)
 
     resume = cfg.trainer.resume
+    restarts = distributed.restart_count()
+    if resume is None and restarts > 0:  # torchrun --max-restarts brought the group back
+        log.info("torchrun restart %d: resuming from the run directory's last checkpoint", restarts)
+        resume = "auto"
+    continue_run = resume == "auto"  # same run directory: continue its MLflow run too
     if resume == "auto":
         resume = checkpoint.find_latest(run_dir)
         if resume is None:
@@ -142,6 +148,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except tracking.TrackingUnavailable as exc:
         raise ConfigError(str(exc)) from exc
     status = "FAILED"
+    summary: dict[str, Any] = {}
     try:
         tags = tracking.run_tags(
             cfg, dctx.device, dctx.world_size, dctx.backend, _hydra_overrides(), bundle.fingerprint,
@@ -153,7 +160,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             tags[f"data.{split}"] = f"{c['her2_pos']} HER2+ / {c['her2_neg']} HER2-"
         if resume:
             tags["resumed_from"] = str(resume)
-        tracker.start(cfg, tags)
+        if restarts:
+            tags["torchelastic_restart_count"] = str(restarts)
+        tracker.start(cfg, tags, run_dir=run_dir, continue_run=continue_run)
         tracker.log_dataset(bundle.manifest, cfg.data.source, bundle.fingerprint, counts)
         if len(bundle.skipped) and dctx.is_main:  # data.on_bad_file=skip: what was left out
             reports.atomic_write_text(
@@ -174,11 +183,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             _count_stain_skips(stain, bundle, tracker)
         if resume:
             trainer.resume_from(resume)
-            for row in trainer.history:  # the resumed run shows the whole curve
-                tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, row["epoch"])
+            tracker.log_history(trainer.history)  # the resumed run shows the whole curve
         fit = trainer.fit()
 
-        summary: dict[str, Any] = {
+        summary.update({
             "model": cfg.model.name,
             "best_epoch": fit.best_epoch,
             "last_epoch": fit.last_epoch,
@@ -189,18 +197,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "mlflow_run_id": tracker.run_id,
             "tracking_uri": tracker.uri,
             "run_dir": str(run_dir.resolve()),
-        }
+            "nonfinite_steps_skipped": fit.nonfinite_steps,
+        })  # fmt: skip
+        if cfg.trainer.on_nonfinite == "skip":
+            tracker.log_metrics({"nonfinite_steps_skipped": fit.nonfinite_steps})
         if cached is not None:
             summary["feature_cache"] = {"key": cached.key, "dir": str(cached.directory),
                                         "computed": cached.computed, "reused": cached.reused,
                                         "seconds": cached.seconds}  # fmt: skip
         if fit.interrupted:
             status = "KILLED"
-            last = run_dir / "checkpoints" / "last.pt"
-            tracker.set_tags({"interrupted_after_epoch": fit.last_epoch, "resume_with": last})
+            last = (run_dir / "checkpoints" / "last.pt").resolve()
+            command = resume_command(run_dir)
+            tags = {"interrupted_after_epoch": fit.last_epoch, "resume_with": last,
+                    "resume_command": command}  # fmt: skip
+            if fit.stop_signal is not None:
+                tags["stop_signal"] = signal.Signals(fit.stop_signal).name
+                summary["stop_signal"] = fit.stop_signal
+            tracker.set_tags(tags)
             summary["interrupted"] = True
-            print(f"her2exp: stopped after epoch {fit.last_epoch}; resume with "
-                  f"trainer.resume={last}")  # fmt: skip
+            summary["resume_command"] = command
+            if dctx.is_main:
+                print(f"her2exp: stopped after epoch {fit.last_epoch} (checkpoint {last}); "
+                      f"resume with: {command}")  # fmt: skip
             return summary
 
         model.load_state_dict(fit.best_state)
@@ -213,9 +232,22 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except KeyboardInterrupt:
         status = "KILLED"
         raise
+    except Exception as exc:
+        tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
+        raise
     finally:
         tracker.end(status)
+        if tracker.deferred_note:
+            summary["tracking_deferred"] = tracker.deferred_note
         distributed.teardown()
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line that continues this run in place (what a requeued job runs)."""
+    keep = [o for o in _hydra_overrides()
+            if not o.startswith(("trainer.resume=", "hydra.run.dir="))]  # fmt: skip
+    prog = "her2exp-train" if not distributed.under_launcher() else "torchrun ... -m her2exp.train"
+    return " ".join([prog, *keep, "trainer.resume=auto", f"hydra.run.dir={run_dir.resolve()}"])
 
 
 def final_evaluation(
@@ -406,8 +438,23 @@ def main(cfg: DictConfig) -> float:
         if distributed.env_rank() == 0:
             print(f"her2exp: configuration error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except checkpoint.CheckpointWriteError as exc:
+        print(f"her2exp: disk full: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as exc:
+        if exc.errno not in checkpoint.FULL_DISK_ERRNOS:
+            raise
+        print(f"her2exp: disk full: {exc}; the checkpoints in {cfg.output_dir}/checkpoints are "
+              "intact: free space and resume with trainer.resume=auto", file=sys.stderr)  # fmt: skip
+        raise SystemExit(1) from None
+    if summary.get("stop_signal"):  # pre-empted: non-zero, as a scheduler expects
+        if distributed.env_rank() == 0 and summary.get("tracking_deferred"):
+            print(f"her2exp: warning: {summary['tracking_deferred']}", file=sys.stderr)
+        raise SystemExit(128 + int(summary["stop_signal"]))
     if distributed.env_rank() != 0:
         return float(summary["best_val_auc"])
+    if summary.get("tracking_deferred"):
+        print(f"her2exp: warning: {summary['tracking_deferred']}", file=sys.stderr)
     if not summary.get("interrupted"):
         th = summary["thresholds"]
         test = summary["test_evaluation"]

@@ -11,7 +11,10 @@ import copy
 import functools
 import logging
 import math
-from collections.abc import Callable
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +91,47 @@ def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+class StopRequest:
+    """SIGTERM/SIGINT (what schedulers and torchrun send before a kill) become a request to stop.
+
+    The first signal only sets a flag: the running step finishes and the epoch is abandoned
+    (`last.pt` of the previous epoch is the resume point; a signal during evaluation or the
+    checkpoint write lets that epoch finish and be saved). A second signal of the same kind
+    gets the default behaviour: an impatient Ctrl-C still ends the process at once.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.received_at: float | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is None:
+            self.signum, self.received_at = signum, time.monotonic()
+            log.warning("received %s: stopping after the current step", signal.Signals(signum).name)
+        default = signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL
+        signal.signal(signum, default)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signal handlers can only be set from the main thread
+            return
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        try:
+            yield self
+        finally:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+
+
 @dataclass
 class FitResult:
     best_epoch: int
@@ -99,6 +143,8 @@ class FitResult:
     best_state: dict[str, torch.Tensor]
     history: list[dict[str, float]] = field(default_factory=list)
     best_checkpoint: Path | None = None
+    stop_signal: int | None = None  # set when a SIGTERM/SIGINT ended the fit
+    nonfinite_steps: int = 0
 
 
 class Trainer:
@@ -145,7 +191,12 @@ class Trainer:
             mean=tuple(cfg.data.mean),
             std=tuple(cfg.data.std),
             stain=None if features else stain_on_device,
+            should_stop=self._stop_agreed,
+            on_nonfinite=self.t.on_nonfinite,
+            debug_nan_at_step=self.t.debug_nan_at_step,
         )
+        self.stop = StopRequest()
+        self.nonfinite_steps = 0
         self.start_epoch = 1
         self.best_auc = -math.inf
         self.best_epoch = 0
@@ -166,6 +217,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "threshold_youden_val": self.best_threshold,
             "early_stop_bad_epochs": self.bad_epochs,
+            "nonfinite_steps_skipped": self.nonfinite_steps,
             "history": self.history,
             "rng": rng_per_rank[0],
             "rng_per_rank": rng_per_rank,
@@ -173,14 +225,33 @@ class Trainer:
             "config": OmegaConf.to_yaml(self.cfg, resolve=True),
         }
 
+    def _stop_agreed(self) -> bool:
+        """Any rank asked to stop -> every rank stops (one tiny all-reduce per step under DDP)."""
+        return distributed.any_rank(self.stop.requested, self.dctx.device)
+
     def resume_from(self, path: str | Path) -> None:
-        """Restore everything `last.pt` holds; the best weights come from `best.pt` beside it."""
+        """Restore everything `last.pt` holds.
+
+        The best weights are `last.pt`'s own when the best epoch is its epoch, else `best.pt`'s,
+        which must say it is that epoch. (`last.pt` is written before `best.pt`, so a process
+        killed between the two never pairs a counter with the wrong weights.)
+        """
         path = Path(path)
         state = best = None
+        started = time.perf_counter()
         if self.dctx.is_main:  # rank 0 reads; the others get it by broadcast (no shared FS needed)
             state = checkpoint.load(path)
-            if int(state["best_epoch"]) > 0:
-                best = checkpoint.load(path.parent / "best.pt")["model"]
+            best_epoch = int(state["best_epoch"])
+            if best_epoch > 0 and best_epoch == int(state["epoch"]):
+                best = state["model"]
+            elif best_epoch > 0:
+                best_file = checkpoint.load(path.parent / "best.pt")
+                if int(best_file["epoch"]) != best_epoch:
+                    raise RuntimeError(
+                        f"{path.parent / 'best.pt'} holds epoch {best_file['epoch']} but {path} "
+                        f"says the best epoch is {best_epoch}; resume from a consistent pair"
+                    )
+                best = best_file["model"]
         state, best = distributed.broadcast_object((state, best))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -191,15 +262,18 @@ class Trainer:
         self.best_epoch = int(state["best_epoch"])
         self.best_threshold = float(state["threshold_youden_val"])
         self.bad_epochs = int(state["early_stop_bad_epochs"])
+        self.nonfinite_steps = int(state.get("nonfinite_steps_skipped", 0))
         self.history = list(state["history"])
         if best is not None:
-            self.best_state = best
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in best.items()}
             if self.dctx.is_main and self.t.save_checkpoints:
                 self._save_best()
         per_rank = state.get("rng_per_rank", [state["rng"]])
         same_layout = int(state.get("world_size", 1)) == self.dctx.world_size
         checkpoint.set_rng_state(per_rank[self.dctx.rank] if same_layout else state["rng"])
-        log.info("resumed from %s after epoch %d", path, state["epoch"])
+        self.resume_seconds = time.perf_counter() - started
+        log.info("resumed from %s after epoch %d (state restored in %.2f s)", path, state["epoch"],
+                 self.resume_seconds)  # fmt: skip
 
     def _save_best(self) -> Path:
         return checkpoint.save(
@@ -234,15 +308,25 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> FitResult:
+        """Run the epochs with SIGTERM/SIGINT turned into a clean stop (see StopRequest)."""
+        with self.stop.installed():
+            return self._fit()
+
+    def _fit(self) -> FitResult:
         t = self.t
         stopped_early = interrupted = False
         epoch = self.start_epoch - 1
+        epochs = range(self.start_epoch, t.epochs + 1)
         if self.start_epoch > t.epochs:
             log.info("nothing to train: checkpoint already at epoch %d", epoch)
-        for epoch in range(self.start_epoch, t.epochs + 1):
+        elif self.bad_epochs >= t.early_stop_patience:  # killed right after early stopping
+            log.info("nothing to train: the run had early-stopped at epoch %d", epoch)
+            stopped_early, epochs = True, range(0)
+        for epoch in epochs:
             self.train_loader.sampler.set_epoch(epoch)
             self.train_loader.dataset.set_epoch(epoch)
             self.ctx.epoch = epoch
+            self.ctx.nonfinite_budget = t.max_nonfinite_steps - self.nonfinite_steps
             stats = train_one_epoch(
                 self.train_model,
                 self.train_loader,
@@ -253,6 +337,17 @@ class Trainer:
                 epoch,
                 no_sync=self.no_sync,
             )
+            if stats.stopped:  # a signal: the partial epoch is dropped, last.pt is the resume point
+                interrupted = True
+                epoch -= 1
+                log.warning("stopped by a signal during epoch %d; resume from epoch %d",
+                            epoch + 1, epoch)  # fmt: skip
+                break
+            self.nonfinite_steps += stats.nonfinite_steps
+            if stats.nonfinite_steps:
+                log.warning("epoch %d: skipped %d optimizer step(s) with a non-finite loss or "
+                            "gradient (%d in this run)", epoch, stats.nonfinite_steps,
+                            self.nonfinite_steps)  # fmt: skip
             loss_sum, n_seen, seconds = distributed.all_reduce_sum(
                 [stats.loss * stats.samples, stats.samples, stats.seconds], self.dctx.device
             )
@@ -274,6 +369,7 @@ class Trainer:
                 "lr": max(g["lr"] for g in self.optimizer.param_groups),  # the head's
                 "epoch_seconds": stats.seconds,
                 "images_per_second": stats.images_per_second,
+                "nonfinite_steps_skipped": self.nonfinite_steps,
             }
             self.history.append(row)
             improved = not math.isnan(report.auc) and report.auc > self.best_auc
@@ -285,7 +381,13 @@ class Trainer:
                 }
             else:
                 self.bad_epochs += 1
-            if self.dctx.is_main:
+            rng_per_rank = distributed.all_gather_object(checkpoint.rng_state())
+            if self.dctx.is_main and t.save_checkpoints:
+                # last.pt first (it can stand in for best.pt, see resume_from), then best.pt.
+                checkpoint.save(self._resume_state(epoch, rng_per_rank), self.ckpt_dir / "last.pt")
+                if improved:
+                    self._save_best()
+            if self.dctx.is_main:  # after the checkpoint: a resume re-logs only what is missing
                 self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
                 log.info(
                     "epoch %d/%d train_loss %.4f val_loss %.4f val_auc %.4f sens %.3f spec %.3f "
@@ -294,11 +396,6 @@ class Trainer:
                     report.specificity, threshold, stats.images_per_second,
                     " *" if improved else "",
                 )  # fmt: skip
-            rng_per_rank = distributed.all_gather_object(checkpoint.rng_state())
-            if self.dctx.is_main and t.save_checkpoints:
-                if improved:
-                    self._save_best()
-                checkpoint.save(self._resume_state(epoch, rng_per_rank), self.ckpt_dir / "last.pt")
             # Every rank holds the same gathered metrics; rank 0's decision is still broadcast
             # so no rank can ever wait on a collective that the others have left.
             if distributed.broadcast_object(self.bad_epochs >= t.early_stop_patience):
@@ -308,6 +405,10 @@ class Trainer:
             if t.stop_after_epoch is not None and epoch >= t.stop_after_epoch and epoch < t.epochs:
                 interrupted = True
                 log.info("stopping after epoch %d as asked (trainer.stop_after_epoch)", epoch)
+                break
+            if self._stop_agreed():  # a signal during evaluation or the checkpoint write
+                interrupted = True
+                log.warning("stopped by a signal after epoch %d (saved)", epoch)
                 break
         if not self.best_state:
             self.best_state = copy.deepcopy(self.model.state_dict())
@@ -322,4 +423,6 @@ class Trainer:
             best_state=self.best_state,
             history=self.history,
             best_checkpoint=best_ckpt if best_ckpt.is_file() else None,
+            stop_signal=self.stop.signum if interrupted else None,
+            nonfinite_steps=self.nonfinite_steps,
         )

@@ -34,7 +34,8 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
         checkpoint.save({"epoch": 2, "w": torch.zeros(4), "bad": Unpicklable()}, path)
     state = checkpoint.load(path)
     assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(4))
-    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temp file left
+    # no temp file left; the checksum sidecar still describes the intact file
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt", "last.pt.sha256"]
 
 
 def test_load_refuses_pickled_code(tmp_path: Path) -> None:
@@ -47,3 +48,43 @@ def test_load_refuses_pickled_code(tmp_path: Path) -> None:
 def test_missing_checkpoint_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope.pt does not exist"):
         checkpoint.load(tmp_path / "nope.pt")
+
+
+def test_checksum_sidecar_is_verified_on_load(tmp_path: Path) -> None:
+    path = checkpoint.save({"epoch": 3, "w": torch.arange(1000.0)}, tmp_path / "last.pt")
+    sidecar = checkpoint.checksum_path(path)
+    digest, name = sidecar.read_text().split()
+    assert name == "last.pt" and digest == checkpoint.sha256_file(path)
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte in the middle of the tensor data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(
+        checkpoint.CheckpointCorruptError, match=f"checkpoint {path} does not match"
+    ):
+        checkpoint.load(path)
+
+
+def test_every_instant_of_a_save_leaves_a_loadable_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """Stop a second save at each step (after the data, after the widened sidecar, after the
+    replace): what is on disk then always loads and matches its sidecar."""
+    path = checkpoint.save({"epoch": 1}, tmp_path / "last.pt")
+    real_replace = checkpoint.os.replace
+    for stop_after in range(1, 4):  # replaces done by save(): sidecar, checkpoint, sidecar
+        calls = []
+
+        class Killed(BaseException):
+            pass
+
+        def replace(src, dst, calls=calls, stop_after=stop_after):
+            real_replace(src, dst)
+            calls.append(dst)
+            if len(calls) == stop_after:
+                raise Killed
+
+        monkeypatch.setattr(checkpoint.os, "replace", replace)
+        with pytest.raises(Killed):
+            checkpoint.save({"epoch": 1 + stop_after}, path)
+        monkeypatch.setattr(checkpoint.os, "replace", real_replace)
+        epoch = checkpoint.load(path)["epoch"]
+        assert epoch == (1 if stop_after == 1 else 1 + stop_after), stop_after
+        checkpoint.save({"epoch": 1}, path)  # back to the starting point

@@ -147,3 +147,44 @@ def test_sync_bn_is_refused_on_cpu_with_a_clear_message(tmp_path: Path) -> None:
     cfg = compose_train(["experiment=smoke", "tracking=off", "trainer.sync_bn=true"], tmp_path)
     with pytest.raises(train_mod.ConfigError, match="trainer.sync_bn=true .* needs CUDA"):
         train_mod.train(cfg)
+
+
+def test_torchrun_restarts_a_killed_worker_and_every_rank_resumes(ddp, tmp_path: Path) -> None:
+    """`torchrun --max-restarts=1`: rank 1 is SIGKILLed in epoch 2; torchrun restarts the group,
+    every rank resumes from epoch 1's checkpoint with no user action, and the MLflow run of the
+    first attempt is continued (one run), ending with the uninterrupted run's numbers."""
+    import json
+    import signal
+
+    import mlflow
+
+    _, cwd = ddp
+    (ref_dir,) = run_dirs(cwd)
+    ref = json.loads((ref_dir / "reports" / "best.json").read_text())
+    run_dir, marker = tmp_path / "run", tmp_path / "pause"
+    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           str(REPO / "tests" / "fault_entry.py"), *COMMON, f"hydra.run.dir={run_dir}",
+           f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.log_model=false"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HER2EXP_TEST_PAUSE": "train:2:0",
+           "HER2EXP_TEST_PAUSE_RANK": "1", "HER2EXP_TEST_MARKER": str(marker)}  # fmt: skip
+    with open(tmp_path / "out.txt", "w") as out:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        paused = Path(f"{marker}.train_2_0")
+        deadline = time.monotonic() + 240
+        while not paused.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert paused.exists(), (tmp_path / "out.txt").read_text()[-3000:]
+        os.kill(int(paused.read_text()), signal.SIGKILL)
+        rc = proc.wait(timeout=400)
+    output = (tmp_path / "out.txt").read_text()
+    assert rc == 0, output[-3000:]
+    assert "resumed from" in output and "after epoch 1" in output
+    got = json.loads((run_dir / "reports" / "best.json").read_text())
+    for key in ("best_val_auc", "threshold_youden_val", "test_auc", "best_epoch"):
+        assert got[key] == pytest.approx(ref[key], abs=1e-9), key
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("her2exp").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["torchelastic_restart_count"] == "1" and run.data.tags["attempts"] == "2"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_auc"))
+    assert steps == [1, 2]

@@ -139,10 +139,13 @@ def test_delong_and_bootstrap_intervals_agree_on_2000_scores() -> None:
     assert b.se == pytest.approx(d.se, rel=0.15)
 
 
-def test_vectorised_bootstrap_equals_a_looped_stratified_bootstrap_distribution() -> None:
+@pytest.mark.parametrize("prevalence", [0.3, 0.75])  # 0.75: HER2+ is the larger class
+def test_vectorised_bootstrap_equals_a_looped_stratified_bootstrap_distribution(
+    prevalence: float,
+) -> None:
     from sklearn.metrics import roc_auc_score
 
-    labels, scores = _binormal(400, seed=3)
+    labels, scores = _binormal(400, seed=3, prevalence=prevalence)
     scores = np.round(scores, 1)  # ties exercise the half-credit path
     pos, neg = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
     rng = np.random.default_rng(5)
@@ -162,6 +165,24 @@ def test_bootstrap_is_reproducible_by_seed() -> None:
     b = metrics.auc_ci_bootstrap(labels, scores, n_boot=200, seed=7)
     c = metrics.auc_ci_bootstrap(labels, scores, n_boot=200, seed=8)
     assert (a.low, a.high) == (b.low, b.high) and (a.low, a.high) != (c.low, c.high)
+
+
+def test_bootstrap_does_not_depend_on_the_number_of_threads() -> None:
+    labels, scores = _binormal(3000, seed=6)
+    x, y = scores[labels == 1], scores[labels == 0]
+    one = metrics._bootstrap_aucs(x, y, n_boot=300, seed=3, workers=1)
+    two = metrics._bootstrap_aucs(x, y, n_boot=300, seed=3, workers=2)
+    np.testing.assert_array_equal(one, two)
+    assert one.std() > 0
+
+
+def test_bootstrap_of_separated_classes_is_exactly_one() -> None:
+    labels = np.array([0] * 30 + [1] * 10)
+    scores = np.concatenate([np.linspace(0.0, 0.4, 30), np.linspace(0.6, 1.0, 10)])
+    aucs = metrics._bootstrap_aucs(scores[labels == 1], scores[labels == 0], 100, seed=0)
+    np.testing.assert_array_equal(aucs, np.ones(100))
+    tied = metrics._bootstrap_aucs(np.full(10, 0.5), np.full(30, 0.5), 100, seed=0)
+    np.testing.assert_array_equal(tied, np.full(100, 0.5))  # all ties: half credit each
 
 
 def test_bench_ci_runs_and_reports_times() -> None:
