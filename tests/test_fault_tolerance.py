@@ -28,9 +28,16 @@ from conftest import BIN, REPO, compose_train, run_cli
 from her2exp import checkpoint
 from her2exp import train as train_mod
 from her2exp.engine import NonFiniteLossError
+from her2exp.tracking import MlflowTracker
 
 ENTRY = REPO / "tests" / "fault_entry.py"
-COMMON = ["experiment=smoke", "trainer.epochs=4", "trainer.deterministic=true"]
+# Early stopping off: the kill points below name epochs that must happen.
+COMMON = [
+    "experiment=smoke",
+    "trainer.epochs=4",
+    "trainer.early_stop_patience=10",
+    "trainer.deterministic=true",
+]
 # The kill/resume runs also skip one NaN batch (epoch 2): the skip count must survive resumes too.
 SKIP_NAN = ["trainer.on_nonfinite=skip", "trainer.debug_nan_at_step=8"]
 KEYS = ("best_epoch", "best_val_auc", "threshold_youden_val", "test_auc")
@@ -346,6 +353,9 @@ def test_mlflow_server_lost_and_back_mid_run_then_synced(
     la.wait_paused("train:3:0")
     buffered = (run_dir / "mlflow_buffer.jsonl").read_text()
     server.start()
+    # The run probes an absent server at most every RECONNECT_S: let one interval pass, so the
+    # end of epoch 3 finds it back however fast the server restarted and the epoch ran.
+    time.sleep(MlflowTracker.RECONNECT_S + 1.0)
     la.resume("train:3:0")
     la.wait_paused("train:4:0")
     replayed_mid_run = not (run_dir / "mlflow_buffer.jsonl").exists()

@@ -195,7 +195,7 @@ def test_slurm_launcher_config_composes_and_validates(tmp_path: Path) -> None:
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", return_hydra_config=True,
                       overrides=["experiment=slurm", "hydra.launcher.partition=a100",
-                                 "hydra.launcher.gpus_per_node=8"])  # fmt: skip
+                                 "trainer.nproc_per_node=8"])  # fmt: skip
     HydraConfig.instance().set_config(cfg)
     launcher = cfg.hydra.launcher
     assert get_class(launcher._target_).__name__ == "SlurmLauncher"
@@ -203,7 +203,7 @@ def test_slurm_launcher_config_composes_and_validates(tmp_path: Path) -> None:
     assert launcher.tasks_per_node == 1  # one task per node; DDP workers started in-process
     assert launcher.timeout_min > 0 and launcher.max_num_timeout >= 1  # requeued on time-out
     assert launcher.signal_delay_s > 0
-    assert cfg.trainer.nproc_per_node == 8  # follows gpus_per_node
+    assert launcher.gpus_per_node == 8  # one GPU per DDP worker of the job
     assert cfg.trainer.resume == "auto"  # a requeued job continues from its last.pt
     with open_dict(cfg):
         del cfg["hydra"]
