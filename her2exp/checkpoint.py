@@ -99,7 +99,14 @@ def _accepted(sidecar: Path) -> list[str]:
     return [ln.split()[0] for ln in lines if ln.strip()]
 
 
-def _write_small(path: Path, text: str) -> None:
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write via a temp file, fsync and os.replace, so a crash never leaves half a file.
+
+    Reports, manifests and checksum sidecars all go through here; a write error is re-raised
+    naming the file (:func:`name_the_file`).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
@@ -107,9 +114,17 @@ def _write_small(path: Path, text: str) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        name_the_file(exc, path)
         raise
+    return path
+
+
+def name_the_file(exc: BaseException, path: str | Path) -> None:
+    """A full disk surfaces as a bare `[Errno 28]` from write(): re-raise it naming the file."""
+    if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+        raise OSError(exc.errno, f"{exc.strerror} while writing {path}", str(path)) from exc
 
 
 def _fsync_dir(path: Path) -> None:
@@ -146,11 +161,11 @@ def save(state: dict[str, Any], path: str | Path) -> Path:
         if not current and path.is_file():  # a checkpoint written before sidecars existed
             current = [sha256_file(path)]
         # Accept the new and the current content while the replace is pending ...
-        _write_small(sidecar, "".join(f"{d}  {path.name}\n" for d in [digest, *current[:2]]))
+        atomic_write_text(sidecar, "".join(f"{d}  {path.name}\n" for d in [digest, *current[:2]]))
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         # ... then only the new one (`sha256sum -c last.pt.sha256` checks it).
-        _write_small(sidecar, f"{digest}  {path.name}\n")
+        atomic_write_text(sidecar, f"{digest}  {path.name}\n")
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
         code = _full_disk_errno(exc)

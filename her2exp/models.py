@@ -9,7 +9,6 @@ Nothing is downloaded unless `model.pretrained=true`.
 from __future__ import annotations
 
 import hashlib
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +21,8 @@ from timm.layers import Mlp
 from timm.models import group_parameters, load_checkpoint
 from torch import nn
 
+from her2exp import checkpoint
 from her2exp.config import ConfigError, close_matches
-
-log = logging.getLogger(__name__)
 
 
 def check_model_name(name: str) -> None:
@@ -147,14 +145,6 @@ def build(cfg: DictConfig, device: torch.device, load_weights: bool = True) -> H
     return model
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def update_digest(digest: Any, obj: Any) -> None:
     """Feed nested dicts/lists/tensors into a hash deterministically (keys sorted)."""
     if isinstance(obj, torch.Tensor):
@@ -233,7 +223,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> dict[str, st
             f" built from model.name and model.kwargs: {'; '.join(parts)} (check model.kwargs, e.g."
             " init_values for LayerScale weights, reg_tokens, mlp_layer)"
         )
-    return {"source": "file", "file": str(path.resolve()), "sha256": file_sha256(path)}
+    return {"source": "file", "file": str(path.resolve()), "sha256": checkpoint.sha256_file(path)}
 
 
 def set_finetune(model: Her2Classifier, mode: str, n_last_blocks: int = 1) -> None:

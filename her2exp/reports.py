@@ -15,30 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from her2exp.checkpoint import atomic_write_text, name_the_file  # noqa: F401 - re-exported
 from her2exp.metrics import SplitEvaluation, misclassified, to_jsonable
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write via a temp file + os.replace so a crash never leaves half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        _name_the_file(exc, path)
-        raise
-    return path
-
-
-def _name_the_file(exc: BaseException, path: Path) -> None:
-    """A full disk surfaces as a bare `[Errno 28]` from write(): say which report it was."""
-    if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
-        raise OSError(exc.errno, f"{exc.strerror} while writing {path}", str(path)) from exc
 
 
 def write_best_json(path: Path, summary: dict[str, Any]) -> Path:
@@ -78,7 +56,7 @@ def _save(fig: Any, path: Path) -> Path:
         os.replace(tmp, path)
     except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
-        _name_the_file(exc, path)
+        name_the_file(exc, path)
         raise
     finally:
         plt.close(fig)

@@ -230,9 +230,12 @@ def export_sweep_context() -> dict[str, str]:
 
 
 #: Messages of store errors that go away on their own: SQLite's writer lock, PostgreSQL's
-#: deadlock and serialisation failures, an overloaded or restarting server (HTTP 429/5xx).
+#: deadlock and serialisation failures, an overloaded or restarting server (HTTP 429/5xx), and
+#: MLflow's read-then-insert of rows that concurrent jobs share (the sweep's dataset: seen as
+#: `UniqueViolation ... "dataset_pk"` with 2 jobs on PostgreSQL), which a retry finds in place.
 _TRANSIENT = ("database is locked", "deadlock detected", "could not serialize",
-              "temporarily unavailable", "too many requests", " 429", " 502", " 503", " 504")  # fmt: skip
+              "temporarily unavailable", "too many requests", " 429", " 502", " 503", " 504",
+              "duplicate key value violates unique constraint", "unique constraint failed")  # fmt: skip
 #: Back-off jitter from its own generator: the global `random` state is the run's, seeded and
 #: checkpointed for exact resume.
 _JITTER = random.Random()

@@ -290,6 +290,10 @@ def test_a_locked_store_is_retried_with_back_off_until_the_lock_goes(tmp_path: P
         with pytest.raises(sqlite3.OperationalError) as once:
             log_metric()
         assert is_transient(once.value), once.value
+        # What concurrent jobs' get-or-create of the shared dataset row raised on PostgreSQL:
+        seen = 'BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint "dataset_pk"'  # noqa: E501
+        assert is_transient(RuntimeError(seen))
+        assert not is_transient(ValueError("metric value must be a number"))
         with_retries(log_metric, attempts=6, base_delay_s=0.1)
     finally:
         release.set()
