@@ -66,11 +66,19 @@ def main(argv: list[str] | None = None) -> None:
     ours_opt, ours_sched = build_optimizer(ours, cfg.trainer, len(loader))
     bare_opt = torch.optim.AdamW(bare.parameters(), lr=cfg.trainer.lr)
     dtype, use_scaler = resolve_amp(cfg.trainer.amp, device)
+    # data.mean/std null: the model's own normalisation, as train.py resolves it.
+    own_mean, own_std = models.normalisation(template)
+    mean = list(cfg.data.mean) if cfg.data.mean is not None else own_mean
+    std = list(cfg.data.std) if cfg.data.std is not None else own_std
     ctx = StepContext(device, dtype, torch.amp.GradScaler(device.type, enabled=use_scaler),
                       cfg.trainer.accumulation_steps, cfg.trainer.grad_clip_norm,
-                      cfg.model.channels_last)  # fmt: skip
+                      cfg.model.channels_last, mean=tuple(mean), std=tuple(std))  # fmt: skip
     plain = data.make_dataset(bundle, "train", cfg.data, cfg.seed)
-    images = torch.stack([plain[i][0] for i in range(len(plain))])
+    # The bare loop gets float tensors normalised once, up front: the best case for it.
+    raw = torch.stack([plain[i][0] for i in range(len(plain))]).float()
+    images = (raw - torch.tensor(mean).view(1, 3, 1, 1) * 255.0) / (
+        torch.tensor(std).view(1, 3, 1, 1) * 255.0
+    )
     labels = plain.labels.clone()
     gen = torch.Generator().manual_seed(cfg.seed)
 
