@@ -28,6 +28,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from her2exp.distributed import free_port
+
 __all__ = ["PostgresCluster", "PostgresUnavailable", "main", "mlflow_server_command", "wait_http"]
 
 DB_NAME = "mlflow"
@@ -112,12 +114,6 @@ class PostgresCluster:
             subprocess.run([*self._as, _pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast",
                             "-w", "stop"], capture_output=True)  # fmt: skip
 
-    def __enter__(self) -> PostgresCluster:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 def mlflow_server_command(
     backend_store_uri: str, artifacts_destination: str, host: str, port: int, workers: int = 1
@@ -149,14 +145,6 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) 
     raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default=".mlflow-server",
@@ -176,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     backend = args.backend_store_uri
     if backend is None:
         try:
-            cluster = PostgresCluster(root, args.pg_port or _free_port()).start()
+            cluster = PostgresCluster(root, args.pg_port or free_port()).start()
         except PostgresUnavailable as exc:
             print(f"her2exp-server: {exc}", file=sys.stderr)
             return 2

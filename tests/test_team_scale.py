@@ -20,15 +20,8 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, CONF, run_cli
+from her2exp.distributed import free_port
 from her2exp.server import PostgresUnavailable, _pg_bin, wait_http
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -49,7 +42,7 @@ def team_server():
     # Under /tmp rather than pytest's tmp root, which is private to root: as root the cluster
     # belongs to the postgres user, who must reach its directory.
     root = Path(tempfile.mkdtemp(prefix="her2exp-team-"))
-    port, pg_port = _free_port(), _free_port()
+    port, pg_port = free_port(), free_port()
     log = open(root / "server.log", "w")  # noqa: SIM115 - closed in teardown
     proc = subprocess.Popen(
         [str(BIN / "her2exp-server"), "--dir", str(root), "--port", str(port),
@@ -212,7 +205,7 @@ def test_slurm_launcher_config_composes_and_validates(tmp_path: Path) -> None:
 
 
 def test_two_torchrun_nodes_meet_through_c10d_and_train_one_model(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     args = [str(BIN / "torchrun"), "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
             f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=her2exp-{port}",
