@@ -17,12 +17,13 @@ import errno
 import hashlib
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from her2exp.fileio import atomic_write, atomic_write_text, name_the_file  # noqa: F401
 
 
 def rng_state() -> dict[str, Any]:
@@ -99,48 +100,6 @@ def _accepted(sidecar: Path) -> list[str]:
     return [ln.split()[0] for ln in lines if ln.strip()]
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write via a temp file, fsync and os.replace, so a crash never leaves half a file.
-
-    Reports, manifests and checksum sidecars all go through here; a write error is re-raised
-    naming the file (:func:`name_the_file`).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        name_the_file(exc, path)
-        raise
-    return path
-
-
-def name_the_file(exc: BaseException, path: str | Path) -> None:
-    """A full disk surfaces as a bare `[Errno 28]` from write(): re-raise it naming the file."""
-    if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
-        raise OSError(exc.errno, f"{exc.strerror} while writing {path}", str(path)) from exc
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable (a power cut after os.replace must not bring back the old name)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save(state: dict[str, Any], path: str | Path) -> Path:
     """Atomically write `state` to `path` with its checksum sidecar.
 
@@ -148,26 +107,23 @@ def save(state: dict[str, Any], path: str | Path) -> Path:
     raises CheckpointWriteError naming the file; the previous checkpoint is untouched.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     sidecar = checksum_path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+    digest = ""
+
+    def accept_both(tmp: Path) -> None:
+        nonlocal digest
         digest = sha256_file(tmp)
         current = _accepted(sidecar)
         if not current and path.is_file():  # a checkpoint written before sidecars existed
             current = [sha256_file(path)]
         # Accept the new and the current content while the replace is pending ...
         atomic_write_text(sidecar, "".join(f"{d}  {path.name}\n" for d in [digest, *current[:2]]))
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+
+    try:
+        atomic_write(path, lambda fh: torch.save(state, fh), before_replace=accept_both)
         # ... then only the new one (`sha256sum -c last.pt.sha256` checks it).
         atomic_write_text(sidecar, f"{digest}  {path.name}\n")
     except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
         code = _full_disk_errno(exc)
         if code is not None:
             raise CheckpointWriteError(

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from her2exp.checkpoint import atomic_write_text, name_the_file  # noqa: F401 - re-exported
+from her2exp.fileio import atomic_write, atomic_write_text
 from her2exp.metrics import SplitEvaluation, misclassified, to_jsonable
 
 
@@ -46,21 +44,12 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    """Save a figure atomically (temp PNG in the same folder + os.replace) and close it."""
+    """Save a figure atomically and close it."""
     plt = _pyplot()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        name_the_file(exc, path)
-        raise
+        return atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
     finally:
         plt.close(fig)
-    return path
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
