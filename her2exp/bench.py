@@ -20,7 +20,7 @@ from hydra import compose, initialize_config_dir
 
 from her2exp import data, losses, models
 from her2exp.config import register_configs, validate
-from her2exp.engine import StepContext, train_one_epoch
+from her2exp.engine import EpochState, OptimizerUpdate, Preprocess, StepPolicy, train_one_epoch
 from her2exp.seed import set_seed
 from her2exp.train import CONFIG_DIR
 from her2exp.trainer import build_optimizer, resolve_amp
@@ -70,9 +70,10 @@ def main(argv: list[str] | None = None) -> None:
     own_mean, own_std = models.normalisation(template)
     mean = list(cfg.data.mean) if cfg.data.mean is not None else own_mean
     std = list(cfg.data.std) if cfg.data.std is not None else own_std
-    ctx = StepContext(device, dtype, torch.amp.GradScaler(device.type, enabled=use_scaler),
-                      cfg.trainer.accumulation_steps, cfg.trainer.grad_clip_norm,
-                      cfg.model.channels_last, mean=tuple(mean), std=tuple(std))  # fmt: skip
+    policy = StepPolicy(dtype, cfg.trainer.accumulation_steps, cfg.trainer.grad_clip_norm)
+    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    update = OptimizerUpdate(ours_opt, ours_sched, scaler, policy)
+    preprocess = Preprocess(device, tuple(mean), tuple(std), cfg.model.channels_last)
     plain = data.make_dataset(bundle, "train", cfg.data, cfg.seed)
     # The bare loop gets float tensors normalised once, up front: the best case for it.
     raw = torch.stack([plain[i][0] for i in range(len(plain))]).float()
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     for rnd in range(args.rounds + 1):
         loader.sampler.set_epoch(rnd)
         train_set.set_epoch(rnd)
-        stats = train_one_epoch(ours, loader, criterion, ours_opt, ours_sched, ctx, rnd)
+        stats = train_one_epoch(ours, loader, criterion, update, preprocess, EpochState(rnd))
         b = bare_epoch(bare, bare_opt, images, labels, cfg.data.batch_size, device, gen)
         if rnd > 0:
             ours_ips.append(stats.images_per_second)

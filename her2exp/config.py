@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,39 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; raised before any training starts."""
+
+
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+LOSS_CHOICES = ("ce", "focal")
+DATA_SOURCES = ("synthetic", "folder", "manifest")
+EQUIVOCAL_CHOICES = ("exclude", "positive", "negative")
+FINETUNE_CHOICES = ("full", "frozen", "last_n_blocks")
+HEAD_CHOICES = ("linear", "mlp")
+EMBEDDING_CHOICES = ("pooled", "cls_mean")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+#: Options that no longer do anything: still accepted (old runs' configs compose and rerun), with a
+#: warning naming what replaced them.
+DEPRECATED = {
+    "trainer.monitor": "the best epoch is always the one with the highest validation AUC",
+}
+
+
+def warn_deprecated(cfg: Any) -> None:
+    """One warning per deprecated option that is set (null is the unset default)."""
+    for dotted, why in DEPRECATED.items():
+        group, key = dotted.split(".")
+        node = cfg.get(group) if isinstance(cfg, DictConfig) else getattr(cfg, group, None)
+        value = None if node is None else node.get(key) if isinstance(node, DictConfig) else None
+        if value is not None:
+            # FutureWarning: shown to users by default (DeprecationWarning is not).
+            msg = f"her2exp: {dotted}={value!r} is deprecated and ignored: {why}"
+            warnings.warn(msg, FutureWarning, stacklevel=2)
 
 
 @dataclass
@@ -48,6 +82,40 @@ class ModelConfig:
     min_image_size: int = 32
 
 
+def validate_model(m: Any) -> None:
+    """model.*: weights source, fine-tuning mode, head, feature cache."""
+    if m.num_classes != 2:
+        _fail("model.num_classes", m.num_classes, "2 (binary HER2-/HER2+)")
+    if m.finetune not in FINETUNE_CHOICES:
+        _fail("model.finetune", m.finetune, f"one of {', '.join(FINETUNE_CHOICES)}")
+    if m.n_last_blocks < 1:
+        _fail("model.n_last_blocks", m.n_last_blocks, "an integer >= 1")
+    if m.head not in HEAD_CHOICES:
+        _fail("model.head", m.head, f"one of {', '.join(HEAD_CHOICES)}")
+    if m.head_hidden_dim < 1:
+        _fail("model.head_hidden_dim", m.head_hidden_dim, "an integer >= 1")
+    if m.embedding not in EMBEDDING_CHOICES:
+        _fail("model.embedding", m.embedding, f"one of {', '.join(EMBEDDING_CHOICES)}")
+    if m.pretrained and m.weights:
+        _fail(
+            "model.weights",
+            m.weights,
+            "null with model.pretrained=true (give one source: the hub or a local file)",
+        )
+    if m.weights and not str(m.weights).lower().endswith(WEIGHT_SUFFIXES):
+        _fail("model.weights", m.weights, f"a {', '.join(WEIGHT_SUFFIXES)} file")
+    for key in ("num_classes", "pretrained", "pretrained_cfg", "checkpoint_path"):
+        if key in m.kwargs:
+            _fail(f"model.kwargs.{key}", m.kwargs[key], f"not set here (her2exp sets {key})")
+    if m.cache_features and m.finetune != "frozen":
+        _fail(
+            "model.cache_features",
+            True,
+            "true only with model.finetune=frozen (a backbone that trains changes its "
+            "features every step)",
+        )
+
+
 @dataclass
 class LossConfig:
     name: str = "ce"
@@ -55,6 +123,16 @@ class LossConfig:
     alpha: float | None = None
     use_class_weights: bool = False
     label_smoothing: float = 0.0
+
+
+def validate_loss(loss: Any) -> None:
+    """loss.*: the criterion and its class weighting."""
+    if loss.name not in LOSS_CHOICES:
+        _fail("loss.name", loss.name, f"one of {', '.join(LOSS_CHOICES)}")
+    if loss.gamma < 0:
+        _fail("loss.gamma", loss.gamma, "a value >= 0")
+    if loss.alpha is not None and not 0 < loss.alpha < 1:
+        _fail("loss.alpha", loss.alpha, "null or a value in (0, 1) weighting the HER2+ class")
 
 
 @dataclass
@@ -93,188 +171,16 @@ class DataConfig:
     patient_regex: str | None = None  # patient id from the file name: named group or group 1
     on_bad_file: str = "error"  # error: list every problem and stop | skip: drop bad files
     cache: bool = True  # decode every patch once, up front, and keep them in memory
+    # null: the run's `seed`. Fix them in a seed sweep so only the initialisation varies.
+    data_seed: int | None = None  # renders the embedded data set
+    split_seed: int | None = None  # assigns patients to train/val/test
 
 
-@dataclass
-class TrainerConfig:
-    epochs: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.01
-    layer_decay: float | None = None  # ViT-style layer-wise lr decay (timm), e.g. 0.75; null: off
-    accumulation_steps: int = 1
-    grad_clip_norm: float | None = 1.0
-    amp: str = "auto"
-    early_stop_patience: int = 5
-    monitor: str = "val_auc"
-    resume: str | None = None
-    stop_after_epoch: int | None = None
-    deterministic: bool = False
-    device: str = "auto"
-    nproc_per_node: int = 1
-    sync_bn: bool = False
-    dist_timeout_s: float = 300.0
-    progress: bool = True
-    save_checkpoints: bool = True
-    # A non-finite loss or gradient: stop (keep the last good checkpoint) or skip that optimizer
-    # step, counting it, and stop once more than max_nonfinite_steps were skipped in the run.
-    on_nonfinite: str = "stop"
-    max_nonfinite_steps: int = 10
-    # Debugging: NaN inputs at this training batch (0-based, counted over the whole run), to
-    # exercise on_nonfinite. Never set it for real training.
-    debug_nan_at_step: int | None = None
-
-
-@dataclass
-class StainConfig:
-    """Macenko normalisation (all splits) and/or HED jitter (train only); her2exp/stain/."""
-
-    name: str = "none"  # none | macenko | hed_jitter | macenko_jitter
-    io: float = 240.0
-    alpha: float = 1.0
-    beta: float = 0.15
-    min_tissue_fraction: float = 0.05
-    n_sample: int | None = 4096
-    percentile_method: str = "topk"
-    exact: bool = False
-    rescale: str = "hematoxylin"  # all (classic Macenko) | hematoxylin | none; see macenko.py
-    on_device: bool = False  # true: per batch on the training device; false: in the workers
-    reference: str | None = None  # a reference image; null: fit on training patches
-    fit_patches: int = 512
-    sigma: float = 0.05
-    shift_sigma: float | None = None
-
-
-@dataclass
-class TrackingConfig:
-    backend: str = "mlflow"
-    uri: str = "sqlite:///mlflow.db"
-    experiment: str = "her2exp"
-    run_name: str | None = None
-    artifact_location: str | None = None
-    log_checkpoint: bool = True
-    log_model: bool = True
-    registered_model_name: str | None = None
-    fallback: str = "none"
-
-
-@dataclass
-class EvaluationConfig:
-    """How runs are scored: operating points chosen on validation, CIs, patient aggregation."""
-
-    target_sensitivity: float = 0.90
-    n_boot: int = 1000
-    patient_aggregation: str = "mean"
-    operating_point: str = "youden"
-    gallery_max: int = 32
-
-
-@dataclass
-class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    stain: StainConfig = field(default_factory=StainConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    seed: int = 42
-    task_name: str = "train"
-    output_dir: str = MISSING
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class EvalConfig:
-    """`her2exp-eval`: a trained run (MLflow run id or best.pt) scored on another cohort."""
-
-    run_id: str | None = None
-    checkpoint: str | None = None
-    cohort_name: str = "external"
-    seed: int = 2026
-    data: DataConfig = field(default_factory=DataConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    output_dir: str = MISSING
-
-
-def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore; the entry configs list them first in defaults."""
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    cs.store(name="eval_schema", node=EvalConfig)
-
-
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")
-LOSS_CHOICES = ("ce", "focal")
-MONITOR_CHOICES = ("val_auc",)
-DATA_SOURCES = ("synthetic", "folder", "manifest")
-EQUIVOCAL_CHOICES = ("exclude", "positive", "negative")
-FINETUNE_CHOICES = ("full", "frozen", "last_n_blocks")
-HEAD_CHOICES = ("linear", "mlp")
-EMBEDDING_CHOICES = ("pooled", "cls_mean")
-WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-
-
-def _fail(key: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
-
-
-def _check_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
-    """`+key=value` overrides slip past Hydra's struct check; unknown keys are refused here."""
-    known = {f.name: f for f in dataclasses.fields(schema)}
-    for key, value in node.items_ex(resolve=False):
-        if key == "hydra" and not prefix:
-            continue
-        if key not in known:
-            allowed = ", ".join(sorted(known))
-            raise ConfigError(
-                f"{prefix}{key}: not allowed by the schema; {prefix or 'top level'} "
-                f"keys are: {allowed}"
-            )
-        sub = OmegaConf.get_type(node, key) if isinstance(value, DictConfig) else None
-        if sub is not None and dataclasses.is_dataclass(sub):
-            _check_keys(node[key], sub, f"{prefix}{key}.")
-
-
-def validate(cfg: DictConfig | TrainConfig) -> None:
-    """Reject values that would fail (or silently mislead) later, naming the key and what is allowed."""
-    if isinstance(cfg, DictConfig):
-        _check_keys(cfg, TrainConfig)
-    t, d, m, loss = cfg.trainer, cfg.data, cfg.model, cfg.loss
-    if not t.lr > 0:
-        _fail("trainer.lr", t.lr, "a learning rate > 0")
-    if t.epochs < 1:
-        _fail("trainer.epochs", t.epochs, "an integer >= 1")
-    if t.accumulation_steps < 1:
-        _fail("trainer.accumulation_steps", t.accumulation_steps, "an integer >= 1")
-    if t.weight_decay < 0:
-        _fail("trainer.weight_decay", t.weight_decay, "a value >= 0")
-    if t.warmup_epochs < 0:
-        _fail("trainer.warmup_epochs", t.warmup_epochs, "a value >= 0")
-    if t.grad_clip_norm is not None and not t.grad_clip_norm > 0:
-        _fail("trainer.grad_clip_norm", t.grad_clip_norm, "null (no clipping) or a value > 0")
-    if t.early_stop_patience < 1:
-        _fail("trainer.early_stop_patience", t.early_stop_patience, "an integer >= 1")
-    if t.amp not in AMP_CHOICES:
-        _fail("trainer.amp", t.amp, f"one of {', '.join(AMP_CHOICES)}")
-    if t.monitor not in MONITOR_CHOICES:
-        _fail("trainer.monitor", t.monitor, f"one of {', '.join(MONITOR_CHOICES)}")
-    if t.device not in ("auto", "cpu", "cuda") and not str(t.device).startswith("cuda:"):
-        _fail("trainer.device", t.device, "auto, cpu, cuda or cuda:N")
-    if t.stop_after_epoch is not None and t.stop_after_epoch < 1:
-        _fail("trainer.stop_after_epoch", t.stop_after_epoch, "null or an integer >= 1")
-    if t.nproc_per_node < 1:
-        _fail("trainer.nproc_per_node", t.nproc_per_node, "an integer >= 1")
-    if t.on_nonfinite not in ("stop", "skip"):
-        _fail("trainer.on_nonfinite", t.on_nonfinite, "stop or skip")
-    if t.max_nonfinite_steps < 0:
-        _fail("trainer.max_nonfinite_steps", t.max_nonfinite_steps, "an integer >= 0")
-    if t.debug_nan_at_step is not None and t.debug_nan_at_step < 0:
-        _fail("trainer.debug_nan_at_step", t.debug_nan_at_step, "null or an integer >= 0")
-    if t.dist_timeout_s <= 0:
-        _fail("trainer.dist_timeout_s", t.dist_timeout_s, "a number of seconds > 0")
+def validate_data(d: Any, m: Any) -> None:
+    """data.*: loaders, file sources, labels, splits (the image size against the model's minimum)."""
+    for key in ("data_seed", "split_seed"):
+        if d.get(key) is not None and int(d[key]) < 0:
+            _fail(f"data.{key}", d[key], "null (the run's seed) or an integer >= 0")
     if d.batch_size < 1:
         _fail("data.batch_size", d.batch_size, "an integer >= 1")
     if d.eval_batch_size < 1:
@@ -327,22 +233,232 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
             dict(zip(("train", "val", "test"), fractions, strict=True)),
             "three fractions > 0 that sum to 1",
         )
-    if loss.name not in LOSS_CHOICES:
-        _fail("loss.name", loss.name, f"one of {', '.join(LOSS_CHOICES)}")
-    if loss.gamma < 0:
-        _fail("loss.gamma", loss.gamma, "a value >= 0")
-    if loss.alpha is not None and not 0 < loss.alpha < 1:
-        _fail("loss.alpha", loss.alpha, "null or a value in (0, 1) weighting the HER2+ class")
-    if m.num_classes != 2:
-        _fail("model.num_classes", m.num_classes, "2 (binary HER2-/HER2+)")
-    validate_model(m)
-    if t.layer_decay is not None and not 0 < t.layer_decay <= 1:
-        _fail("trainer.layer_decay", t.layer_decay, "null (off) or a value in (0, 1], e.g. 0.75")
     for key in ("mean", "std"):
         v = d[key]
         if v is not None and (len(v) != 3 or (key == "std" and min(v) <= 0)):
             _fail(f"data.{key}", list(v), "null (the model's own) or three values (std > 0)")
-    st = cfg.stain
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    layer_decay: float | None = None  # ViT-style layer-wise lr decay (timm), e.g. 0.75; null: off
+    accumulation_steps: int = 1
+    grad_clip_norm: float | None = 1.0
+    amp: str = "auto"
+    early_stop_patience: int = 5
+    monitor: str | None = None  # deprecated (DEPRECATED): ignored, warns when set
+    resume: str | None = None
+    stop_after_epoch: int | None = None
+    deterministic: bool = False
+    device: str = "auto"
+    nproc_per_node: int = 1
+    sync_bn: bool = False
+    dist_timeout_s: float = 300.0
+    progress: bool = True
+    save_checkpoints: bool = True
+    # A non-finite loss or gradient: stop (keep the last good checkpoint) or skip that optimizer
+    # step, counting it, and stop once more than max_nonfinite_steps were skipped in the run.
+    on_nonfinite: str = "stop"
+    max_nonfinite_steps: int = 10
+    # Debugging: NaN inputs at this training batch (0-based, counted over the whole run), to
+    # exercise on_nonfinite. Never set it for real training.
+    debug_nan_at_step: int | None = None
+
+
+def validate_trainer(t: Any) -> None:
+    """trainer.*: the optimisation, precision and the process layout."""
+    if not t.lr > 0:
+        _fail("trainer.lr", t.lr, "a learning rate > 0")
+    if t.epochs < 1:
+        _fail("trainer.epochs", t.epochs, "an integer >= 1")
+    if t.accumulation_steps < 1:
+        _fail("trainer.accumulation_steps", t.accumulation_steps, "an integer >= 1")
+    if t.weight_decay < 0:
+        _fail("trainer.weight_decay", t.weight_decay, "a value >= 0")
+    if t.warmup_epochs < 0:
+        _fail("trainer.warmup_epochs", t.warmup_epochs, "a value >= 0")
+    if t.grad_clip_norm is not None and not t.grad_clip_norm > 0:
+        _fail("trainer.grad_clip_norm", t.grad_clip_norm, "null (no clipping) or a value > 0")
+    if t.early_stop_patience < 1:
+        _fail("trainer.early_stop_patience", t.early_stop_patience, "an integer >= 1")
+    if t.amp not in AMP_CHOICES:
+        _fail("trainer.amp", t.amp, f"one of {', '.join(AMP_CHOICES)}")
+    if t.device not in ("auto", "cpu", "cuda") and not str(t.device).startswith("cuda:"):
+        _fail("trainer.device", t.device, "auto, cpu, cuda or cuda:N")
+    if t.stop_after_epoch is not None and t.stop_after_epoch < 1:
+        _fail("trainer.stop_after_epoch", t.stop_after_epoch, "null or an integer >= 1")
+    if t.nproc_per_node < 1:
+        _fail("trainer.nproc_per_node", t.nproc_per_node, "an integer >= 1")
+    if t.on_nonfinite not in ("stop", "skip"):
+        _fail("trainer.on_nonfinite", t.on_nonfinite, "stop or skip")
+    if t.max_nonfinite_steps < 0:
+        _fail("trainer.max_nonfinite_steps", t.max_nonfinite_steps, "an integer >= 0")
+    if t.debug_nan_at_step is not None and t.debug_nan_at_step < 0:
+        _fail("trainer.debug_nan_at_step", t.debug_nan_at_step, "null or an integer >= 0")
+    if t.dist_timeout_s <= 0:
+        _fail("trainer.dist_timeout_s", t.dist_timeout_s, "a number of seconds > 0")
+    if t.layer_decay is not None and not 0 < t.layer_decay <= 1:
+        _fail("trainer.layer_decay", t.layer_decay, "null (off) or a value in (0, 1], e.g. 0.75")
+
+
+@dataclass
+class StainConfig:
+    """Macenko normalisation (all splits) and/or HED jitter (train only); her2exp/stain/."""
+
+    name: str = "none"  # none | macenko | hed_jitter | macenko_jitter
+    io: float = 240.0
+    alpha: float = 1.0
+    beta: float = 0.15
+    min_tissue_fraction: float = 0.05
+    n_sample: int | None = 4096
+    percentile_method: str = "topk"
+    exact: bool = False
+    rescale: str = "hematoxylin"  # all (classic Macenko) | hematoxylin | none; see macenko.py
+    on_device: bool = False  # true: per batch on the training device; false: in the workers
+    reference: str | None = None  # a reference image; null: fit on training patches
+    fit_patches: int = 512
+    sigma: float = 0.05
+    shift_sigma: float | None = None
+
+
+def validate_stain(st: Any) -> None:
+    """stain.*: the Macenko and HED settings."""
+    if st.name not in ("none", "macenko", "hed_jitter", "macenko_jitter"):
+        _fail("stain.name", st.name, "none, macenko, hed_jitter or macenko_jitter")
+    if not 0 <= st.min_tissue_fraction < 1:
+        _fail("stain.min_tissue_fraction", st.min_tissue_fraction, "a fraction in [0, 1)")
+    if st.rescale not in ("all", "hematoxylin", "none"):
+        _fail("stain.rescale", st.rescale, "all, hematoxylin (keeps DAB intensity) or none")
+    if st.percentile_method not in ("topk", "sort"):
+        _fail("stain.percentile_method", st.percentile_method, "topk or sort")
+    if st.sigma < 0 or st.sigma >= 1:
+        _fail("stain.sigma", st.sigma, "a value in [0, 1)")
+    if st.fit_patches < 1:
+        _fail("stain.fit_patches", st.fit_patches, "an integer >= 1")
+
+
+@dataclass
+class TrackingConfig:
+    backend: str = "mlflow"
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "her2exp"
+    run_name: str | None = None
+    artifact_location: str | None = None
+    log_checkpoint: bool = True
+    log_model: bool = True
+    registered_model_name: str | None = None
+    fallback: str = "none"
+
+
+def validate_tracking(tr: Any) -> None:
+    """tracking.*: where runs go and what happens when the server is away."""
+    if tr.backend not in ("mlflow", "off"):
+        _fail("tracking.backend", tr.backend, "mlflow or off")
+    if tr.fallback not in ("none", "local"):
+        _fail("tracking.fallback", tr.fallback, "none (stop) or local (./mlflow.db)")
+
+
+@dataclass
+class EvaluationConfig:
+    """How runs are scored: operating points chosen on validation, CIs, patient aggregation."""
+
+    target_sensitivity: float = 0.90
+    n_boot: int = 1000
+    patient_aggregation: str = "mean"
+    operating_point: str = "youden"
+    gallery_max: int = 32
+
+
+def validate_evaluation(e: Any) -> None:
+    """evaluation.*: the operating points and confidence intervals."""
+    if not 0 < e.target_sensitivity < 1:
+        _fail("evaluation.target_sensitivity", e.target_sensitivity, "a value in (0, 1)")
+    if e.n_boot < 0:
+        _fail("evaluation.n_boot", e.n_boot, "0 (DeLong CI only) or a number of resamples")
+    if e.patient_aggregation not in ("mean", "max"):
+        _fail("evaluation.patient_aggregation", e.patient_aggregation, "mean or max")
+    points = ("youden", f"sens{int(round(e.target_sensitivity * 100))}", "p50")
+    if e.operating_point not in points:
+        _fail("evaluation.operating_point", e.operating_point, f"one of {', '.join(points)}")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    stain: StainConfig = field(default_factory=StainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    seed: int = 42
+    task_name: str = "train"
+    output_dir: str = MISSING
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    """`her2exp-eval`: a trained run (MLflow run id or best.pt) scored on another cohort."""
+
+    run_id: str | None = None
+    checkpoint: str | None = None
+    cohort_name: str = "external"
+    seed: int = 2026
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    output_dir: str = MISSING
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore; the entry configs list them first in defaults."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+
+
+def _check_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
+    """`+key=value` overrides slip past Hydra's struct check; unknown keys are refused here."""
+    known = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in node.items_ex(resolve=False):
+        if key == "hydra" and not prefix:
+            continue
+        if key not in known:
+            allowed = ", ".join(sorted(known))
+            raise ConfigError(
+                f"{prefix}{key}: not allowed by the schema; {prefix or 'top level'} "
+                f"keys are: {allowed}"
+            )
+        sub = OmegaConf.get_type(node, key) if isinstance(value, DictConfig) else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            _check_keys(node[key], sub, f"{prefix}{key}.")
+
+
+def validate(cfg: DictConfig | TrainConfig) -> None:
+    """Reject values that would fail (or silently mislead) later, naming the key and what is
+    allowed; each group's rules sit beside its schema above."""
+    if isinstance(cfg, DictConfig):
+        _check_keys(cfg, TrainConfig)
+    warn_deprecated(cfg)
+    validate_trainer(cfg.trainer)
+    validate_data(cfg.data, cfg.model)
+    validate_loss(cfg.loss)
+    validate_model(cfg.model)
+    validate_stain(cfg.stain)
+    validate_evaluation(cfg.evaluation)
+    validate_tracking(cfg.tracking)
+    validate_combinations(cfg)
+
+
+def validate_combinations(cfg: Any) -> None:
+    """Options that are fine alone but wrong together."""
+    d, m, st = cfg.data, cfg.model, cfg.stain
     if m.cache_features:
         # Features are computed once per image: anything drawn anew each epoch would be frozen
         # into a single draw, silently turning augmentation off.
@@ -359,67 +475,6 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
                 f"none or macenko with model.cache_features=true ({why}; stain normalisation "
                 "is deterministic and is applied before caching)",
             )
-    if st.name not in ("none", "macenko", "hed_jitter", "macenko_jitter"):
-        _fail("stain.name", st.name, "none, macenko, hed_jitter or macenko_jitter")
-    if not 0 <= st.min_tissue_fraction < 1:
-        _fail("stain.min_tissue_fraction", st.min_tissue_fraction, "a fraction in [0, 1)")
-    if st.rescale not in ("all", "hematoxylin", "none"):
-        _fail("stain.rescale", st.rescale, "all, hematoxylin (keeps DAB intensity) or none")
-    if st.percentile_method not in ("topk", "sort"):
-        _fail("stain.percentile_method", st.percentile_method, "topk or sort")
-    if st.sigma < 0 or st.sigma >= 1:
-        _fail("stain.sigma", st.sigma, "a value in [0, 1)")
-    if st.fit_patches < 1:
-        _fail("stain.fit_patches", st.fit_patches, "an integer >= 1")
-    validate_evaluation(cfg.evaluation)
-    if cfg.tracking.backend not in ("mlflow", "off"):
-        _fail("tracking.backend", cfg.tracking.backend, "mlflow or off")
-    if cfg.tracking.fallback not in ("none", "local"):
-        _fail("tracking.fallback", cfg.tracking.fallback, "none (stop) or local (./mlflow.db)")
-
-
-def validate_model(m: Any) -> None:
-    """The backbone options: weights source, fine-tuning mode, head, feature cache."""
-    if m.finetune not in FINETUNE_CHOICES:
-        _fail("model.finetune", m.finetune, f"one of {', '.join(FINETUNE_CHOICES)}")
-    if m.n_last_blocks < 1:
-        _fail("model.n_last_blocks", m.n_last_blocks, "an integer >= 1")
-    if m.head not in HEAD_CHOICES:
-        _fail("model.head", m.head, f"one of {', '.join(HEAD_CHOICES)}")
-    if m.head_hidden_dim < 1:
-        _fail("model.head_hidden_dim", m.head_hidden_dim, "an integer >= 1")
-    if m.embedding not in EMBEDDING_CHOICES:
-        _fail("model.embedding", m.embedding, f"one of {', '.join(EMBEDDING_CHOICES)}")
-    if m.pretrained and m.weights:
-        _fail(
-            "model.weights",
-            m.weights,
-            "null with model.pretrained=true (give one source: the hub or a local file)",
-        )
-    if m.weights and not str(m.weights).lower().endswith(WEIGHT_SUFFIXES):
-        _fail("model.weights", m.weights, f"a {', '.join(WEIGHT_SUFFIXES)} file")
-    for key in ("num_classes", "pretrained", "pretrained_cfg", "checkpoint_path"):
-        if key in m.kwargs:
-            _fail(f"model.kwargs.{key}", m.kwargs[key], f"not set here (her2exp sets {key})")
-    if m.cache_features and m.finetune != "frozen":
-        _fail(
-            "model.cache_features",
-            True,
-            "true only with model.finetune=frozen (a backbone that trains changes its "
-            "features every step)",
-        )
-
-
-def validate_evaluation(e: Any) -> None:
-    if not 0 < e.target_sensitivity < 1:
-        _fail("evaluation.target_sensitivity", e.target_sensitivity, "a value in (0, 1)")
-    if e.n_boot < 0:
-        _fail("evaluation.n_boot", e.n_boot, "0 (DeLong CI only) or a number of resamples")
-    if e.patient_aggregation not in ("mean", "max"):
-        _fail("evaluation.patient_aggregation", e.patient_aggregation, "mean or max")
-    points = ("youden", f"sens{int(round(e.target_sensitivity * 100))}", "p50")
-    if e.operating_point not in points:
-        _fail("evaluation.operating_point", e.operating_point, f"one of {', '.join(points)}")
 
 
 def close_matches(name: str, candidates: list[str], n: int = 5) -> list[str]:

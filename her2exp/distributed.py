@@ -178,6 +178,17 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def any_rank_tensor(flags: torch.Tensor) -> torch.Tensor:
+    """Element-wise max across ranks, in place and without a host sync: flags agreed by all.
+
+    The engine packs every per-step decision (skip a non-finite step, stop on a signal) into one
+    small tensor and agrees it with this single collective, so every rank does the same.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return flags
+
+
 def restart_count() -> int:
     """How many times torchrun (`--max-restarts`) has restarted this worker group."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))

@@ -1,5 +1,14 @@
-"""The hot loop: one training epoch and one scoring pass. Pure over (model, loader, context):
-no files, no MLflow, no metric formulas.
+"""The hot loop: one training epoch, one scoring pass and the optimizer update that both obey.
+
+Pure over (model, loader, policy): no files, no MLflow, no metric formulas. Three pieces a
+reader can take one at a time (docs/architecture.md, "One training step"):
+
+- `Preprocess`: the one input path, uint8 host batch -> normalised float batch on the device,
+  shared by training, scoring, the feature cache and `her2exp-predict`.
+- `StepPolicy`: how every step is taken, fixed for the run (frozen); the per-epoch state
+  (`EpochState`) lives apart from it.
+- `OptimizerUpdate`: the only code that touches the optimizer, scheduler and GradScaler: unscale,
+  norm (and clip), one non-finite flag agreed by every rank, step or skip, always `update()`.
 """
 
 from __future__ import annotations
@@ -15,52 +24,70 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from her2exp import distributed
+
 
 class NonFiniteLossError(RuntimeError):
     """Training diverged; the last good checkpoint on disk is kept."""
 
 
-@dataclass
-class StepContext:
-    """What the loop needs besides model and data, chosen once by the trainer."""
+@dataclass(frozen=True)
+class Preprocess:
+    """uint8 NCHW batch -> device -> (stain on the device) -> float normalised by mean/std.
+
+    Normalising on the device keeps host-to-device copies 4x smaller and lets stain
+    normalisation act on uint8 batches in between. A batch that is already float (cached
+    features) only moves to the device.
+    """
 
     device: torch.device
-    autocast_dtype: torch.dtype | None
-    scaler: torch.amp.GradScaler
-    accumulation_steps: int = 1
-    grad_clip_norm: float | None = None
-    channels_last: bool = False
-    show_progress: bool = False
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    channels_last: bool = False
     # Stain pipeline applied on the device (stain.on_device=true); None: done in the workers.
     stain: Callable[..., torch.Tensor] | None = None
-    epoch: int = 0
-    # Polled after every optimizer step: true ends the epoch early (a pre-emption signal). Under
-    # DDP the trainer's callable agrees across ranks, so every rank stops at the same step.
-    should_stop: Callable[[], bool] | None = None
-    on_nonfinite: str = "stop"  # stop | skip (trainer.on_nonfinite)
-    nonfinite_budget: int = 0  # skipped steps still allowed in this run
-    debug_nan_at_step: int | None = None  # global batch index whose inputs become NaN
 
-    def autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
-
-    def to_device(
-        self, x: torch.Tensor, y: torch.Tensor, train: bool = False, key: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 batch -> device -> (stain on device) -> float, normalised by mean/std."""
+    def __call__(
+        self, x: torch.Tensor, train: bool = False, epoch: int = 0, key: int = 0
+    ) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
         if self.stain is not None:
-            x = self.stain(x, train, self.epoch, key)
+            x = self.stain(x, train, epoch, key)
         if x.dtype == torch.uint8:
             mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1) * 255.0
             std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1) * 255.0
             x = (x.float() - mean) / std
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return x.contiguous(memory_format=fmt), y.to(self.device, non_blocking=True)
+        fmt = torch.channels_last if self.channels_last and x.ndim == 4 else None
+        return x.contiguous(memory_format=fmt or torch.contiguous_format)
+
+
+@dataclass(frozen=True)
+class StepPolicy:
+    """How every optimizer step of the run is taken (trainer.* options, resolved once)."""
+
+    autocast_dtype: torch.dtype | None = None
+    accumulation_steps: int = 1
+    grad_clip_norm: float | None = None
+    on_nonfinite: str = "stop"  # stop | skip (trainer.on_nonfinite)
+    max_nonfinite_steps: int = 10
+    show_progress: bool = False
+    debug_nan_at_step: int | None = None  # global batch index whose inputs become NaN
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+
+@dataclass
+class EpochState:
+    """What changes from epoch to epoch: the epoch, skips already spent, a stop request."""
+
+    epoch: int = 1
+    nonfinite_skipped_before: int = 0  # skipped optimizer steps in earlier epochs of the run
+    # Polled once per optimizer step and agreed across ranks with the non-finite flag: true
+    # ends the epoch early (a pre-emption signal), on every rank at the same step.
+    stop_requested: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -69,129 +96,155 @@ class EpochStats:
     samples: int
     seconds: float
     nonfinite_steps: int = 0  # optimizer steps skipped (trainer.on_nonfinite=skip)
-    stopped: bool = False  # ended early by ctx.should_stop
+    stopped: bool = False  # ended early by a stop request
 
     @property
     def images_per_second(self) -> float:
         return self.samples / self.seconds if self.seconds > 0 else math.nan
 
 
+class OptimizerUpdate:
+    """The one owner of the optimizer step, the LR schedule and the GradScaler.
+
+    At the end of every accumulation window: unscale (when a GradScaler is on), take the
+    gradient norm (clipping to `grad_clip_norm`), build one local "bad window" flag (a
+    non-finite loss, or a non-finite norm without a scaler; with fp16 an overflow is the
+    scaler's own business), agree it with the stop request across ranks in one all-reduce, then
+    step or skip on every rank alike. A skip restores the BatchNorm buffers the bad forward
+    moved and backs the GradScaler off, so `update()` runs after every window, scales stay equal
+    across ranks and the next `unscale_()` never meets a stale one.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        scaler: torch.amp.GradScaler,
+        policy: StepPolicy,
+    ) -> None:
+        self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
+        self.policy = policy
+        self._saved: list[torch.Tensor] = []
+
+    def begin_window(self, model: nn.Module) -> None:
+        """Remember BatchNorm buffers, so a skipped step leaves the model as it was."""
+        if self.policy.on_nonfinite == "skip":
+            self._saved = [b.detach().clone() for b in _float_buffers(model)]
+
+    def finish_window(
+        self, model: nn.Module, window_bad: torch.Tensor, stop: bool, where: str
+    ) -> tuple[bool, bool]:
+        """Step or skip; returns (skipped, stop agreed by every rank). One host sync."""
+        scaler = self.scaler
+        if scaler.is_enabled():
+            scaler.unscale_(self.optimizer)
+        norm = _grad_norm(model, self.policy.grad_clip_norm)
+        bad = window_bad if scaler.is_enabled() else window_bad | ~torch.isfinite(norm)
+        flags = torch.stack([bad.float(), torch.tensor(float(stop), device=bad.device)])
+        bad_agreed, stop_agreed = (v > 0 for v in distributed.any_rank_tensor(flags).tolist())
+        if bad_agreed:
+            if self.policy.on_nonfinite != "skip":
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradient at {where}; the last good checkpoint is kept. "
+                    "Lower trainer.lr, check the data, or set trainer.on_nonfinite=skip."
+                )
+            with torch.no_grad():
+                for b, old in zip(_float_buffers(model), self._saved, strict=True):
+                    b.copy_(old)
+            if scaler.is_enabled():  # as the scaler backs off on an overflow of its own
+                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
+        else:
+            scaler.step(self.optimizer)
+            scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # also after a skipped step: the schedule stays aligned with epochs
+        return bad_agreed, stop_agreed
+
+
+def _float_buffers(model: nn.Module) -> list[torch.Tensor]:
+    return [b for b in model.buffers() if b.is_floating_point()]
+
+
 def _grad_norm(model: nn.Module, clip: float | None) -> torch.Tensor:
+    """Total gradient norm (clipped to `clip` when set), as a device tensor: no host sync."""
     params = [p for p in model.parameters() if p.grad is not None]
-    if clip is not None:
-        return torch.nn.utils.clip_grad_norm_(params, clip)
     if not params:
         return torch.zeros(())
-    return torch.linalg.vector_norm(
-        torch.stack([torch.linalg.vector_norm(p.grad.detach().float()) for p in params])
-    )
+    if clip is not None:
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
 
 
 def train_one_epoch(
     model: nn.Module,
     loader: torch.utils.data.DataLoader,
     criterion: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    ctx: StepContext,
-    epoch: int,
+    update: OptimizerUpdate,
+    preprocess: Preprocess,
+    state: EpochState,
     no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
 ) -> EpochStats:
     """One pass over `loader` with gradient accumulation.
 
     Each micro-batch loss is divided by the size of its accumulation window; the last window of
     the epoch may be shorter and is divided by its own size, so every optimizer step averages
-    the gradients it saw. Gradients are unscaled before clipping. The running loss in the bar
-    and the returned loss are sample-weighted means (over the steps that were kept).
-
-    Non-finite values: with `on_nonfinite=stop` a NaN/inf loss or gradient norm raises
-    NonFiniteLossError before the weights change. With `skip` the whole optimizer step is
-    dropped: the backward still runs (under DDP the averaged gradient is then non-finite on
-    every rank, so all ranks skip the same step without an extra collective), the gradients are
-    zeroed and the BatchNorm buffers that the bad forward updated are restored. With an fp16
-    GradScaler, infinite gradients are the scaler's own business (it skips and rescales).
+    the gradients it saw. Forward and backward of all but the window's last micro-batch run
+    under `no_sync()`. The loss stays on the device; the returned loss is the sample-weighted
+    mean over the windows that were kept. At most one host sync per optimizer step.
     """
+    policy, device, epoch = update.policy, preprocess.device, state.epoch
     model.train()
-    n_batches = len(loader)
-    k = ctx.accumulation_steps
-    total_loss, total_n, skipped = 0.0, 0, 0
-    window_loss, window_n, window_bad = 0.0, 0, False
-    buffers = [b for b in model.buffers() if b.is_floating_point()]
-    saved: list[torch.Tensor] = []
-    skip_mode = ctx.on_nonfinite == "skip"
+    n_batches, k = len(loader), policy.accumulation_steps
+    kept_loss, kept_n, skipped = torch.zeros((), device=device), 0, 0
+    window_loss, window_n = torch.zeros((), device=device), 0
+    window_bad = torch.zeros((), dtype=torch.bool, device=device)
     start = time.perf_counter()
-    optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not ctx.show_progress)
+    update.optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not policy.show_progress)
     for step, (x, y, *_) in enumerate(bar):
-        x, y = ctx.to_device(x, y, train=True, key=step)
-        if ctx.debug_nan_at_step == (epoch - 1) * n_batches + step:
-            x = x * float("nan")
         window_start = (step // k) * k
         window = min(k, n_batches - window_start)
         boundary = step - window_start == window - 1
-        if skip_mode and step == window_start:
-            saved = [b.detach().clone() for b in buffers]
+        if step == window_start:
+            update.begin_window(model)
+        x, y = preprocess(x, train=True, epoch=epoch, key=step), y.to(device, non_blocking=True)
+        if policy.debug_nan_at_step == (epoch - 1) * n_batches + step:
+            x = x * float("nan")
         sync = contextlib.nullcontext() if boundary or no_sync is None else no_sync()
         with sync:
-            with ctx.autocast():
-                logits = model(x)
-                loss = criterion(logits, y)
-            if not torch.isfinite(loss):
-                if not skip_mode:
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}; "
-                        "the last good checkpoint is kept. Lower trainer.lr, check the data, "
-                        "or set trainer.on_nonfinite=skip."
-                    )
-                window_bad = True
-            ctx.scaler.scale(loss / window).backward()
-        n = y.shape[0]
-        window_loss += loss.detach().item() * n
-        window_n += n
+            with policy.autocast(device):
+                loss = criterion(model(x), y)
+            window_bad |= ~torch.isfinite(loss.detach())
+            update.scaler.scale(loss / window).backward()
+        window_loss += loss.detach().float() * y.shape[0]
+        window_n += y.shape[0]
         if not boundary:
             continue
-        if ctx.scaler.is_enabled() and (ctx.grad_clip_norm is not None):
-            ctx.scaler.unscale_(optimizer)
-        norm = None
-        if ctx.grad_clip_norm is not None or not ctx.scaler.is_enabled():
-            norm = _grad_norm(model, ctx.grad_clip_norm)
-        bad = window_bad or (
-            norm is not None and not ctx.scaler.is_enabled() and not torch.isfinite(norm)
-        )
-        if bad and not skip_mode:
-            raise NonFiniteLossError(
-                f"non-finite gradient norm ({float(norm)}) at epoch {epoch}, step {step}; the "
-                "last good checkpoint is kept. Lower trainer.lr, check the data, or set "
-                "trainer.on_nonfinite=skip."
-            )
+        stop = state.stop_requested is not None and state.stop_requested()
+        bad, stop = update.finish_window(model, window_bad, stop, f"epoch {epoch}, step {step}")
         if bad:
             skipped += 1
-            with torch.no_grad():
-                for b, old in zip(buffers, saved, strict=True):
-                    b.copy_(old)
-            if skipped > ctx.nonfinite_budget:
+            if state.nonfinite_skipped_before + skipped > policy.max_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"non-finite loss or gradient at epoch {epoch}, step {step}: more skipped "
-                    f"steps than trainer.max_nonfinite_steps allows; the last good checkpoint "
+                    "steps than trainer.max_nonfinite_steps allows; the last good checkpoint "
                     "is kept."
                 )
         else:
-            ctx.scaler.step(optimizer)
-            ctx.scaler.update()
-            total_loss += window_loss
-            total_n += window_n
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()  # also after a skipped step: the schedule stays aligned with epochs
-        window_loss, window_n, window_bad = 0.0, 0, False
-        if ctx.show_progress and total_n:
-            bar.set_postfix(loss=f"{total_loss / total_n:.4f}", refresh=False)
-        if step < n_batches - 1 and ctx.should_stop is not None and ctx.should_stop():
+            kept_loss += window_loss
+            kept_n += window_n
+        window_loss, window_n = torch.zeros((), device=device), 0
+        window_bad = torch.zeros((), dtype=torch.bool, device=device)
+        if policy.show_progress and kept_n:
+            bar.set_postfix(loss=f"{float(kept_loss) / kept_n:.4f}", refresh=False)
+        if stop and step < n_batches - 1:
             bar.close()
-            return EpochStats(total_loss / max(total_n, 1), total_n,
+            return EpochStats(float(kept_loss) / max(kept_n, 1), kept_n,
                               time.perf_counter() - start, skipped, stopped=True)  # fmt: skip
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize(ctx.device)
-    return EpochStats(total_loss / max(total_n, 1), total_n, time.perf_counter() - start, skipped)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return EpochStats(float(kept_loss) / max(kept_n, 1), kept_n, time.perf_counter() - start,
+                      skipped)  # fmt: skip
 
 
 @dataclass
@@ -209,25 +262,32 @@ class Scores:
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: torch.utils.data.DataLoader, criterion: nn.Module, ctx: StepContext
+def score(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    preprocess: Preprocess,
+    autocast_dtype: torch.dtype | None = None,
+    criterion: nn.Module | None = None,
 ) -> Scores:
     """Score every sample once, in loader order (the loader must not shuffle)."""
     model.eval()
+    device = preprocess.device
+    criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
+    policy = StepPolicy(autocast_dtype=autocast_dtype)
     probs, labels = [], []
-    total_loss, total_n = 0.0, 0
+    loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
     for step, (x, y, *_) in enumerate(loader):
-        x, y = ctx.to_device(x, y, train=False, key=step)
-        with ctx.autocast():
+        x, y = preprocess(x, key=step), y.to(device, non_blocking=True)
+        with policy.autocast(device):
             logits = model(x)
         logits = logits.float()
-        total_loss += criterion(logits, y).item() * y.shape[0]
-        total_n += y.shape[0]
+        loss_sum += criterion(logits, y).double() * y.shape[0]
+        n += y.shape[0]
         probs.append(torch.softmax(logits, dim=1)[:, 1].cpu())
         labels.append(y.cpu())
     return Scores(
         probs=torch.cat(probs).numpy().astype(np.float64) if probs else np.zeros(0),
         labels=torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64),
-        loss_sum=total_loss,
-        n=total_n,
+        loss_sum=float(loss_sum),
+        n=n,
     )

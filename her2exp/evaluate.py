@@ -132,7 +132,7 @@ def load_source(ecfg: DictConfig) -> tuple[dict[str, Any], str | None]:
 def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
     """Score a trained model on a cohort at the run's frozen thresholds; one linked MLflow run."""
     from her2exp import data, models
-    from her2exp.engine import StepContext, evaluate
+    from her2exp.engine import Preprocess, score
 
     state, source_run = load_source(ecfg)
     if "thresholds" not in state:
@@ -154,15 +154,13 @@ def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
     from her2exp.stain import pipeline as stain_pipeline
 
     stain = stain_pipeline.from_state(train_cfg.stain, state.get("stain"), ecfg.seed)
-    ctx = StepContext(
+    preprocess = Preprocess(
         device,
-        None,
-        torch.amp.GradScaler(device.type, enabled=False),
-        mean=tuple(train_cfg.data.mean),
-        std=tuple(train_cfg.data.std),
+        tuple(train_cfg.data.mean),
+        tuple(train_cfg.data.std),
         stain=None if stain is None else stain.to(device),  # the run's own fitted reference
     )
-    scores = evaluate(model, loader, torch.nn.CrossEntropyLoss(), ctx)
+    scores = score(model, loader, preprocess)
     thresholds = {k: float(v) for k, v in state["thresholds"].items()}
     ecfg_eval = OmegaConf.merge(train_cfg.get("evaluation", {}), ecfg.evaluation)
 

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 from her2exp import checkpoint, distributed
 from her2exp.data import DataBundle
 from her2exp.distributed import DistContext
-from her2exp.engine import StepContext
+from her2exp.engine import Preprocess, StepPolicy
 from her2exp.models import Her2Classifier, state_digest, update_digest
 from her2exp.reports import atomic_write_text
 
@@ -131,13 +131,14 @@ def cache_key(
 def embed(
     model: Her2Classifier,
     images: np.ndarray,
-    ctx: StepContext,
+    preprocess: Preprocess,
     stain: Any = None,
     batch_size: int = 256,
+    autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """uint8 (N, H, W, 3) patches -> (N, D) float32 embeddings on the CPU, through the same
     transform as training batches: stain normalisation (on the CPU here, or on the device by
-    `ctx.stain`), then mean/std on the device."""
+    `preprocess.stain`), then mean/std on the device."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
@@ -145,8 +146,8 @@ def embed(
         x = x.permute(0, 3, 1, 2).contiguous()
         if stain is not None:
             x = stain(x, False)
-        x, _ = ctx.to_device(x, torch.zeros(len(x), dtype=torch.long), train=False, key=start)
-        with ctx.autocast():
+        x = preprocess(x, key=start)
+        with StepPolicy(autocast_dtype=autocast_dtype).autocast(preprocess.device):
             out.append(model.embed(x).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)
 
@@ -178,7 +179,7 @@ def build(
         model, cfg.model, cfg.data.mean, cfg.data.std, cfg.stain, stain, autocast_dtype
     )
     directory = Path(root) / key
-    hashes = image_hashes(bundle.images)
+    hashes = image_hashes(bundle.patches.read_many(np.arange(len(bundle.manifest))))
     known = _load(directory, key) if dctx.is_main and directory.is_dir() else {}
     known = distributed.broadcast_object(known)
     first: dict[str, int] = {}
@@ -187,18 +188,11 @@ def build(
             first[h] = i
     missing = list(first)
     mine = distributed.shard_indices(len(missing), dctx.rank, dctx.world_size)
-    ctx = StepContext(
-        device=dctx.device,
-        autocast_dtype=autocast_dtype,
-        scaler=torch.amp.GradScaler(dctx.device.type, enabled=False),
-        channels_last=cfg.model.channels_last,
-        mean=tuple(cfg.data.mean),
-        std=tuple(cfg.data.std),
-        stain=stain if on_device else None,
-    )
+    preprocess = Preprocess(dctx.device, tuple(cfg.data.mean), tuple(cfg.data.std),
+                            cfg.model.channels_last, stain if on_device else None)  # fmt: skip
     rows = np.array([first[missing[i]] for i in mine], dtype=np.int64)
-    local = embed(model, bundle.images[rows], ctx, None if on_device else stain,
-                  cfg.data.eval_batch_size)  # fmt: skip
+    local = embed(model, bundle.patches.read_many(rows), preprocess,
+                  None if on_device else stain, cfg.data.eval_batch_size, autocast_dtype)
     new = distributed.gather_in_order(local.numpy()) if missing else np.zeros((0, 0))
     table = dict(known)
     table.update(zip(missing, torch.from_numpy(np.ascontiguousarray(new)), strict=True))

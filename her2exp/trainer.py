@@ -1,7 +1,8 @@
-"""The epoch loop: AMP set-up, evaluation each epoch, early stopping, checkpoints and resume.
+"""The epoch loop over small components: validation, early stopping, checkpointing, resume.
 
-Metric formulas live in metrics.py, MLflow in tracking.py; this module only decides what happens
-when, and keeps enough state in `last.pt` that a resumed run replays an uninterrupted one exactly.
+Metric formulas live in metrics/, MLflow in tracking/, the optimizer step in engine.py; this
+module only decides what happens when, and keeps enough state in `last.pt` that a resumed run
+replays an uninterrupted one exactly (docs/architecture.md, "The trainer").
 """
 
 from __future__ import annotations
@@ -20,12 +21,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from her2exp import checkpoint, distributed, metrics
 from her2exp.distributed import DistContext
-from her2exp.engine import Scores, StepContext, evaluate, train_one_epoch
+from her2exp.engine import (
+    EpochState,
+    EpochStats,
+    OptimizerUpdate,
+    Preprocess,
+    Scores,
+    score,
+    train_one_epoch,
+)
 from her2exp.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -147,99 +156,81 @@ class FitResult:
     nonfinite_steps: int = 0
 
 
-class Trainer:
-    """Holds what one fit needs; `fit` runs epochs until done, early-stopped or told to stop."""
+class EarlyStopping:
+    """The best epoch on validation AUC and the patience counter: nothing else decides it."""
 
-    def __init__(
-        self,
-        cfg: DictConfig,
-        model: nn.Module,
-        train_model: nn.Module,
-        criterion: nn.Module,
-        train_loader: torch.utils.data.DataLoader,
-        val_loader: torch.utils.data.DataLoader,
-        dctx: DistContext,
-        tracker: Tracker,
-        run_dir: Path,
-        no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
-        stain_on_device: Callable[..., torch.Tensor] | None = None,
-        features: bool = False,
-    ) -> None:
-        self.cfg, self.t = cfg, cfg.trainer
-        self.model = model  # the plain module: its state_dict is what checkpoints hold
-        self.train_model = train_model  # possibly compiled and/or DDP-wrapped
-        # model.cache_features: the loaders yield cached embeddings, so the head alone is
-        # trained and scored; checkpoints still hold the whole model.
-        self.score_model = model.head if features else model
-        self.no_sync = no_sync
-        self.criterion = criterion
-        self.train_loader, self.val_loader = train_loader, val_loader
-        self.dctx, self.tracker = dctx, tracker
-        self.ckpt_dir = run_dir / "checkpoints"
-        k = self.t.accumulation_steps
-        self.steps_per_epoch = math.ceil(len(train_loader) / k)
-        self.optimizer, self.scheduler = build_optimizer(model, self.t, self.steps_per_epoch)
-        dtype, use_scaler = resolve_amp(self.t.amp, dctx.device)
-        self.ctx = StepContext(
-            device=dctx.device,
-            autocast_dtype=dtype,
-            scaler=torch.amp.GradScaler(dctx.device.type, enabled=use_scaler),
-            accumulation_steps=k,
-            grad_clip_norm=self.t.grad_clip_norm,
-            channels_last=cfg.model.channels_last and not features,
-            show_progress=bool(self.t.progress) and dctx.is_main,
-            mean=tuple(cfg.data.mean),
-            std=tuple(cfg.data.std),
-            stain=None if features else stain_on_device,
-            should_stop=self._stop_agreed,
-            on_nonfinite=self.t.on_nonfinite,
-            debug_nan_at_step=self.t.debug_nan_at_step,
-        )
-        self.stop = StopRequest()
-        self.nonfinite_steps = 0
-        self.start_epoch = 1
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
         self.best_auc = -math.inf
         self.best_epoch = 0
         self.best_threshold = 0.5
         self.bad_epochs = 0
-        self.history: list[dict[str, float]] = []
-        self.best_state: dict[str, torch.Tensor] = {}
 
-    # -- checkpoints -------------------------------------------------------------------------
-    def _resume_state(self, epoch: int, rng_per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    def update(self, auc: float, threshold: float, epoch: int) -> bool:
+        """Record one epoch's val AUC; true when it is the new best."""
+        improved = not math.isnan(auc) and auc > self.best_auc
+        if improved:
+            self.best_auc, self.best_epoch, self.best_threshold = auc, epoch, threshold
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+        return improved
+
+    @property
+    def exhausted(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.ctx.scaler.state_dict(),
-            "epoch": epoch,
             "best_val_auc": self.best_auc,
             "best_epoch": self.best_epoch,
             "threshold_youden_val": self.best_threshold,
             "early_stop_bad_epochs": self.bad_epochs,
-            "nonfinite_steps_skipped": self.nonfinite_steps,
-            "history": self.history,
-            "rng": rng_per_rank[0],
-            "rng_per_rank": rng_per_rank,
-            "world_size": self.dctx.world_size,
-            "config": OmegaConf.to_yaml(self.cfg, resolve=True),
         }
 
-    def _stop_agreed(self) -> bool:
-        """Any rank asked to stop -> every rank stops (one tiny all-reduce per step under DDP)."""
-        return distributed.any_rank(self.stop.requested, self.dctx.device)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_auc = float(state["best_val_auc"])
+        self.best_epoch = int(state["best_epoch"])
+        self.best_threshold = float(state["threshold_youden_val"])
+        self.bad_epochs = int(state["early_stop_bad_epochs"])
 
-    def resume_from(self, path: str | Path) -> None:
-        """Restore everything `last.pt` holds.
 
-        The best weights are `last.pt`'s own when the best epoch is its epoch, else `best.pt`'s,
-        which must say it is that epoch. (`last.pt` is written before `best.pt`, so a process
-        killed between the two never pairs a counter with the wrong weights.)
-        """
-        path = Path(path)
+class Checkpointer:
+    """`last.pt` (everything a resume needs) and `best.pt` (the best weights), written by rank 0.
+
+    `last.pt` is written before `best.pt`, and a resume takes the best weights from `last.pt`
+    when the best epoch is its own epoch, else from `best.pt`, which must say it is that epoch:
+    a process killed between the two writes never pairs a counter with the wrong weights.
+    """
+
+    def __init__(self, directory: Path, enabled: bool, is_main: bool, extra: dict[str, Any]):
+        self.directory, self.enabled, self.is_main = directory, enabled, is_main
+        self.extra = extra  # model_name and the resolved config, stored in every file
+
+    @property
+    def last(self) -> Path:
+        return self.directory / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.directory / "best.pt"
+
+    def save(self, resume_state: dict[str, Any], best: dict[str, Any] | None) -> None:
+        if not (self.is_main and self.enabled):
+            return
+        checkpoint.save({**resume_state, "config": self.extra["config"]}, self.last)
+        if best is not None:
+            self.save_best(best)
+
+    def save_best(self, best: dict[str, Any]) -> None:
+        if self.is_main and self.enabled:
+            checkpoint.save({**best, **self.extra}, self.best)
+
+    def load(self, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+        """(resume state, best weights or None); rank 0 reads, the others get it by broadcast
+        (no shared file system needed)."""
         state = best = None
-        started = time.perf_counter()
-        if self.dctx.is_main:  # rank 0 reads; the others get it by broadcast (no shared FS needed)
+        if self.is_main:
             state = checkpoint.load(path)
             best_epoch = int(state["best_epoch"])
             if best_epoch > 0 and best_epoch == int(state["epoch"]):
@@ -252,50 +243,28 @@ class Trainer:
                         f"says the best epoch is {best_epoch}; resume from a consistent pair"
                     )
                 best = best_file["model"]
-        state, best = distributed.broadcast_object((state, best))
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.ctx.scaler.load_state_dict(state["scaler"])
-        self.start_epoch = int(state["epoch"]) + 1
-        self.best_auc = float(state["best_val_auc"])
-        self.best_epoch = int(state["best_epoch"])
-        self.best_threshold = float(state["threshold_youden_val"])
-        self.bad_epochs = int(state["early_stop_bad_epochs"])
-        self.nonfinite_steps = int(state.get("nonfinite_steps_skipped", 0))
-        self.history = list(state["history"])
-        if best is not None:
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in best.items()}
-            if self.dctx.is_main and self.t.save_checkpoints:
-                self._save_best()
-        per_rank = state.get("rng_per_rank", [state["rng"]])
-        same_layout = int(state.get("world_size", 1)) == self.dctx.world_size
-        checkpoint.set_rng_state(per_rank[self.dctx.rank] if same_layout else state["rng"])
-        self.resume_seconds = time.perf_counter() - started
-        log.info("resumed from %s after epoch %d (state restored in %.2f s)", path, state["epoch"],
-                 self.resume_seconds)  # fmt: skip
+        return distributed.broadcast_object((state, best))
 
-    def _save_best(self) -> Path:
-        return checkpoint.save(
-            {
-                "model": self.best_state,
-                "epoch": self.best_epoch,
-                "best_val_auc": self.best_auc,
-                "threshold_youden_val": self.best_threshold,
-                "model_name": self.cfg.model.name,
-                "config": OmegaConf.to_yaml(self.cfg, resolve=True),
-            },
-            self.ckpt_dir / "best.pt",
-        )
 
-    def evaluate_all(self, loader: torch.utils.data.DataLoader) -> Scores:
-        """Score a sharded eval loader on every rank and gather in dataset order.
+class Validator:
+    """Scores a sharded eval loader on every rank and gathers it in dataset order."""
 
-        BatchNorm running stats drift apart between ranks during training, so rank 0's are
-        broadcast first: every rank scores its shard with identical weights.
-        """
-        distributed.broadcast_module_state(self.score_model)
-        local = evaluate(self.score_model, loader, self.criterion, self.ctx)
+    def __init__(
+        self,
+        model: nn.Module,
+        criterion: nn.Module,
+        preprocess: Preprocess,
+        autocast_dtype: torch.dtype | None,
+        dctx: DistContext,
+    ) -> None:
+        self.model, self.criterion, self.preprocess = model, criterion, preprocess
+        self.autocast_dtype, self.dctx = autocast_dtype, dctx
+
+    def score(self, loader: torch.utils.data.DataLoader) -> Scores:
+        """BatchNorm running stats drift apart between ranks during training, so rank 0's are
+        broadcast first: every rank scores its shard with identical weights."""
+        distributed.broadcast_module_state(self.model)
+        local = score(self.model, loader, self.preprocess, self.autocast_dtype, self.criterion)
         if not self.dctx.is_distributed:
             return local
         loss_sum, n = distributed.all_reduce_sum([local.loss_sum, local.n], self.dctx.device)
@@ -305,6 +274,104 @@ class Trainer:
             loss_sum=loss_sum,
             n=int(n),
         )
+
+    def epoch_metrics(self, loader: torch.utils.data.DataLoader) -> dict[str, float]:
+        """Validation loss, AUC and the Youden operating point of this epoch's weights."""
+        scores = self.score(loader)
+        threshold = metrics.youden_threshold(scores.labels, scores.probs)
+        report = metrics.at_threshold(scores.labels, scores.probs, threshold)
+        return {
+            "val_loss": scores.loss,
+            "val_auc": report.auc,
+            "val_sensitivity": report.sensitivity,
+            "val_specificity": report.specificity,
+            "val_precision": report.precision,
+            "val_f1": report.f1,
+            "val_youden_threshold": threshold,
+        }
+
+
+class Trainer:
+    """The epoch loop over its components; `fit` runs until done, early-stopped or told to stop.
+
+    The trainer reads only `trainer.*` options (`TrainerConfig`); everything else arrives built.
+    """
+
+    def __init__(
+        self,
+        t: DictConfig,
+        model: nn.Module,
+        train_model: nn.Module,
+        criterion: nn.Module,
+        loaders: tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader],
+        update: OptimizerUpdate,
+        preprocess: Preprocess,
+        validator: Validator,
+        checkpointer: Checkpointer,
+        dctx: DistContext,
+        tracker: Tracker,
+        no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ) -> None:
+        self.t = t
+        self.model = model  # the plain module: its state_dict is what checkpoints hold
+        self.train_model = train_model  # possibly compiled and/or DDP-wrapped
+        self.criterion, self.no_sync = criterion, no_sync
+        self.train_loader, self.val_loader = loaders
+        self.update, self.preprocess, self.validator = update, preprocess, validator
+        self.checkpointer, self.dctx, self.tracker = checkpointer, dctx, tracker
+        self.early = EarlyStopping(t.early_stop_patience)
+        self.stop = StopRequest()
+        self.nonfinite_steps = 0
+        self.start_epoch = 1
+        self.history: list[dict[str, float]] = []
+        self.best_state: dict[str, torch.Tensor] = {}
+
+    # -- resume ------------------------------------------------------------------------------
+    def _resume_state(self, epoch: int, rng_per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.update.optimizer.state_dict(),
+            "scheduler": self.update.scheduler.state_dict(),
+            "scaler": self.update.scaler.state_dict(),
+            "epoch": epoch,
+            **self.early.state_dict(),
+            "nonfinite_steps_skipped": self.nonfinite_steps,
+            "history": self.history,
+            "rng": rng_per_rank[0],
+            "rng_per_rank": rng_per_rank,
+            "world_size": self.dctx.world_size,
+        }
+
+    def _best_file(self) -> dict[str, Any]:
+        return {"model": self.best_state, "epoch": self.early.best_epoch,
+                "best_val_auc": self.early.best_auc,
+                "threshold_youden_val": self.early.best_threshold}  # fmt: skip
+
+    def resume_from(self, path: str | Path) -> None:
+        """Restore everything `last.pt` holds (see Checkpointer for the best-weights pairing)."""
+        started = time.perf_counter()
+        state, best = self.checkpointer.load(Path(path))
+        self.model.load_state_dict(state["model"])
+        self.update.optimizer.load_state_dict(state["optimizer"])
+        self.update.scheduler.load_state_dict(state["scheduler"])
+        self.update.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = int(state["epoch"]) + 1
+        self.early.load_state_dict(state)
+        self.nonfinite_steps = int(state.get("nonfinite_steps_skipped", 0))
+        self.history = list(state["history"])
+        if best is not None:
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in best.items()}
+            self.checkpointer.save_best(self._best_file())
+        per_rank = state.get("rng_per_rank", [state["rng"]])
+        same_layout = int(state.get("world_size", 1)) == self.dctx.world_size
+        checkpoint.set_rng_state(per_rank[self.dctx.rank] if same_layout else state["rng"])
+        self.resume_seconds = time.perf_counter() - started
+        log.info("resumed from %s after epoch %d (state restored in %.2f s)", path,
+                 state["epoch"], self.resume_seconds)  # fmt: skip
+
+    def _stop_agreed(self) -> bool:
+        """Any rank asked to stop -> every rank stops (one tiny all-reduce under DDP)."""
+        return distributed.any_rank(self.stop.requested, self.dctx.device)
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> FitResult:
@@ -319,88 +386,22 @@ class Trainer:
         epochs = range(self.start_epoch, t.epochs + 1)
         if self.start_epoch > t.epochs:
             log.info("nothing to train: checkpoint already at epoch %d", epoch)
-        elif self.bad_epochs >= t.early_stop_patience:  # killed right after early stopping
+        elif self.early.exhausted:  # killed right after early stopping
             log.info("nothing to train: the run had early-stopped at epoch %d", epoch)
             stopped_early, epochs = True, range(0)
         for epoch in epochs:
-            self.train_loader.sampler.set_epoch(epoch)
-            self.train_loader.dataset.set_epoch(epoch)
-            self.ctx.epoch = epoch
-            self.ctx.nonfinite_budget = t.max_nonfinite_steps - self.nonfinite_steps
-            stats = train_one_epoch(
-                self.train_model,
-                self.train_loader,
-                self.criterion,
-                self.optimizer,
-                self.scheduler,
-                self.ctx,
-                epoch,
-                no_sync=self.no_sync,
-            )
+            stats = self._train_epoch(epoch)
             if stats.stopped:  # a signal: the partial epoch is dropped, last.pt is the resume point
-                interrupted = True
-                epoch -= 1
+                interrupted, epoch = True, epoch - 1
                 log.warning("stopped by a signal during epoch %d; resume from epoch %d",
                             epoch + 1, epoch)  # fmt: skip
                 break
-            self.nonfinite_steps += stats.nonfinite_steps
-            if stats.nonfinite_steps:
-                log.warning("epoch %d: skipped %d optimizer step(s) with a non-finite loss or "
-                            "gradient (%d in this run)", epoch, stats.nonfinite_steps,
-                            self.nonfinite_steps)  # fmt: skip
-            loss_sum, n_seen, seconds = distributed.all_reduce_sum(
-                [stats.loss * stats.samples, stats.samples, stats.seconds], self.dctx.device
-            )
-            stats.loss, stats.samples = loss_sum / max(n_seen, 1), int(n_seen)
-            stats.seconds = seconds / self.dctx.world_size
-            scores = self.evaluate_all(self.val_loader)
-            threshold = metrics.youden_threshold(scores.labels, scores.probs)
-            report = metrics.at_threshold(scores.labels, scores.probs, threshold)
-            row = {
-                "epoch": epoch,
-                "train_loss": stats.loss,
-                "val_loss": scores.loss,
-                "val_auc": report.auc,
-                "val_sensitivity": report.sensitivity,
-                "val_specificity": report.specificity,
-                "val_precision": report.precision,
-                "val_f1": report.f1,
-                "val_youden_threshold": threshold,
-                "lr": max(g["lr"] for g in self.optimizer.param_groups),  # the head's
-                "epoch_seconds": stats.seconds,
-                "images_per_second": stats.images_per_second,
-                "nonfinite_steps_skipped": self.nonfinite_steps,
-            }
-            self.history.append(row)
-            improved = not math.isnan(report.auc) and report.auc > self.best_auc
-            if improved:
-                self.best_auc, self.best_epoch, self.best_threshold = report.auc, epoch, threshold
-                self.bad_epochs = 0
-                self.best_state = {
-                    k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
-                }
-            else:
-                self.bad_epochs += 1
-            rng_per_rank = distributed.all_gather_object(checkpoint.rng_state())
-            if self.dctx.is_main and t.save_checkpoints:
-                # last.pt first (it can stand in for best.pt, see resume_from), then best.pt.
-                checkpoint.save(self._resume_state(epoch, rng_per_rank), self.ckpt_dir / "last.pt")
-                if improved:
-                    self._save_best()
-            if self.dctx.is_main:  # after the checkpoint: a resume re-logs only what is missing
-                self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
-                log.info(
-                    "epoch %d/%d train_loss %.4f val_loss %.4f val_auc %.4f sens %.3f spec %.3f "
-                    "thr %.3f %.0f img/s%s",
-                    epoch, t.epochs, stats.loss, scores.loss, report.auc, report.sensitivity,
-                    report.specificity, threshold, stats.images_per_second,
-                    " *" if improved else "",
-                )  # fmt: skip
+            self._end_of_epoch(epoch, stats)
             # Every rank holds the same gathered metrics; rank 0's decision is still broadcast
             # so no rank can ever wait on a collective that the others have left.
-            if distributed.broadcast_object(self.bad_epochs >= t.early_stop_patience):
+            if distributed.broadcast_object(self.early.exhausted):
                 stopped_early = True
-                log.info("early stop: no val AUC gain in %d epochs", self.bad_epochs)
+                log.info("early stop: no val AUC gain in %d epochs", self.early.bad_epochs)
                 break
             if t.stop_after_epoch is not None and epoch >= t.stop_after_epoch and epoch < t.epochs:
                 interrupted = True
@@ -410,19 +411,67 @@ class Trainer:
                 interrupted = True
                 log.warning("stopped by a signal after epoch %d (saved)", epoch)
                 break
+        return self._result(epoch, stopped_early, interrupted)
+
+    def _train_epoch(self, epoch: int) -> EpochStats:
+        self.train_loader.sampler.set_epoch(epoch)
+        self.train_loader.dataset.set_epoch(epoch)
+        state = EpochState(epoch, self.nonfinite_steps, lambda: self.stop.requested)
+        stats = train_one_epoch(self.train_model, self.train_loader, self.criterion, self.update,
+                                self.preprocess, state, self.no_sync)  # fmt: skip
+        self.nonfinite_steps += stats.nonfinite_steps
+        if stats.nonfinite_steps:
+            log.warning("epoch %d: skipped %d optimizer step(s) with a non-finite loss or "
+                        "gradient (%d in this run)", epoch, stats.nonfinite_steps,
+                        self.nonfinite_steps)  # fmt: skip
+        loss_sum, n_seen, seconds = distributed.all_reduce_sum(
+            [stats.loss * stats.samples, stats.samples, stats.seconds], self.dctx.device
+        )
+        stats.loss, stats.samples = loss_sum / max(n_seen, 1), int(n_seen)
+        stats.seconds = seconds / self.dctx.world_size
+        return stats
+
+    def _end_of_epoch(self, epoch: int, stats: EpochStats) -> None:
+        """Validate, update the best epoch, checkpoint, then log (a resume re-logs only what is
+        missing)."""
+        val = self.validator.epoch_metrics(self.val_loader)
+        row = {"epoch": epoch, "train_loss": stats.loss, **val,
+               "lr": max(g["lr"] for g in self.update.optimizer.param_groups),  # the head's
+               "epoch_seconds": stats.seconds, "images_per_second": stats.images_per_second,
+               "nonfinite_steps_skipped": self.nonfinite_steps}  # fmt: skip
+        self.history.append(row)
+        improved = self.early.update(val["val_auc"], val["val_youden_threshold"], epoch)
+        if improved:
+            self.best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
+            }
+        rng_per_rank = distributed.all_gather_object(checkpoint.rng_state())
+        self.checkpointer.save(self._resume_state(epoch, rng_per_rank),
+                               self._best_file() if improved else None)  # fmt: skip
+        if self.dctx.is_main:
+            self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
+            log.info(
+                "epoch %d/%d train_loss %.4f val_loss %.4f val_auc %.4f sens %.3f spec %.3f "
+                "thr %.3f %.0f img/s%s",
+                epoch, self.t.epochs, stats.loss, val["val_loss"], val["val_auc"],
+                val["val_sensitivity"], val["val_specificity"], val["val_youden_threshold"],
+                stats.images_per_second, " *" if improved else "",
+            )  # fmt: skip
+
+    def _result(self, epoch: int, stopped_early: bool, interrupted: bool) -> FitResult:
         if not self.best_state:
             self.best_state = copy.deepcopy(self.model.state_dict())
-        best_ckpt = self.ckpt_dir / "best.pt"
+        best = self.checkpointer.best
         return FitResult(
-            best_epoch=self.best_epoch,
-            best_val_auc=self.best_auc,
-            threshold_youden_val=self.best_threshold,
+            best_epoch=self.early.best_epoch,
+            best_val_auc=self.early.best_auc,
+            threshold_youden_val=self.early.best_threshold,
             last_epoch=epoch,
             stopped_early=stopped_early,
             interrupted=interrupted,
             best_state=self.best_state,
             history=self.history,
-            best_checkpoint=best_ckpt if best_ckpt.is_file() else None,
+            best_checkpoint=best if best.is_file() else None,
             stop_signal=self.stop.signum if interrupted else None,
             nonfinite_steps=self.nonfinite_steps,
         )

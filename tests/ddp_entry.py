@@ -1,4 +1,4 @@
-"""torchrun entry for the DDP tests: `her2exp.train.main` with test-only perturbations.
+"""torchrun entry for the DDP tests: `her2exp.cli.train.main` with test-only perturbations.
 
 HER2EXP_TEST_SKEW_S delays each rank's start by LOCAL_RANK * that many seconds (ranks then
 compose their configs in different seconds); HER2EXP_TEST_FAIL_RANK makes that rank raise in
@@ -12,7 +12,7 @@ import time
 
 import her2exp.engine
 import her2exp.trainer
-from her2exp.train import main
+from her2exp.cli.train import main
 
 rank = int(os.environ.get("RANK", 0))
 time.sleep(float(os.environ.get("HER2EXP_TEST_SKEW_S", 0)) * int(os.environ.get("LOCAL_RANK", 0)))
@@ -21,7 +21,7 @@ if os.environ.get("HER2EXP_TEST_FAIL_RANK") == str(rank):
     real = her2exp.engine.train_one_epoch
 
     def failing(*args, **kwargs):
-        if args[6] >= 2:  # the epoch argument
+        if args[5].epoch >= 2:  # the EpochState argument
             raise RuntimeError(f"deliberate failure on rank {rank}")
         return real(*args, **kwargs)
 

@@ -17,8 +17,9 @@ import time
 
 import torch
 
-from her2exp.engine import StepContext
-from her2exp.train import main
+from her2exp.cli.train import main
+from her2exp.engine import Preprocess
+from her2exp.trainer import Trainer
 
 POINTS = [p for p in os.environ.get("HER2EXP_TEST_PAUSE", "").split(",") if p]
 MARKER = os.environ.get("HER2EXP_TEST_MARKER", "")
@@ -39,15 +40,19 @@ def pause(point: str) -> None:
         time.sleep(0.02)
 
 
-_to_device = StepContext.to_device
+_preprocess = Preprocess.__call__
+_end_of_epoch = Trainer._end_of_epoch
 
 
-def to_device(self, x, y, train=False, key=0):
+def preprocess(self, x, train=False, epoch=0, key=0):
     if train:
-        pause(f"train:{self.epoch}:{key}")
-    elif key == 0:
-        pause(f"eval:{self.epoch}")
-    return _to_device(self, x, y, train, key)
+        pause(f"train:{epoch}:{key}")
+    return _preprocess(self, x, train, epoch, key)
+
+
+def end_of_epoch(self, epoch, stats):
+    pause(f"eval:{epoch}")  # before the first validation batch
+    return _end_of_epoch(self, epoch, stats)
 
 
 _save = torch.save
@@ -68,7 +73,8 @@ def save(obj, f, *args, **kwargs):
 
 
 if POINTS:
-    StepContext.to_device = to_device
+    Preprocess.__call__ = preprocess
+    Trainer._end_of_epoch = end_of_epoch
     torch.save = save
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from her2exp.data import sources, splits, synthetic
-from her2exp.data.datasets import PatchDataset
+from her2exp.data.datasets import InMemoryPatches, PatchDataset, PatchStore
 from her2exp.distributed import shard_indices
 from her2exp.seed import worker_init_fn
 
@@ -30,13 +30,26 @@ def _no_skipped() -> pd.DataFrame:
 
 @dataclass
 class DataBundle:
+    """The manifest, where its pixels come from, and the fingerprint an auditor compares."""
+
     manifest: pd.DataFrame
-    images: np.ndarray  # uint8 (N, H, W, 3), decoded up front, in manifest order
+    patches: PatchStore  # one patch per manifest row, in manifest order
     fingerprint: str
     #: Files dropped by data.on_bad_file=skip: (path, problem); empty otherwise.
     skipped: pd.DataFrame = field(default_factory=_no_skipped)
     #: Conversions applied while decoding (RGBA/grayscale -> RGB, resizes), with counts.
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def images(self) -> np.ndarray:
+        """The decoded (N, H, W, 3) array of an in-memory store (data.cache=true)."""
+        if not isinstance(self.patches, InMemoryPatches):
+            raise TypeError("this data set is read lazily: use bundle.patches.read_many(rows)")
+        return self.patches.array
+
+    def read(self, split: str) -> np.ndarray:
+        """uint8 (N, H, W, 3) patches of one split (stain fitting, galleries)."""
+        return self.patches.read_many(self.indices(split))
 
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.manifest["split"].to_numpy() == split)
@@ -52,20 +65,32 @@ class DataBundle:
         }
 
 
+def seeds(cfg: DictConfig, seed: int) -> tuple[int, int]:
+    """(data seed, split seed): `data.data_seed` renders the embedded data set and
+    `data.split_seed` assigns patients to splits; null (the default) means the run's `seed`, so
+    old runs and `her2exp-rerun` are unchanged. A repeat sweep (`-m seed=1,2,3`) fixes both to
+    vary only the initialisation."""
+    data_seed = cfg.get("data_seed")
+    split_seed = cfg.get("split_seed")
+    return (seed if data_seed is None else int(data_seed),
+            seed if split_seed is None else int(split_seed))  # fmt: skip
+
+
 def build(cfg: DictConfig, seed: int) -> DataBundle:
     """Materialise the data set and its patient-grouped split; fails early on an unusable split.
 
     File sources (data=folder | data=manifest) raise sources.DataValidationError, a ValueError
     listing every bad file and split problem at once.
     """
+    data_seed, split_seed = seeds(cfg, seed)
     if cfg.source != "synthetic":
-        return _from_files(sources.load(cfg, seed))
-    bundle = build_cohort(cfg, seed)
+        return _from_files(sources.load(cfg, split_seed))
+    bundle = build_cohort(cfg, data_seed)
     manifest = bundle.manifest
     fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
-    manifest["split"] = splits.assign(manifest, fractions, seed)
+    manifest["split"] = splits.assign(manifest, fractions, split_seed)
     splits.check(manifest)
-    return DataBundle(manifest, bundle.images, _fingerprint(cfg, seed, manifest))
+    return DataBundle(manifest, bundle.patches, _fingerprint(cfg, data_seed, manifest))
 
 
 def build_cohort(cfg: DictConfig, seed: int) -> DataBundle:
@@ -82,12 +107,16 @@ def build_cohort(cfg: DictConfig, seed: int) -> DataBundle:
     )
     manifest = data.frame.copy()
     manifest["split"] = "cohort"
-    return DataBundle(manifest, data.images, _fingerprint(cfg, seed, manifest))
+    return DataBundle(manifest, InMemoryPatches(data.images), _fingerprint(cfg, seed, manifest))
 
 
 def _from_files(loaded: sources.Loaded) -> DataBundle:
     return DataBundle(
-        loaded.manifest, loaded.images, loaded.fingerprint, loaded.skipped, loaded.notes
+        loaded.manifest,
+        InMemoryPatches(loaded.images),
+        loaded.fingerprint,
+        loaded.skipped,
+        loaded.notes,
     )
 
 
@@ -98,7 +127,8 @@ def _fingerprint(cfg: DictConfig, seed: int, manifest: pd.DataFrame) -> str:
     it at the start of a run) and does not change the data.
     """
     generator_cfg = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("mean", "std"):
+    # The seeds enter as the generator's seed and through the manifest's split column.
+    for key in ("mean", "std", "data_seed", "split_seed"):
         generator_cfg.pop(key, None)
     digest = hashlib.sha256()
     digest.update(json.dumps({"generator": generator_cfg, "seed": seed}, sort_keys=True).encode())
@@ -110,10 +140,11 @@ def make_dataset(bundle: DataBundle, split: str | None, cfg: DictConfig, seed: i
     """Dataset of one split (None: every row), augmented only for "train"."""
     idx = bundle.indices(split) if split is not None else np.arange(len(bundle.manifest))
     return PatchDataset(
-        bundle.images[idx],
+        bundle.patches,
         bundle.manifest["label"].to_numpy()[idx],
         augment=bool(cfg.augment) and split == "train",
         seed=seed,
+        rows=idx,
     )
 
 

@@ -1,4 +1,10 @@
-"""In-memory patch dataset with cheap, deterministic, rotation-invariant augmentation.
+"""Patch stores (where pixels come from) and the dataset over them, with cheap, deterministic,
+rotation-invariant augmentation.
+
+A `PatchStore` is the only thing the dataset asks for pixels: `InMemoryPatches` holds the array
+decoded up front (data.cache=true); a store that decodes files in the DataLoader workers or reads
+tiles from slides implements the same two methods and plugs in without touching the bundle,
+the splits or the loaders (docs/architecture.md, "Data").
 
 Augmentation draws from an RNG keyed by (seed, epoch, index), so a batch looks the same whatever
 the worker count, rank or resume point: resumed runs replay exactly.
@@ -6,24 +12,68 @@ the worker count, rank or resume point: resumed runs replay exactly.
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 
-class PatchDataset(Dataset):
-    """uint8 HWC patches -> uint8 CHW tensors (augmented for training), label and row index.
+@runtime_checkable
+class PatchStore(Protocol):
+    """Patches by row of the manifest, as uint8 RGB; may read lazily (in a worker process)."""
 
-    Normalisation to float (mean/std) happens on the training device (engine.StepContext), so
+    def __len__(self) -> int: ...
+
+    def read(self, row: int) -> torch.Tensor:
+        """One patch as a uint8 (3, H, W) tensor."""
+        ...
+
+    def read_many(self, rows: np.ndarray) -> np.ndarray:
+        """Patches as a uint8 (N, H, W, 3) array (stain fitting, galleries, feature caching)."""
+        ...
+
+
+class InMemoryPatches:
+    """Every patch decoded once, up front, held as one (N, H, W, 3) uint8 array."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"expected uint8 (N, H, W, 3) patches, got {images.dtype} "
+                             f"{images.shape}")  # fmt: skip
+        self.array = images
+        self._chw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def read(self, row: int) -> torch.Tensor:
+        return self._chw[row]
+
+    def read_many(self, rows: np.ndarray) -> np.ndarray:
+        return self.array[np.asarray(rows, dtype=np.int64)]
+
+
+class PatchDataset(Dataset):
+    """Rows of a patch store -> uint8 CHW tensors (augmented for training), label and index.
+
+    Normalisation to float (mean/std) happens on the training device (engine.Preprocess), so
     stain normalisation can act on uint8 batches in between and host-to-device copies are 4x
-    smaller.
+    smaller. `index` is the position in this dataset (the augmentation key), not the row.
     """
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool = False,
-                 seed: int = 0) -> None:  # fmt: skip
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    def __init__(
+        self,
+        store: PatchStore | np.ndarray,
+        labels: np.ndarray,
+        augment: bool = False,
+        seed: int = 0,
+        rows: np.ndarray | None = None,
+    ) -> None:
+        self.store = store if isinstance(store, PatchStore) else InMemoryPatches(store)
+        self.rows = np.arange(len(self.store)) if rows is None else np.asarray(rows, np.int64)
+        if len(self.rows) != len(labels):
+            raise ValueError(f"{len(self.rows)} images but {len(labels)} labels")
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.augment = augment
         self.seed = seed
@@ -42,7 +92,7 @@ class PatchDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-        x = self.images[index]
+        x = self.store.read(int(self.rows[index]))
         if self.augment:
             # Dihedral group D4: histology has no up, down, left or right.
             k, flip = divmod(hash((self.seed, self.epoch, index)) % 8, 2)

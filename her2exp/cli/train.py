@@ -1,0 +1,75 @@
+"""`her2exp-train`: compose conf/train.yaml with the command line, train, print the result.
+
+Returns the best validation AUC: the objective a Hydra sweeper maximises.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+from her2exp import checkpoint, distributed
+from her2exp.config import ConfigError
+from her2exp.evaluate import format_table
+from her2exp.train import CONFIG_DIR, run
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        summary = run(cfg)
+    except ConfigError as exc:
+        if distributed.env_rank() == 0:
+            print(f"her2exp: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except checkpoint.CheckpointWriteError as exc:
+        print(f"her2exp: disk full: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as exc:
+        if exc.errno not in checkpoint.FULL_DISK_ERRNOS:
+            raise
+        print(f"her2exp: disk full: {exc}; the checkpoints in {cfg.output_dir}/checkpoints are "
+              "intact: free space and resume with trainer.resume=auto", file=sys.stderr)  # fmt: skip
+        raise SystemExit(1) from None
+    if summary.get("stop_signal"):  # pre-empted: non-zero, as a scheduler expects
+        if distributed.env_rank() == 0 and summary.get("tracking_deferred"):
+            print(f"her2exp: warning: {summary['tracking_deferred']}", file=sys.stderr)
+        raise SystemExit(128 + int(summary["stop_signal"]))
+    if distributed.env_rank() == 0:
+        report(summary)
+    return float(summary["best_val_auc"])
+
+
+def report(summary: dict[str, Any]) -> None:
+    """The console summary of a finished (or stopped) run."""
+    if summary.get("tracking_deferred"):
+        print(f"her2exp: warning: {summary['tracking_deferred']}", file=sys.stderr)
+    if summary.get("interrupted"):
+        return
+    th = summary["thresholds"]
+    test = summary["test_evaluation"]
+    print(
+        f"her2exp: best val AUC {summary['best_val_auc']:.4f} at epoch {summary['best_epoch']}"
+        f" | Youden threshold (val) {th['youden']:.4f} | test AUC {test.auc.auc:.4f}"
+    )
+    print("her2exp: operating points chosen on validation, then frozen: "
+          + ", ".join(f"{k}={v:.4f}" for k, v in th.items()))  # fmt: skip
+    print(format_table(summary["val_evaluation"], "validation (thresholds chosen here)"))
+    print(format_table(test, "test (frozen thresholds)"))
+    where = summary["tracking_uri"]
+    if where:
+        print(f"her2exp: MLflow run {summary['mlflow_run_id']} in {where}")
+        print(f"her2exp: rerun from MLflow alone with: her2exp-rerun "
+              f"{summary['mlflow_run_id']} tracking.uri={where}")  # fmt: skip
+    print(f"her2exp: run directory {summary['run_dir']}")
+    if summary.get("tracking_errors"):
+        print(f"her2exp: MLflow logging failed {len(summary['tracking_errors'])} time(s), "
+              f"first: {summary['tracking_errors'][0]}; checkpoints and reports are in the "
+              "run directory", file=sys.stderr)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The end of a run: best weights -> validation (operating points chosen, then frozen) -> test at
+those thresholds -> reports, MLflow entries and the model file evaluations load.
+
+It scores through the trainer's validator and reports through the one evaluation path
+(`report_cohorts`), so the run's test table and a later `her2exp-eval` of the same checkpoint on
+the same data cannot disagree (docs/architecture.md, "Evaluation").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from her2exp import checkpoint, metrics, tracking
+from her2exp.builders import DataParts
+from her2exp.evaluate import ScoredSplit, report_cohorts
+from her2exp.trainer import Validator
+
+
+def final_evaluation(
+    cfg: DictConfig,
+    parts: DataParts,
+    validator: Validator,
+    model: Any,
+    threshold: float,
+    tracker: tracking.Tracker,
+    run_dir: Path,
+    summary: dict[str, Any],
+    is_main: bool,
+) -> dict[str, Any]:
+    """Score val and test with the best weights (already loaded) and report them."""
+    val = validator.score(parts.loaders["val"])
+    test = validator.score(parts.loaders["test"])
+    thresholds = metrics.operating_points(val.labels, val.probs, cfg.evaluation.target_sensitivity)
+    if abs(thresholds["youden"] - threshold) > 1e-9:  # same weights, same val: must agree
+        raise RuntimeError(f"Youden threshold drifted: {thresholds['youden']} vs {threshold}")
+    out: dict[str, Any] = {"thresholds": thresholds}
+    if not is_main:
+        return out
+    bundle = parts.bundle
+    scored = []
+    for name, s in (("val", val), ("test", test)):
+        rows = bundle.manifest.iloc[bundle.indices(name)].reset_index(names="row")
+        split = ScoredSplit(name, rows, s.probs, bundle.read(name))
+        if not np.array_equal(split.labels, s.labels):
+            raise RuntimeError("gathered scores are not in dataset order")
+        scored.append(split)
+    git = tracking.git_info()
+    header = {**summary, "seed": cfg.seed, "git_commit": git["git_commit"],
+              "git_dirty": git["git_dirty"], "test_loss": test.loss}  # fmt: skip
+    evs = report_cohorts(scored, thresholds, cfg.evaluation, run_dir / "reports", tracker,
+                         header, cfg.seed)  # fmt: skip
+    tracker.log_metrics({"best_epoch": summary["best_epoch"],
+                         "best_val_auc": summary["best_val_auc"],
+                         "threshold_youden_val": threshold, "test_loss": test.loss})  # fmt: skip
+    best_ckpt = freeze_into_checkpoint(run_dir, thresholds, parts.stain)
+    log_run_files(cfg, run_dir, tracker, best_ckpt)
+    if cfg.tracking.get("log_model", True):
+        log_model(cfg, model, tracker, thresholds)
+    out.update({"val_evaluation": evs["val"], "test_evaluation": evs["test"],
+                "test_auc": evs["test"].auc.auc})  # fmt: skip
+    return out
+
+
+def freeze_into_checkpoint(run_dir: Path, thresholds: dict[str, float], stain: Any) -> Path:
+    """The operating points (and the stain reference) go into best.pt, which evaluations load."""
+    best_ckpt = run_dir / "checkpoints" / "best.pt"
+    if best_ckpt.is_file():
+        state = checkpoint.load(best_ckpt)
+        state["thresholds"] = thresholds
+        state["stain"] = None if stain is None else stain.state_dict()
+        checkpoint.save(state, best_ckpt)
+    return best_ckpt
+
+
+def log_run_files(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker, best: Path) -> None:
+    """The resolved config, Hydra's record of the command and (optionally) best.pt."""
+    path = checkpoint.atomic_write_text(run_dir / "config_resolved.yaml",
+                                        OmegaConf.to_yaml(cfg, resolve=True))  # fmt: skip
+    tracker.log_artifact(path)
+    tracker.log_artifact(run_dir / ".hydra", "hydra")
+    if cfg.tracking.get("log_checkpoint", True) and best.is_file():
+        tracker.log_artifact(best, "checkpoints")
+
+
+def log_model(
+    cfg: DictConfig, model: Any, tracker: tracking.Tracker, thresholds: dict[str, float]
+) -> None:
+    """The MLflow model (normalised float patches in, two logits out) with its contract."""
+    size = cfg.data.image_size
+    tracker.log_model(
+        model.eval(),
+        np.zeros((1, 3, size, size), dtype=np.float32),
+        {
+            "thresholds": thresholds,
+            "class_names": ["HER2-", "HER2+"],
+            "output": "logits; softmax column 1 is P(HER2+)",
+            "image_size": size,
+            "mean": list(cfg.data.mean),
+            "std": list(cfg.data.std),
+            "backbone_weights": dict(getattr(model, "weights_info", {})),
+        },
+    )
