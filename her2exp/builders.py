@@ -70,8 +70,9 @@ def build_runtime(cfg: DictConfig) -> Runtime:
         if resume is None:
             log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", run_dir)
     dtype, use_scaler = resolve_amp(cfg.trainer.amp, dctx.device)
-    return Runtime(dctx, run_dir, Path(resume) if resume else None, continue_run, restarts, dtype,
-                   use_scaler)  # fmt: skip
+    return Runtime(
+        dctx, run_dir, Path(resume) if resume else None, continue_run, restarts, dtype, use_scaler
+    )
 
 
 # -- model -----------------------------------------------------------------------------------
@@ -164,11 +165,13 @@ def build_data(cfg: DictConfig, dctx: DistContext) -> DataParts:
         is_train = split == "train"
         collate = None if stain is None or on_device else StainCollate(stain, is_train, ds)
         if is_train:
-            loaders[split] = data.train_loader(ds, cfg.data, cfg.seed, dctx.rank,
-                                               dctx.world_size, dctx.device, collate)  # fmt: skip
+            loaders[split] = data.train_loader(
+                ds, cfg.data, cfg.seed, dctx.rank, dctx.world_size, dctx.device, collate
+            )
         else:
-            loaders[split] = data.eval_loader(ds, cfg.data, dctx.device, dctx.rank,
-                                              dctx.world_size, collate)  # fmt: skip
+            loaders[split] = data.eval_loader(
+                ds, cfg.data, dctx.device, dctx.rank, dctx.world_size, collate
+            )
     criterion = losses.build(cfg.loss, bundle.labels("train")).to(dctx.device)
     preprocess = Preprocess(
         dctx.device,
@@ -194,14 +197,22 @@ def use_cached_features(
     # backbone, or a random-init backbone would differ per rank (seeded seed + rank).
     distributed.broadcast_module_state(model)
     root = Path(cfg.model.feature_cache_dir or runtime.run_dir / "features").expanduser()
-    cached = features.build(model, parts.bundle, cfg, root, dctx, runtime.autocast_dtype,
-                            parts.stain)  # fmt: skip
+    cached = features.build(
+        model, parts.bundle, cfg, root, dctx, runtime.autocast_dtype, parts.stain
+    )
     tracker.set_tags({"features.cache_key": cached.key, "features.dir": cached.directory})
-    tracker.log_metrics({"features_computed": cached.computed, "features_reused": cached.reused,
-                         "feature_seconds": cached.seconds})  # fmt: skip
+    tracker.log_metrics(
+        {
+            "features_computed": cached.computed,
+            "features_reused": cached.reused,
+            "feature_seconds": cached.seconds,
+        }
+    )
     fcfg = features.loader_config(cfg.data)
-    sets = {s: features.FeatureDataset(cached.features[s], parts.bundle.labels(s))
-            for s in features.SPLITS}  # fmt: skip
+    sets = {
+        s: features.FeatureDataset(cached.features[s], parts.bundle.labels(s))
+        for s in features.SPLITS
+    }
     shard = (dctx.rank, dctx.world_size)
     parts.loaders = {
         "train": data.train_loader(sets["train"], fcfg, cfg.seed, *shard, dctx.device),
@@ -230,8 +241,15 @@ def start_tracking(
 ) -> None:
     """Open (or continue) the run with its audit tags, the data set and what was skipped."""
     dctx, bundle = runtime.dctx, parts.bundle
-    tags = tracking.run_tags(cfg, dctx.device, dctx.world_size, dctx.backend, overrides,
-                             bundle.fingerprint, model.weights_info)  # fmt: skip
+    tags = tracking.run_tags(
+        cfg,
+        dctx.device,
+        dctx.world_size,
+        dctx.backend,
+        overrides,
+        bundle.fingerprint,
+        model.weights_info,
+    )
     tags["run_dir"] = str(runtime.run_dir.resolve())
     data_seed, split_seed = data.seeds(cfg.data, cfg.seed)
     tags["data_seed"], tags["split_seed"] = str(data_seed), str(split_seed)
@@ -244,8 +262,9 @@ def start_tracking(
     tracker.start(cfg, tags, run_dir=runtime.run_dir, continue_run=runtime.continue_run)
     tracker.log_dataset(bundle.manifest, cfg.data.source, bundle.fingerprint, parts.counts)
     if len(bundle.skipped) and dctx.is_main:  # data.on_bad_file=skip: what was left out
-        path = checkpoint.atomic_write_text(runtime.run_dir / "skipped_files.csv",
-                                            bundle.skipped.to_csv(index=False))  # fmt: skip
+        path = checkpoint.atomic_write_text(
+            runtime.run_dir / "skipped_files.csv", bundle.skipped.to_csv(index=False)
+        )
         tracker.log_artifact(path, "data")
 
 
@@ -302,14 +321,27 @@ def build_trainer(
     optimizer, scheduler = build_optimizer(wrapped.model, t, steps_per_epoch)
     scaler = torch.amp.GradScaler(dctx.device.type, enabled=runtime.use_scaler)
     update = OptimizerUpdate(optimizer, scheduler, scaler, step_policy(t, runtime))
-    validator = Validator(wrapped.score_model, parts.criterion, parts.preprocess,
-                          runtime.autocast_dtype, dctx)  # fmt: skip
+    validator = Validator(
+        wrapped.score_model, parts.criterion, parts.preprocess, runtime.autocast_dtype, dctx
+    )
     extra = {"model_name": cfg.model.name, "config": OmegaConf.to_yaml(cfg, resolve=True)}
-    checkpointer = Checkpointer(runtime.run_dir / "checkpoints", t.save_checkpoints,
-                                dctx.is_main, extra)  # fmt: skip
-    return Trainer(t, wrapped.model, wrapped.train_model, parts.criterion,
-                   (parts.loaders["train"], parts.loaders["val"]), update, parts.preprocess,
-                   validator, checkpointer, dctx, tracker, wrapped.no_sync)  # fmt: skip
+    checkpointer = Checkpointer(
+        runtime.run_dir / "checkpoints", t.save_checkpoints, dctx.is_main, extra
+    )
+    return Trainer(
+        t,
+        wrapped.model,
+        wrapped.train_model,
+        parts.criterion,
+        (parts.loaders["train"], parts.loaders["val"]),
+        update,
+        parts.preprocess,
+        validator,
+        checkpointer,
+        dctx,
+        tracker,
+        wrapped.no_sync,
+    )
 
 
 def resume_command(run_dir: Path, overrides: list[str]) -> str:
@@ -334,5 +366,12 @@ def describe(parts: DataParts) -> dict[str, Any]:
     c = parts.cached
     if c is None:
         return {}
-    return {"feature_cache": {"key": c.key, "dir": str(c.directory), "computed": c.computed,
-                              "reused": c.reused, "seconds": c.seconds}}  # fmt: skip
+    return {
+        "feature_cache": {
+            "key": c.key,
+            "dir": str(c.directory),
+            "computed": c.computed,
+            "reused": c.reused,
+            "seconds": c.seconds,
+        }
+    }

@@ -239,12 +239,18 @@ def train_one_epoch(
             bar.set_postfix(loss=f"{float(kept_loss) / kept_n:.4f}", refresh=False)
         if stop and step < n_batches - 1:
             bar.close()
-            return EpochStats(float(kept_loss) / max(kept_n, 1), kept_n,
-                              time.perf_counter() - start, skipped, stopped=True)  # fmt: skip
+            return EpochStats(
+                float(kept_loss) / max(kept_n, 1),
+                kept_n,
+                time.perf_counter() - start,
+                skipped,
+                stopped=True,
+            )
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return EpochStats(float(kept_loss) / max(kept_n, 1), kept_n, time.perf_counter() - start,
-                      skipped)  # fmt: skip
+    return EpochStats(
+        float(kept_loss) / max(kept_n, 1), kept_n, time.perf_counter() - start, skipped
+    )
 
 
 @dataclass

@@ -188,11 +188,22 @@ def build(
             first[h] = i
     missing = list(first)
     mine = distributed.shard_indices(len(missing), dctx.rank, dctx.world_size)
-    preprocess = Preprocess(dctx.device, tuple(cfg.data.mean), tuple(cfg.data.std),
-                            cfg.model.channels_last, stain if on_device else None)  # fmt: skip
+    preprocess = Preprocess(
+        dctx.device,
+        tuple(cfg.data.mean),
+        tuple(cfg.data.std),
+        cfg.model.channels_last,
+        stain if on_device else None,
+    )
     rows = np.array([first[missing[i]] for i in mine], dtype=np.int64)
-    local = embed(model, bundle.patches.read_many(rows), preprocess,
-                  None if on_device else stain, cfg.data.eval_batch_size, autocast_dtype)
+    local = embed(
+        model,
+        bundle.patches.read_many(rows),
+        preprocess,
+        None if on_device else stain,
+        cfg.data.eval_batch_size,
+        autocast_dtype,
+    )
     new = distributed.gather_in_order(local.numpy()) if missing else np.zeros((0, 0))
     table = dict(known)
     table.update(zip(missing, torch.from_numpy(np.ascontiguousarray(new)), strict=True))
@@ -207,6 +218,9 @@ def build(
     reused = len(set(hashes)) - len(missing)
     log.info(
         "features: %d images embedded, %d read from the cache %s, in %.1f s",
-        len(missing), reused, directory, seconds,
-    )  # fmt: skip
+        len(missing),
+        reused,
+        directory,
+        seconds,
+    )
     return CachedFeatures(features, key, directory, len(missing), reused, seconds)

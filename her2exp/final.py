@@ -49,19 +49,35 @@ def final_evaluation(
             raise RuntimeError("gathered scores are not in dataset order")
         scored.append(split)
     git = tracking.git_info()
-    header = {**summary, "seed": cfg.seed, "git_commit": git["git_commit"],
-              "git_dirty": git["git_dirty"], "test_loss": test.loss}  # fmt: skip
-    evs = report_cohorts(scored, thresholds, cfg.evaluation, run_dir / "reports", tracker,
-                         header, cfg.seed)  # fmt: skip
-    tracker.log_metrics({"best_epoch": summary["best_epoch"],
-                         "best_val_auc": summary["best_val_auc"],
-                         "threshold_youden_val": threshold, "test_loss": test.loss})  # fmt: skip
+    header = {
+        **summary,
+        "seed": cfg.seed,
+        "git_commit": git["git_commit"],
+        "git_dirty": git["git_dirty"],
+        "test_loss": test.loss,
+    }
+    evs = report_cohorts(
+        scored, thresholds, cfg.evaluation, run_dir / "reports", tracker, header, cfg.seed
+    )
+    tracker.log_metrics(
+        {
+            "best_epoch": summary["best_epoch"],
+            "best_val_auc": summary["best_val_auc"],
+            "threshold_youden_val": threshold,
+            "test_loss": test.loss,
+        }
+    )
     best_ckpt = freeze_into_checkpoint(run_dir, thresholds, parts.stain)
     log_run_files(cfg, run_dir, tracker, best_ckpt)
     if cfg.tracking.get("log_model", True):
         log_model(cfg, model, tracker, thresholds)
-    out.update({"val_evaluation": evs["val"], "test_evaluation": evs["test"],
-                "test_auc": evs["test"].auc.auc})  # fmt: skip
+    out.update(
+        {
+            "val_evaluation": evs["val"],
+            "test_evaluation": evs["test"],
+            "test_auc": evs["test"].auc.auc,
+        }
+    )
     return out
 
 
@@ -78,8 +94,9 @@ def freeze_into_checkpoint(run_dir: Path, thresholds: dict[str, float], stain: A
 
 def log_run_files(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker, best: Path) -> None:
     """The resolved config, Hydra's record of the command and (optionally) best.pt."""
-    path = checkpoint.atomic_write_text(run_dir / "config_resolved.yaml",
-                                        OmegaConf.to_yaml(cfg, resolve=True))  # fmt: skip
+    path = checkpoint.atomic_write_text(
+        run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True)
+    )
     tracker.log_artifact(path)
     tracker.log_artifact(run_dir / ".hydra", "hydra")
     if cfg.tracking.get("log_checkpoint", True) and best.is_file():

@@ -53,9 +53,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             status = "KILLED"
             return interrupted(summary, fit, runtime, tracker)
         model.load_state_dict(fit.best_state)
-        summary.update(final_evaluation(cfg, parts, trainer.validator, model,
-                                        fit.threshold_youden_val, tracker, runtime.run_dir,
-                                        summary, runtime.dctx.is_main))  # fmt: skip
+        summary.update(
+            final_evaluation(
+                cfg,
+                parts,
+                trainer.validator,
+                model,
+                fit.threshold_youden_val,
+                tracker,
+                runtime.run_dir,
+                summary,
+                runtime.dctx.is_main,
+            )
+        )
         status = "FINISHED"
         summary["tracking_errors"] = list(tracker.errors)
         return summary
@@ -100,16 +110,21 @@ def interrupted(
     """Stopped by a signal or trainer.stop_after_epoch: say how to resume, in MLflow too."""
     last = (runtime.run_dir / "checkpoints" / "last.pt").resolve()
     command = builders.resume_command(runtime.run_dir, builders.hydra_overrides())
-    tags = {"interrupted_after_epoch": fit.last_epoch, "resume_with": last,
-            "resume_command": command}  # fmt: skip
+    tags = {
+        "interrupted_after_epoch": fit.last_epoch,
+        "resume_with": last,
+        "resume_command": command,
+    }
     if fit.stop_signal is not None:
         tags["stop_signal"] = signal.Signals(fit.stop_signal).name
         summary["stop_signal"] = fit.stop_signal
     tracker.set_tags(tags)
     summary.update({"interrupted": True, "resume_command": command})
     if runtime.dctx.is_main:
-        print(f"her2exp: stopped after epoch {fit.last_epoch} (checkpoint {last}); "
-              f"resume with: {command}")  # fmt: skip
+        print(
+            f"her2exp: stopped after epoch {fit.last_epoch} (checkpoint {last}); "
+            f"resume with: {command}"
+        )
     return summary
 
 

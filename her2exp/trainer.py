@@ -343,9 +343,12 @@ class Trainer:
         }
 
     def _best_file(self) -> dict[str, Any]:
-        return {"model": self.best_state, "epoch": self.early.best_epoch,
-                "best_val_auc": self.early.best_auc,
-                "threshold_youden_val": self.early.best_threshold}  # fmt: skip
+        return {
+            "model": self.best_state,
+            "epoch": self.early.best_epoch,
+            "best_val_auc": self.early.best_auc,
+            "threshold_youden_val": self.early.best_threshold,
+        }
 
     def resume_from(self, path: str | Path) -> None:
         """Restore everything `last.pt` holds (see Checkpointer for the best-weights pairing)."""
@@ -366,8 +369,12 @@ class Trainer:
         same_layout = int(state.get("world_size", 1)) == self.dctx.world_size
         checkpoint.set_rng_state(per_rank[self.dctx.rank] if same_layout else state["rng"])
         self.resume_seconds = time.perf_counter() - started
-        log.info("resumed from %s after epoch %d (state restored in %.2f s)", path,
-                 state["epoch"], self.resume_seconds)  # fmt: skip
+        log.info(
+            "resumed from %s after epoch %d (state restored in %.2f s)",
+            path,
+            state["epoch"],
+            self.resume_seconds,
+        )
 
     def _stop_agreed(self) -> bool:
         """Any rank asked to stop -> every rank stops (one tiny all-reduce under DDP)."""
@@ -393,8 +400,9 @@ class Trainer:
             stats = self._train_epoch(epoch)
             if stats.stopped:  # a signal: the partial epoch is dropped, last.pt is the resume point
                 interrupted, epoch = True, epoch - 1
-                log.warning("stopped by a signal during epoch %d; resume from epoch %d",
-                            epoch + 1, epoch)  # fmt: skip
+                log.warning(
+                    "stopped by a signal during epoch %d; resume from epoch %d", epoch + 1, epoch
+                )
                 break
             self._end_of_epoch(epoch, stats)
             # Every rank holds the same gathered metrics; rank 0's decision is still broadcast
@@ -417,13 +425,24 @@ class Trainer:
         self.train_loader.sampler.set_epoch(epoch)
         self.train_loader.dataset.set_epoch(epoch)
         state = EpochState(epoch, self.nonfinite_steps, lambda: self.stop.requested)
-        stats = train_one_epoch(self.train_model, self.train_loader, self.criterion, self.update,
-                                self.preprocess, state, self.no_sync)  # fmt: skip
+        stats = train_one_epoch(
+            self.train_model,
+            self.train_loader,
+            self.criterion,
+            self.update,
+            self.preprocess,
+            state,
+            self.no_sync,
+        )
         self.nonfinite_steps += stats.nonfinite_steps
         if stats.nonfinite_steps:
-            log.warning("epoch %d: skipped %d optimizer step(s) with a non-finite loss or "
-                        "gradient (%d in this run)", epoch, stats.nonfinite_steps,
-                        self.nonfinite_steps)  # fmt: skip
+            log.warning(
+                "epoch %d: skipped %d optimizer step(s) with a non-finite loss or "
+                "gradient (%d in this run)",
+                epoch,
+                stats.nonfinite_steps,
+                self.nonfinite_steps,
+            )
         loss_sum, n_seen, seconds = distributed.all_reduce_sum(
             [stats.loss * stats.samples, stats.samples, stats.seconds], self.dctx.device
         )
@@ -435,10 +454,15 @@ class Trainer:
         """Validate, update the best epoch, checkpoint, then log (a resume re-logs only what is
         missing)."""
         val = self.validator.epoch_metrics(self.val_loader)
-        row = {"epoch": epoch, "train_loss": stats.loss, **val,
-               "lr": max(g["lr"] for g in self.update.optimizer.param_groups),  # the head's
-               "epoch_seconds": stats.seconds, "images_per_second": stats.images_per_second,
-               "nonfinite_steps_skipped": self.nonfinite_steps}  # fmt: skip
+        row = {
+            "epoch": epoch,
+            "train_loss": stats.loss,
+            **val,
+            "lr": max(g["lr"] for g in self.update.optimizer.param_groups),  # the head's
+            "epoch_seconds": stats.seconds,
+            "images_per_second": stats.images_per_second,
+            "nonfinite_steps_skipped": self.nonfinite_steps,
+        }
         self.history.append(row)
         improved = self.early.update(val["val_auc"], val["val_youden_threshold"], epoch)
         if improved:
@@ -446,17 +470,25 @@ class Trainer:
                 k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()
             }
         rng_per_rank = distributed.all_gather_object(checkpoint.rng_state())
-        self.checkpointer.save(self._resume_state(epoch, rng_per_rank),
-                               self._best_file() if improved else None)  # fmt: skip
+        self.checkpointer.save(
+            self._resume_state(epoch, rng_per_rank), self._best_file() if improved else None
+        )
         if self.dctx.is_main:
             self.tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, epoch)
             log.info(
                 "epoch %d/%d train_loss %.4f val_loss %.4f val_auc %.4f sens %.3f spec %.3f "
                 "thr %.3f %.0f img/s%s",
-                epoch, self.t.epochs, stats.loss, val["val_loss"], val["val_auc"],
-                val["val_sensitivity"], val["val_specificity"], val["val_youden_threshold"],
-                stats.images_per_second, " *" if improved else "",
-            )  # fmt: skip
+                epoch,
+                self.t.epochs,
+                stats.loss,
+                val["val_loss"],
+                val["val_auc"],
+                val["val_sensitivity"],
+                val["val_specificity"],
+                val["val_youden_threshold"],
+                stats.images_per_second,
+                " *" if improved else "",
+            )
 
     def _result(self, epoch: int, stopped_early: bool, interrupted: bool) -> FitResult:
         if not self.best_state:

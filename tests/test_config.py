@@ -139,3 +139,16 @@ def test_cli_reports_bad_input_in_one_line_and_exits_nonzero(tmp_path: Path) -> 
     assert "her2exp: configuration error: trainer.lr=0" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()  # nothing tracked, nothing trained
+
+
+def test_deprecated_option_still_composes_and_warns() -> None:
+    """trainer.monitor does nothing any more: an old run's config (monitor: val_auc) still
+    validates, with a warning naming the option, so `her2exp-rerun` keeps working."""
+    cfg = compose_train(["trainer.monitor=val_auc"], Path("/tmp/unused"))
+    with pytest.warns(FutureWarning, match=r"trainer.monitor='val_auc' is deprecated"):
+        validate(cfg)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        validate(compose_train([], Path("/tmp/unused")))  # unset: silent

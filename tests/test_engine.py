@@ -64,13 +64,15 @@ class RecordingSchedule(torch.optim.lr_scheduler.LambdaLR):
 def updater(model: nn.Module, policy: StepPolicy, scaler: bool = False, lr: float = 0.1):
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     schedule = RecordingSchedule(optimizer, model)
-    return OptimizerUpdate(optimizer, schedule, torch.amp.GradScaler("cpu", enabled=scaler),
-                           policy), schedule  # fmt: skip
+    return OptimizerUpdate(
+        optimizer, schedule, torch.amp.GradScaler("cpu", enabled=scaler), policy
+    ), schedule
 
 
 def epoch(model, loader, update, **state) -> object:
-    return train_one_epoch(model, loader, nn.CrossEntropyLoss(), update, Preprocess(CPU),
-                           EpochState(**state))  # fmt: skip
+    return train_one_epoch(
+        model, loader, nn.CrossEntropyLoss(), update, Preprocess(CPU), EpochState(**state)
+    )
 
 
 @pytest.mark.parametrize("n", [16, 12])  # 12: the last window of the epoch is a partial one
@@ -95,8 +97,9 @@ def test_fp16_scaler_clip_and_skip_continue_after_a_skipped_step() -> None:
     """trainer.amp=fp16 + on_nonfinite=skip + clipping: the step after a skip used to raise
     'unscale_() has already been called on this optimizer since the last update()'."""
     model = toy_model()
-    policy = StepPolicy(autocast_dtype=torch.float16, grad_clip_norm=1.0, on_nonfinite="skip",
-                        debug_nan_at_step=2)  # fmt: skip
+    policy = StepPolicy(
+        autocast_dtype=torch.float16, grad_clip_norm=1.0, on_nonfinite="skip", debug_nan_at_step=2
+    )
     update, schedule = updater(model, policy, scaler=True, lr=0.01)
     scale = update.scaler.get_scale()
     stats = epoch(model, DataLoader(Patches(48), batch_size=8), update)
@@ -127,21 +130,37 @@ class NanOnRank(Preprocess):
 
 
 def _ddp_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     results = {}
     for budget in (5, 0):
         model = toy_model()
         ddp = nn.parallel.DistributedDataParallel(model)
-        policy = StepPolicy(autocast_dtype=torch.float16, grad_clip_norm=1.0,
-                            on_nonfinite="skip", max_nonfinite_steps=budget)  # fmt: skip
+        policy = StepPolicy(
+            autocast_dtype=torch.float16,
+            grad_clip_norm=1.0,
+            on_nonfinite="skip",
+            max_nonfinite_steps=budget,
+        )
         update, _ = updater(ddp, policy, scaler=True, lr=0.01)
         loader = DataLoader(Patches(40, seed=rank), batch_size=8)
         try:
-            stats = train_one_epoch(ddp, loader, nn.CrossEntropyLoss(), update, NanOnRank(CPU),
-                                    EpochState(), ddp.no_sync)  # fmt: skip
+            stats = train_one_epoch(
+                ddp,
+                loader,
+                nn.CrossEntropyLoss(),
+                update,
+                NanOnRank(CPU),
+                EpochState(),
+                ddp.no_sync,
+            )
             outcome = {"skipped": stats.nonfinite_steps, "samples": stats.samples}
         except NonFiniteLossError:
             outcome = {"raised": True}

@@ -16,9 +16,16 @@ from her2exp import train as train_mod
 from her2exp.engine import NonFiniteLossError
 
 EPOCH_METRICS = [
-    "train_loss", "val_loss", "val_auc", "val_sensitivity", "val_specificity",
-    "val_youden_threshold", "lr", "epoch_seconds", "images_per_second",
-]  # fmt: skip
+    "train_loss",
+    "val_loss",
+    "val_auc",
+    "val_sensitivity",
+    "val_specificity",
+    "val_youden_threshold",
+    "lr",
+    "epoch_seconds",
+    "images_per_second",
+]
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +58,16 @@ def test_audit_tags(mlflow_run) -> None:
     assert len(tags["git_commit"]) == 40 or tags["git_commit"] == "unknown"
     assert tags["git_dirty"] in ("true", "false", "unknown")
     assert "experiment=smoke" in tags["overrides"]
-    for key in ("python_version", "torch_version", "timm_version", "hydra_version",
-                "mlflow_version", "device", "hostname", "data_fingerprint"):  # fmt: skip
+    for key in (
+        "python_version",
+        "torch_version",
+        "timm_version",
+        "hydra_version",
+        "mlflow_version",
+        "device",
+        "hostname",
+        "data_fingerprint",
+    ):
         assert tags[key] and tags[key] != "not installed", key
     assert tags["torch_version"] == torch.__version__
     assert tags["device"] == "cpu" and tags["world_size"] == "1"
@@ -129,8 +144,9 @@ def test_best_checkpoint_reproduces_the_test_auc(smoke_run: SmokeRun) -> None:
     run_cfg = OmegaConf.create(state["config"])  # data.mean/std as resolved from the model
     bundle = data.build(cfg.data, cfg.seed)
     assert bundle.fingerprint == best["data_fingerprint"]
-    loader = data.eval_loader(data.make_dataset(bundle, "test", cfg.data, cfg.seed), cfg.data,
-                              torch.device("cpu"))  # fmt: skip
+    loader = data.eval_loader(
+        data.make_dataset(bundle, "test", cfg.data, cfg.seed), cfg.data, torch.device("cpu")
+    )
     preprocess = Preprocess(torch.device("cpu"), tuple(run_cfg.data.mean), tuple(run_cfg.data.std))
     scores = score(model, loader, preprocess)
     assert metrics.auc(scores.labels, scores.probs) == pytest.approx(best["test_auc"], abs=1e-9)
@@ -149,8 +165,14 @@ def _comparable(summary: dict) -> dict:
         else summary
     )
     keys = ("best_epoch", "best_val_auc", "threshold_youden_val")
-    tests = ("test_auc", "test_youden_tp", "test_youden_fn", "test_youden_fp", "test_youden_tn",
-             "test_sens90_threshold")  # fmt: skip
+    tests = (
+        "test_auc",
+        "test_youden_tp",
+        "test_youden_fn",
+        "test_youden_fp",
+        "test_youden_tn",
+        "test_sens90_threshold",
+    )
     return {k: summary[k] for k in keys} | {k: flat[k] for k in tests}
 
 
@@ -194,8 +216,9 @@ def test_resume_auto_continues_in_the_same_run_dir(
 
 def test_non_finite_loss_stops_with_epoch_and_step(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteLossError, match=r"at epoch 1, step \d+"):
-        _train(tmp_path, "trainer.lr=1e30", "trainer.grad_clip_norm=null",
-               "trainer.warmup_epochs=0")  # fmt: skip
+        _train(
+            tmp_path, "trainer.lr=1e30", "trainer.grad_clip_norm=null", "trainer.warmup_epochs=0"
+        )
     leftovers = (
         list((tmp_path / "checkpoints").glob(".*tmp"))
         if (tmp_path / "checkpoints").exists()

@@ -31,8 +31,11 @@ def main(cfg: DictConfig) -> float:
     except OSError as exc:
         if exc.errno not in checkpoint.FULL_DISK_ERRNOS:
             raise
-        print(f"her2exp: disk full: {exc}; the checkpoints in {cfg.output_dir}/checkpoints are "
-              "intact: free space and resume with trainer.resume=auto", file=sys.stderr)  # fmt: skip
+        print(
+            f"her2exp: disk full: {exc}; the checkpoints in {cfg.output_dir}/checkpoints are "
+            "intact: free space and resume with trainer.resume=auto",
+            file=sys.stderr,
+        )
         raise SystemExit(1) from None
     if summary.get("stop_signal"):  # pre-empted: non-zero, as a scheduler expects
         if distributed.env_rank() == 0 and summary.get("tracking_deferred"):
@@ -55,20 +58,27 @@ def report(summary: dict[str, Any]) -> None:
         f"her2exp: best val AUC {summary['best_val_auc']:.4f} at epoch {summary['best_epoch']}"
         f" | Youden threshold (val) {th['youden']:.4f} | test AUC {test.auc.auc:.4f}"
     )
-    print("her2exp: operating points chosen on validation, then frozen: "
-          + ", ".join(f"{k}={v:.4f}" for k, v in th.items()))  # fmt: skip
+    print(
+        "her2exp: operating points chosen on validation, then frozen: "
+        + ", ".join(f"{k}={v:.4f}" for k, v in th.items())
+    )
     print(format_table(summary["val_evaluation"], "validation (thresholds chosen here)"))
     print(format_table(test, "test (frozen thresholds)"))
     where = summary["tracking_uri"]
     if where:
         print(f"her2exp: MLflow run {summary['mlflow_run_id']} in {where}")
-        print(f"her2exp: rerun from MLflow alone with: her2exp-rerun "
-              f"{summary['mlflow_run_id']} tracking.uri={where}")  # fmt: skip
+        print(
+            f"her2exp: rerun from MLflow alone with: her2exp-rerun "
+            f"{summary['mlflow_run_id']} tracking.uri={where}"
+        )
     print(f"her2exp: run directory {summary['run_dir']}")
     if summary.get("tracking_errors"):
-        print(f"her2exp: MLflow logging failed {len(summary['tracking_errors'])} time(s), "
-              f"first: {summary['tracking_errors'][0]}; checkpoints and reports are in the "
-              "run directory", file=sys.stderr)  # fmt: skip
+        print(
+            f"her2exp: MLflow logging failed {len(summary['tracking_errors'])} time(s), "
+            f"first: {summary['tracking_errors'][0]}; checkpoints and reports are in the "
+            "run directory",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

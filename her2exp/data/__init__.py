@@ -20,6 +20,16 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from her2exp.data import sources, splits, synthetic
 from her2exp.data.datasets import InMemoryPatches, PatchDataset, PatchStore
+
+__all__ = [
+    "DataBundle",
+    "InMemoryPatches",
+    "PatchDataset",
+    "PatchStore",
+    "build",
+    "build_cohort",
+    "seeds",
+]
 from her2exp.distributed import shard_indices
 from her2exp.seed import worker_init_fn
 
@@ -72,8 +82,10 @@ def seeds(cfg: DictConfig, seed: int) -> tuple[int, int]:
     vary only the initialisation."""
     data_seed = cfg.get("data_seed")
     split_seed = cfg.get("split_seed")
-    return (seed if data_seed is None else int(data_seed),
-            seed if split_seed is None else int(split_seed))  # fmt: skip
+    return (
+        seed if data_seed is None else int(data_seed),
+        seed if split_seed is None else int(split_seed),
+    )
 
 
 def build(cfg: DictConfig, seed: int) -> DataBundle:

@@ -39,8 +39,9 @@ class InMemoryPatches:
 
     def __init__(self, images: np.ndarray) -> None:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"expected uint8 (N, H, W, 3) patches, got {images.dtype} "
-                             f"{images.shape}")  # fmt: skip
+            raise ValueError(
+                f"expected uint8 (N, H, W, 3) patches, got {images.dtype} {images.shape}"
+            )
         self.array = images
         self._chw = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
 

@@ -2,7 +2,7 @@
 
 Why a package of its own: colour differences between sites are the main domain shift in HER2
 IHC; normalisation (validation/test and training) and augmentation (training only) act on uint8
-batches on any device and never touch files (DESIGN.md: one home per concern).
+batches on any device and never touch files (docs/architecture.md: one home per concern).
 """
 
 from her2exp.stain.hed import HedJitter

@@ -7,7 +7,7 @@ normaliser (the field's reference port of the original code: ``Io=240``, ``alpha
 output clipped at 255), but runs on a whole batch (B, 3, H, W) on the batch's device, with no
 Python loop over images.
 
-What makes it fast (DESIGN.md, "Performance notes"); each shortcut can be switched off for the
+What makes it fast (docs/architecture.md, "Performance"); each shortcut can be switched off for the
 exact path and its accuracy cost is bounded in ``tests/test_stain.py``:
 
 * logarithms of uint8 input are taken in float32 in place (copy, ``add_(1)``, ``log_``): with
