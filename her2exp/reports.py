@@ -440,6 +440,44 @@ def _clinical_markdown(
     return "\n".join(lines)
 
 
+def _plot_galleries(
+    report_dir: Path,
+    galleries: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]],
+    max_gallery: int,
+) -> list[Path]:
+    """False-negative (lowest score first) and false-positive (highest first) galleries."""
+    figures = []
+    for name, (images, labels, scores, threshold) in galleries.items():
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] != len(scores):
+            raise ValueError(
+                f"gallery {name!r}: images must be (N, H, W, 3) with N = {len(scores)}; "
+                f"got {images.shape}"
+            )
+        fn, fp = misclassified(labels, scores, threshold)
+        s = np.asarray(scores, dtype=np.float64)
+        t = f"t={threshold:.3f}"
+        figures += [
+            plot_error_gallery(
+                report_dir / f"false_negatives_{name}.png",
+                images,
+                s,
+                fn,
+                f"{name}: HER2+ called HER2- at {t}, lowest score first",
+                max_gallery,
+            ),
+            plot_error_gallery(
+                report_dir / f"false_positives_{name}.png",
+                images,
+                s,
+                fp,
+                f"{name}: HER2- called HER2+ at {t}, highest score first",
+                max_gallery,
+            ),
+        ]
+    return figures
+
+
 def write_clinical_report(
     report_dir: Path,
     evaluations: dict[str, SplitEvaluation],
@@ -471,37 +509,8 @@ def write_clinical_report(
         figures.append(
             plot_confusion_matrices(report_dir / f"confusion_{name}.png", ev, _split_title(name))
         )
-    fn_written = False
-    for name, (images, labels, scores, threshold) in galleries.items():
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] != len(scores):
-            raise ValueError(
-                f"gallery {name!r}: images must be (N, H, W, 3) with N = {len(scores)}; "
-                f"got {images.shape}"
-            )
-        fn, fp = misclassified(labels, scores, threshold)
-        s = np.asarray(scores, dtype=np.float64)
-        figures.append(
-            plot_error_gallery(
-                report_dir / f"false_negatives_{name}.png",
-                images,
-                s,
-                fn,
-                f"{name}: HER2+ called HER2- at t={threshold:.3f}, lowest score first",
-                max_gallery,
-            )
-        )
-        figures.append(
-            plot_error_gallery(
-                report_dir / f"false_positives_{name}.png",
-                images,
-                s,
-                fp,
-                f"{name}: HER2- called HER2+ at t={threshold:.3f}, highest score first",
-                max_gallery,
-            )
-        )
-        fn_written = True
+    figures += _plot_galleries(report_dir, galleries, max_gallery)
+    fn_written = bool(galleries)
     checklist = _checklist(evaluations, header, fn_written, True)
     flat: dict[str, Any] = {}
     for name, ev in evaluations.items():
