@@ -216,6 +216,17 @@ def test_operating_points_names_and_values() -> None:
     assert "sens90" in metrics.operating_points(labels, scores)
 
 
+def test_choose_threshold_re_derives_each_named_operating_point() -> None:
+    labels, scores = _binormal(300, seed=6)
+    for target in (0.8, 0.9, 0.95):
+        ops = metrics.operating_points(labels, scores, target_sensitivity=target)
+        assert {name: metrics.choose_threshold(name, labels, scores) for name in ops} == ops
+    assert metrics.choose_threshold("p30", labels, scores) == 0.3
+    for bad in ("median", "sens", "sens0", "p101", "Youden"):
+        with pytest.raises(ValueError, match="unknown operating point"):
+            metrics.choose_threshold(bad, labels, scores)
+
+
 # --------------------------------------------------------------------------------------------
 # Wilson intervals
 # --------------------------------------------------------------------------------------------
