@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from her2exp.fileio import atomic_write, atomic_write_text
-from her2exp.metrics import SplitEvaluation, misclassified, to_jsonable
+from her2exp.metrics import SplitEvaluation, choose_threshold, misclassified, to_jsonable
 
 
 def write_best_json(path: Path, summary: dict[str, Any]) -> Path:
@@ -235,6 +236,47 @@ def plot_error_gallery(
     return _save(fig, path)
 
 
+def _thresholds_from_validation(
+    evaluations: dict[str, SplitEvaluation], header: dict[str, Any]
+) -> tuple[bool | None, str]:
+    """Were the thresholds applied to every split the ones validation chooses?
+
+    With a val split, its operating points are re-derived from its own labels and scores
+    (``metrics.choose_threshold``) and compared with the threshold each split's reports were
+    actually computed at, so thresholds tuned anywhere else fail even when every split was
+    scored at the same (wrong) values. Without one (``her2exp-eval`` on a cohort), the reference
+    is ``header["thresholds"]``, the values frozen into the training run's checkpoint.
+    """
+    val = evaluations.get("val")
+    if val is not None:
+        if val.labels is None or val.scores is None:
+            return None, "val split without its scores: its thresholds cannot be re-derived"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # one class: choose_threshold falls back to 0.5
+                chosen = {
+                    name: choose_threshold(name, val.labels, val.scores) for name in val.thresholds
+                }
+        except ValueError as exc:
+            return None, f"cannot re-derive the val thresholds: {exc}"
+        source = "chosen on val"
+    elif header.get("thresholds"):
+        chosen = {k: float(v) for k, v in header["thresholds"].items()}
+        source = "frozen from the training run's validation split"
+    else:
+        return False, "no validation split and no frozen thresholds given"
+    mismatches = []
+    for split, ev in evaluations.items():
+        for name in dict.fromkeys([*chosen, *ev.reports]):
+            want, rep = chosen.get(name), ev.reports.get(name)
+            used = None if rep is None else rep.threshold
+            if want is None or used is None or not math.isclose(used, want, abs_tol=1e-12):
+                mismatches.append(f"{split} {name} {_fmt(used, 4)} vs {_fmt(want, 4)}")
+    if mismatches:
+        return False, f"thresholds used differ from those {source}: " + "; ".join(mismatches[:4])
+    return True, f"thresholds {source}, used unchanged on every split"
+
+
 def _checklist(
     evaluations: dict[str, SplitEvaluation],
     header: dict[str, Any],
@@ -255,17 +297,12 @@ def _checklist(
         rep = None if ev is None else ev.reports.get(op)
         return math.nan if rep is None else float(getattr(rep, field))
 
-    val_auc = math.nan if val is None else val.auc.auc
-    sens, spec = at_op(test, "sensitivity"), at_op(test, "specificity")
-    reference = val.thresholds if val is not None else header.get("thresholds")
-    frozen = reference is not None and all(
-        ev.thresholds == reference for name, ev in evaluations.items() if name != "val"
-    )
-
     # An external-only evaluation has no val/test split: those items are not applicable there.
     def judged(ok: bool, ev: SplitEvaluation | None) -> bool | None:
         return None if ev is None else ok
 
+    val_auc = math.nan if val is None else val.auc.auc
+    sens, spec = at_op(test, "sensitivity"), at_op(test, "specificity")
     external = [k for k in evaluations if k not in ("val", "test")]
     commit = str(header.get("git_commit") or "")
     return [
@@ -287,14 +324,7 @@ def _checklist(
         ),
         item(
             "Threshold tuned on validation and documented",
-            frozen,
-            (
-                "thresholds from val, identical on every other split"
-                if val is not None
-                else "thresholds frozen from the training run's validation split"
-            )
-            if frozen
-            else "no validation split, or thresholds differ between splits",
+            *_thresholds_from_validation(evaluations, header),
         ),
         item(
             "Decision curve analysis present",
@@ -410,6 +440,44 @@ def _clinical_markdown(
     return "\n".join(lines)
 
 
+def _plot_galleries(
+    report_dir: Path,
+    galleries: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]],
+    max_gallery: int,
+) -> list[Path]:
+    """False-negative (lowest score first) and false-positive (highest first) galleries."""
+    figures = []
+    for name, (images, labels, scores, threshold) in galleries.items():
+        images = np.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] != len(scores):
+            raise ValueError(
+                f"gallery {name!r}: images must be (N, H, W, 3) with N = {len(scores)}; "
+                f"got {images.shape}"
+            )
+        fn, fp = misclassified(labels, scores, threshold)
+        s = np.asarray(scores, dtype=np.float64)
+        t = f"t={threshold:.3f}"
+        figures += [
+            plot_error_gallery(
+                report_dir / f"false_negatives_{name}.png",
+                images,
+                s,
+                fn,
+                f"{name}: HER2+ called HER2- at {t}, lowest score first",
+                max_gallery,
+            ),
+            plot_error_gallery(
+                report_dir / f"false_positives_{name}.png",
+                images,
+                s,
+                fp,
+                f"{name}: HER2- called HER2+ at {t}, highest score first",
+                max_gallery,
+            ),
+        ]
+    return figures
+
+
 def write_clinical_report(
     report_dir: Path,
     evaluations: dict[str, SplitEvaluation],
@@ -441,37 +509,8 @@ def write_clinical_report(
         figures.append(
             plot_confusion_matrices(report_dir / f"confusion_{name}.png", ev, _split_title(name))
         )
-    fn_written = False
-    for name, (images, labels, scores, threshold) in galleries.items():
-        images = np.asarray(images)
-        if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] != len(scores):
-            raise ValueError(
-                f"gallery {name!r}: images must be (N, H, W, 3) with N = {len(scores)}; "
-                f"got {images.shape}"
-            )
-        fn, fp = misclassified(labels, scores, threshold)
-        s = np.asarray(scores, dtype=np.float64)
-        figures.append(
-            plot_error_gallery(
-                report_dir / f"false_negatives_{name}.png",
-                images,
-                s,
-                fn,
-                f"{name}: HER2+ called HER2- at t={threshold:.3f}, lowest score first",
-                max_gallery,
-            )
-        )
-        figures.append(
-            plot_error_gallery(
-                report_dir / f"false_positives_{name}.png",
-                images,
-                s,
-                fp,
-                f"{name}: HER2- called HER2+ at t={threshold:.3f}, highest score first",
-                max_gallery,
-            )
-        )
-        fn_written = True
+    figures += _plot_galleries(report_dir, galleries, max_gallery)
+    fn_written = bool(galleries)
     checklist = _checklist(evaluations, header, fn_written, True)
     flat: dict[str, Any] = {}
     for name, ev in evaluations.items():

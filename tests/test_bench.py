@@ -1,19 +1,68 @@
-"""`make bench` must keep running: the training benchmark and the stain benchmark, tiny sizes."""
+"""`make bench` keeps running and each benchmark computes what it prints, at tiny sizes.
+
+Speed itself is measured by `make bench`, never asserted here: these tests check that both
+training loops see the same images and train, that the printed figures are the quotients of
+what was measured, and that the CI benchmark times the intervals it reports.
+"""
 
 from __future__ import annotations
 
+import math
+import statistics
+
 import pytest
+import torch
 
 from her2exp import bench
-from her2exp.stain import bench as stain_bench
+from her2exp.bench import ci, epoch
+from her2exp.bench import stain as stain_bench
 
 
 def test_training_bench_compares_her2exp_with_a_bare_loop(capsys: pytest.CaptureFixture) -> None:
-    bench.main(["--rounds", "1", "--skip-extras", "experiment=smoke"])
+    result = bench.main(["--rounds", "2", "--skip-extras", "experiment=smoke"])["epoch"]
     out = capsys.readouterr().out
-    assert "bench: median her2exp" in out and "bare PyTorch" in out
-    ratio = float(out.split("ratio ")[-1].split()[0])
-    assert ratio > 0
+    assert len(result.ours) == len(result.bare) == 2
+    for ours, bare in zip(result.ours, result.bare, strict=True):
+        # Same images per epoch: the whole train split less at most a last batch of one.
+        assert ours.samples == bare.samples >= result.train_patches - 1
+        assert ours.images_per_second == pytest.approx(ours.samples / ours.seconds)
+        assert bare.images_per_second == pytest.approx(bare.samples / bare.seconds)
+        assert math.isfinite(bare.loss) and bare.loss > 0
+    ours_ips = statistics.median(s.samples / s.seconds for s in result.ours)
+    bare_ips = statistics.median(s.samples / s.seconds for s in result.bare)
+    assert result.ratio == pytest.approx(ours_ips / bare_ips)
+    assert f"median her2exp {ours_ips:.1f} img/s, bare PyTorch {bare_ips:.1f} img/s" in out
+    assert f"ratio {result.ratio:.3f} (target >= 0.97)" in out
+    assert out.count("  round ") == 2
+    # Both loops trained from the shared initial weights.
+    assert result.ours_weight_change > 0 and result.bare_weight_change > 0
+
+
+def test_bare_loop_trains_on_every_image_but_a_lone_last_one() -> None:
+    torch.manual_seed(0)
+    images = torch.randn(65, 3, 4, 4)
+    labels = (images.mean(dim=(1, 2, 3)) > 0).long()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 2))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    stats = [epoch.bare_epoch(model, optimizer, images, labels, 16, gen) for _ in range(8)]
+    assert {s.samples for s in stats} == {64}  # 65 % 16 == 1: the lone last image is dropped
+    assert stats[-1].loss < 0.5 * stats[0].loss
+    assert epoch.bare_epoch(model, optimizer, images[:64], labels[:64], 16, gen).samples == 64
+
+
+def test_ci_bench_times_the_intervals_it_reports(capsys: pytest.CaptureFixture) -> None:
+    r = ci.main(n=5000, n_boot=200, repeats=2)
+    line = capsys.readouterr().out
+    assert r["delong_seconds"] > 0 and r["bootstrap_seconds"] > 0
+    assert r["total_seconds"] == pytest.approx(r["delong_seconds"] + r["bootstrap_seconds"])
+    assert r["auc"] == pytest.approx(0.7602, abs=0.02)  # binormal 1 SD apart: Phi(1/sqrt(2))
+    assert r["delong_low"] < r["auc"] < r["delong_high"]
+    # DeLong and the bootstrap, printed side by side, agree on a large well-behaved split.
+    assert r["bootstrap_low"] == pytest.approx(r["delong_low"], abs=0.01)
+    assert r["bootstrap_high"] == pytest.approx(r["delong_high"], abs=0.01)
+    assert "DeLong CI on 5,000 scores" in line and "bootstrap (200 resamples)" in line
+    assert f"= {r['total_seconds']:.3f} s (best of 2;" in line
 
 
 def test_stain_bench_reports_every_installed_normaliser() -> None:

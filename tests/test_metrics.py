@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from her2exp import metrics
+from her2exp.metrics.ranking import _bootstrap_aucs
 
 
 def test_rates_from_hand_built_confusion_matrix() -> None:
@@ -170,8 +171,8 @@ def test_bootstrap_is_reproducible_by_seed() -> None:
 def test_bootstrap_does_not_depend_on_the_number_of_threads() -> None:
     labels, scores = _binormal(3000, seed=6)
     x, y = scores[labels == 1], scores[labels == 0]
-    one = metrics._bootstrap_aucs(x, y, n_boot=300, seed=3, workers=1)
-    two = metrics._bootstrap_aucs(x, y, n_boot=300, seed=3, workers=2)
+    one = _bootstrap_aucs(x, y, n_boot=300, seed=3, workers=1)
+    two = _bootstrap_aucs(x, y, n_boot=300, seed=3, workers=2)
     np.testing.assert_array_equal(one, two)
     assert one.std() > 0
 
@@ -179,16 +180,10 @@ def test_bootstrap_does_not_depend_on_the_number_of_threads() -> None:
 def test_bootstrap_of_separated_classes_is_exactly_one() -> None:
     labels = np.array([0] * 30 + [1] * 10)
     scores = np.concatenate([np.linspace(0.0, 0.4, 30), np.linspace(0.6, 1.0, 10)])
-    aucs = metrics._bootstrap_aucs(scores[labels == 1], scores[labels == 0], 100, seed=0)
+    aucs = _bootstrap_aucs(scores[labels == 1], scores[labels == 0], 100, seed=0)
     np.testing.assert_array_equal(aucs, np.ones(100))
-    tied = metrics._bootstrap_aucs(np.full(10, 0.5), np.full(30, 0.5), 100, seed=0)
+    tied = _bootstrap_aucs(np.full(10, 0.5), np.full(30, 0.5), 100, seed=0)
     np.testing.assert_array_equal(tied, np.full(100, 0.5))  # all ties: half credit each
-
-
-def test_bench_ci_runs_and_reports_times() -> None:
-    out = metrics.bench_ci(n=5000, n_boot=50)
-    assert out["delong_seconds"] > 0 and out["bootstrap_seconds"] > 0
-    assert out["delong_low"] < out["auc"] < out["delong_high"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,6 +216,17 @@ def test_operating_points_names_and_values() -> None:
     assert "sens90" in metrics.operating_points(labels, scores)
 
 
+def test_choose_threshold_re_derives_each_named_operating_point() -> None:
+    labels, scores = _binormal(300, seed=6)
+    for target in (0.8, 0.9, 0.95):
+        ops = metrics.operating_points(labels, scores, target_sensitivity=target)
+        assert {name: metrics.choose_threshold(name, labels, scores) for name in ops} == ops
+    assert metrics.choose_threshold("p30", labels, scores) == 0.3
+    for bad in ("median", "sens", "sens0", "p101", "Youden"):
+        with pytest.raises(ValueError, match="unknown operating point"):
+            metrics.choose_threshold(bad, labels, scores)
+
+
 # --------------------------------------------------------------------------------------------
 # Wilson intervals
 # --------------------------------------------------------------------------------------------
@@ -234,7 +240,7 @@ def test_operating_points_names_and_values() -> None:
         (15, 148, 0.0624, 0.1605),
         (0, 20, 0.0, 0.1611),
         (1, 29, 0.0061, 0.1718),
-    ],  # fmt: skip
+    ],
 )
 def test_wilson_interval_matches_newcombe_and_scipy(k: int, n: int, low: float, high: float):
     from scipy.stats import binomtest
@@ -251,8 +257,14 @@ def test_report_carries_wilson_intervals_and_nan_for_empty_denominators() -> Non
     labels = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
     scores = np.array([0.9, 0.8, 0.7, 0.2, 0.6, 0.3, 0.2, 0.1, 0.1, 0.0])
     r = metrics.at_threshold(labels, scores, 0.5)
-    for name, k, n in [("sensitivity", 3, 4), ("specificity", 5, 6), ("precision", 3, 4),
-                       ("npv", 5, 6), ("accuracy", 8, 10)]:  # fmt: skip
+    expected = [
+        ("sensitivity", 3, 4),
+        ("specificity", 5, 6),
+        ("precision", 3, 4),
+        ("npv", 5, 6),
+        ("accuracy", 8, 10),
+    ]
+    for name, k, n in expected:
         ref = binomtest(k, n).proportion_ci(method="wilson")
         assert getattr(r, f"{name}_low") == pytest.approx(ref.low)
         assert getattr(r, f"{name}_high") == pytest.approx(ref.high)

@@ -34,8 +34,13 @@ def _evaluations(external: bool = False):
     return out, {"test": (images, tl, ts, ops["youden"])}, (tl, ts, ops["youden"])
 
 
-HEADER = {"model": "resnet18", "best_epoch": 7, "seed": 42, "git_commit": "abc123",
-          "data_fingerprint": "f00d"}  # fmt: skip
+HEADER = {
+    "model": "resnet18",
+    "best_epoch": 7,
+    "seed": 42,
+    "git_commit": "abc123",
+    "data_fingerprint": "f00d",
+}
 
 
 def test_every_file_is_written_and_every_png_is_valid(tmp_path: Path) -> None:
@@ -43,10 +48,17 @@ def test_every_file_is_written_and_every_png_is_valid(tmp_path: Path) -> None:
     paths = reports.write_clinical_report(tmp_path / "reports", evaluations, galleries, HEADER)
     names = {p.name for p in paths}
     expected = {
-        "roc.png", "precision_recall.png", "reliability.png", "decision_curve.png",
-        "confusion_val.png", "confusion_test.png", "false_negatives_test.png",
-        "false_positives_test.png", "summary.md", "best.json",
-    }  # fmt: skip
+        "roc.png",
+        "precision_recall.png",
+        "reliability.png",
+        "decision_curve.png",
+        "confusion_val.png",
+        "confusion_test.png",
+        "false_negatives_test.png",
+        "false_positives_test.png",
+        "summary.md",
+        "best.json",
+    }
     assert names == expected
     for p in paths:
         assert p.is_file() and p.stat().st_size > 0
@@ -68,8 +80,9 @@ def test_summary_labels_both_tables_and_renders_the_checklist(tmp_path: Path) ->
     ev = evaluations["test"]
     r = ev.reports["sens90"]
     # The test sens90 row with Wilson CIs and counts, as computed by metrics.
-    row = next(line for line in text.splitlines() if line.startswith("| sens90 |") and
-               f"{r.tp}/{r.fn}/{r.fp}/{r.tn}" in line)  # fmt: skip
+    counts = f"{r.tp}/{r.fn}/{r.fp}/{r.tn}"
+    rows = text.splitlines()
+    row = next(s for s in rows if s.startswith("| sens90 |") and counts in s)
     assert f"{r.sensitivity:.3f} [{r.sensitivity_low:.3f}, {r.sensitivity_high:.3f}]" in row
     assert f"{ev.auc.auc:.3f} [{ev.auc.low:.3f}, {ev.auc.high:.3f}]" in text
     assert "patient level" in text and "Brier" in text and "ECE" in text
@@ -115,6 +128,39 @@ def test_thresholds_retuned_on_test_fail_the_checklist(tmp_path: Path) -> None:
     reports.write_clinical_report(tmp_path, evaluations, {}, HEADER)
     rows = _checklist_rows((tmp_path / "summary.md").read_text())
     assert rows["Threshold tuned on validation and documented"] == "FAIL"
+
+
+def test_thresholds_tuned_on_test_fail_even_when_every_split_is_scored_at_them(
+    tmp_path: Path,
+) -> None:
+    # report_cohorts scores every split at the one dict it is given and records that dict in
+    # the header, so the splits always agree with each other: only re-deriving what val
+    # chooses catches thresholds tuned on test.
+    vl, vs, _ = _split(300, 0)
+    tl, ts, _ = _split(300, 1)
+    from_val, from_test = metrics.operating_points(vl, vs), metrics.operating_points(tl, ts)
+    assert from_test["youden"] != from_val["youden"]
+    for thresholds, want in ((from_val, "PASS"), (from_test, "FAIL")):
+        evaluations = {
+            "val": metrics.evaluate_split(vl, vs, thresholds),
+            "test": metrics.evaluate_split(tl, ts, thresholds),
+        }
+        header = {**HEADER, "thresholds": thresholds}
+        reports.write_clinical_report(tmp_path / want, evaluations, {}, header)
+        rows = _checklist_rows((tmp_path / want / "summary.md").read_text())
+        assert rows["Threshold tuned on validation and documented"] == want, thresholds
+
+
+def test_external_only_report_checks_the_checkpoint_thresholds(tmp_path: Path) -> None:
+    el, es, _ = _split(200, 2)
+    frozen = metrics.operating_points(*_split(300, 0)[:2])
+    evaluations = {"external": metrics.evaluate_split(el, es, frozen)}
+    shifted = {**frozen, "youden": frozen["youden"] + 0.01}
+    for header_thresholds, want in ((frozen, "PASS"), (shifted, "FAIL"), (None, "FAIL")):
+        header = {**HEADER, "thresholds": header_thresholds}
+        reports.write_clinical_report(tmp_path / want, evaluations, {}, header)
+        rows = _checklist_rows((tmp_path / want / "summary.md").read_text())
+        assert rows["Threshold tuned on validation and documented"] == want
 
 
 def test_best_json_is_strict_json_with_flat_and_nested_metrics(tmp_path: Path) -> None:
@@ -165,8 +211,14 @@ def test_gallery_with_wrong_image_shape_is_named(tmp_path: Path) -> None:
 def test_best_json_is_strict_json(tmp_path: Path) -> None:
     labels, scores, _ = _split(100, 4)
     rep = metrics.at_threshold(labels, scores, 0.5)
-    summary = {"model": "m", "best_epoch": 1, "tables": {"test @ 0.5": rep.as_dict()},
-               "x": float("nan"), "where": tmp_path, "arr": np.array([1.0, np.inf])}  # fmt: skip
+    summary = {
+        "model": "m",
+        "best_epoch": 1,
+        "tables": {"test @ 0.5": rep.as_dict()},
+        "x": float("nan"),
+        "where": tmp_path,
+        "arr": np.array([1.0, np.inf]),
+    }
     reports.write_best_json(tmp_path / "best.json", summary)
     loaded = json.loads((tmp_path / "best.json").read_text())
     assert loaded["x"] is None

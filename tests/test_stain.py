@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from her2exp.bench.stain import ihc_patches
 from her2exp.data.synthetic import SITES, generate
 from her2exp.stain import HedJitter, MacenkoNormalizer
-from her2exp.stain.bench import ihc_patches
 from her2exp.stain.hed import HED_FROM_RGB, RGB_FROM_HED
 from her2exp.stain.macenko import masked_percentile, optical_density
 

@@ -3,7 +3,7 @@
 Why it exists: stain normalisation runs on every batch, so it must cost far less than the model.
 Compared: torchstain's numpy and torch Macenko (one image per call, the way they are used in a
 Dataset) and torch-staintools' batched Macenko. Competitors that are not installed are skipped
-with a message. Run: ``python -m her2exp.stain.bench [--n 256 --size 128 --rounds 3]``.
+with a message. Run: ``python -m her2exp.bench.stain [--n 256 --size 128 --rounds 3]``.
 
 Methods are timed in interleaved rounds (median reported) so that load from other processes on a
 shared machine hits all of them alike; the ratios are the number to read, not absolute patches/s.

@@ -1,0 +1,36 @@
+"""`make bench`: the benchmarks, one module each, run in this order by :func:`main`.
+
+- :mod:`her2exp.bench.epoch`: images/s of her2exp's training epoch vs a bare PyTorch loop.
+- :mod:`her2exp.bench.ci`: seconds of the DeLong and bootstrap AUC intervals on 100,000 scores.
+- :mod:`her2exp.bench.stain`: patches/s of her2exp's batched Macenko vs torchstain and
+  torch-staintools.
+
+Speed is measured here, never asserted by the tests (they check what each bench computes).
+
+    python -m her2exp.bench [--rounds 3] [--skip-extras] [hydra overrides, e.g. model=resnet10t]
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run every benchmark (only the epoch one with ``--skip-extras``); returns their results."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--skip-extras", action="store_true", help="training throughput only")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    from her2exp.bench import epoch
+
+    out: dict[str, Any] = {"epoch": epoch.run(args.overrides, args.rounds)}
+    if args.skip_extras:
+        return out
+    from her2exp.bench import ci, stain
+
+    out["ci"] = ci.main()
+    print("bench: stain normalisation, 256 patches of 128 px (her2exp.bench.stain)")
+    out["stain"] = stain.main([])
+    return out

@@ -1,0 +1,3 @@
+from her2exp.bench import main
+
+main()

@@ -1,0 +1,84 @@
+"""Binary HER2 metrics a reviewer can trust: AUC with confidence intervals, operating points
+chosen on validation, rates with Wilson intervals at frozen thresholds, calibration, decision
+curves and patient-level aggregation.
+
+Pure functions over numpy arrays, dataclasses out; no plotting and no files (``reports.py``
+draws and writes). Label 1 is HER2+ (the positive class). Every rate is defined as 0/0 -> NaN
+rather than raising, so a split with one class or a model that never predicts a class still
+yields a complete (if partly NaN) table. Inputs that cannot be scored at all (NaN scores,
+mismatched lengths, labels other than 0/1, an empty split) raise a ValueError naming the
+problem.
+
+One module per concern; everything public is re-exported here, so ``metrics.X`` is the name
+to use:
+
+- :mod:`~her2exp.metrics.ranking`: AUC, DeLong and stratified-bootstrap CIs, ROC and PR curves.
+- :mod:`~her2exp.metrics.proportions`: the Wilson interval of a rate.
+- :mod:`~her2exp.metrics.operating_points`: thresholds chosen on validation (Youden, a target
+  sensitivity) and :class:`BinaryReport`, the rates at a frozen threshold.
+- :mod:`~her2exp.metrics.probabilities`: calibration (Brier, ECE, reliability) and decision
+  curves.
+- :mod:`~her2exp.metrics.evaluation`: :func:`evaluate_split`, the single entry point the
+  trainer, ``her2exp-eval`` and the reports use; patient aggregation; error lists; JSON.
+
+The speed of the intervals is measured by ``make bench`` (:mod:`her2exp.bench.ci`).
+"""
+
+from her2exp.metrics.evaluation import (
+    PatientEvaluation,
+    PatientScores,
+    SplitEvaluation,
+    aggregate_by_patient,
+    evaluate_split,
+    misclassified,
+    to_jsonable,
+)
+from her2exp.metrics.operating_points import (
+    BinaryReport,
+    at_threshold,
+    choose_threshold,
+    operating_points,
+    threshold_for_sensitivity,
+    youden_threshold,
+)
+from her2exp.metrics.probabilities import Calibration, DecisionCurve, calibration, decision_curve
+from her2exp.metrics.proportions import wilson_interval
+from her2exp.metrics.ranking import (
+    AucCI,
+    PrCurve,
+    RocCurve,
+    auc,
+    auc_ci_bootstrap,
+    auc_ci_delong,
+    pr_curve,
+    roc_with_band,
+)
+
+__all__ = [
+    "AucCI",
+    "BinaryReport",
+    "Calibration",
+    "DecisionCurve",
+    "PatientEvaluation",
+    "PatientScores",
+    "PrCurve",
+    "RocCurve",
+    "SplitEvaluation",
+    "aggregate_by_patient",
+    "at_threshold",
+    "auc",
+    "auc_ci_bootstrap",
+    "auc_ci_delong",
+    "calibration",
+    "choose_threshold",
+    "decision_curve",
+    "evaluate_split",
+    "misclassified",
+    "operating_points",
+    "pr_curve",
+    "roc_with_band",
+    "threshold_for_sensitivity",
+    "to_jsonable",
+    "wilson_interval",
+    "youden_threshold",
+]
