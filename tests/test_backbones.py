@@ -152,7 +152,7 @@ def test_missing_and_unexpected_keys_are_named(vit_file, tmp_path: Path) -> None
                 "stain=hed_jitter",
             ],
             "stain.name",
-        ),  # fmt: skip
+        ),
     ],
 )
 def test_bad_backbone_options_fail_with_one_line(overrides: list[str], key: str) -> None:
@@ -280,8 +280,12 @@ def test_cached_features_train_the_same_head_as_uncached(resnet_file, tmp_path: 
     common = [f"model.weights={resnet_file}", "model.finetune=frozen", "data.augment=false"]
     plain = _train(tmp_path / "plain", *common)
     cache_dir = tmp_path / "shared_cache"
-    cached = _train(tmp_path / "cached", *common, "model.cache_features=true",
-                    f"model.feature_cache_dir={cache_dir}")  # fmt: skip
+    cached = _train(
+        tmp_path / "cached",
+        *common,
+        "model.cache_features=true",
+        f"model.feature_cache_dir={cache_dir}",
+    )
     n_images = 24 * 12
     assert cached["feature_cache"]["computed"] == n_images
     assert cached["feature_cache"]["reused"] == 0
@@ -299,8 +303,12 @@ def test_cached_features_train_the_same_head_as_uncached(resnet_file, tmp_path: 
         any(k.startswith("backbone.") for k in best["model"]) and "head.1.weight" in best["model"]
     )
     # A second run on the shared cache embeds nothing.
-    again = _train(tmp_path / "again", *common, "model.cache_features=true",
-                   f"model.feature_cache_dir={cache_dir}")  # fmt: skip
+    again = _train(
+        tmp_path / "again",
+        *common,
+        "model.cache_features=true",
+        f"model.feature_cache_dir={cache_dir}",
+    )
     assert again["feature_cache"]["computed"] == 0
     assert again["feature_cache"]["reused"] == n_images
     assert again["test_auc"] == pytest.approx(cached["test_auc"], abs=1e-9)
@@ -332,9 +340,9 @@ def test_feature_cache_embeds_each_image_once_and_reuses(resnet_file, tmp_path: 
     # Every patch twice over: a duplicate image is still embedded once.
     twice = data.DataBundle(
         manifest=bundle.manifest.loc[bundle.manifest.index.repeat(2)].reset_index(drop=True),
-        images=np.repeat(bundle.images, 2, axis=0),
+        patches=data.InMemoryPatches(np.repeat(bundle.images, 2, axis=0)),
         fingerprint=bundle.fingerprint,
-    )  # fmt: skip
+    )
     dctx = distributed.init("cpu")
     counter = _Counter(model)
     first = features.build(model, twice, cfg, tmp_path / "cache", dctx, None)
@@ -370,19 +378,25 @@ def test_feature_cache_is_invalidated_by_weights_and_transform(resnet_file, tmp_
     changed = features.build(model2, bundle, cfg2, cache, dctx, None)
     assert changed.key != base.key and changed.computed == n
     # Another transform (normalisation): again a new key.
-    cfg3, model3 = _cache_setup(tmp_path, f"model.weights={resnet_file}",
-                                "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]")  # fmt: skip
+    cfg3, model3 = _cache_setup(
+        tmp_path,
+        f"model.weights={resnet_file}",
+        "data.mean=[0.5,0.5,0.5]",
+        "data.std=[0.25,0.25,0.25]",
+    )
     renorm = features.build(model3, bundle, cfg3, cache, dctx, None)
     assert renorm.key not in (base.key, changed.key) and renorm.computed == n
     # Random-init weights are keyed by a digest of the parameters themselves.
     cfg4, model4 = _cache_setup(tmp_path)
     with torch.no_grad():
         model4.backbone.conv1[0].weight.add_(1.0)
-    key4, _ = features.cache_key(model4, cfg4.model, cfg4.data.mean, cfg4.data.std, None, None,
-                                 None)  # fmt: skip
+    key4, _ = features.cache_key(
+        model4, cfg4.model, cfg4.data.mean, cfg4.data.std, None, None, None
+    )
     cfg5, model5 = _cache_setup(tmp_path)
-    key5, _ = features.cache_key(model5, cfg5.model, cfg5.data.mean, cfg5.data.std, None, None,
-                                 None)  # fmt: skip
+    key5, _ = features.cache_key(
+        model5, cfg5.model, cfg5.data.mean, cfg5.data.std, None, None, None
+    )
     assert key4 != key5
     # And the original set-up still finds its entries.
     assert features.build(model, bundle, cfg, cache, dctx, None).computed == 0
@@ -452,9 +466,15 @@ def test_cli_cached_probe_records_the_weights_and_evaluates(resnet_file, tmp_pat
     from her2exp import evaluate
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        ecfg = compose(config_name="eval", overrides=[
-            f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "tracking=off",
-            "data.n_patients=12", "data.patches_per_patient=4"])  # fmt: skip
+        ecfg = compose(
+            config_name="eval",
+            overrides=[
+                f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}",
+                "tracking=off",
+                "data.n_patients=12",
+                "data.patches_per_patient=4",
+            ],
+        )
     with open_dict(ecfg):
         ecfg.output_dir = str(tmp_path / "eval")
     external = evaluate.evaluate_cohort(ecfg)["evaluation"]
@@ -471,8 +491,16 @@ def test_ddp_cached_probe_matches_one_process(tmp_path: Path) -> None:
     args = ["model.finetune=frozen", "model.cache_features=true", "data.augment=false"]
     single = _train(tmp_path / "single", *args)
     run_dir = tmp_path / "ddp"
-    proc = run_cli(["experiment=smoke", "tracking=off", "trainer.nproc_per_node=2", *args,
-                    f"hydra.run.dir={run_dir}"], cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        [
+            "experiment=smoke",
+            "tracking=off",
+            "trainer.nproc_per_node=2",
+            *args,
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (key_dir,) = (run_dir / "features").iterdir()  # both ranks used one key: the same weights
     assert key_dir.name == single["feature_cache"]["key"]

@@ -23,8 +23,9 @@ COMMON = ["experiment=smoke", "model.name=test_convnext", "trainer.epochs=2"]
 def torchrun(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 300):
     cmd = [str(BIN / "torchrun"), "--nproc_per_node=2", str(REPO / "tests" / "ddp_entry.py"), *args]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env=full_env)  # fmt: skip
+    return subprocess.run(
+        cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
 
 
 def run_dirs(root: Path) -> list[Path]:
@@ -40,8 +41,9 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
     cwd = tmp_path_factory.mktemp("ddp")
-    proc = torchrun([*COMMON, "tracking.uri=sqlite:///mlflow.db"], cwd,
-                    env={"HER2EXP_TEST_SKEW_S": "1.5"})  # fmt: skip
+    proc = torchrun(
+        [*COMMON, "tracking.uri=sqlite:///mlflow.db"], cwd, env={"HER2EXP_TEST_SKEW_S": "1.5"}
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, cwd
 
@@ -87,13 +89,16 @@ def test_resume_under_torchrun_equals_uninterrupted(ddp, tmp_path: Path) -> None
 
     ref = json.loads((ref_dir / "reports" / "best.json").read_text())
     run_dir = tmp_path / "run"
-    first = torchrun([*COMMON, "tracking=off", "trainer.stop_after_epoch=1",
-                      f"hydra.run.dir={run_dir}"], tmp_path)  # fmt: skip
+    first = torchrun(
+        [*COMMON, "tracking=off", "trainer.stop_after_epoch=1", f"hydra.run.dir={run_dir}"],
+        tmp_path,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
     assert state["epoch"] == 1 and len(state["rng_per_rank"]) == 2
-    second = torchrun([*COMMON, "tracking=off", "trainer.resume=auto",
-                       f"hydra.run.dir={run_dir}"], tmp_path)  # fmt: skip
+    second = torchrun(
+        [*COMMON, "tracking=off", "trainer.resume=auto", f"hydra.run.dir={run_dir}"], tmp_path
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     got = json.loads((run_dir / "reports" / "best.json").read_text())
     for key in ("best_val_auc", "threshold_youden_val", "test_auc", "best_epoch"):
@@ -102,8 +107,12 @@ def test_resume_under_torchrun_equals_uninterrupted(ddp, tmp_path: Path) -> None
 
 def test_failure_on_one_rank_ends_the_job_promptly(tmp_path: Path) -> None:
     start = time.monotonic()
-    proc = torchrun([*COMMON, "trainer.epochs=3", "tracking=off"], tmp_path,
-                    env={"HER2EXP_TEST_FAIL_RANK": "1"}, timeout=240)  # fmt: skip
+    proc = torchrun(
+        [*COMMON, "trainer.epochs=3", "tracking=off"],
+        tmp_path,
+        env={"HER2EXP_TEST_FAIL_RANK": "1"},
+        timeout=240,
+    )
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert "deliberate failure on rank 1" in proc.stdout + proc.stderr
@@ -115,10 +124,20 @@ def test_in_process_launch_multirun(tmp_path: Path) -> None:
     import mlflow
 
     proc = subprocess.run(
-        [str(BIN / "her2exp-train"), "-m", *COMMON, "trainer.epochs=1",
-         "trainer.nproc_per_node=2", "loss=ce,focal", f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
+        [
+            str(BIN / "her2exp-train"),
+            "-m",
+            *COMMON,
+            "trainer.epochs=1",
+            "trainer.nproc_per_node=2",
+            "loss=ce,focal",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for job in ("0", "1"):
         d = tmp_path / "sweep" / job
@@ -136,9 +155,17 @@ def test_in_process_launch_multirun(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("before", ["true", "false"])
 def test_compile_and_ddp_in_either_order(tmp_path: Path, before: str) -> None:
-    proc = torchrun([*COMMON, "trainer.epochs=1", "tracking=off", "model.compile=true",
-                     "model.compile_backend=aot_eager", f"model.compile_before_ddp={before}"],
-                    tmp_path)  # fmt: skip
+    proc = torchrun(
+        [
+            *COMMON,
+            "trainer.epochs=1",
+            "tracking=off",
+            "model.compile=true",
+            "model.compile_backend=aot_eager",
+            f"model.compile_before_ddp={before}",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "her2exp: best val AUC" in proc.stdout
 
@@ -162,11 +189,24 @@ def test_torchrun_restarts_a_killed_worker_and_every_rank_resumes(ddp, tmp_path:
     (ref_dir,) = run_dirs(cwd)
     ref = json.loads((ref_dir / "reports" / "best.json").read_text())
     run_dir, marker = tmp_path / "run", tmp_path / "pause"
-    cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           str(REPO / "tests" / "fault_entry.py"), *COMMON, f"hydra.run.dir={run_dir}",
-           f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.log_model=false"]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HER2EXP_TEST_PAUSE": "train:2:0",
-           "HER2EXP_TEST_PAUSE_RANK": "1", "HER2EXP_TEST_MARKER": str(marker)}  # fmt: skip
+    cmd = [
+        str(BIN / "torchrun"),
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        str(REPO / "tests" / "fault_entry.py"),
+        *COMMON,
+        f"hydra.run.dir={run_dir}",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        "tracking.log_model=false",
+    ]
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "HER2EXP_TEST_PAUSE": "train:2:0",
+        "HER2EXP_TEST_PAUSE_RANK": "1",
+        "HER2EXP_TEST_MARKER": str(marker),
+    }
     with open(tmp_path / "out.txt", "w") as out:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
         paused = Path(f"{marker}.train_2_0")

@@ -46,15 +46,33 @@ KEYS = ("best_epoch", "best_val_auc", "threshold_youden_val", "test_auc")
 class Launch:
     """One `her2exp-train` process (through fault_entry.py), output to files, pausable."""
 
-    def __init__(self, cwd: Path, args: list[str], pause: str = "", env: dict | None = None,
-                 preexec_fn=None, name: str = "launch") -> None:  # fmt: skip
+    def __init__(
+        self,
+        cwd: Path,
+        args: list[str],
+        pause: str = "",
+        env: dict | None = None,
+        preexec_fn=None,
+        name: str = "launch",
+    ) -> None:
         self.cwd, self.marker = cwd, cwd / f"{name}.pause"
         self.out, self.err = cwd / f"{name}.out", cwd / f"{name}.err"
-        full = {**os.environ, "PYTHONUNBUFFERED": "1", "HER2EXP_TEST_PAUSE": pause,
-                "HER2EXP_TEST_MARKER": str(self.marker), **(env or {})}  # fmt: skip
+        full = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "HER2EXP_TEST_PAUSE": pause,
+            "HER2EXP_TEST_MARKER": str(self.marker),
+            **(env or {}),
+        }
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, str(ENTRY), *args], cwd=cwd, env=full,
-                                         stdout=out, stderr=err, preexec_fn=preexec_fn)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ENTRY), *args],
+                cwd=cwd,
+                env=full,
+                stdout=out,
+                stderr=err,
+                preexec_fn=preexec_fn,
+            )
 
     def output(self) -> str:
         return self.out.read_text() + self.err.read_text()
@@ -110,8 +128,14 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     times in a row at different places; what each break left behind is recorded."""
     cwd = tmp_path_factory.mktemp("chain")
     run_dir = cwd / "run"
-    args = [*COMMON, *SKIP_NAN, "trainer.resume=auto", f"hydra.run.dir={run_dir}",
-            f"tracking.uri=sqlite:///{cwd}/mlflow.db", "tracking.log_model=false"]  # fmt: skip
+    args = [
+        *COMMON,
+        *SKIP_NAN,
+        "trainer.resume=auto",
+        f"hydra.run.dir={run_dir}",
+        f"tracking.uri=sqlite:///{cwd}/mlflow.db",
+        "tracking.log_model=false",
+    ]
     obs: dict = {"run_dir": run_dir, "uri": f"sqlite:///{cwd}/mlflow.db"}
 
     def mlflow_status() -> tuple[str, dict]:
@@ -132,8 +156,13 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     start = time.monotonic()
     la.resume("train:2:1")
     rc = la.wait()
-    obs["term_train"] = (rc, time.monotonic() - start, last_epoch(run_dir), la.output(),
-                         *mlflow_status())  # fmt: skip
+    obs["term_train"] = (
+        rc,
+        time.monotonic() - start,
+        last_epoch(run_dir),
+        la.output(),
+        *mlflow_status(),
+    )
     # 3. SIGKILL during epoch 2's validation.
     la = Launch(cwd, args, "eval:2", name="kill_eval")
     os.kill(la.wait_paused("eval:2"), signal.SIGKILL)
@@ -235,7 +264,11 @@ def test_nan_batch_is_skipped_counted_and_logged(chain) -> None:
     assert run.data.metrics["nonfinite_steps_skipped"] == 1
     per_epoch = client.get_metric_history(run.info.run_id, "nonfinite_steps_skipped")
     assert sorted((m.step, m.value) for m in per_epoch if m.step > 0) == [
-        (1, 0), (2, 1), (3, 1), (4, 1)]  # fmt: skip
+        (1, 0),
+        (2, 1),
+        (3, 1),
+        (4, 1),
+    ]
     state = checkpoint.load(chain["run_dir"] / "checkpoints" / "last.pt")
     assert state["nonfinite_steps_skipped"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -250,8 +283,12 @@ def test_nan_batch_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path: Pa
 
 def test_skipping_stops_after_max_nonfinite_steps(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteLossError, match="trainer.max_nonfinite_steps"):
-        _train(tmp_path, "trainer.on_nonfinite=skip", "trainer.max_nonfinite_steps=0",
-               "trainer.debug_nan_at_step=8")  # fmt: skip
+        _train(
+            tmp_path,
+            "trainer.on_nonfinite=skip",
+            "trainer.max_nonfinite_steps=0",
+            "trainer.debug_nan_at_step=8",
+        )
     assert last_epoch(tmp_path) == 1
 
 
@@ -263,8 +300,12 @@ def _ignore_sigxfsz() -> None:
 
 def test_full_disk_during_a_checkpoint_write_stops_cleanly(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    la = Launch(tmp_path, [*COMMON, "tracking=off", f"hydra.run.dir={run_dir}"], "train:2:0",
-                preexec_fn=_ignore_sigxfsz)  # fmt: skip
+    la = Launch(
+        tmp_path,
+        [*COMMON, "tracking=off", f"hydra.run.dir={run_dir}"],
+        "train:2:0",
+        preexec_fn=_ignore_sigxfsz,
+    )
     pid = la.wait_paused("train:2:0")
     size = (run_dir / "checkpoints" / "last.pt").stat().st_size
     limit = size // 4  # every checkpoint is bigger than this; logs and sidecars are not
@@ -292,12 +333,26 @@ class MlflowServer:
     def start(self, timeout: float = 120) -> None:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.root}/server.db",
-             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=self.root, env=env,
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                f"sqlite:///{self.root}/server.db",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+                "--workers",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=self.root,
+            env=env,
             start_new_session=True,  # its own process group: stop() ends the uvicorn child too
-        )  # fmt: skip
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -345,8 +400,9 @@ def test_mlflow_server_lost_and_back_mid_run_then_synced(
 
     run_dir = tmp_path / "run"
     points = "train:2:0,train:3:0,train:4:0"
-    la = Launch(tmp_path, [*COMMON, f"tracking.uri={server.url}", f"hydra.run.dir={run_dir}"],
-                points)  # fmt: skip
+    la = Launch(
+        tmp_path, [*COMMON, f"tracking.uri={server.url}", f"hydra.run.dir={run_dir}"], points
+    )
     la.wait_paused("train:2:0")
     server.stop()
     la.resume("train:2:0")
@@ -376,12 +432,14 @@ def test_mlflow_server_lost_and_back_mid_run_then_synced(
     assert "her2exp: best val AUC" in la.out.read_text()  # training itself was untouched
 
     server.start()
-    sync = subprocess.run([str(BIN / "her2exp-sync"), str(run_dir)], capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    sync = subprocess.run(
+        [str(BIN / "her2exp-sync"), str(run_dir)], capture_output=True, text=True, timeout=300
+    )
     assert sync.returncode == 0, sync.stdout + sync.stderr
     assert not (run_dir / "mlflow_buffer.jsonl").exists()
-    again = subprocess.run([str(BIN / "her2exp-sync"), str(run_dir)], capture_output=True,
-                           text=True, timeout=120)  # fmt: skip
+    again = subprocess.run(
+        [str(BIN / "her2exp-sync"), str(run_dir)], capture_output=True, text=True, timeout=120
+    )
     assert again.returncode == 0 and "nothing to replay" in again.stdout
 
     client = mlflow.MlflowClient(tracking_uri=server.url)
@@ -409,8 +467,15 @@ def test_soak_twenty_random_kill_points(tmp_path: Path, reference) -> None:
     uninterrupted one. Prints the resume time and the worst work lost."""
     rng = random.Random(8)
     run_dir = tmp_path / "run"
-    args = [sys.executable, str(ENTRY), *COMMON, *SKIP_NAN, "trainer.resume=auto", "tracking=off",
-            f"hydra.run.dir={run_dir}"]  # fmt: skip
+    args = [
+        sys.executable,
+        str(ENTRY),
+        *COMMON,
+        *SKIP_NAN,
+        "trainer.resume=auto",
+        "tracking=off",
+        f"hydra.run.dir={run_dir}",
+    ]
     start = time.monotonic()
     subprocess.run(args, cwd=tmp_path, check=True, capture_output=True, timeout=600)
     full = time.monotonic() - start
@@ -418,8 +483,9 @@ def test_soak_twenty_random_kill_points(tmp_path: Path, reference) -> None:
     run_dir.rename(tmp_path / "warmup")
     kills, completed, lost = 0, 0, []
     while kills < 20:
-        proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(
+            args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         delay = rng.uniform(0.5, full)
         try:
             proc.wait(timeout=delay)

@@ -40,8 +40,9 @@ def test_macenko_reference_is_saved_with_the_run(macenko_run) -> None:
     _, run_dir = macenko_run
     saved = checkpoint.load(run_dir / "checkpoints" / "stain_reference.pt")
     best = checkpoint.load(run_dir / "checkpoints" / "best.pt")
-    torch.testing.assert_close(best["stain"]["normalizer"]["stain_matrix"],
-                               saved["normalizer"]["stain_matrix"])  # fmt: skip
+    torch.testing.assert_close(
+        best["stain"]["normalizer"]["stain_matrix"], saved["normalizer"]["stain_matrix"]
+    )
     # Evaluation rebuilds the identical normaliser from the saved state (no refitting).
     cfg = compose_train([*SMOKE, "stain=macenko"])
     again = stain_pipeline.from_state(cfg.stain, best["stain"], 0)
@@ -81,12 +82,33 @@ def test_rescale_modes() -> None:
 
 def test_prepare_writes_a_normalised_manifest_that_trains(tmp_path: Path) -> None:
     src, out = tmp_path / "src", tmp_path / "prepared"
-    subprocess.run([str(BIN / "her2exp-manifest"), "--export-synthetic", str(src),
-                    "--n-patients", "16", "--patches-per-patient", "6", "--image-size", "32"],
-                   check=True, capture_output=True)  # fmt: skip
-    proc = subprocess.run([str(BIN / "her2exp-prepare"), f"out={out}", "data=folder",
-                           f"data.root={src}", 'data.patient_regex="^([^-]+)-"',
-                           "data.image_size=32"], capture_output=True, text=True)  # fmt: skip
+    subprocess.run(
+        [
+            str(BIN / "her2exp-manifest"),
+            "--export-synthetic",
+            str(src),
+            "--n-patients",
+            "16",
+            "--patches-per-patient",
+            "6",
+            "--image-size",
+            "32",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    proc = subprocess.run(
+        [
+            str(BIN / "her2exp-prepare"),
+            f"out={out}",
+            "data=folder",
+            f"data.root={src}",
+            'data.patient_regex="^([^-]+)-"',
+            "data.image_size=32",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = pd.read_csv(out / "manifest.csv")
     assert len(manifest) == 16 * 6 and (out / manifest["path"]).map(Path.is_file).all()
