@@ -142,6 +142,17 @@ def _hydra_reraises() -> Iterator[bool]:
             os.environ["HYDRA_FULL_ERROR"] = before
 
 
+def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config a command would run with, without Hydra's run (tests, notebooks): pass it to
+    the command's `main(cfg)`. Interpolations of Hydra's runtime (`${hydra:...}`) stay unset."""
+    from hydra import initialize_config_dir
+
+    from her2exp.cli import schemas  # noqa: F401 - registers the command schemas
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra.compose(config_name=config_name, overrides=list(overrides))
+
+
 def hydra_command(
     config_name: str, positional: str | None = None
 ) -> Callable[[Callable[[DictConfig], R]], Callable[..., R | None]]:
