@@ -447,17 +447,15 @@ def test_cli_cached_probe_records_the_weights_and_evaluates(resnet_file, tmp_pat
     assert len(history) == 2
 
     weights.unlink()
-    from hydra import compose, initialize_config_dir
+    from her2exp import evaluation
+    from her2exp.cli.common import compose
 
-    from her2exp import evaluate
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        ecfg = compose(config_name="eval", overrides=[
-            f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}", "tracking=off",
-            "data.n_patients=12", "data.patches_per_patient=4"])  # fmt: skip
+    best = run_dir / "checkpoints" / "best.pt"
+    ecfg = compose("eval", [f"checkpoint={best}", "tracking=off", "data.n_patients=12"])
     with open_dict(ecfg):
+        ecfg.data.patches_per_patient = 4
         ecfg.output_dir = str(tmp_path / "eval")
-    external = evaluate.evaluate_cohort(ecfg)["evaluation"]
+    external = evaluation.evaluate_cohort(ecfg)["evaluation"]
     assert external.n == 12 * 4 and 0.0 <= external.auc.auc <= 1.0
     state = OmegaConf.create(checkpoint.load(run_dir / "checkpoints" / "best.pt")["config"])
     assert state.model.cache_features is True and list(state.data.mean) == [0.5, 0.5, 0.5]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -122,7 +123,10 @@ def positional_to_override(argv: list[str], key: str | None) -> list[str]:
     """`her2exp-sync DIR` (the older syntax) -> `her2exp-sync run_dir='DIR'`."""
     if key is None or not argv or "=" in argv[0] or argv[0].startswith("-"):
         return argv
-    value = argv[0].replace("\\", "\\\\").replace("'", "\\'")
+    # Hydra's quoted strings: a quote is escaped, and so are the backslashes right before a
+    # quote or at the end; every other backslash is literal.
+    value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", argv[0])
+    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
     return [f"{key}='{value}'", *argv[1:]]
 
 

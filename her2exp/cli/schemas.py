@@ -145,8 +145,10 @@ class ManifestCommand:
 
     root: str | None = None  # class (or HER2 score) sub-folders, read as data=folder reads them
     out: str | None = None  # null: <root>/manifest.csv
-    label_map: dict[str, int] | None = None  # null: data=folder's (her2_neg: 0, her2_pos: 1)
-    score_map: dict[str, int] | None = None  # null: 0/1+ -> 0, 3+ -> 1
+    # null: data=folder's maps; given, a map replaces it (names -> 0 or 1). Typed Any: Hydra
+    # parses keys like 0 as numbers (score_map={0:0,1+:0,3+:1}); manifest_data_config checks.
+    label_map: Any = None  # null: her2_neg -> 0, her2_pos -> 1
+    score_map: Any = None  # null: 0, 1+ -> 0 and 3+ -> 1
     equivocal: str = "exclude"
     patient_regex: str | None = None
     seed: int = 42  # the split seed: training's default
@@ -161,19 +163,21 @@ class ManifestCommand:
 
 def manifest_data_config(cfg: Any) -> DictConfig:
     """The `data=folder` config a manifest command stands for, validated as training would."""
-    data = OmegaConf.structured(DataConfig)
-    data.source = "folder"
-    data.root = cfg.root
-    data.equivocal = cfg.equivocal
-    data.patient_regex = cfg.patient_regex
-    data.image_size = cfg.image_size
-    data.on_bad_file = cfg.on_bad_file
-    data.split = cfg.split
-    if cfg.label_map is not None:
-        data.label_map = dict(cfg.label_map)  # replaces the default map, unlike a merge
-    if cfg.score_map is not None:
-        data.score_map = dict(cfg.score_map)
+    data = {
+        "source": "folder",
+        "root": cfg.root,
+        "equivocal": cfg.equivocal,
+        "patient_regex": cfg.patient_regex,
+        "image_size": cfg.image_size,
+        "on_bad_file": cfg.on_bad_file,
+        "split": cfg.split,
+    }
     full = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"data": data, "output_dir": "."})
+    for key in ("label_map", "score_map"):
+        if cfg[key] is not None:  # replaces the default map (a merge would keep its names)
+            if not OmegaConf.is_dict(cfg[key]):
+                _fail(key, cfg[key], "a map of names to 0 (HER2-) or 1 (HER2+), e.g. {neg:0,pos:1}")
+            full.data[key] = {str(k): v for k, v in cfg[key].items()}
     validate(full)
     return full.data
 
