@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from safetensors.torch import save_file
 
-from conftest import CONF, compose_train, run_cli
+from conftest import compose_train, run_cli
 from her2exp import checkpoint, data, distributed, features, models
 from her2exp import train as train_mod
 from her2exp.config import ConfigError, validate
