@@ -96,11 +96,18 @@ def test_external_eval_uses_the_training_thresholds(smoke_run, external_eval) ->
     assert (preds["called_her2_pos_youden"] == (preds["prob_her2_pos"] >= t)).all()
 
 
-def test_eval_refuses_an_unknown_run(smoke_run: SmokeRun, tmp_path: Path) -> None:
+def test_eval_refuses_an_unknown_run(
+    smoke_run: SmokeRun, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from her2exp.cli.eval import main
+
     args = ["run_id=doesnotexist", f"tracking.uri={smoke_run.uri}", f"hydra.run.dir={tmp_path}"]
-    proc = cli("her2exp-eval", args, tmp_path)
-    assert proc.returncode == 2 and "run_id='doesnotexist' not found" in proc.stderr
-    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("her2exp: ")
+    monkeypatch.setattr("sys.argv", ["her2exp-eval", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "run_id='doesnotexist' not found" in err
+    assert err.count("\n") == 1 and err.startswith("her2exp: ")
 
 
 def test_eval_keeps_the_runs_evaluation_settings(smoke_run: SmokeRun, tmp_path: Path) -> None:
