@@ -29,6 +29,7 @@ command's own function are marked, so they are never mistaken for composition er
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -99,8 +100,10 @@ def _is_user_error(exc: BaseException) -> bool:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
-    # Hydra's override handling raises plain ValueErrors too (`=3`: "Config group override...")
-    return isinstance(exc, ValueError) and module.startswith(("hydra.", "omegaconf."))
+    # Hydra's override handling (and its sweepers' search-space parsing) raise plain ValueErrors
+    # too (`=3`: "Config group override must be a string or a list").
+    prefixes = ("hydra.", "hydra_plugins.", "omegaconf.")
+    return isinstance(exc, ValueError) and module.startswith(prefixes)
 
 
 def check_flags(argv: list[str]) -> None:
@@ -175,7 +178,8 @@ def hydra_command(
             except ConfigError as exc:
                 fail(f"configuration error: {exc}")
             except BaseException as exc:
-                setattr(exc, _FROM_TASK, True)  # noqa: B010 - a marker, not an attribute API
+                with contextlib.suppress(AttributeError, TypeError):  # a few builtins refuse
+                    setattr(exc, _FROM_TASK, True)  # noqa: B010 - a marker, not an attribute API
                 raise
             raise AssertionError("unreachable")
 
