@@ -43,8 +43,8 @@ format: $(STAMP) ## apply ruff format and safe fixes
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-mlflow-server: $(STAMP) ## team MLflow server on 127.0.0.1:5000: PostgreSQL backend (private cluster in .mlflow-server/ unless ARGS="--backend-store-uri ..."), served artifacts
-	$(VENV)/bin/her2exp-server --dir $(CURDIR)/.mlflow-server --port 5000 $(ARGS)
+mlflow-server: $(STAMP) ## team MLflow server on 127.0.0.1:5000: PostgreSQL backend (private cluster in .mlflow-server/ unless ARGS="backend_store_uri=..."), served artifacts
+	$(VENV)/bin/her2exp-server dir=$(CURDIR)/.mlflow-server port=5000 $(ARGS)
 
 ui: $(STAMP) ## MLflow UI on 127.0.0.1:5000 over ./mlflow.db
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
@@ -56,7 +56,7 @@ montage: $(STAMP) ## redraw docs/synthetic_montage.png from the embedded generat
 
 demo-folder: $(STAMP) ## export the embedded data as a PNG folder + manifest under outputs/, then train on it via data=folder
 	rm -rf outputs/demo_folder
-	$(VENV)/bin/her2exp-manifest --export-synthetic $(CURDIR)/outputs/demo_folder --n-patients 40 --patches-per-patient 12 --image-size 32
+	$(VENV)/bin/her2exp-manifest export_synthetic=$(CURDIR)/outputs/demo_folder n_patients=40 patches_per_patient=12 image_size=32
 	$(VENV)/bin/her2exp-train experiment=smoke data=folder data.root=$(CURDIR)/outputs/demo_folder 'data.patient_regex="^([^-]+)-"' $(ARGS)
 
 ddp: $(STAMP) ## the 2-process CPU DDP example (torchrun, gloo)

@@ -1,6 +1,5 @@
-"""`her2exp-compare` / `make compare`: the runs of an experiment or a sweep, best first.
-
-    her2exp-compare [experiment=her2exp] [sweep=latest|<parent run id>|all] [out=compare.csv]
+"""The runs of an experiment or a sweep, best first (the library part of `her2exp-compare`,
+her2exp/cli/compare.py; `make compare`).
 
 Columns: run id, the parameters that differ between the listed runs, val AUC with its CI, test
 AUC, sensitivity/specificity at the frozen val-chosen threshold, epochs and minutes. Read with
@@ -9,21 +8,11 @@ AUC, sensitivity/specificity at the frozen val-chosen threshold, epochs and minu
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pandas as pd
-from omegaconf import OmegaConf
 
 from her2exp import tracking
-from her2exp.reports import atomic_write_text
+from her2exp.config import ConfigError
 
-DEFAULTS = {
-    "experiment": "her2exp",
-    "sweep": "latest",
-    "out": "compare.csv",
-    "tracking": {"uri": "sqlite:///mlflow.db"},
-}
 METRICS = {
     "best_val_auc": "val_auc",
     "final_val_auc_low": "val_auc_low",
@@ -37,12 +26,13 @@ IGNORED_PARAMS = {"output_dir", "tracking.run_name"}
 
 
 def compare(experiment: str, sweep: str, uri: str) -> pd.DataFrame:
+    """One row per run (sweep: latest | all | a parent run id), sorted by val AUC."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking.resolve_uri(uri))
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
-        raise SystemExit(f"her2exp: no experiment {experiment!r} in {uri}")
+        raise ConfigError(f"experiment={experiment!r}: no such experiment in {uri}")
     runs = mlflow.search_runs([exp.experiment_id])
     if runs.empty:
         return runs
@@ -51,12 +41,17 @@ def compare(experiment: str, sweep: str, uri: str) -> pd.DataFrame:
         if sweep == "latest":
             parents = runs[runs.get("tags.sweep", pd.Series(index=runs.index)) == "parent"]
             if parents.empty:
-                raise SystemExit("her2exp: no sweep in this experiment; use sweep=all")
+                raise ConfigError(
+                    f"sweep=latest: no sweep in experiment {experiment!r}; use sweep=all"
+                )
             sweep = parents.sort_values("start_time").iloc[-1]["run_id"]
         runs = runs[runs.get(parent_col, pd.Series(index=runs.index)) == sweep]
     runs = runs[runs.get("tags.sweep", pd.Series(index=runs.index)) != "parent"]
-    params = [c for c in runs.columns if c.startswith("params.")
-              and c[len("params."):] not in IGNORED_PARAMS]  # fmt: skip
+    params = [
+        c
+        for c in runs.columns
+        if c.startswith("params.") and c[len("params.") :] not in IGNORED_PARAMS
+    ]
     differing = [c for c in params if runs[c].nunique(dropna=False) > 1]
     table = pd.DataFrame({"run_id": runs["run_id"], "status": runs["status"]})
     for c in differing:
@@ -65,16 +60,3 @@ def compare(experiment: str, sweep: str, uri: str) -> pd.DataFrame:
         table[name] = runs.get(f"metrics.{metric}")
     table["minutes"] = (runs["end_time"] - runs["start_time"]).dt.total_seconds() / 60
     return table.sort_values("val_auc", ascending=False, na_position="last").reset_index(drop=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    opts = OmegaConf.merge(DEFAULTS, OmegaConf.from_cli(sys.argv[1:] if argv is None else argv))
-    table = compare(opts.experiment, str(opts.sweep), opts.tracking.uri)
-    with pd.option_context("display.width", 200, "display.max_columns", 30):
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    atomic_write_text(Path(opts.out), table.to_csv(index=False))
-    print(f"her2exp: {len(table)} runs, best first -> {opts.out}")
-
-
-if __name__ == "__main__":
-    main()

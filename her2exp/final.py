@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from her2exp import checkpoint, metrics, tracking
 from her2exp.builders import DataParts
-from her2exp.evaluate import ScoredSplit, report_cohorts
+from her2exp.evaluation import ScoredSplit, report_cohorts
 from her2exp.trainer import Validator
 
 

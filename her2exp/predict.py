@@ -1,7 +1,5 @@
-"""`her2exp-predict`: apply a trained run to a folder of patches and write predictions.csv.
-
-    her2exp-predict checkpoint=outputs/<date>/<time>/checkpoints/best.pt input=/path/patches
-    her2exp-predict run_id=<MLflow run id> input=/path/patches output=preds.csv
+"""A trained run applied to a folder of patches (the library part of `her2exp-predict`,
+her2exp/cli/predict.py).
 
 Each row: path, HER2+ probability, and the decision at every threshold frozen on the training
 run's validation split. Files that cannot be decoded are listed (stderr and the `.errors.csv`
@@ -10,7 +8,6 @@ beside the output) and skipped; the rest are still scored.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +16,18 @@ import pandas as pd
 import torch
 from omegaconf import OmegaConf
 
-from her2exp import models, reports
+from her2exp import models
 from her2exp.config import ConfigError
 from her2exp.data.sources import read_patch  # decoded exactly as in training
-from her2exp.evaluate import load_source
+from her2exp.engine import Preprocess
+from her2exp.evaluation import load_source
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-DEFAULTS = {
-    "checkpoint": None,
-    "run_id": None,
-    "input": None,
-    "output": "predictions.csv",
-    "batch_size": 64,
-    "tracking": {"uri": "sqlite:///mlflow.db"},
-}
 
 
 def predict_folder(opts: Any) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """Score every image under `opts.input` with the run `opts` names (run_id or checkpoint);
+    returns (one row per scored file, (path, error) per file that could not be decoded)."""
     if not opts.input:
         raise ConfigError("input=<folder of patches> is required")
     root = Path(opts.input)
@@ -56,8 +48,8 @@ def predict_folder(opts: Any) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     from her2exp.stain import pipeline as stain_pipeline
 
     stain = stain_pipeline.from_state(cfg.stain, state.get("stain"), 0)
-    mean = torch.tensor(list(cfg.data.mean)).view(1, 3, 1, 1) * 255.0
-    std = torch.tensor(list(cfg.data.std)).view(1, 3, 1, 1) * 255.0
+    # The one input path of training and evaluation: stain (here on the CPU), then mean/std.
+    preprocess = Preprocess(device, tuple(cfg.data.mean), tuple(cfg.data.std))
 
     rows, errors = [], []
     for start in range(0, len(files), opts.batch_size):
@@ -73,38 +65,10 @@ def predict_folder(opts: Any) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
         x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
         if stain is not None:
             x = stain(x, False)
-        x = x.float()
         with torch.no_grad():
-            probs = torch.softmax(model(((x - mean) / std).to(device)).float(), 1)[:, 1].cpu()
+            probs = torch.softmax(model(preprocess(x)).float(), 1)[:, 1].cpu()
         for path, p in zip(paths, probs.tolist(), strict=True):
             row = {"path": str(path), "prob_her2_pos": p}
             row.update({f"called_her2_pos_{k}": int(p >= t) for k, t in thresholds.items()})
             rows.append(row)
     return pd.DataFrame(rows), errors
-
-
-def main(argv: list[str] | None = None) -> None:
-    opts = OmegaConf.merge(DEFAULTS, OmegaConf.from_cli(argv if argv is not None else sys.argv[1:]))
-    try:
-        table, errors = predict_folder(opts)
-    except ConfigError as exc:
-        print(f"her2exp: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    out = Path(opts.output)
-    reports.atomic_write_text(out, table.to_csv(index=False))
-    print(f"her2exp: {len(table)} patches scored -> {out}")
-    if errors:
-        err_path = out.with_suffix(".errors.csv")
-        reports.atomic_write_text(
-            err_path, pd.DataFrame(errors, columns=["path", "error"]).to_csv(index=False)
-        )
-        print(f"her2exp: {len(errors)} files could not be read (listed in {err_path}):",
-              file=sys.stderr)  # fmt: skip
-        for path, err in errors:
-            print(f"  {path}: {err}", file=sys.stderr)
-    if table.empty:
-        raise SystemExit(1)
-
-
-if __name__ == "__main__":
-    main()

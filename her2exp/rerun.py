@@ -1,18 +1,18 @@
-"""`her2exp-rerun <run_id>`: repeat a training run from what MLflow holds, nothing else.
+"""Repeat a training run from what MLflow holds, nothing else (the library part of
+`her2exp-rerun`, her2exp/cli/rerun.py).
 
 The run's resolved config (artifact `config_resolved.yaml`) is trained again with the same seed,
 world size and data; the new run is tagged `user.rerun_of` and the two runs' headline numbers are
 printed side by side. A different git commit, or a dirty original checkout (its diff is the
 `audit/git_diff.patch` artifact), is reported, since code is the one input MLflow cannot replay.
 
-    her2exp-rerun <run_id> [tracking.uri=sqlite:///mlflow.db] [output_dir=DIR]
+    her2exp-rerun run_id=<run id> [tracking.uri=sqlite:///mlflow.db] [output_dir=DIR]
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -50,31 +50,13 @@ def rerun(run_id: str, uri: str, output_dir: str | None = None) -> tuple[dict, d
         cfg.trainer.nproc_per_node = world  # same data split per rank and global batch
     head = tracking.git_info()["git_commit"]
     if tags.get("git_commit") not in (None, head):
-        log.warning("run %s was trained at commit %s; this checkout is at %s",
-                    run_id, tags.get("git_commit"), head)  # fmt: skip
+        log.warning(
+            "run %s was trained at commit %s; this checkout is at %s",
+            run_id,
+            tags.get("git_commit"),
+            head,
+        )
     if tags.get("git_dirty") == "true":
         log.warning("run %s came from a dirty checkout: apply its audit/git_diff.patch", run_id)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     return dict(original.data.metrics), run_training(cfg)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or "=" in args[0]:
-        print("usage: her2exp-rerun <run_id> [tracking.uri=...] [output_dir=...]", file=sys.stderr)
-        raise SystemExit(2)
-    opts = OmegaConf.merge({"tracking": {"uri": "sqlite:///mlflow.db"}, "output_dir": None},
-                           OmegaConf.from_cli(args[1:]))  # fmt: skip
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
-    try:
-        before, after = rerun(args[0], opts.tracking.uri, opts.output_dir)
-    except ConfigError as exc:
-        print(f"her2exp: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(f"her2exp: rerun of {args[0]} is MLflow run {after['mlflow_run_id']}")
-    for key, new in (("best_val_auc", after["best_val_auc"]), ("test_auc", after["test_auc"])):
-        print(f"  {key:>13}: original {before.get(key, float('nan')):.6f}  rerun {new:.6f}")
-
-
-if __name__ == "__main__":
-    main()

@@ -3,13 +3,15 @@
 Why it exists: one SQLite file serves one workstation; a team (concurrent sweeps, several
 machines) needs a tracking server whose backend store takes concurrent writers. This starts
 `mlflow server` with a PostgreSQL backend store and a served artifact store, bound to 127.0.0.1
-unless told otherwise. Given ``--backend-store-uri`` it uses that database (the team's
-PostgreSQL); without one it creates and runs a private PostgreSQL cluster under ``--dir`` (Debian's
+unless told otherwise. Given ``backend_store_uri=`` it uses that database (the team's
+PostgreSQL); without one it creates and runs a private PostgreSQL cluster under ``dir=`` (Debian's
 ``postgresql`` package), so a laptop or CI has the same set-up as the team.
 
-    her2exp-server --dir .mlflow-server --port 5000          # local PostgreSQL + mlflow server
-    her2exp-server --backend-store-uri postgresql+psycopg2://user@db:5432/mlflow \\
-        --artifacts-destination s3://bucket/mlflow --host 0.0.0.0 --port 5000
+    her2exp-server dir=.mlflow-server port=5000          # local PostgreSQL + mlflow server
+    her2exp-server backend_store_uri=postgresql+psycopg2://user@db:5432/mlflow \\
+        artifacts_destination=s3://bucket/mlflow host=0.0.0.0 port=5000
+
+(the command is her2exp/cli/server.py; this module is the process management)
 
 Runs then use ``tracking=server tracking.uri=http://HOST:PORT``. Nothing here is imported by
 training; MLflow itself stays in tracking.py.
@@ -17,7 +19,6 @@ training; MLflow itself stays in tracking.py.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import os
 import shutil
@@ -30,7 +31,13 @@ from pathlib import Path
 
 from her2exp.distributed import free_port
 
-__all__ = ["PostgresCluster", "PostgresUnavailable", "main", "mlflow_server_command", "wait_http"]
+__all__ = [
+    "PostgresCluster",
+    "PostgresUnavailable",
+    "mlflow_server_command",
+    "serve",
+    "wait_http",
+]
 
 DB_NAME = "mlflow"
 DB_USER = "her2exp"
@@ -50,7 +57,7 @@ def _pg_bin(name: str) -> str:
         return candidates[0]
     raise PostgresUnavailable(
         f"PostgreSQL's {name} was not found: install Debian's postgresql package "
-        "(apt-get install postgresql) or pass --backend-store-uri of an existing database"
+        "(apt-get install postgresql) or pass backend_store_uri= of an existing database"
     )
 
 
@@ -91,14 +98,17 @@ class PostgresCluster:
             if subprocess.run([*self._as, "test", "-w", str(self.root)]).returncode != 0:
                 raise PostgresUnavailable(
                     f"the postgres user cannot write {self.root} (a parent directory is private "
-                    "to root): choose a --dir it can reach, e.g. under /tmp or /srv"
+                    "to root): choose a dir= it can reach, e.g. under /tmp or /srv"
                 )
         if not (self.data / "PG_VERSION").is_file():
-            self._run(_pg_bin("initdb"), "-D", str(self.data), "-U", DB_USER,
-                      "--auth=trust", "-E", "UTF8")  # fmt: skip
+            initdb = _pg_bin("initdb")
+            self._run(initdb, "-D", str(self.data), "-U", DB_USER, "--auth=trust", "-E", "UTF8")
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
-        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-o", options,
-                  "-l", str(self.root / "postgres.log"), "-w", "-t", "120", "start")  # fmt: skip
+        logfile = str(self.root / "postgres.log")
+        pg_ctl = _pg_bin("pg_ctl")
+        self._run(
+            pg_ctl, "-D", str(self.data), "-o", options, "-l", logfile, "-w", "-t", "120", "start"
+        )
         exists = self._psql(f"SELECT 1 FROM pg_database WHERE datname = '{DB_NAME}'")
         if exists.strip() != "1":
             self._psql(f"CREATE DATABASE {DB_NAME}")
@@ -111,8 +121,9 @@ class PostgresCluster:
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").is_file():
-            subprocess.run([*self._as, _pg_bin("pg_ctl"), "-D", str(self.data), "-m", "fast",
-                            "-w", "stop"], capture_output=True)  # fmt: skip
+            pg_ctl = _pg_bin("pg_ctl")
+            stop = [*self._as, pg_ctl, "-D", str(self.data), "-m", "fast", "-w", "stop"]
+            subprocess.run(stop, capture_output=True)
 
 
 def mlflow_server_command(
@@ -120,13 +131,12 @@ def mlflow_server_command(
 ) -> list[str]:
     """The `mlflow server` command line: backend store + artifacts served through the server."""
     mlflow = Path(sys.executable).parent / "mlflow"
-    return [
-        str(mlflow) if mlflow.exists() else "mlflow", "server",
-        "--backend-store-uri", backend_store_uri,
-        "--artifacts-destination", artifacts_destination,
+    return [str(mlflow) if mlflow.exists() else "mlflow", "server"] + [
+        *("--backend-store-uri", backend_store_uri),
+        *("--artifacts-destination", artifacts_destination),
         "--serve-artifacts",
-        "--host", host, "--port", str(port), "--workers", str(workers),
-    ]  # fmt: skip
+        *("--host", host, "--port", str(port), "--workers", str(workers)),
+    ]
 
 
 def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
@@ -145,33 +155,26 @@ def wait_http(url: str, timeout_s: float, proc: subprocess.Popen | None = None) 
     raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", default=".mlflow-server",
-                        help="private PostgreSQL cluster and artifacts live here")  # fmt: skip
-    parser.add_argument("--backend-store-uri", default=None,
-                        help="an existing database; default: a private PostgreSQL in --dir")  # fmt: skip
-    parser.add_argument("--artifacts-destination", default=None,
-                        help="where the server stores artifacts (default: <dir>/artifacts)")  # fmt: skip
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5000)
-    parser.add_argument("--pg-port", type=int, default=0, help="0: a free port")
-    parser.add_argument("--workers", type=int, default=1)
-    args = parser.parse_args(argv)
+def serve(
+    dir: str,
+    backend_store_uri: str | None = None,
+    artifacts_destination: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    pg_port: int = 0,
+    workers: int = 1,
+) -> int:
+    """Start (PostgreSQL and) `mlflow server`, wait until SIGTERM/SIGINT, stop both; exit code.
 
-    root = Path(args.dir).resolve()
+    Raises PostgresUnavailable (before anything started) when no backend can be had."""
+    root = Path(dir).resolve()
     cluster = None
-    backend = args.backend_store_uri
+    backend = backend_store_uri
     if backend is None:
-        try:
-            cluster = PostgresCluster(root, args.pg_port or free_port()).start()
-        except PostgresUnavailable as exc:
-            print(f"her2exp-server: {exc}", file=sys.stderr)
-            return 2
+        cluster = PostgresCluster(root, pg_port or free_port()).start()
         backend = cluster.uri
-    artifacts = args.artifacts_destination or str(root / "artifacts")
-    cmd = mlflow_server_command(backend, artifacts, args.host, args.port, args.workers)
-    server = subprocess.Popen(cmd)
+    artifacts = artifacts_destination or str(root / "artifacts")
+    server = subprocess.Popen(mlflow_server_command(backend, artifacts, host, port, workers))
 
     def _stop(signum: int, _frame: object) -> None:
         server.send_signal(signal.SIGTERM)
@@ -179,10 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     try:
-        wait_http(f"http://{args.host}:{args.port}/health", 300, server)
-        print(f"her2exp-server: MLflow on http://{args.host}:{args.port} (backend {backend}, "
-              f"artifacts {artifacts}); runs: tracking=server "
-              f"tracking.uri=http://{args.host}:{args.port}", flush=True)  # fmt: skip
+        wait_http(f"http://{host}:{port}/health", 300, server)
+        print(
+            f"her2exp-server: MLflow on http://{host}:{port} (backend {backend}, artifacts "
+            f"{artifacts}); runs: tracking=server tracking.uri=http://{host}:{port}",
+            flush=True,
+        )
         return server.wait()
     except (RuntimeError, TimeoutError) as exc:
         print(f"her2exp-server: {exc}", file=sys.stderr)
@@ -195,7 +200,3 @@ def main(argv: list[str] | None = None) -> int:
             server.kill()
         if cluster is not None:
             cluster.stop()
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from safetensors.torch import save_file
 
-from conftest import CONF, compose_train, run_cli
+from conftest import compose_train, run_cli
 from her2exp import checkpoint, data, distributed, features, models
 from her2exp import train as train_mod
 from her2exp.config import ConfigError, validate
@@ -340,7 +340,7 @@ def test_feature_cache_embeds_each_image_once_and_reuses(resnet_file, tmp_path: 
     # Every patch twice over: a duplicate image is still embedded once.
     twice = data.DataBundle(
         manifest=bundle.manifest.loc[bundle.manifest.index.repeat(2)].reset_index(drop=True),
-        patches=data.InMemoryPatches(np.repeat(bundle.images, 2, axis=0)),
+        images=np.repeat(bundle.images, 2, axis=0),
         fingerprint=bundle.fingerprint,
     )
     dctx = distributed.init("cpu")
@@ -461,23 +461,15 @@ def test_cli_cached_probe_records_the_weights_and_evaluates(resnet_file, tmp_pat
     assert len(history) == 2
 
     weights.unlink()
-    from hydra import compose, initialize_config_dir
+    from her2exp import evaluation
+    from her2exp.cli.common import compose
 
-    from her2exp import evaluate
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        ecfg = compose(
-            config_name="eval",
-            overrides=[
-                f"checkpoint={run_dir / 'checkpoints' / 'best.pt'}",
-                "tracking=off",
-                "data.n_patients=12",
-                "data.patches_per_patient=4",
-            ],
-        )
+    best = run_dir / "checkpoints" / "best.pt"
+    ecfg = compose("eval", [f"checkpoint={best}", "tracking=off", "data.n_patients=12"])
     with open_dict(ecfg):
+        ecfg.data.patches_per_patient = 4
         ecfg.output_dir = str(tmp_path / "eval")
-    external = evaluate.evaluate_cohort(ecfg)["evaluation"]
+    external = evaluation.evaluate_cohort(ecfg)["evaluation"]
     assert external.n == 12 * 4 and 0.0 <= external.auc.auc <= 1.0
     state = OmegaConf.create(checkpoint.load(run_dir / "checkpoints" / "best.pt")["config"])
     assert state.model.cache_features is True and list(state.data.mean) == [0.5, 0.5, 0.5]

@@ -438,7 +438,10 @@ def test_mlflow_server_lost_and_back_mid_run_then_synced(
     assert sync.returncode == 0, sync.stdout + sync.stderr
     assert not (run_dir / "mlflow_buffer.jsonl").exists()
     again = subprocess.run(
-        [str(BIN / "her2exp-sync"), str(run_dir)], capture_output=True, text=True, timeout=120
+        [str(BIN / "her2exp-sync"), f"run_dir={run_dir}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert again.returncode == 0 and "nothing to replay" in again.stdout
 

@@ -82,21 +82,8 @@ def test_rescale_modes() -> None:
 
 def test_prepare_writes_a_normalised_manifest_that_trains(tmp_path: Path) -> None:
     src, out = tmp_path / "src", tmp_path / "prepared"
-    subprocess.run(
-        [
-            str(BIN / "her2exp-manifest"),
-            "--export-synthetic",
-            str(src),
-            "--n-patients",
-            "16",
-            "--patches-per-patient",
-            "6",
-            "--image-size",
-            "32",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    export = [f"export_synthetic={src}", "n_patients=16", "patches_per_patient=6", "image_size=32"]
+    subprocess.run([str(BIN / "her2exp-manifest"), *export], check=True, capture_output=True)
     proc = subprocess.run(
         [
             str(BIN / "her2exp-prepare"),

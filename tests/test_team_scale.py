@@ -45,8 +45,7 @@ def team_server():
     port, pg_port = free_port(), free_port()
     log = open(root / "server.log", "w")  # noqa: SIM115 - closed in teardown
     proc = subprocess.Popen(
-        [str(BIN / "her2exp-server"), "--dir", str(root), "--port", str(port),
-         "--pg-port", str(pg_port)],
+        [str(BIN / "her2exp-server"), f"dir={root}", f"port={port}", f"pg_port={pg_port}"],
         stdout=log, stderr=subprocess.STDOUT, cwd=root,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

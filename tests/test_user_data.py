@@ -14,8 +14,10 @@ from PIL import Image
 
 from conftest import compose_train
 from her2exp import data
+from her2exp.cli import manifest as manifest_cli
+from her2exp.cli.common import compose
 from her2exp.config import ConfigError, DataConfig, validate
-from her2exp.data import cli, splits, synthetic
+from her2exp.data import splits, synthetic
 from her2exp.data.sources import DataValidationError
 
 SIZE = 32
@@ -413,14 +415,23 @@ def test_score_map_leaves_2plus_to_equivocal() -> None:
 # --- CLI, export, training ----------------------------------------------------------------------
 
 
+def manifest_command(*overrides: str) -> int:
+    """her2exp-manifest in this process (its main on the composed config): the exit status."""
+    try:
+        manifest_cli.main(compose("manifest", list(overrides)))
+    except SystemExit as exc:
+        return int(exc.code)
+    return 0
+
+
 def test_manifest_cli_writes_what_data_manifest_loads(
     tmp_path: Path, patches: synthetic.SyntheticData, capsys: pytest.CaptureFixture
 ) -> None:
     root = tmp_path / "patches"
     write_tree(root, patches)
     out = tmp_path / "lists" / "cohort.csv"
-    argv = [str(root), "--out", str(out), "--patient-regex", REGEX, "--seed", "7"]
-    assert cli.main([*argv, "--image-size", str(SIZE)]) == 0
+    argv = [f"root={root}", f"patient_regex='{REGEX}'", "seed=7", f"image_size={SIZE}"]
+    assert manifest_command(*argv, f"out={out}") == 0
     assert "wrote 48 rows" in capsys.readouterr().out
     written = pd.read_csv(out)
     assert list(written.columns) == ["path", "label", "patient_id", "slide_id", "site", "split"]
@@ -429,9 +440,9 @@ def test_manifest_cli_writes_what_data_manifest_loads(
     from_folder = data.build(cfg_for("folder", root=str(root), patient_regex=REGEX), seed=7)
     pd.testing.assert_frame_equal(from_manifest.manifest, from_folder.manifest)
     np.testing.assert_array_equal(from_manifest.images, from_folder.images)
-    # A bad file: reported by name, exit status 1, nothing written.
+    # A bad file: reported by name, exit status 2 (the user's data), nothing written.
     (root / written["path"][0].removeprefix("../../patches/")).write_bytes(b"\x89PNG\r\n")
-    assert cli.main([*argv, "--out", str(tmp_path / "x.csv")]) == 1
+    assert manifest_command(*argv, f"out={tmp_path / 'x.csv'}") == 2
     assert "unreadable" in capsys.readouterr().err
     assert not (tmp_path / "x.csv").exists()
 
@@ -440,8 +451,8 @@ def test_export_then_train_on_the_folder(tmp_path: Path) -> None:
     from her2exp.train import train
 
     root = tmp_path / "exported"
-    assert cli.main(["--export-synthetic", str(root), "--n-patients", "24",
-                     "--patches-per-patient", "6", "--image-size", str(SIZE)]) == 0  # fmt: skip
+    export = [f"export_synthetic={root}", "n_patients=24", "patches_per_patient=6"]
+    assert manifest_command(*export, f"image_size={SIZE}") == 0
     manifest = pd.read_csv(root / "manifest.csv")
     assert len(manifest) == 144 and (root / manifest["path"][0]).is_file()
     cfg = compose_train(

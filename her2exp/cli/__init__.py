@@ -1,2 +1,6 @@
-"""The console entry points: parse (Hydra, `key=value`), call the library, print, and turn a
-user's mistake into one `her2exp: ...` line with exit code 2 (docs/architecture.md, "Commands")."""
+"""The console scripts, one module per command; `common.hydra_command` is their convention.
+
+Each module parses (Hydra over a schema of schemas.py), calls the library and prints; the work
+itself lives in the library modules (evaluation, predict, compare, prepare, server, tracking,
+data.sources). docs/architecture.md, "Commands", describes the convention.
+"""

@@ -8,23 +8,20 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig
 
 from her2exp import checkpoint, distributed
-from her2exp.config import ConfigError
-from her2exp.evaluate import format_table
-from her2exp.train import CONFIG_DIR, run
+from her2exp.cli.common import hydra_command
+from her2exp.evaluation import format_table
+from her2exp.train import run
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra_command("train")
 def main(cfg: DictConfig) -> float:
+    """A user's mistake (ConfigError, a Hydra override error) is one line and exit 2 through
+    hydra_command; a full disk is one line and exit 1; a pre-empted run exits 128 + signal."""
     try:
         summary = run(cfg)
-    except ConfigError as exc:
-        if distributed.env_rank() == 0:
-            print(f"her2exp: configuration error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     except checkpoint.CheckpointWriteError as exc:
         print(f"her2exp: disk full: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -1,0 +1,205 @@
+"""One convention for every her2exp command: Hydra `key=value` overrides, one-line user errors.
+
+Every entry point is a Hydra app composed from `conf/<command>.yaml` over a structured schema, and
+a user's mistake ends it with exactly one line on stderr, `her2exp: ...`, and exit status 2:
+
+- a Hydra override error: an unknown key (`foo=1`), a wrong type (`trainer.epochs=abc`), a
+  malformed override (`abc`, `a=[1`), an unknown group option (`model=nope`), also in a sweep
+  (`-m trainer.epochs=1,abc`: each job's composition is checked by the launcher);
+- an unknown command-line flag (`--port 5000`, the syntax of older her2exp versions);
+- a `ConfigError` raised by the command (bad values, missing files).
+
+Internal bugs keep their traceback (exit 1); `HYDRA_FULL_ERROR=1` shows the full traceback of
+user errors too. Use it instead of `@hydra.main`:
+
+    from her2exp.cli.common import hydra_command
+
+    @hydra_command("train")              # conf/train.yaml
+    def main(cfg: DictConfig) -> float:  # called once per job, as with @hydra.main
+        ...
+
+`main()` is then the console script; `-m`, sweeps (`a=1,2`, `range()`, `hydra/sweeper=...`),
+`--cfg job` and `torchrun -m her2exp.train` work as with `@hydra.main` (under torchrun only rank 0
+prints the line; every rank exits 2). `main(cfg)` with a composed config calls the function
+directly, as `@hydra.main`'s pass-through does. How it works: Hydra re-raises what it would
+report when `HYDRA_FULL_ERROR=1` (documented behaviour); the wrapper sets it for the call,
+catches what comes out and prints user errors as one line itself. Exceptions that escape the
+command's own function are marked, so they are never mistaken for composition errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
+
+import hydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from her2exp.config import ConfigError
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
+EXIT_USER_ERROR = 2
+_FROM_TASK = "_her2exp_raised_by_command"
+R = TypeVar("R")
+
+
+class UserError(ConfigError):
+    """A mistake of the user's outside the configuration values (a flag, a missing file)."""
+
+
+def is_main_rank() -> bool:
+    """Under torchrun every rank runs the command; only rank 0 reports."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def fail(message: str) -> None:
+    """Print the one line and exit 2 (the convention's only exit path for user errors)."""
+    if is_main_rank():
+        print(f"her2exp: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_USER_ERROR)
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra's multi-line messages (hint lines, option lists, search paths) as one line."""
+    parts: list[str] = []
+    for raw in str(exc).splitlines():
+        line = raw.strip()
+        if not line or line.startswith("See https://hydra.cc"):
+            continue
+        if line.startswith("Config search path"):
+            break
+        if raw.startswith("\t") and parts:  # an option under "Available options in 'x':"
+            sep = " " if parts[-1].endswith(":") else ", "
+            parts[-1] = f"{parts[-1]}{sep}{line}"
+        else:
+            parts.append(line.rstrip("."))
+    cause = exc.__cause__
+    if isinstance(cause, OmegaConfBaseException) and str(cause).strip():
+        reason = str(cause).strip().splitlines()[0].rstrip(".")
+        parts[:1] = [f"{parts[0]}: {reason}"] if parts else [reason]
+    return "; ".join(parts) or type(exc).__name__
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    if isinstance(exc, ConfigError):
+        return True
+    if getattr(exc, _FROM_TASK, False):
+        return False  # escaped the command itself: a bug, even if it is an OmegaConf error
+    if isinstance(exc, HydraException | OmegaConfBaseException):
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    # Hydra's override handling (and its sweepers' search-space parsing) raise plain ValueErrors
+    # too (`=3`: "Config group override must be a string or a list").
+    prefixes = ("hydra.", "hydra_plugins.", "omegaconf.")
+    return isinstance(exc, ValueError) and module.startswith(prefixes)
+
+
+def check_flags(argv: list[str]) -> None:
+    """Refuse unknown `--flags` in one line (argparse would print its usage block first)."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+
+    def error(message: str) -> None:
+        raise UserError(
+            f"{message}: her2exp commands take key=value overrides (e.g. port=5000, not --port "
+            "5000); --help lists the options"
+        )
+
+    parser.error = error  # type: ignore[method-assign]
+    parser.parse_args(argv)
+
+
+def positional_to_override(argv: list[str], key: str | None) -> list[str]:
+    """`her2exp-sync DIR` (the older syntax) -> `her2exp-sync run_dir='DIR'`."""
+    if key is None or not argv or "=" in argv[0] or argv[0].startswith("-"):
+        return argv
+    # Hydra's quoted strings: a quote is escaped, and so are the backslashes right before a
+    # quote or at the end; every other backslash is literal.
+    value = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", argv[0])
+    value = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, value)
+    return [f"{key}='{value}'", *argv[1:]]
+
+
+@contextmanager
+def _hydra_reraises() -> Iterator[bool]:
+    """HYDRA_FULL_ERROR=1 for the call, so Hydra raises instead of printing and exiting 1.
+
+    Yields whether the user had asked for full tracebacks themselves."""
+    before = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield before == "1"
+    finally:
+        if before is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = before
+
+
+def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config a command would run with, without Hydra's run (tests, notebooks): pass it to
+    the command's `main(cfg)`. Interpolations of Hydra's runtime (`${hydra:...}`) stay unset."""
+    from hydra import initialize_config_dir
+
+    from her2exp.cli import schemas  # noqa: F401 - registers the command schemas
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return hydra.compose(config_name=config_name, overrides=list(overrides))
+
+
+def hydra_command(
+    config_name: str, positional: str | None = None
+) -> Callable[[Callable[[DictConfig], R]], Callable[..., R | None]]:
+    """`@hydra.main` over conf/<config_name>.yaml with the one-line user-error convention.
+
+    `positional`: the key a single leading bare argument stands for (`her2exp-sync DIR`).
+    """
+
+    def decorate(task: Callable[[DictConfig], R]) -> Callable[..., R | None]:
+        @functools.wraps(task)
+        def job(cfg: DictConfig) -> R:
+            try:
+                return task(cfg)
+            except UserError as exc:
+                fail(str(exc))
+            except ConfigError as exc:
+                fail(f"configuration error: {exc}")
+            except BaseException as exc:
+                with contextlib.suppress(AttributeError, TypeError):  # a few builtins refuse
+                    setattr(exc, _FROM_TASK, True)  # noqa: B010 - a marker, not an attribute API
+                raise
+            raise AssertionError("unreachable")
+
+        app = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(job)
+
+        @functools.wraps(task)
+        def main(cfg: DictConfig | None = None) -> R | None:
+            if cfg is not None:  # called with a composed config (tests, other code)
+                return job(cfg)
+            with _hydra_reraises() as full_error:
+                try:
+                    sys.argv[1:] = positional_to_override(sys.argv[1:], positional)
+                    check_flags(sys.argv[1:])
+                    return app()
+                except Exception as exc:
+                    if full_error or not _is_user_error(exc):
+                        raise
+                    fail(one_line(exc) if not isinstance(exc, ConfigError) else str(exc))
+            return None
+
+        return main
+
+    return decorate

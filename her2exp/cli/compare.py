@@ -1,0 +1,36 @@
+"""`her2exp-compare` / `make compare`: the runs of an experiment or a sweep, best first.
+
+    her2exp-compare [experiment=her2exp] [sweep=latest|all|<parent run id>] [out=compare.csv]
+    her2exp-compare sweep=all tracking.uri=http://127.0.0.1:5000
+
+The table comes from her2exp/compare.py; it is printed and written to `out` as CSV.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from her2exp.cli import schemas
+from her2exp.cli.common import hydra_command
+
+
+@hydra_command("compare")
+def main(cfg: DictConfig) -> None:
+    """Print the table and write it as CSV."""
+    import pandas as pd
+
+    from her2exp.compare import compare
+    from her2exp.fileio import atomic_write_text
+
+    schemas.check_compare(cfg)
+    table = compare(cfg.experiment, str(cfg.sweep), cfg.tracking.uri)
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    atomic_write_text(Path(cfg.out), table.to_csv(index=False))
+    print(f"her2exp: {len(table)} runs, best first -> {cfg.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""`her2exp-eval`: a trained run scored at its frozen thresholds (her2exp/evaluation.py).
+
+    her2exp-eval run_id=<MLflow run id> 'data.sites=[external]'     # a new cohort
+    her2exp-eval checkpoint=.../best.pt data=folder data.root=/path/site2
+    her2exp-eval run_id=<MLflow run id> split=test                  # the run's own test split
+
+The run's evaluation settings (operating point, patient aggregation, bootstrap, ...) and its
+trainer.amp stand unless given here (`evaluation.n_boot=2000`, `trainer.amp=off`).
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from her2exp.cli import schemas
+from her2exp.cli.common import hydra_command
+from her2exp.distributed import register_resolvers
+
+register_resolvers()  # conf/hydra/default.yaml's run directory
+
+
+@hydra_command("eval")
+def main(cfg: DictConfig) -> float:
+    """Evaluate, print the table, say where the MLflow run and the report are."""
+    from her2exp.evaluation import evaluate_cohort, format_table
+
+    schemas.check_eval(cfg)
+    out = evaluate_cohort(cfg)
+    ev = out["evaluation"]
+    s = out["settings"]
+    print(format_table(ev, f"{out['cohort']} (frozen thresholds from the training run)"))
+    print(
+        f"her2exp: operating point {s.operating_point}, patient aggregation "
+        f"{s.patient_aggregation}, {s.n_boot} bootstrap resamples"
+    )
+    if out["mlflow_run_id"]:
+        print(f"her2exp: MLflow run {out['mlflow_run_id']} in {out['tracking_uri']}")
+    print(f"her2exp: report in {out['report_dir']}")
+    return float(ev.auc.auc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""`her2exp-predict`: a trained run applied to a folder of patches -> predictions.csv.
+
+    her2exp-predict checkpoint=outputs/<date>/<time>/checkpoints/best.pt input=/path/patches
+    her2exp-predict run_id=<MLflow run id> input=/path/patches out=preds.csv
+
+Files that cannot be decoded are listed (stderr and `<out>.errors.csv`) and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import DictConfig
+
+from her2exp.cli import schemas
+from her2exp.cli.common import hydra_command
+
+log = logging.getLogger("her2exp")
+
+
+@hydra_command("predict")
+def main(cfg: DictConfig) -> None:
+    """Score, write the table (and the unreadable files beside it); exit 1 if nothing scored."""
+    from her2exp.fileio import atomic_write_text
+    from her2exp.predict import predict_folder
+
+    schemas.check_predict(cfg)
+    if cfg.output is not None:
+        log.warning("output= is deprecated: use out=%s", cfg.output)
+    out = Path(cfg.output or cfg.out)
+    table, errors = predict_folder(cfg)
+    atomic_write_text(out, table.to_csv(index=False))
+    print(f"her2exp: {len(table)} patches scored -> {out}")
+    if errors:
+        err_path = out.with_suffix(".errors.csv")
+        atomic_write_text(
+            err_path, pd.DataFrame(errors, columns=["path", "error"]).to_csv(index=False)
+        )
+        print(
+            f"her2exp: {len(errors)} files could not be read (listed in {err_path}):",
+            file=sys.stderr,
+        )
+        for path, err in errors:
+            print(f"  {path}: {err}", file=sys.stderr)
+    if table.empty:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""Schemas of the commands besides `her2exp-train`: what each accepts, typed, with its checks.
+
+Each dataclass is the structured base of one entry config, `conf/<command>.yaml`, so an unknown
+key or a wrong type fails at compose time (one `her2exp: ...` line, see common.py); the
+`check_*` function beside it rejects values that would fail later, naming the key. Training's own
+groups (data, stain, tracking, evaluation) are reused from her2exp/config.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from her2exp.config import (
+    AMP_CHOICES,
+    ConfigError,
+    DataConfig,
+    SplitConfig,
+    StainConfig,
+    TrackingConfig,
+    TrainConfig,
+    register_configs,
+    validate,
+)
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    """The message shape of config.validate: the key, the value and what is allowed."""
+    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+@dataclass
+class UriConfig:
+    """`tracking.uri` alone, for the commands that only read or replay MLflow runs."""
+
+    uri: str | None = DEFAULT_URI
+
+
+def _one_source(cfg: Any) -> None:
+    """Exactly one of run_id / checkpoint, and the checkpoint must exist."""
+    if bool(cfg.run_id) == bool(cfg.checkpoint):
+        raise ConfigError("give exactly one of run_id=<MLflow run id> or checkpoint=<best.pt path>")
+    if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
+        raise ConfigError(f"checkpoint={cfg.checkpoint}: no such file")
+
+
+# -- her2exp-eval --------------------------------------------------------------------------------
+@dataclass
+class EvaluationOverrides:
+    """`evaluation.*` of her2exp-eval: null keeps the training run's own setting."""
+
+    target_sensitivity: float | None = None
+    n_boot: int | None = None
+    patient_aggregation: str | None = None
+    operating_point: str | None = None
+    gallery_max: int | None = None
+
+
+@dataclass
+class EvalTrainerOverrides:
+    """`trainer.amp` of her2exp-eval: null scores with the run's own AMP setting."""
+
+    amp: str | None = None
+
+
+@dataclass
+class EvalCommand:
+    """`her2exp-eval`: a trained run (MLflow run id or best.pt) scored at its frozen thresholds,
+    on a new cohort (`data.*`) or on the run's own val/test split (`split=test`)."""
+
+    run_id: str | None = None
+    checkpoint: str | None = None
+    split: str | None = None  # null: the cohort `data` describes | val | test: the run's own
+    cohort_name: str | None = None  # null: "external", or the split's name
+    # A different seed from training (42) for a new cohort: new patients, not re-rendered ones.
+    seed: int = 2026
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    evaluation: EvaluationOverrides = field(default_factory=EvaluationOverrides)
+    trainer: EvalTrainerOverrides = field(default_factory=EvalTrainerOverrides)
+    output_dir: str = MISSING
+
+
+EVAL_SPLITS = ("val", "test")
+
+
+def check_eval(cfg: Any) -> None:
+    _one_source(cfg)
+    if cfg.split is not None and cfg.split not in EVAL_SPLITS:
+        _fail("split", cfg.split, "null (the cohort data.* describes), val or test")
+    if cfg.trainer.amp is not None and cfg.trainer.amp not in AMP_CHOICES:
+        _fail("trainer.amp", cfg.trainer.amp, f"null (the run's own) or {', '.join(AMP_CHOICES)}")
+
+
+# -- her2exp-predict -----------------------------------------------------------------------------
+@dataclass
+class PredictCommand:
+    """`her2exp-predict`: a trained run applied to a folder of patches."""
+
+    checkpoint: str | None = None
+    run_id: str | None = None
+    input: str | None = None  # a folder of patches (searched recursively)
+    out: str = "predictions.csv"
+    output: str | None = None  # deprecated spelling of `out`
+    batch_size: int = 64
+    tracking: UriConfig = field(default_factory=UriConfig)
+
+
+def check_predict(cfg: Any) -> None:
+    if not cfg.input:
+        raise ConfigError("input=<folder of patches> is required")
+    if not Path(cfg.input).is_dir():
+        raise ConfigError(f"input={cfg.input} is not a folder")
+    if cfg.batch_size < 1:
+        _fail("batch_size", cfg.batch_size, "an integer >= 1")
+    _one_source(cfg)
+
+
+# -- her2exp-compare -----------------------------------------------------------------------------
+@dataclass
+class CompareCommand:
+    """`her2exp-compare`: the runs of an experiment or a sweep, best first."""
+
+    experiment: str = "her2exp"
+    sweep: str = "latest"  # latest | all | <parent run id>
+    out: str = "compare.csv"
+    tracking: UriConfig = field(default_factory=UriConfig)
+
+
+def check_compare(cfg: Any) -> None:
+    if not cfg.tracking.uri:
+        _fail("tracking.uri", cfg.tracking.uri, "an MLflow tracking URI")
+
+
+# -- her2exp-manifest ----------------------------------------------------------------------------
+@dataclass
+class ManifestCommand:
+    """`her2exp-manifest`: a folder of patches -> manifest CSV, or the embedded data exported."""
+
+    root: str | None = None  # class (or HER2 score) sub-folders, read as data=folder reads them
+    out: str | None = None  # null: <root>/manifest.csv
+    # null: data=folder's maps; given, a map replaces it (names -> 0 or 1). Typed Any: Hydra
+    # parses keys like 0 as numbers (score_map={0:0,1+:0,3+:1}); manifest_data_config checks.
+    label_map: Any = None  # null: her2_neg -> 0, her2_pos -> 1
+    score_map: Any = None  # null: 0, 1+ -> 0 and 3+ -> 1
+    equivocal: str = "exclude"
+    patient_regex: str | None = None
+    seed: int = 42  # the split seed: training's default
+    split: SplitConfig = field(default_factory=SplitConfig)
+    image_size: int = 64  # decode check size (and the export's patch size)
+    on_bad_file: str = "error"  # error | skip: leave bad files out, listed
+    export_synthetic: str | None = None  # write the embedded data as PNGs + manifest here
+    n_patients: int = 40
+    patches_per_patient: int = 12
+    layout: str = "labels"  # labels | scores (export sub-folders)
+
+
+def manifest_data_config(cfg: Any) -> DictConfig:
+    """The `data=folder` config a manifest command stands for, validated as training would."""
+    data = {
+        "source": "folder",
+        "root": cfg.root,
+        "equivocal": cfg.equivocal,
+        "patient_regex": cfg.patient_regex,
+        "image_size": cfg.image_size,
+        "on_bad_file": cfg.on_bad_file,
+        "split": cfg.split,
+    }
+    full = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"data": data, "output_dir": "."})
+    for key in ("label_map", "score_map"):
+        if cfg[key] is not None:  # replaces the default map (a merge would keep its names)
+            if not OmegaConf.is_dict(cfg[key]):
+                _fail(key, cfg[key], "a map of names to 0 (HER2-) or 1 (HER2+), e.g. {neg:0,pos:1}")
+            full.data[key] = {str(k): v for k, v in cfg[key].items()}
+    validate(full)
+    return full.data
+
+
+def check_manifest(cfg: Any) -> None:
+    if cfg.layout not in ("labels", "scores"):
+        _fail("layout", cfg.layout, "labels or scores")
+    if cfg.export_synthetic:
+        for key in ("n_patients", "patches_per_patient"):
+            if cfg[key] < 1:
+                _fail(key, cfg[key], "an integer >= 1")
+        return
+    if not cfg.root:
+        raise ConfigError("give root=<folder of patches> or export_synthetic=<output folder>")
+    if not Path(cfg.root).is_dir():
+        raise ConfigError(f"root={cfg.root} is not a folder")
+
+
+# -- her2exp-prepare -----------------------------------------------------------------------------
+@dataclass
+class PrepareCommand:
+    """`her2exp-prepare`: stain-normalise a data set once, written as PNGs + manifest."""
+
+    out: str | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    stain: StainConfig = field(default_factory=StainConfig)
+    seed: int = 42
+
+
+def check_prepare(cfg: Any) -> DictConfig:
+    """Validated as training validates the same data and stain; returns that train config."""
+    if not cfg.out:
+        raise ConfigError("out=<output folder> is required")
+    full = OmegaConf.merge(
+        OmegaConf.structured(TrainConfig),
+        {"data": cfg.data, "stain": cfg.stain, "seed": cfg.seed, "output_dir": str(cfg.out)},
+    )
+    validate(full)
+    if full.stain.name not in ("macenko", "macenko_jitter"):
+        _fail("stain", full.stain.name, "macenko: her2exp-prepare normalises with Macenko")
+    return full
+
+
+# -- her2exp-server ------------------------------------------------------------------------------
+@dataclass
+class ServerCommand:
+    """`her2exp-server`: an MLflow tracking server on PostgreSQL (a private cluster in `dir`)."""
+
+    dir: str = ".mlflow-server"
+    backend_store_uri: str | None = None  # an existing database; null: private PostgreSQL
+    artifacts_destination: str | None = None  # null: <dir>/artifacts
+    host: str = "127.0.0.1"
+    port: int = 5000
+    pg_port: int = 0  # 0: a free port
+    workers: int = 1
+
+
+def check_server(cfg: Any) -> None:
+    for key in ("port", "pg_port"):
+        if not 0 <= cfg[key] <= 65535 or (key == "port" and cfg[key] == 0):
+            _fail(key, cfg[key], "a TCP port (1-65535; pg_port 0: a free one)")
+    if cfg.workers < 1:
+        _fail("workers", cfg.workers, "an integer >= 1")
+
+
+# -- her2exp-sync --------------------------------------------------------------------------------
+@dataclass
+class SyncCommand:
+    """`her2exp-sync`: replay the MLflow calls a run deferred while its server was away."""
+
+    run_dir: str | None = None
+    tracking: UriConfig = field(default_factory=lambda: UriConfig(uri=None))  # null: the run's
+
+
+def check_sync(cfg: Any) -> None:
+    if not cfg.run_dir:
+        raise ConfigError("run_dir=<run directory> is required")
+    if not Path(cfg.run_dir).is_dir():
+        raise ConfigError(f"run_dir={cfg.run_dir} is not a folder")
+
+
+# -- her2exp-rerun -------------------------------------------------------------------------------
+@dataclass
+class RerunCommand:
+    """`her2exp-rerun`: train a logged run again from what MLflow holds."""
+
+    run_id: str | None = None
+    output_dir: str | None = None  # null: outputs/rerun/<run id>/<time>
+    tracking: UriConfig = field(default_factory=UriConfig)
+
+
+def check_rerun(cfg: Any) -> None:
+    if not cfg.run_id:
+        raise ConfigError("run_id=<MLflow run id> is required")
+
+
+SCHEMAS: dict[str, type] = {
+    "eval": EvalCommand,
+    "predict": PredictCommand,
+    "compare": CompareCommand,
+    "manifest": ManifestCommand,
+    "prepare": PrepareCommand,
+    "server": ServerCommand,
+    "sync": SyncCommand,
+    "rerun": RerunCommand,
+}
+
+
+def register() -> None:
+    """Store every command schema as `<command>_cli_schema` (entry configs list it first)."""
+    register_configs()  # the training groups the entry configs compose (data, stain, ...)
+    cs = ConfigStore.instance()
+    for name, node in SCHEMAS.items():
+        cs.store(name=f"{name}_cli_schema", node=node)
+
+
+register()

@@ -1,0 +1,319 @@
+"""The one evaluation path: scores -> metrics at frozen thresholds -> reports -> tracker.
+
+`report_cohorts` turns scored splits into metrics at the thresholds frozen on validation,
+reports and MLflow entries. The end-of-training test evaluation and `her2exp-eval` both call it,
+so a run's test table and a later re-evaluation of the same checkpoint on the same data can never
+disagree. `evaluate_cohort` is her2exp-eval's library part: it loads a trained run, scores a new
+cohort or the run's own val/test split with the run's own settings (evaluation, AMP, stain
+reference) unless the eval command overrides them, and reports through `report_cohorts`.
+(engine.score is the scoring pass alone; metrics.evaluate_split the metrics of one split.)
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from her2exp import checkpoint, metrics, reports, tracking
+from her2exp.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ScoredSplit:
+    """One cohort's HER2+ probabilities with the manifest rows they belong to, in order."""
+
+    name: str
+    rows: pd.DataFrame  # manifest rows (label, patient_id, ...) in scoring order
+    probs: np.ndarray
+    images: np.ndarray | None = None  # uint8 (N, H, W, 3) for the error galleries
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.rows["label"].to_numpy()
+
+
+def report_cohorts(
+    splits: list[ScoredSplit],
+    thresholds: dict[str, float],
+    ecfg: DictConfig,
+    report_dir: Path,
+    tracker: tracking.Tracker,
+    header: dict[str, Any],
+    seed: int,
+    gallery_splits: tuple[str, ...] = ("test", "external"),
+) -> dict[str, metrics.SplitEvaluation]:
+    """Metrics at the frozen `thresholds` for every split -> reports -> MLflow (rank 0 only)."""
+    evaluations = {
+        s.name: metrics.evaluate_split(
+            s.labels,
+            s.probs,
+            thresholds,
+            patient_ids=s.rows["patient_id"].to_numpy(),
+            n_boot=ecfg.n_boot,
+            seed=seed,
+            patient_how=ecfg.patient_aggregation,
+        )
+        for s in splits
+    }
+    galleries = {
+        s.name: (s.images, s.labels, s.probs, thresholds[ecfg.operating_point])
+        for s in splits
+        if s.name in gallery_splits and s.images is not None
+    }
+    reports.write_clinical_report(
+        report_dir,
+        evaluations,
+        galleries,
+        {**header, "operating_point": ecfg.operating_point, "thresholds": thresholds},
+        max_gallery=ecfg.gallery_max,
+    )
+    for s in splits:
+        rows = s.rows.copy()
+        rows["prob_her2_pos"] = s.probs
+        for name, t in thresholds.items():
+            rows[f"called_her2_pos_{name}"] = (s.probs >= t).astype(int)
+        reports.atomic_write_text(
+            report_dir / f"predictions_{s.name}.csv", rows.to_csv(index=False)
+        )
+    flat: dict[str, float] = {}
+    for name, ev in evaluations.items():
+        flat.update(ev.as_flat_dict(f"{'final_val' if name == 'val' else name}_"))
+    flat.update({f"threshold_{k}_val": v for k, v in thresholds.items()})
+    tracker.log_metrics(flat)
+    tracker.log_artifact(report_dir, "reports")
+    return evaluations
+
+
+def format_table(ev: metrics.SplitEvaluation, title: str) -> str:
+    """The console version of summary.md's table: each frozen operating point with its CIs."""
+
+    def ci(v: float, lo: float, hi: float) -> str:
+        return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+
+    a = ev.auc
+    lines = [
+        f"{title}: n={ev.n} ({ev.n_pos} HER2+), AUC {ci(a.auc, a.low, a.high)} (DeLong 95% CI)"
+    ]
+    for name, r in ev.reports.items():
+        sens = ci(r.sensitivity, r.sensitivity_low, r.sensitivity_high)
+        spec = ci(r.specificity, r.specificity_low, r.specificity_high)
+        lines.append(
+            f"  {name:>7} t={r.threshold:.4f}  sensitivity {sens}  specificity {spec}"
+            f"  PPV {r.precision:.3f}  NPV {r.npv:.3f}  TP/FN/FP/TN {r.tp}/{r.fn}/{r.fp}/{r.tn}"
+        )
+    return "\n".join(lines)
+
+
+# -- loading a trained run -----------------------------------------------------------------------
+def load_source(source: Any) -> tuple[dict[str, Any], str | None]:
+    """best.pt of a run (`run_id` in `tracking.uri`) or a `checkpoint` path: (state, run id)."""
+    if bool(source.run_id) == bool(source.checkpoint):
+        raise ConfigError("give exactly one of run_id=<MLflow run id> or checkpoint=<best.pt path>")
+    if source.checkpoint:
+        if not Path(source.checkpoint).is_file():
+            raise ConfigError(f"checkpoint={source.checkpoint}: no such file")
+        return checkpoint.load(source.checkpoint), None
+    import mlflow
+
+    uri = source.tracking.uri
+    client = mlflow.MlflowClient(tracking_uri=tracking.resolve_uri(uri))
+    try:
+        client.get_run(source.run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError(f"run_id={source.run_id!r} not found in {uri}") from exc
+    local = client.download_artifacts(source.run_id, "checkpoints/best.pt", tempfile.mkdtemp())
+    return checkpoint.load(local), source.run_id
+
+
+def resolve_evaluation(run_evaluation: Any, overrides: Any) -> DictConfig:
+    """The run's own evaluation settings (schema defaults for keys an old run lacks), then the
+    non-null values the eval command line gave; validated."""
+    from her2exp.config import EvaluationConfig, validate_evaluation
+
+    merged = OmegaConf.merge(OmegaConf.structured(EvaluationConfig), run_evaluation or {})
+    given = {k: v for k, v in OmegaConf.to_container(overrides).items() if v is not None}
+    merged = OmegaConf.merge(merged, given)
+    validate_evaluation(merged)
+    return merged
+
+
+@dataclass
+class TrainedRun:
+    """A trained run as evaluation needs it: its weights, config and frozen thresholds."""
+
+    state: dict[str, Any]
+    source_run: str | None
+    cfg: DictConfig  # the run's resolved training config (mean/std filled in)
+    thresholds: dict[str, float]
+
+
+def load_run(ecfg: DictConfig) -> TrainedRun:
+    state, source_run = load_source(ecfg)
+    if "thresholds" not in state:
+        raise ConfigError(
+            "the checkpoint holds no frozen thresholds (train it with her2exp >= 0.1)"
+        )
+    thresholds = {k: float(v) for k, v in state["thresholds"].items()}
+    return TrainedRun(state, source_run, OmegaConf.create(state["config"]), thresholds)
+
+
+@dataclass
+class Scorer:
+    """The run's model with the run's input pipeline, AMP and stain reference."""
+
+    model: torch.nn.Module
+    device: torch.device
+    preprocess: Any  # engine.Preprocess: the one input path
+    autocast_dtype: torch.dtype | None
+    stain: Any  # stain pipeline run in the loader workers, or None
+    amp: str  # the trainer.amp setting used
+
+
+def build_scorer(run: TrainedRun, amp: str | None, seed: int) -> Scorer:
+    """Model + engine.Preprocess as training scored: `amp` null means the run's own trainer.amp, which
+    resolves as in training (fp32 on the CPU, bf16/fp16 autocast on CUDA)."""
+    from her2exp import models
+    from her2exp.engine import Preprocess
+    from her2exp.stain import pipeline as stain_pipeline
+    from her2exp.trainer import resolve_amp
+
+    cfg = run.cfg
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = models.build(cfg.model, device, load_weights=False)  # best.pt holds them
+    model.load_state_dict(run.state["model"])
+    amp = amp or cfg.trainer.get("amp", "off")
+    dtype, _ = resolve_amp(amp, device)
+    stain = stain_pipeline.from_state(cfg.stain, run.state.get("stain"), seed)
+    on_device = stain is not None and bool(cfg.stain.get("on_device", False))
+    preprocess = Preprocess(
+        device,
+        tuple(cfg.data.mean),
+        tuple(cfg.data.std),
+        channels_last=bool(cfg.model.get("channels_last", False)),
+        stain=stain.to(device) if on_device else None,  # the run's own fitted reference
+    )
+    return Scorer(model, device, preprocess, dtype, None if on_device else stain, amp)
+
+
+def score(scorer: Scorer, bundle: Any, split: str | None, data_cfg: DictConfig, seed: int) -> Any:
+    """engine.score over one split of `bundle` (None: all of it), stain placed as in training."""
+    from her2exp import data
+    from her2exp.engine import score as score_pass
+    from her2exp.stain.pipeline import StainCollate
+
+    dataset = data.make_dataset(bundle, split, data_cfg, seed)
+    collate = None if scorer.stain is None else StainCollate(scorer.stain, False, dataset)
+    loader = data.eval_loader(dataset, data_cfg, scorer.device, collate_fn=collate)
+    return score_pass(scorer.model, loader, scorer.preprocess, scorer.autocast_dtype)
+
+
+def _cohort(ecfg: DictConfig, run: TrainedRun, scorer: Scorer) -> tuple[ScoredSplit, Any, int]:
+    """A new cohort described by the eval config's `data`, with the model's input contract."""
+    from her2exp import data
+
+    contract = {k: run.cfg.data[k] for k in ("image_size", "mean", "std")}
+    data_cfg = OmegaConf.merge(ecfg.data, contract)
+    try:
+        bundle = data.build_cohort(data_cfg, ecfg.seed)
+    except ValueError as exc:
+        raise ConfigError(f"data: {exc}") from exc
+    scores = score(scorer, bundle, None, data_cfg, ecfg.seed)
+    name = ecfg.cohort_name or "external"
+    rows = bundle.manifest.reset_index(drop=True)
+    rows_all = np.arange(len(bundle.manifest))
+    images = bundle.patches.read_many(rows_all)
+    return ScoredSplit(name, rows, scores.probs, images), bundle, int(ecfg.seed)
+
+
+def _own_split(ecfg: DictConfig, run: TrainedRun, scorer: Scorer) -> tuple[ScoredSplit, Any, int]:
+    """The run's own val/test split, rebuilt from its stored config and seed exactly as training
+    built it; scored and reported with the training seed, so its test table is reproduced."""
+    from her2exp import data
+
+    cfg = run.cfg
+    try:
+        bundle = data.build(cfg.data, cfg.seed)
+    except ValueError as exc:
+        raise ConfigError(f"split={ecfg.split}: the run's data cannot be rebuilt: {exc}") from exc
+    idx = bundle.indices(ecfg.split)
+    scores = score(scorer, bundle, ecfg.split, cfg.data, cfg.seed)
+    rows = bundle.manifest.iloc[idx].reset_index(names="row")
+    name = ecfg.cohort_name or ecfg.split
+    return (
+        ScoredSplit(name, rows, scores.probs, bundle.patches.read_many(idx)),
+        bundle,
+        int(cfg.seed),
+    )
+
+
+def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
+    """Score a trained run at its frozen thresholds (a new cohort, or its own split with
+    `split=val|test`); one MLflow run linked to the source run by `source_run_id`."""
+    from her2exp.cli.schemas import check_eval
+
+    check_eval(ecfg)
+    run = load_run(ecfg)
+    evaluation = resolve_evaluation(run.cfg.get("evaluation"), ecfg.evaluation)
+    if evaluation.operating_point not in run.thresholds:
+        raise ConfigError(
+            f"evaluation.operating_point={evaluation.operating_point!r}: the run froze "
+            f"{', '.join(run.thresholds)}"
+        )
+    scorer = build_scorer(run, ecfg.trainer.amp, ecfg.seed)
+    split, bundle, seed = (_own_split if ecfg.split else _cohort)(ecfg, run, scorer)
+    tracker = tracking.build(ecfg.tracking, True)
+    status = "FAILED"
+    try:
+        source = ecfg.checkpoint or f"runs:/{run.source_run}/checkpoints/best.pt"
+        tags = {
+            "task_name": "eval",
+            "source_run_id": run.source_run or "none",
+            "source_checkpoint": str(source),
+            "cohort": split.name,
+            "eval_split": ecfg.split or "none",
+            "amp": scorer.amp,
+            "data_fingerprint": bundle.fingerprint,
+            **tracking.git_info(),
+            **tracking.environment_tags(scorer.device),
+        }
+        tracker.start(ecfg, tags)
+        header = {
+            "model": run.cfg.model.name,
+            "source_run_id": run.source_run,
+            "seed": run.cfg.seed,
+            "git_commit": tags["git_commit"],
+            "data_fingerprint": bundle.fingerprint,
+            "best_epoch": run.state.get("epoch"),
+        }
+        report_dir = Path(ecfg.output_dir) / "reports"
+        evs = report_cohorts(
+            [split],
+            run.thresholds,
+            evaluation,
+            report_dir,
+            tracker,
+            header,
+            seed,
+            gallery_splits=(split.name,),
+        )
+        status = "FINISHED"
+        return {
+            "evaluation": evs[split.name],
+            "cohort": split.name,
+            "settings": evaluation,
+            "mlflow_run_id": tracker.run_id,
+            "tracking_uri": tracker.uri,
+            "report_dir": str(report_dir),
+        }
+    finally:
+        tracker.end(status)

@@ -1,0 +1,145 @@
+"""One convention for every command (her2exp/cli/common.py): Hydra `key=value` overrides over a
+schema, and a user's mistake - a Hydra override error included - as exactly one `her2exp: ...`
+line on stderr with exit status 2. Internal bugs keep their traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN
+from her2exp.cli import common
+
+# (console script, a bad command line): unknown key, wrong type, malformed, unknown option,
+# an old-style flag, a sweep whose first job does not compose.
+BAD = [
+    ("her2exp-eval", ["foo=1"]),
+    ("her2exp-predict", ["batch_size=abc"]),
+    ("her2exp-compare", ["sweep=[1"]),
+    ("her2exp-manifest", ["--export-synthetic", "out"]),
+    ("her2exp-prepare", ["data=nope"]),
+    ("her2exp-server", ["port=abc"]),
+    ("her2exp-sync", ["run_dir=/nonexistent/run"]),
+    ("her2exp-rerun", ["-m", "run_id=x", "output_dir=[a,b"]),
+    ("her2exp-train", ["trainer.epochs=abc"]),
+    ("her2exp-train", ["trainer.no_such_key=1"]),
+    ("her2exp-train", ["-m", "trainer.epochs=1,abc"]),
+]
+
+
+def test_console_scripts_report_a_bad_override_in_one_line(tmp_path: Path) -> None:
+    """The installed scripts, started together (each pays the interpreter start once)."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    procs = [
+        (name, subprocess.Popen([str(BIN / name), *args], cwd=tmp_path, env=env, **pipes))
+        for name, args in BAD
+    ]
+    for name, proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, (name, out, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("her2exp: "), (name, err)
+        assert "Traceback" not in err and "HYDRA_FULL_ERROR" not in err, (name, err)
+    assert not any(tmp_path.iterdir()), "a failed command left files behind"
+
+
+def run_main(module: str, argv: list[str], monkeypatch, capsys) -> tuple[int | None, str]:
+    """A command's main() in this process, as its console script calls it."""
+    import importlib
+
+    monkeypatch.setattr(sys, "argv", [f"her2exp-{module}", *argv])
+    main = importlib.import_module(f"her2exp.cli.{module}").main
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "expected"),
+    [
+        ("compare", ["foo=1"], "her2exp: Could not override 'foo': Key 'foo' not in"),
+        ("compare", ["sweep"], "her2exp: Error parsing override 'sweep'"),
+        ("predict", ["batch_size=abc"], "could not be converted to Integer"),
+        ("prepare", ["data=nope"], "Available options in 'data': folder, manifest, synthetic"),
+        ("predict", ["-m", "batch_size=abc,1"], "Error merging override batch_size=abc"),
+        ("server", ["--port", "5000"], "unrecognized arguments: --port"),
+        ("predict", ["input=/nonexistent"], "her2exp: configuration error: input=/nonexistent"),
+        ("server", ["port=0"], "configuration error: port=0 is not allowed"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_2(
+    module: str, argv: list[str], expected: str, tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)  # a multirun would create its sweep directory here
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    code, err = run_main(module, argv, monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and expected in err, err
+    assert "HYDRA_FULL_ERROR" not in os.environ  # restored for the rest of the process
+
+
+def test_only_rank_0_reports_under_torchrun(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("RANK", "1")
+    code, err = run_main("compare", ["foo=1"], monkeypatch, capsys)
+    assert code == 2 and err == ""
+
+
+def test_internal_bugs_keep_their_traceback(tmp_path, monkeypatch, capsys) -> None:
+    """An exception from inside the command - even an OmegaConf one, which composition errors
+    also are - is a bug: it propagates (Python prints the traceback, exit 1)."""
+    from omegaconf.errors import ConfigKeyError
+
+    import her2exp.compare
+
+    monkeypatch.chdir(tmp_path)
+    for exc in (RuntimeError("bug"), ConfigKeyError("missing key in the code")):
+
+        def broken(*_args, exc=exc):
+            raise exc
+
+        monkeypatch.setattr(her2exp.compare, "compare", broken)
+        monkeypatch.setattr(sys, "argv", ["her2exp-compare"])
+        with pytest.raises(type(exc)):
+            common_main()
+
+
+def common_main() -> None:
+    from her2exp.cli.compare import main
+
+    main()
+
+
+def test_hydra_full_error_shows_the_whole_traceback(monkeypatch) -> None:
+    from hydra.errors import ConfigCompositionException
+
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    monkeypatch.setattr(sys, "argv", ["her2exp-compare", "foo=1"])
+    with pytest.raises(ConfigCompositionException):
+        common_main()
+    assert os.environ["HYDRA_FULL_ERROR"] == "1"
+
+
+def test_a_leading_bare_argument_is_the_commands_main_key() -> None:
+    """`her2exp-sync DIR` (older syntax) becomes run_dir='DIR', quoted for Hydra's grammar."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for odd in ("/tmp/a dir/it's,1", "C:\\runs\\a", "x\\'y", "ends\\"):
+        arg, rest = common.positional_to_override([odd, "tracking.uri=x"], "run_dir")
+        assert rest == "tracking.uri=x"
+        assert parser.parse_override(arg).value() == odd, arg
+    assert common.positional_to_override(["run_dir=a"], "run_dir") == ["run_dir=a"]
+    assert common.positional_to_override(["a"], None) == ["a"]
+
+
+def test_compose_gives_the_commands_config() -> None:
+    cfg = common.compose("server", ["port=5001"])
+    assert cfg.port == 5001 and cfg.dir == ".mlflow-server" and cfg.backend_store_uri is None
+    cfg = common.compose("manifest", ["root=/data", "score_map={0:0,1+:0,3+:1}"])
+    from her2exp.cli.schemas import manifest_data_config
+
+    assert dict(manifest_data_config(cfg).score_map) == {"0": 0, "1+": 0, "3+": 1}
