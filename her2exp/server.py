@@ -12,7 +12,7 @@ PostgreSQL); without one it creates and runs a private PostgreSQL cluster under 
         --artifacts-destination s3://bucket/mlflow --host 0.0.0.0 --port 5000
 
 Runs then use ``tracking=server tracking.uri=http://HOST:PORT``. Nothing here is imported by
-training; MLflow itself stays in tracking.py.
+training; MLflow itself stays in tracking/.
 """
 
 from __future__ import annotations
