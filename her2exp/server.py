@@ -14,7 +14,7 @@ PostgreSQL); without one it creates and runs a private PostgreSQL cluster under 
 (the command is her2exp/cli/server.py; this module is the process management)
 
 Runs then use ``tracking=server tracking.uri=http://HOST:PORT``. Nothing here is imported by
-training; MLflow itself stays in tracking.py.
+training; MLflow itself stays in tracking/.
 """
 
 from __future__ import annotations

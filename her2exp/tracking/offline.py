@@ -1,0 +1,276 @@
+"""Tracking calls that could not reach the server: buffered in the run directory, replayed later.
+
+A run whose server goes away keeps training; its calls are appended, in order, to
+`<run_dir>/mlflow_buffer.jsonl` (one JSON record per call) and replayed by the run itself as soon
+as the server answers, or afterwards by `her2exp-sync <run_dir>`. `<run_dir>/mlflow_run.json`
+records the run id and URI, so a resumed attempt continues the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from her2exp.fileio import atomic_write_text
+from her2exp.tracking.base import TrackingUnavailable
+from her2exp.tracking.store import check_reachable
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "mlflow_run.json"  # run id + tracking URI, so a resumed attempt continues the run
+BUFFER_FILE = "mlflow_buffer.jsonl"  # calls deferred while the server was unreachable
+MODEL_DIR = "mlflow_model_deferred"  # the MLflow model, saved locally when it could not be logged
+#: MLflow's limit of metrics in one log_batch request.
+METRICS_PER_BATCH = 500
+
+Record = dict[str, Any]
+
+
+class DeferredLog:
+    """Tracking calls that could not reach the server, in order, as JSON lines in the run
+    directory. Appends are fsynced; a line torn by a kill is ignored on reading."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def append(self, record: Record) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def records(self) -> list[Record]:
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # the last line of an append cut short by a kill
+        return out
+
+    def rewrite(self, records: list[Record]) -> None:
+        """Keep only `records` (the unsent rest); atomically, so a kill loses nothing."""
+        if not records:
+            self.path.unlink(missing_ok=True)
+            return
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def _epochs(steps: list[int]) -> list[str]:
+    epochs = [s for s in steps if s > 0]
+    if not epochs:
+        return []
+    return [f"epoch {epochs[0]}" if len(epochs) == 1 else f"epochs {epochs[0]}-{epochs[-1]}"]
+
+
+def describe_deferred(records: list[Record]) -> str:
+    """'3 metric batch(es) (epochs 3-4, final metrics), 1 tag(s), 4 artifact(s), ...'."""
+    if not records:
+        return "nothing"
+    parts = []
+    metrics = [r for r in records if r["op"] == "metrics"]
+    if metrics:
+        steps = sorted({int(m[3]) for r in metrics for m in r["metrics"]})
+        what = _epochs(steps) + (["final metrics"] if 0 in steps else [])
+        parts.append(f"{len(metrics)} metric batch(es) ({', '.join(what)})")
+    n_tags = sum(len(r["tags"]) for r in records if r["op"] == "tags")
+    if n_tags:
+        parts.append(f"{n_tags} tag(s)")
+    arts = [r for r in records if r["op"] in ("artifact", "text")]
+    if arts:
+        parts.append(f"{len(arts)} artifact(s)")
+    if any(r["op"] == "model" for r in records):
+        parts.append("the MLflow model")
+    status = [r["status"] for r in records if r["op"] == "status"]
+    if status:
+        parts.append(f"the run status {status[-1]}")
+    return ", ".join(parts)
+
+
+def log_pytorch_model(uri: str, run_id: str, model: Any, **kwargs: Any) -> None:
+    """Log `model` to the run as an MLflow model named "model" (pyfunc-loadable).
+
+    `kwargs`: input_example, metadata, pip_requirements, registered_model_name."""
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", **kwargs)
+
+
+def _log_saved_model(uri: str, run_id: str, path: Path, registered: str | None) -> None:
+    """Log an MLflow model that was saved locally while the server was away."""
+    import mlflow
+    from mlflow.models import Model
+
+    info = Model.load(str(path))
+    reqs_file = path / "requirements.txt"
+    log_pytorch_model(
+        uri,
+        run_id,
+        mlflow.pytorch.load_model(str(path)),
+        input_example=info.load_input_example(str(path)),
+        metadata=info.metadata,
+        pip_requirements=reqs_file.read_text().split() if reqs_file.is_file() else None,
+        registered_model_name=registered,
+    )
+
+
+def _log_path(client: Any, run_id: str, path: Path, artifact_path: str | None) -> None:
+    if path.is_dir():
+        client.log_artifacts(run_id, str(path), artifact_path)
+    elif path.is_file():
+        client.log_artifact(run_id, str(path), artifact_path)
+
+
+def apply(client: Any, record: Record) -> None:
+    """Perform one tracking call described by a DeferredLog record (through MlflowClient)."""
+    from mlflow.entities import Metric, RunTag
+
+    op, run_id = record["op"], record["run_id"]
+    if op == "metrics":
+        batch = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in record["metrics"]]
+        for i in range(0, len(batch), METRICS_PER_BATCH):
+            client.log_batch(run_id, metrics=batch[i : i + METRICS_PER_BATCH])
+    elif op == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in record["tags"].items()])
+    elif op == "artifact":
+        _log_path(client, run_id, Path(record["path"]), record.get("artifact_path"))
+    elif op == "text":
+        client.log_text(run_id, record["text"], record["artifact_file"])
+    elif op == "model":
+        path, registered = Path(record["path"]), record.get("registered_model_name")
+        _log_saved_model(client.tracking_uri, run_id, path, registered)
+    elif op == "status":
+        client.set_terminated(run_id, status=record["status"], end_time=record.get("end_time"))
+    else:
+        raise ValueError(f"unknown deferred tracking call {op!r}")
+
+
+def replay(client: Any, deferred: DeferredLog) -> tuple[int, list[Record]]:
+    """Send the deferred calls in order; stop at the first failure and keep the rest on disk.
+    Returns (calls sent, calls left)."""
+    records = deferred.records()
+    done = 0
+    try:
+        for record in records:
+            apply(client, record)
+            done += 1
+    finally:
+        deferred.rewrite(records[done:])
+    return done, records[done:]
+
+
+def read_run_file(run_dir: str | Path) -> dict[str, str] | None:
+    """The run id, tracking URI and experiment id a run directory's run was logged to."""
+    try:
+        return json.loads((Path(run_dir) / RUN_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def write_run_file(run_dir: str | Path, run_id: str, uri: str, experiment_id: str) -> None:
+    info = {"run_id": run_id, "tracking_uri": uri, "experiment_id": experiment_id}
+    atomic_write_text(Path(run_dir) / RUN_FILE, json.dumps(info) + "\n")
+
+
+def sync(run_dir: str | Path, uri: str | None = None) -> tuple[int, list[Record]]:
+    """`her2exp-sync`: replay a run directory's deferred MLflow calls to its tracking server."""
+    import mlflow
+
+    run_dir = Path(run_dir)
+    uri = uri or (read_run_file(run_dir) or {}).get("tracking_uri")
+    if uri is None:
+        raise FileNotFoundError(f"{run_dir / RUN_FILE} is missing: pass the tracking URI")
+    deferred = DeferredLog(run_dir / BUFFER_FILE)
+    if not deferred.records():
+        return 0, []
+    problem = check_reachable(uri)
+    if problem is not None:
+        raise TrackingUnavailable(f"{uri} cannot be reached ({problem})")
+    return replay(mlflow.MlflowClient(tracking_uri=uri), deferred)
+
+
+class OfflineQueue:
+    """A run's calls while its server is away: queued in order in the run directory, the server
+    probed at most every `reconnect_s` seconds, and the queue replayed as soon as it answers.
+
+    Once the server is lost every later call queues behind the first one, so order is kept.
+    """
+
+    def __init__(self, run_dir: Path, uri: str, client: Any, reconnect_s: float) -> None:
+        self.run_dir = Path(run_dir)
+        self.buffer = DeferredLog(self.run_dir / BUFFER_FILE)
+        self.uri = uri
+        self.client = client
+        self.reconnect_s = reconnect_s
+        self.offline_since: float | None = None
+        self._last_probe = 0.0
+        self.replayed = 0  # calls this process replayed
+
+    def lost(self, exc: BaseException) -> None:
+        """The server stopped answering: queue from now on."""
+        self.offline_since = self._last_probe = time.monotonic()
+        log.warning(
+            "MLflow server %s unreachable (%s): buffering to %s and training on",
+            self.uri,
+            type(exc).__name__,
+            self.buffer.path,
+        )
+
+    def append(self, record: Record) -> None:
+        self.buffer.append(record)
+
+    def online(self, force: bool = False) -> bool:
+        """True unless the server is away; on its return the queued calls are sent first.
+
+        `force`: probe now, not only once `reconnect_s` has passed since the last probe."""
+        if self.offline_since is None:
+            return True
+        now = time.monotonic()
+        if not force and now - self._last_probe < self.reconnect_s:
+            return False
+        self._last_probe = now
+        if check_reachable(self.uri, timeout_s=2.0) is not None:
+            return False
+        try:
+            sent, left = replay(self.client, self.buffer)
+        except Exception as exc:  # noqa: BLE001 - still away (or flapping): try again later
+            log.warning("MLflow server answers again but replay failed (%s); retrying later", exc)
+            return False
+        self.replayed += sent
+        log.warning(
+            "MLflow server %s is back after %.0f s: replayed %d deferred call(s)",
+            self.uri,
+            now - self.offline_since,
+            sent,
+        )
+        self.offline_since = None
+        return not left
+
+    def replay_earlier(self) -> None:
+        """Send what a killed attempt left queued, before a resumed run's own calls."""
+        sent, left = replay(self.client, self.buffer)
+        if sent or left:
+            log.warning(
+                "replayed %d MLflow call(s) deferred by an earlier attempt (%d left)",
+                sent,
+                len(left),
+            )
+
+    def note(self) -> str | None:
+        """What is still waiting in the buffer, as one line for the end of the run."""
+        records = self.buffer.records()
+        if not records:
+            return None
+        return (
+            f"MLflow server {self.uri} unreachable: deferred {describe_deferred(records)} "
+            f"to {self.buffer.path}; replay with: her2exp-sync {self.run_dir}"
+        )
