@@ -149,6 +149,39 @@ def _hydra_reraises() -> Iterator[bool]:
             os.environ["HYDRA_FULL_ERROR"] = before
 
 
+def check_sweep(config_name: str, argv: list[str]) -> None:
+    """`-m`: compose once per value of every choice/range sweep (the other keys at their first
+    value) before Hydra starts the sweep, whose callback already opens an MLflow parent run; a
+    bad value then fails like a bad override, leaving nothing behind. Interval sweeps (Optuna)
+    are left to the sweeper."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = get_args_parser().parse_args(argv)
+    if not args.multirun:
+        return
+    overrides = [a for a in args.overrides if not a.startswith("hydra")]
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    values: list[list[str]] = []
+    for o in parsed:
+        if o.is_sweep_override():
+            try:
+                choices = list(o.sweep_string_iterator())
+            except Exception:  # noqa: BLE001 - interval sweeps cannot be enumerated
+                continue
+            values.append([f"{o.get_key_element()}={v}" for v in choices] or [o.input_line])
+        else:
+            values.append([o.input_line])
+    if not any(len(v) > 1 for v in values):
+        return
+    first = [v[0] for v in values]
+    for i, options in enumerate(values):
+        for option in options[1:]:
+            job = [option if j == i else f for j, f in enumerate(first)]
+            compose(config_name, job)
+    compose(config_name, first)
+
+
 def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The config a command would run with, without Hydra's run (tests, notebooks): pass it to
     the command's `main(cfg)`. Interpolations of Hydra's runtime (`${hydra:...}`) stay unset."""
@@ -193,6 +226,7 @@ def hydra_command(
                 try:
                     sys.argv[1:] = positional_to_override(sys.argv[1:], positional)
                     check_flags(sys.argv[1:])
+                    check_sweep(config_name, sys.argv[1:])
                     return app()
                 except Exception as exc:
                     if full_error or not _is_user_error(exc):

@@ -66,7 +66,7 @@ def report(summary: dict[str, Any]) -> None:
         print(f"her2exp: MLflow run {summary['mlflow_run_id']} in {where}")
         print(
             f"her2exp: rerun from MLflow alone with: her2exp-rerun "
-            f"{summary['mlflow_run_id']} tracking.uri={where}"
+            f"run_id={summary['mlflow_run_id']} tracking.uri={where}"
         )
     print(f"her2exp: run directory {summary['run_dir']}")
     if summary.get("tracking_errors"):
