@@ -402,25 +402,10 @@ class TrainConfig:
     tags: dict[str, str] = field(default_factory=dict)
 
 
-@dataclass
-class EvalConfig:
-    """`her2exp-eval`: a trained run (MLflow run id or best.pt) scored on another cohort."""
-
-    run_id: str | None = None
-    checkpoint: str | None = None
-    cohort_name: str = "external"
-    seed: int = 2026
-    data: DataConfig = field(default_factory=DataConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    output_dir: str = MISSING
-
-
 def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore; the entry configs list them first in defaults."""
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
-    cs.store(name="eval_schema", node=EvalConfig)
 
 
 def _check_keys(node: DictConfig, schema: type, prefix: str = "") -> None:

@@ -466,6 +466,55 @@ def scan_source(cfg: DictConfig, cohort: bool = False) -> _Scan:
     raise ValueError(f"data.source={cfg.source!r} is not a file source (folder or manifest)")
 
 
+def _structural_problems(
+    good: pd.DataFrame, explicit_split: bool, cohort: bool
+) -> list[tuple[str, str]]:
+    """What makes the usable rows unusable as a whole: nothing left, a class or split missing."""
+    if not len(good):
+        return [("(all)", "no usable patches left")]
+    if cohort:
+        return [
+            ("(cohort)", f"no {name} (label {cls}) patch: AUC needs both")
+            for cls, name in ((0, "HER2-"), (1, "HER2+"))
+            if cls not in set(good["label"])
+        ]
+    frame = good.assign(path=good["display"])
+    hint = (
+        ": fill in the split column so that each split has both"
+        if explicit_split
+        else ": add patients or change data.split (fractions)"
+    )
+    return [("(split)", p) for p in splits.problems(frame, hint)]
+
+
+def _log_notes(
+    scan: _Scan, counts: dict, example: dict, file_problems: list[tuple[str, str]]
+) -> list[str]:
+    """Log what was excluded, converted or skipped; returns the conversion notes."""
+    if scan.excluded_equivocal:
+        log.info(
+            "data: %d patches scored 2+ excluded (data.equivocal=exclude)", scan.excluded_equivocal
+        )
+    if scan.own_patient:
+        log.warning(
+            "data: %d of %d patches have no patient id (data.patient_regex or a patient_id "
+            "column): each is its own patient, so patches of one patient may land in different "
+            "splits and inflate the metrics",
+            scan.own_patient,
+            len(scan.rows),
+        )
+    notes = [f"{n} files: {note} (e.g. {example[note]})" for note, n in sorted(counts.items())]
+    for note in notes:
+        log.info("data: %s", note)
+    if file_problems:
+        log.warning(
+            "data: skipped %d bad files (data.on_bad_file=skip): %s",
+            len(file_problems),
+            "; ".join(f"{p}: {m}" for p, m in file_problems[:5]),
+        )
+    return notes
+
+
 def load(cfg: DictConfig, seed: int, cohort: bool = False, keep_images: bool = True) -> Loaded:
     """Read, validate and split a folder or manifest source; every problem in one exception.
 
@@ -488,21 +537,7 @@ def load(cfg: DictConfig, seed: int, cohort: bool = False, keep_images: bool = T
     elif not scan.explicit_split and len(good):
         fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
         good["split"] = splits.assign(good, fractions, seed).to_numpy()
-    structural: list[tuple[str, str]] = []
-    if not len(good):
-        structural.append(("(all)", "no usable patches left"))
-    elif cohort:
-        for cls, name in ((0, "HER2-"), (1, "HER2+")):
-            if cls not in set(good["label"]):
-                structural.append(("(cohort)", f"no {name} (label {cls}) patch: AUC needs both"))
-    else:
-        frame = good.assign(path=good["display"])
-        hint = (
-            ": fill in the split column so that each split has both"
-            if scan.explicit_split
-            else ": add patients or change data.split (fractions)"
-        )
-        structural += [("(split)", p) for p in splits.problems(frame, hint)]
+    structural = _structural_problems(good, scan.explicit_split, cohort)
 
     if cfg.on_bad_file == "skip":
         if structural:
@@ -514,27 +549,7 @@ def load(cfg: DictConfig, seed: int, cohort: bool = False, keep_images: bool = T
             advice = " (fix them, or data.on_bad_file=skip drops the bad files and lists them)"
         raise DataValidationError(scan.where, file_problems + structural, advice)
 
-    if scan.excluded_equivocal:
-        log.info(
-            "data: %d patches scored 2+ excluded (data.equivocal=exclude)", scan.excluded_equivocal
-        )
-    if scan.own_patient:
-        log.warning(
-            "data: %d of %d patches have no patient id (data.patient_regex or a patient_id "
-            "column): each is its own patient, so patches of one patient may land in different "
-            "splits and inflate the metrics",
-            scan.own_patient,
-            len(rows),
-        )
-    notes = [f"{n} files: {note} (e.g. {example[note]})" for note, n in sorted(counts.items())]
-    for note in notes:
-        log.info("data: %s", note)
-    if file_problems:
-        log.warning(
-            "data: skipped %d bad files (data.on_bad_file=skip): %s",
-            len(file_problems),
-            "; ".join(f"{p}: {m}" for p, m in file_problems[:5]),
-        )
+    notes = _log_notes(scan, counts, example, file_problems)
 
     keep = np.flatnonzero(~bad)
     if keep_images:

@@ -186,18 +186,9 @@ def _interp_matrix(size: int, grid: int) -> np.ndarray:
     return m
 
 
-def _render_chunk(
-    rng: np.random.Generator,
-    latent: np.ndarray,
-    stain: np.ndarray,
-    intensity: np.ndarray,
-    i0: np.ndarray,
-    size: int,
-) -> np.ndarray:
-    """Render len(latent) patches; stain (B,3,3), intensity (B,), i0 (B,) are per patch."""
+def _cells(rng: np.random.Generator, b: int, size: int) -> tuple:
+    """Voronoi cells of b patches: seeds, each pixel's cell and its two nearest seed distances."""
     f32 = np.float32
-    b = latent.shape[0]
-
     # Cell seeds on a randomly offset, jittered grid (spacing varies per patch); seeds falling
     # outside the patch plus a half-cell margin, and a few random drop-outs, are parked far away.
     g = _grid_size(size)
@@ -226,6 +217,52 @@ def _render_chunk(
     np.put_along_axis(d, cell[..., None], np.inf, axis=-1)
     d2 = np.sqrt(d.min(axis=-1))
     del d
+    return k, py, px, sy, sx, cell, d1, d2
+
+
+def _beer_lambert(
+    rng: np.random.Generator,
+    hema: np.ndarray,
+    dab: np.ndarray,
+    keep: np.ndarray,
+    stain: np.ndarray,
+    i0: np.ndarray,
+    size: int,
+) -> np.ndarray:
+    """Stain concentrations -> uint8 RGB by Beer-Lambert, with camera noise."""
+    f32 = np.float32
+    b = hema.shape[0]
+    # Beer-Lambert per RGB channel: I = I0 * exp(-(c_h * S_h + c_dab * S_dab + c_res * S_res)).
+    hema *= keep
+    dab *= keep
+    res = 0.04 * keep
+    st = stain.astype(f32)
+    rgb = np.empty((b, size * size, 3), dtype=f32)
+    for ch in range(3):
+        od = (
+            hema * st[:, 0, ch : ch + 1] + dab * st[:, 1, ch : ch + 1] + res * st[:, 2, ch : ch + 1]
+        )
+        rgb[..., ch] = np.exp(-od)
+    rgb *= i0.astype(f32)[:, None, None]
+    rgb += 1.5 * rng.standard_normal(size=rgb.shape, dtype=f32)  # camera noise
+    np.rint(rgb, out=rgb)
+    np.clip(rgb, 0, 255, out=rgb)
+    return rgb.astype(np.uint8).reshape(b, size, size, 3)
+
+
+def _render_chunk(
+    rng: np.random.Generator,
+    latent: np.ndarray,
+    stain: np.ndarray,
+    intensity: np.ndarray,
+    i0: np.ndarray,
+    size: int,
+) -> np.ndarray:
+    """Render len(latent) patches; stain (B,3,3), intensity (B,), i0 (B,) are per patch."""
+    f32 = np.float32
+    b = latent.shape[0]
+
+    k, py, px, sy, sx, cell, d1, d2 = _cells(rng, b, size)
 
     def per_cell(values: np.ndarray) -> np.ndarray:
         return np.take_along_axis(values.astype(f32), cell, axis=1)
@@ -268,22 +305,7 @@ def _render_chunk(
     lumen = has_lumen[:, None] * _sigmoid((1.0 - (rl + 2.5 * texture) / radius[:, None]) / 0.05)
     keep = (1.0 - 0.96 * lumen) * (1.0 + 0.12 * texture) * intensity[:, None].astype(f32)
 
-    # Beer-Lambert per RGB channel: I = I0 * exp(-(c_h * S_h + c_dab * S_dab + c_res * S_res)).
-    hema *= keep
-    dab *= keep
-    res = 0.04 * keep
-    st = stain.astype(f32)
-    rgb = np.empty((b, size * size, 3), dtype=f32)
-    for ch in range(3):
-        od = (
-            hema * st[:, 0, ch : ch + 1] + dab * st[:, 1, ch : ch + 1] + res * st[:, 2, ch : ch + 1]
-        )
-        rgb[..., ch] = np.exp(-od)
-    rgb *= i0.astype(f32)[:, None, None]
-    rgb += 1.5 * rng.standard_normal(size=rgb.shape, dtype=f32)  # camera noise
-    np.rint(rgb, out=rgb)
-    np.clip(rgb, 0, 255, out=rgb)
-    return rgb.astype(np.uint8).reshape(b, size, size, 3)
+    return _beer_lambert(rng, hema, dab, keep, stain, i0, size)
 
 
 def _exact_counts(probs: dict[str, float], n: int) -> list[str]:
