@@ -28,6 +28,7 @@ EQUIVOCAL_CHOICES = ("exclude", "positive", "negative")
 FINETUNE_CHOICES = ("full", "frozen", "last_n_blocks")
 HEAD_CHOICES = ("linear", "mlp")
 EMBEDDING_CHOICES = ("pooled", "cls_mean")
+STAIN_CHOICES = ("none", "macenko", "hed_jitter", "macenko_jitter")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
@@ -328,8 +329,8 @@ class StainConfig:
 
 def validate_stain(st: Any) -> None:
     """stain.*: the Macenko and HED settings."""
-    if st.name not in ("none", "macenko", "hed_jitter", "macenko_jitter"):
-        _fail("stain.name", st.name, "none, macenko, hed_jitter or macenko_jitter")
+    if st.name not in STAIN_CHOICES:
+        _fail("stain.name", st.name, f"one of {', '.join(STAIN_CHOICES)}")
     if not 0 <= st.min_tissue_fraction < 1:
         _fail("stain.min_tissue_fraction", st.min_tissue_fraction, "a fraction in [0, 1)")
     if st.rescale not in ("all", "hematoxylin", "none"):

@@ -152,3 +152,11 @@ def test_deprecated_option_still_composes_and_warns() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         validate(compose_train([], Path("/tmp/unused")))  # unset: silent
+
+
+def test_deprecated_constant_is_still_importable_with_a_warning() -> None:
+    from her2exp.config import STAIN_CHOICES
+    from her2exp.stain import pipeline
+
+    with pytest.warns(FutureWarning, match="STAIN_CHOICES is deprecated"):
+        assert pipeline.STAIN_CHOICES == STAIN_CHOICES

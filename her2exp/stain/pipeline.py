@@ -21,7 +21,18 @@ from her2exp.stain.macenko import MacenkoNormalizer
 
 log = logging.getLogger(__name__)
 
-STAIN_CHOICES = ("none", "macenko", "hed_jitter", "macenko_jitter")
+
+def __getattr__(name: str) -> object:
+    """Deprecated names, still importable with a warning (docs/architecture.md, "Data")."""
+    if name == "STAIN_CHOICES":  # nobody read it: config.STAIN_CHOICES is what validation uses
+        import warnings
+
+        from her2exp.config import STAIN_CHOICES
+
+        msg = "her2exp.stain.pipeline.STAIN_CHOICES is deprecated: use her2exp.config.STAIN_CHOICES"
+        warnings.warn(msg, FutureWarning, stacklevel=2)
+        return STAIN_CHOICES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class StainPipeline:
