@@ -340,7 +340,7 @@ def test_feature_cache_embeds_each_image_once_and_reuses(resnet_file, tmp_path: 
     # Every patch twice over: a duplicate image is still embedded once.
     twice = data.DataBundle(
         manifest=bundle.manifest.loc[bundle.manifest.index.repeat(2)].reset_index(drop=True),
-        images=np.repeat(bundle.images, 2, axis=0),
+        patches=data.InMemoryPatches(np.repeat(bundle.images, 2, axis=0)),
         fingerprint=bundle.fingerprint,
     )
     dctx = distributed.init("cpu")

@@ -160,10 +160,10 @@ def test_eval_scores_with_the_runs_amp_setting(smoke_run: SmokeRun, tmp_path: Pa
     ckpt = checkpoint_with(smoke_run, tmp_path, **{"trainer.amp": "bf16"})
     run = evaluation.load_run(eval_config([f"checkpoint={ckpt}"], tmp_path))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    assert evaluation.build_scorer(run, None, 0).ctx.autocast_dtype == torch.bfloat16
-    assert evaluation.build_scorer(run, "off", 0).ctx.autocast_dtype is None
+    assert evaluation.build_scorer(run, None, 0).autocast_dtype == torch.bfloat16
+    assert evaluation.build_scorer(run, "off", 0).autocast_dtype is None
     auto = evaluation.build_scorer(run, "auto", 0)
-    assert (auto.ctx.autocast_dtype is None) == (device.type == "cpu")
+    assert (auto.autocast_dtype is None) == (device.type == "cpu")
 
 
 def test_eval_split_test_reproduces_the_runs_test_metrics(smoke_run: SmokeRun, tmp_path) -> None:
