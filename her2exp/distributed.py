@@ -171,11 +171,8 @@ def all_gather_object(obj: Any) -> list[Any]:
 
 def any_rank(flag: bool, device: torch.device) -> bool:
     """True on every rank when it is true on at least one (a stop request, say)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return bool(flag)
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    agreed = any_rank_tensor(torch.tensor([1.0 if flag else 0.0], device=device))
+    return bool(agreed.item() > 0)
 
 
 def any_rank_tensor(flags: torch.Tensor) -> torch.Tensor:

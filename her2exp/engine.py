@@ -47,6 +47,14 @@ class Preprocess:
     # Stain pipeline applied on the device (stain.on_device=true); None: done in the workers.
     stain: Callable[..., torch.Tensor] | None = None
 
+    def __post_init__(self) -> None:
+        # Built once on the device, not per batch (a host-to-device copy each on a GPU).
+        scale = dict(device=self.device, dtype=torch.float32)
+        mean = torch.tensor(self.mean, **scale).view(1, 3, 1, 1) * 255.0
+        std = torch.tensor(self.std, **scale).view(1, 3, 1, 1) * 255.0
+        object.__setattr__(self, "_mean255", mean)
+        object.__setattr__(self, "_std255", std)
+
     def __call__(
         self, x: torch.Tensor, train: bool = False, epoch: int = 0, key: int = 0
     ) -> torch.Tensor:
@@ -54,9 +62,7 @@ class Preprocess:
         if self.stain is not None:
             x = self.stain(x, train, epoch, key)
         if x.dtype == torch.uint8:
-            mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1) * 255.0
-            std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1) * 255.0
-            x = (x.float() - mean) / std
+            x = (x.float() - self._mean255) / self._std255
         fmt = torch.channels_last if self.channels_last and x.ndim == 4 else None
         return x.contiguous(memory_format=fmt or torch.contiguous_format)
 
