@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from her2exp import checkpoint, data, distributed, features, losses, models, tracking
+from her2exp import checkpoint, data, distributed, features, losses, models, rundir, tracking
 from her2exp.config import ConfigError, validate
 from her2exp.distributed import DistContext
 from her2exp.engine import OptimizerUpdate, Preprocess, StepPolicy
@@ -38,18 +38,26 @@ class Runtime:
 
     dctx: DistContext
     run_dir: Path
-    resume: Path | None  # the checkpoint to continue from
-    continue_run: bool  # resume=auto: continue the run directory's MLflow run too
+    resume: rundir.ResumePlan  # the checkpoint to continue from, checked (her2exp/rundir.py)
     restarts: int  # torchrun --max-restarts attempts so far
     autocast_dtype: torch.dtype | None
     use_scaler: bool
 
+    @property
+    def continue_run(self) -> bool:
+        """resume=auto: continue the run directory's MLflow run too."""
+        return self.resume.continue_run
+
 
 def build_runtime(cfg: DictConfig) -> Runtime:
     """Validate, join the process group, seed (seed + rank), agree on the run directory and
-    resolve `trainer.resume` (a torchrun restart resumes the run directory's last.pt)."""
+    resolve `trainer.resume` against what it holds (rundir.plan: a torchrun restart resumes
+    its last.pt; an earlier run's checkpoint is never overwritten by accident)."""
     validate(cfg)
     models.check_model_name(cfg.model.name)
+    run_dir = Path(cfg.output_dir)
+    restarts = distributed.restart_count()
+    resume = rundir.plan(cfg, run_dir, restarts, distributed.env_rank() == 0)
     dctx = distributed.init(cfg.trainer.device, cfg.trainer.dist_timeout_s)
     if cfg.trainer.sync_bn and dctx.device.type != "cuda":
         raise ConfigError(
@@ -57,22 +65,12 @@ def build_runtime(cfg: DictConfig) -> Runtime:
             "gloo/CPU implementation); use trainer.sync_bn=false"
         )
     set_seed(cfg.seed + dctx.rank, deterministic=cfg.trainer.deterministic)
-    run_dir = Path(cfg.output_dir)
     if dctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    resume, restarts = cfg.trainer.resume, distributed.restart_count()
-    if resume is None and restarts > 0:  # torchrun --max-restarts brought the group back
-        log.info("torchrun restart %d: resuming from the run directory's last checkpoint", restarts)
-        resume = "auto"
-    continue_run = resume == "auto"
-    if resume == "auto":
-        resume = checkpoint.find_latest(run_dir)
-        if resume is None:
-            log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", run_dir)
+        if resume.path is None and cfg.trainer.overwrite:
+            rundir.clear_earlier_run(run_dir)
     dtype, use_scaler = resolve_amp(cfg.trainer.amp, dctx.device)
-    return Runtime(
-        dctx, run_dir, Path(resume) if resume else None, continue_run, restarts, dtype, use_scaler
-    )
+    return Runtime(dctx, run_dir, resume, restarts, dtype, use_scaler)
 
 
 # -- model -----------------------------------------------------------------------------------
@@ -255,8 +253,10 @@ def start_tracking(
     tags["data_seed"], tags["split_seed"] = str(data_seed), str(split_seed)
     for split, c in parts.counts.items():
         tags[f"data.{split}"] = f"{c['her2_pos']} HER2+ / {c['her2_neg']} HER2-"
-    if runtime.resume:
-        tags["resumed_from"] = str(runtime.resume)
+    if runtime.resume.path:
+        tags["resumed_from"] = str(runtime.resume.path)
+    if runtime.resume.forced_changes:  # trainer.resume_force=true: what differed, for the audit
+        tags["resume_forced_changes"] = "; ".join(runtime.resume.forced_changes)[:5000]
     if runtime.restarts:
         tags["torchelastic_restart_count"] = str(runtime.restarts)
     tracker.start(cfg, tags, run_dir=runtime.run_dir, continue_run=runtime.continue_run)
@@ -324,7 +324,11 @@ def build_trainer(
     validator = Validator(
         wrapped.score_model, parts.criterion, parts.preprocess, runtime.autocast_dtype, dctx
     )
-    extra = {"model_name": cfg.model.name, "config": OmegaConf.to_yaml(cfg, resolve=True)}
+    extra = {
+        "model_name": cfg.model.name,
+        "config": OmegaConf.to_yaml(cfg, resolve=True),
+        "data_fingerprint": parts.bundle.fingerprint,  # a resume refuses other data (rundir)
+    }
     checkpointer = Checkpointer(
         runtime.run_dir / "checkpoints", t.save_checkpoints, dctx.is_main, extra
     )

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
+import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,15 +27,121 @@ AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 LOSS_CHOICES = ("ce", "focal")
 DATA_SOURCES = ("synthetic", "folder", "manifest")
 EQUIVOCAL_CHOICES = ("exclude", "positive", "negative")
+PATIENT_LABEL_CHOICES = ("error", "max", "majority")
 FINETUNE_CHOICES = ("full", "frozen", "last_n_blocks")
 HEAD_CHOICES = ("linear", "mlp")
 EMBEDDING_CHOICES = ("pooled", "cls_mean")
 STAIN_CHOICES = ("none", "macenko", "hed_jitter", "macenko_jitter")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+SEED_MAX = 2**32 - 1  # numpy's seeds
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric option allows, declared beside it with `ranged` so that every number
+    a user can set has bounds (tests walk the schemas and try a value outside each)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    allowed: str | None = None  # the message's wording; null: built from the bounds
+
+    def contains(self, value: float) -> bool:
+        """Finite and within every bound (NaN fails every comparison, so it is refused)."""
+        v = float(value)
+        return (
+            math.isfinite(v)
+            and (self.ge is None or v >= self.ge)
+            and (self.gt is None or v > self.gt)
+            and (self.le is None or v <= self.le)
+            and (self.lt is None or v < self.lt)
+        )
+
+    def describe(self, integer: bool, optional: bool) -> str:
+        """'an integer >= 1', 'a value in (0, 1)', 'null or a value > 0'."""
+        if self.allowed is not None:
+            return self.allowed
+        kind = "an integer" if integer else "a value"
+        lo = (
+            f"[{_num(self.ge)}"
+            if self.ge is not None
+            else f"({_num(self.gt)}"
+            if self.gt is not None
+            else None
+        )
+        hi = (
+            f"{_num(self.le)}]"
+            if self.le is not None
+            else f"{_num(self.lt)})"
+            if self.lt is not None
+            else None
+        )
+        if lo and hi:
+            text = f"{kind} in {lo}, {hi}"
+        else:
+            ops = [(">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt)]
+            text = " and ".join(f"{kind} {op} {_num(b)}" for op, b in ops if b is not None)
+        return f"null or {text}" if optional else text
+
+    def outside(self, integer: bool) -> list[float]:
+        """Values just past each bound (and NaN for floats): what the schema walk tries."""
+        step = 1 if integer else 0.5
+        values = [b - step for b in (self.ge,) if b is not None]
+        values += [b for b in (self.gt, self.lt) if b is not None]
+        values += [b + step for b in (self.le,) if b is not None]
+        return [int(v) if integer else float(v) for v in values] + ([] if integer else [math.nan])
+
+
+def _num(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+def ranged(default: Any, **bounds: Any) -> Any:
+    """A dataclass field with its allowed range (`ge`, `gt`, `le`, `lt`, `allowed`)."""
+    return field(default=default, metadata={"range": Range(**bounds)})
+
+
+def numeric_fields(schema: type, prefix: str = "") -> list[tuple[str, type, bool, Range | None]]:
+    """(dotted key, int|float, optional, range) of every number in a schema, nested included."""
+    hints = typing.get_type_hints(schema)
+    found = []
+    for f in dataclasses.fields(schema):
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = (
+            args[0]
+            if typing.get_origin(hint) in (typing.Union, _UnionType) and len(args) == 1
+            else hint
+        )
+        if dataclasses.is_dataclass(base):
+            found += numeric_fields(base, f"{prefix}{f.name}.")
+        elif base in (int, float):
+            found.append((f"{prefix}{f.name}", base, base is not hint, f.metadata.get("range")))
+    return found
+
+
+_UnionType = type(int | None)
+
+
+def check_ranges(node: Any, schema: type, prefix: str = "") -> None:
+    """Every `ranged` number of `node` (a config of `schema`) within its bounds."""
+    for key, kind, optional, bounds in numeric_fields(schema):
+        value = OmegaConf.select(node, key) if isinstance(node, DictConfig) else _get(node, key)
+        if bounds is None or value is None:
+            continue
+        if not bounds.contains(value):
+            _fail(f"{prefix}{key}", value, bounds.describe(kind is int, optional))
+
+
+def _get(node: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
 
 
 #: Options that no longer do anything: still accepted (old runs' configs compose and rerun), with a
@@ -68,33 +176,29 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     embedding: str = "pooled"  # pooled: timm's global_pool | cls_mean: class token + mean patch
     head: str = "linear"  # linear | mlp (timm.layers.Mlp, head_hidden_dim wide)
-    head_hidden_dim: int = 256
+    head_hidden_dim: int = ranged(256, ge=1)
     finetune: str = "full"  # full | frozen (linear probe) | last_n_blocks
-    n_last_blocks: int = 1  # finetune=last_n_blocks: timm layer groups trained, from the top
+    n_last_blocks: int = ranged(
+        1, ge=1
+    )  # finetune=last_n_blocks: timm layer groups trained, from the top
     cache_features: bool = False  # frozen backbone: embed each image once, train the head on it
     feature_cache_dir: str | None = None  # null: <run dir>/features; shared: reused across runs
-    num_classes: int = 2
-    drop_rate: float = 0.0
+    num_classes: int = ranged(2, ge=2, le=2, allowed="2 (binary HER2-/HER2+)")
+    drop_rate: float = ranged(0.0, ge=0, lt=1)
     channels_last: bool = False
     compile: bool = False
     compile_mode: str = "default"
     compile_before_ddp: bool = False
     compile_backend: str = "inductor"
-    min_image_size: int = 32
+    min_image_size: int = ranged(32, ge=1)
 
 
 def validate_model(m: Any) -> None:
     """model.*: weights source, fine-tuning mode, head, feature cache."""
-    if m.num_classes != 2:
-        _fail("model.num_classes", m.num_classes, "2 (binary HER2-/HER2+)")
     if m.finetune not in FINETUNE_CHOICES:
         _fail("model.finetune", m.finetune, f"one of {', '.join(FINETUNE_CHOICES)}")
-    if m.n_last_blocks < 1:
-        _fail("model.n_last_blocks", m.n_last_blocks, "an integer >= 1")
     if m.head not in HEAD_CHOICES:
         _fail("model.head", m.head, f"one of {', '.join(HEAD_CHOICES)}")
-    if m.head_hidden_dim < 1:
-        _fail("model.head_hidden_dim", m.head_hidden_dim, "an integer >= 1")
     if m.embedding not in EMBEDDING_CHOICES:
         _fail("model.embedding", m.embedding, f"one of {', '.join(EMBEDDING_CHOICES)}")
     if m.pretrained and m.weights:
@@ -120,41 +224,39 @@ def validate_model(m: Any) -> None:
 @dataclass
 class LossConfig:
     name: str = "ce"
-    gamma: float = 2.0
-    alpha: float | None = None
+    gamma: float = ranged(2.0, ge=0)
+    alpha: float | None = ranged(
+        None, gt=0, lt=1, allowed="null or a value in (0, 1) weighting the HER2+ class"
+    )
     use_class_weights: bool = False
-    label_smoothing: float = 0.0
+    label_smoothing: float = ranged(0.0, ge=0, lt=1)
 
 
 def validate_loss(loss: Any) -> None:
     """loss.*: the criterion and its class weighting."""
     if loss.name not in LOSS_CHOICES:
         _fail("loss.name", loss.name, f"one of {', '.join(LOSS_CHOICES)}")
-    if loss.gamma < 0:
-        _fail("loss.gamma", loss.gamma, "a value >= 0")
-    if loss.alpha is not None and not 0 < loss.alpha < 1:
-        _fail("loss.alpha", loss.alpha, "null or a value in (0, 1) weighting the HER2+ class")
 
 
 @dataclass
 class SplitConfig:
-    train: float = 0.7
-    val: float = 0.15
-    test: float = 0.15
+    train: float = ranged(0.7, gt=0, lt=1)
+    val: float = ranged(0.15, gt=0, lt=1)
+    test: float = ranged(0.15, gt=0, lt=1)
 
 
 @dataclass
 class DataConfig:
     source: str = "synthetic"
-    n_patients: int = 100
-    patches_per_patient: int = 20
-    positive_fraction: float = 0.25
+    n_patients: int = ranged(100, ge=1)
+    patches_per_patient: int = ranged(20, ge=1)
+    positive_fraction: float = ranged(0.25, gt=0, lt=1)
     sites: list[str] = field(default_factory=lambda: ["site_a", "site_b"])
-    image_size: int = 64
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    num_workers: int = 0
-    prefetch_factor: int | None = None
+    image_size: int = ranged(64, ge=1)
+    batch_size: int = ranged(64, ge=1)
+    eval_batch_size: int = ranged(256, ge=1)
+    num_workers: int = ranged(0, ge=0)
+    prefetch_factor: int | None = ranged(None, ge=1)
     persistent_workers: bool = False
     pin_memory: bool = False
     augment: bool = True
@@ -169,25 +271,19 @@ class DataConfig:
     # IHC score -> label; 2+ (equivocal without ISH) is decided by `equivocal`.
     score_map: dict[str, int] = field(default_factory=lambda: {"0": 0, "1+": 0, "3+": 1})
     equivocal: str = "exclude"  # exclude | positive | negative
+    # A patient whose patches carry both labels: error (listed before training) | max (HER2+ if
+    # any patch is) | majority (the more common label; a tie is HER2+). Patches take its label.
+    patient_label: str = "error"
     patient_regex: str | None = None  # patient id from the file name: named group or group 1
     on_bad_file: str = "error"  # error: list every problem and stop | skip: drop bad files
     cache: bool = True  # decode every patch once, up front, and keep them in memory
     # null: the run's `seed`. Fix them in a seed sweep so only the initialisation varies.
-    data_seed: int | None = None  # renders the embedded data set
-    split_seed: int | None = None  # assigns patients to train/val/test
+    data_seed: int | None = ranged(None, ge=0, le=SEED_MAX)  # renders the embedded data set
+    split_seed: int | None = ranged(None, ge=0, le=SEED_MAX)  # assigns patients to train/val/test
 
 
 def validate_data(d: Any, m: Any) -> None:
     """data.*: loaders, file sources, labels, splits (the image size against the model's minimum)."""
-    for key in ("data_seed", "split_seed"):
-        if d.get(key) is not None and int(d[key]) < 0:
-            _fail(f"data.{key}", d[key], "null (the run's seed) or an integer >= 0")
-    if d.batch_size < 1:
-        _fail("data.batch_size", d.batch_size, "an integer >= 1")
-    if d.eval_batch_size < 1:
-        _fail("data.eval_batch_size", d.eval_batch_size, "an integer >= 1")
-    if d.num_workers < 0:
-        _fail("data.num_workers", d.num_workers, "an integer >= 0")
     if d.prefetch_factor is not None and (d.num_workers == 0 or d.prefetch_factor < 1):
         _fail(
             "data.prefetch_factor",
@@ -200,6 +296,12 @@ def validate_data(d: Any, m: Any) -> None:
         _fail("data.source", d.source, f"one of {', '.join(DATA_SOURCES)}")
     if d.equivocal not in EQUIVOCAL_CHOICES:
         _fail("data.equivocal", d.equivocal, f"one of {', '.join(EQUIVOCAL_CHOICES)} (for 2+)")
+    if d.patient_label not in PATIENT_LABEL_CHOICES:
+        _fail(
+            "data.patient_label",
+            d.patient_label,
+            f"one of {', '.join(PATIENT_LABEL_CHOICES)} (a patient with patches of both labels)",
+        )
     if d.on_bad_file not in ("error", "skip"):
         _fail("data.on_bad_file", d.on_bad_file, "error or skip")
     if not d.cache:
@@ -242,69 +344,48 @@ def validate_data(d: Any, m: Any) -> None:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.01
-    layer_decay: float | None = None  # ViT-style layer-wise lr decay (timm), e.g. 0.75; null: off
-    accumulation_steps: int = 1
-    grad_clip_norm: float | None = 1.0
+    epochs: int = ranged(10, ge=1)
+    lr: float = ranged(1e-3, gt=0)
+    weight_decay: float = ranged(1e-4, ge=0)
+    warmup_epochs: float = ranged(1.0, ge=0)
+    # The cosine schedule's floor as a fraction of lr: 0 decays to zero, 1 is a constant lr.
+    min_lr_ratio: float = ranged(0.01, ge=0, le=1)
+    layer_decay: float | None = ranged(
+        None, gt=0, le=1
+    )  # ViT-style layer-wise lr decay (timm), e.g. 0.75; null: off
+    accumulation_steps: int = ranged(1, ge=1)
+    grad_clip_norm: float | None = ranged(1.0, gt=0, allowed="null (no clipping) or a value > 0")
     amp: str = "auto"
-    early_stop_patience: int = 5
+    early_stop_patience: int = ranged(5, ge=1)
     monitor: str | None = None  # deprecated (DEPRECATED): ignored, warns when set
-    resume: str | None = None
-    stop_after_epoch: int | None = None
+    resume: str | None = None  # a last.pt, or auto: the run directory's own (her2exp/rundir.py)
+    resume_force: bool = False  # resume even though the experiment changed (recorded in MLflow)
+    overwrite: bool = False  # a run directory holding an earlier run's checkpoint: replace it
+    stop_after_epoch: int | None = ranged(None, ge=1)
     deterministic: bool = False
     device: str = "auto"
-    nproc_per_node: int = 1
+    nproc_per_node: int = ranged(1, ge=1)
     sync_bn: bool = False
-    dist_timeout_s: float = 300.0
+    dist_timeout_s: float = ranged(300.0, gt=0)
     progress: bool = True
     save_checkpoints: bool = True
     # A non-finite loss or gradient: stop (keep the last good checkpoint) or skip that optimizer
     # step, counting it, and stop once more than max_nonfinite_steps were skipped in the run.
     on_nonfinite: str = "stop"
-    max_nonfinite_steps: int = 10
+    max_nonfinite_steps: int = ranged(10, ge=0)
     # Debugging: NaN inputs at this training batch (0-based, counted over the whole run), to
     # exercise on_nonfinite. Never set it for real training.
-    debug_nan_at_step: int | None = None
+    debug_nan_at_step: int | None = ranged(None, ge=0)
 
 
 def validate_trainer(t: Any) -> None:
     """trainer.*: the optimisation, precision and the process layout."""
-    if not t.lr > 0:
-        _fail("trainer.lr", t.lr, "a learning rate > 0")
-    if t.epochs < 1:
-        _fail("trainer.epochs", t.epochs, "an integer >= 1")
-    if t.accumulation_steps < 1:
-        _fail("trainer.accumulation_steps", t.accumulation_steps, "an integer >= 1")
-    if t.weight_decay < 0:
-        _fail("trainer.weight_decay", t.weight_decay, "a value >= 0")
-    if t.warmup_epochs < 0:
-        _fail("trainer.warmup_epochs", t.warmup_epochs, "a value >= 0")
-    if t.grad_clip_norm is not None and not t.grad_clip_norm > 0:
-        _fail("trainer.grad_clip_norm", t.grad_clip_norm, "null (no clipping) or a value > 0")
-    if t.early_stop_patience < 1:
-        _fail("trainer.early_stop_patience", t.early_stop_patience, "an integer >= 1")
     if t.amp not in AMP_CHOICES:
         _fail("trainer.amp", t.amp, f"one of {', '.join(AMP_CHOICES)}")
     if t.device not in ("auto", "cpu", "cuda") and not str(t.device).startswith("cuda:"):
         _fail("trainer.device", t.device, "auto, cpu, cuda or cuda:N")
-    if t.stop_after_epoch is not None and t.stop_after_epoch < 1:
-        _fail("trainer.stop_after_epoch", t.stop_after_epoch, "null or an integer >= 1")
-    if t.nproc_per_node < 1:
-        _fail("trainer.nproc_per_node", t.nproc_per_node, "an integer >= 1")
     if t.on_nonfinite not in ("stop", "skip"):
         _fail("trainer.on_nonfinite", t.on_nonfinite, "stop or skip")
-    if t.max_nonfinite_steps < 0:
-        _fail("trainer.max_nonfinite_steps", t.max_nonfinite_steps, "an integer >= 0")
-    if t.debug_nan_at_step is not None and t.debug_nan_at_step < 0:
-        _fail("trainer.debug_nan_at_step", t.debug_nan_at_step, "null or an integer >= 0")
-    if t.dist_timeout_s <= 0:
-        _fail("trainer.dist_timeout_s", t.dist_timeout_s, "a number of seconds > 0")
-    if t.layer_decay is not None and not 0 < t.layer_decay <= 1:
-        _fail("trainer.layer_decay", t.layer_decay, "null (off) or a value in (0, 1], e.g. 0.75")
 
 
 @dataclass
@@ -312,35 +393,29 @@ class StainConfig:
     """Macenko normalisation (all splits) and/or HED jitter (train only); her2exp/stain/."""
 
     name: str = "none"  # none | macenko | hed_jitter | macenko_jitter
-    io: float = 240.0
-    alpha: float = 1.0
-    beta: float = 0.15
-    min_tissue_fraction: float = 0.05
-    n_sample: int | None = 4096
+    io: float = ranged(240.0, gt=0, le=255)  # background (white) intensity
+    alpha: float = ranged(1.0, gt=0, lt=50)  # robust extremes: percentiles alpha, 100 - alpha
+    beta: float = ranged(0.15, ge=0)  # optical density below which a pixel is background
+    min_tissue_fraction: float = ranged(0.05, ge=0, lt=1)
+    n_sample: int | None = ranged(4096, ge=1)
     percentile_method: str = "topk"
     exact: bool = False
     rescale: str = "hematoxylin"  # all (classic Macenko) | hematoxylin | none; see macenko.py
     on_device: bool = False  # true: per batch on the training device; false: in the workers
     reference: str | None = None  # a reference image; null: fit on training patches
-    fit_patches: int = 512
-    sigma: float = 0.05
-    shift_sigma: float | None = None
+    fit_patches: int = ranged(512, ge=1)
+    sigma: float = ranged(0.05, ge=0, lt=1)
+    shift_sigma: float | None = ranged(None, ge=0, lt=1)
 
 
 def validate_stain(st: Any) -> None:
     """stain.*: the Macenko and HED settings."""
     if st.name not in STAIN_CHOICES:
         _fail("stain.name", st.name, f"one of {', '.join(STAIN_CHOICES)}")
-    if not 0 <= st.min_tissue_fraction < 1:
-        _fail("stain.min_tissue_fraction", st.min_tissue_fraction, "a fraction in [0, 1)")
     if st.rescale not in ("all", "hematoxylin", "none"):
         _fail("stain.rescale", st.rescale, "all, hematoxylin (keeps DAB intensity) or none")
     if st.percentile_method not in ("topk", "sort"):
         _fail("stain.percentile_method", st.percentile_method, "topk or sort")
-    if st.sigma < 0 or st.sigma >= 1:
-        _fail("stain.sigma", st.sigma, "a value in [0, 1)")
-    if st.fit_patches < 1:
-        _fail("stain.fit_patches", st.fit_patches, "an integer >= 1")
 
 
 @dataclass
@@ -368,19 +443,16 @@ def validate_tracking(tr: Any) -> None:
 class EvaluationConfig:
     """How runs are scored: operating points chosen on validation, CIs, patient aggregation."""
 
-    target_sensitivity: float = 0.90
-    n_boot: int = 1000
+    target_sensitivity: float = ranged(0.90, gt=0, lt=1)
+    n_boot: int = ranged(1000, ge=0, allowed="0 (DeLong CI only) or a number of resamples")
     patient_aggregation: str = "mean"
     operating_point: str = "youden"
-    gallery_max: int = 32
+    gallery_max: int = ranged(32, ge=0)
 
 
 def validate_evaluation(e: Any) -> None:
     """evaluation.*: the operating points and confidence intervals."""
-    if not 0 < e.target_sensitivity < 1:
-        _fail("evaluation.target_sensitivity", e.target_sensitivity, "a value in (0, 1)")
-    if e.n_boot < 0:
-        _fail("evaluation.n_boot", e.n_boot, "0 (DeLong CI only) or a number of resamples")
+    check_ranges(e, EvaluationConfig, "evaluation.")  # her2exp-eval merges and calls this alone
     if e.patient_aggregation not in ("mean", "max"):
         _fail("evaluation.patient_aggregation", e.patient_aggregation, "mean or max")
     points = ("youden", f"sens{int(round(e.target_sensitivity * 100))}", "p50")
@@ -397,7 +469,7 @@ class TrainConfig:
     stain: StainConfig = field(default_factory=StainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    seed: int = 42
+    seed: int = ranged(42, ge=0, le=SEED_MAX)
     task_name: str = "train"
     output_dir: str = MISSING
     tags: dict[str, str] = field(default_factory=dict)
@@ -432,6 +504,7 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
     if isinstance(cfg, DictConfig):
         _check_keys(cfg, TrainConfig)
     warn_deprecated(cfg)
+    check_ranges(cfg, TrainConfig)
     validate_trainer(cfg.trainer)
     validate_data(cfg.data, cfg.model)
     validate_loss(cfg.loss)

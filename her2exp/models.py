@@ -29,6 +29,8 @@ def check_model_name(name: str) -> None:
     """Fail before training on a name timm does not know, suggesting what the user likely meant."""
     if name.startswith(("hf-hub:", "hf_hub:")):
         return
+    if timm.is_model(name):
+        return
     available = timm.list_models()
     if name not in available:
         hints = close_matches(name, available)

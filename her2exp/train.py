@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from her2exp import builders, distributed, tracking
+from her2exp import builders, distributed, rundir, tracking
 from her2exp.builders import DataParts, Runtime
 from her2exp.config import ConfigError, register_configs, validate
 from her2exp.final import final_evaluation
@@ -35,6 +35,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     runtime = builders.build_runtime(cfg)
     model = builders.build_model(cfg, runtime.dctx)  # resolves data.mean/std into cfg
     parts = builders.build_data(cfg, runtime.dctx)
+    rundir.check_data(runtime.resume, parts.bundle.fingerprint, cfg.trainer.resume_force)
     wrapped = builders.wrap_model(cfg, model, runtime.dctx)
     tracker = builders.build_tracker(cfg, runtime)
     status, summary = "FAILED", {}
@@ -44,8 +45,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             builders.use_cached_features(cfg, parts, model, runtime, tracker)
         trainer = builders.build_trainer(cfg, runtime, parts, wrapped, tracker)
         builders.record_stain(parts, runtime, tracker)
-        if runtime.resume:
-            trainer.resume_from(runtime.resume)
+        if runtime.resume.path:
+            trainer.resume_from(runtime.resume.path)
             tracker.log_history(trainer.history)  # the resumed run shows the whole curve
         fit = trainer.fit()
         summary = fit_summary(cfg, fit, parts, runtime, tracker)
@@ -154,6 +155,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     n = cfg.trainer.nproc_per_node
     if n > 1 and not distributed.under_launcher():
         validate(cfg)  # fail in the parent, before any worker starts
+        rundir.plan(cfg, Path(cfg.output_dir), distributed.restart_count())
         container = OmegaConf.to_container(cfg, resolve=True)  # resolvers don't cross spawn
         log.info("starting %d workers (trainer.nproc_per_node)", n)
         with distributed.env(**tracking.export_sweep_context()):

@@ -205,7 +205,7 @@ class Checkpointer:
 
     def __init__(self, directory: Path, enabled: bool, is_main: bool, extra: dict[str, Any]):
         self.directory, self.enabled, self.is_main = directory, enabled, is_main
-        self.extra = extra  # model_name and the resolved config, stored in every file
+        self.extra = extra  # model name, resolved config, data fingerprint: in every file
 
     @property
     def last(self) -> Path:
@@ -218,7 +218,7 @@ class Checkpointer:
     def save(self, resume_state: dict[str, Any], best: dict[str, Any] | None) -> None:
         if not (self.is_main and self.enabled):
             return
-        checkpoint.save({**resume_state, "config": self.extra["config"]}, self.last)
+        checkpoint.save({**resume_state, **self.extra}, self.last)
         if best is not None:
             self.save_best(best)
 

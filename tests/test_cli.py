@@ -28,6 +28,11 @@ BAD = [
     ("her2exp-train", ["trainer.epochs=abc"]),
     ("her2exp-train", ["trainer.no_such_key=1"]),
     ("her2exp-train", ["-m", "trainer.epochs=1,abc"]),
+    # issue 15: values out of range, an unwritable run directory ({out}: outside the cwd)
+    ("her2exp-train", ["trainer.min_lr_ratio=-1", "hydra.run.dir={out}/a"]),
+    ("her2exp-train", ["loss.label_smoothing=1.5", "hydra.run.dir={out}/b"]),
+    ("her2exp-train", ["hydra.run.dir=/proc/her2exp/run"]),
+    ("her2exp-eval", ["run_id=x", "evaluation.n_boot=-1", "hydra.run.dir={out}/c"]),
 ]
 
 
@@ -35,8 +40,17 @@ def test_console_scripts_report_a_bad_override_in_one_line(tmp_path: Path) -> No
     """The installed scripts, started together (each pays the interpreter start once)."""
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    out = tmp_path.parent / f"{tmp_path.name}-runs"
     procs = [
-        (name, subprocess.Popen([str(BIN / name), *args], cwd=tmp_path, env=env, **pipes))
+        (
+            name,
+            subprocess.Popen(
+                [str(BIN / name), *(a.format(out=out) for a in args)],
+                cwd=tmp_path,
+                env=env,
+                **pipes,
+            ),
+        )
         for name, args in BAD
     ]
     for name, proc in procs:

@@ -94,6 +94,8 @@ def _is_user_error(exc: BaseException) -> bool:
         return True
     if getattr(exc, _FROM_TASK, False):
         return False  # escaped the command itself: a bug, even if it is an OmegaConf error
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return True  # Hydra could not create the run directory (or write its config there)
     if isinstance(exc, HydraException | OmegaConfBaseException):
         return True
     tb = exc.__traceback__
@@ -104,6 +106,18 @@ def _is_user_error(exc: BaseException) -> bool:
     # too (`=3`: "Config group override must be a string or a list").
     prefixes = ("hydra.", "hydra_plugins.", "omegaconf.")
     return isinstance(exc, ValueError) and module.startswith(prefixes)
+
+
+def _message(exc: BaseException) -> str:
+    """The one line of a user error that escaped composition or Hydra's run set-up."""
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        return (
+            f"cannot write the run directory: {exc.strerror}: {exc.filename}; set hydra.run.dir "
+            "(hydra.sweep.dir with -m) to a folder you can write"
+        )
+    return one_line(exc)
 
 
 def check_flags(argv: list[str]) -> None:
@@ -231,7 +245,7 @@ def hydra_command(
                 except Exception as exc:
                     if full_error or not _is_user_error(exc):
                         raise
-                    fail(one_line(exc) if not isinstance(exc, ConfigError) else str(exc))
+                    fail(_message(exc))
             return None
 
         return main

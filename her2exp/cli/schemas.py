@@ -8,6 +8,7 @@ groups (data, stain, tracking, evaluation) are reused from her2exp/config.py.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,15 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from her2exp.config import (
     AMP_CHOICES,
+    SEED_MAX,
     ConfigError,
     DataConfig,
     SplitConfig,
     StainConfig,
     TrackingConfig,
     TrainConfig,
+    check_ranges,
+    ranged,
     register_configs,
     validate,
 )
@@ -55,11 +59,11 @@ def _one_source(cfg: Any) -> None:
 class EvaluationOverrides:
     """`evaluation.*` of her2exp-eval: null keeps the training run's own setting."""
 
-    target_sensitivity: float | None = None
-    n_boot: int | None = None
+    target_sensitivity: float | None = ranged(None, gt=0, lt=1)
+    n_boot: int | None = ranged(None, ge=0)
     patient_aggregation: str | None = None
     operating_point: str | None = None
-    gallery_max: int | None = None
+    gallery_max: int | None = ranged(None, ge=0)
 
 
 @dataclass
@@ -79,7 +83,7 @@ class EvalCommand:
     split: str | None = None  # null: the cohort `data` describes | val | test: the run's own
     cohort_name: str | None = None  # null: "external", or the split's name
     # A different seed from training (42) for a new cohort: new patients, not re-rendered ones.
-    seed: int = 2026
+    seed: int = ranged(2026, ge=0, le=SEED_MAX)
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     evaluation: EvaluationOverrides = field(default_factory=EvaluationOverrides)
@@ -91,6 +95,7 @@ EVAL_SPLITS = ("val", "test")
 
 
 def check_eval(cfg: Any) -> None:
+    check_ranges(cfg, EvalCommand)
     _one_source(cfg)
     if cfg.split is not None and cfg.split not in EVAL_SPLITS:
         _fail("split", cfg.split, "null (the cohort data.* describes), val or test")
@@ -108,17 +113,16 @@ class PredictCommand:
     input: str | None = None  # a folder of patches (searched recursively)
     out: str = "predictions.csv"
     output: str | None = None  # deprecated spelling of `out`
-    batch_size: int = 64
+    batch_size: int = ranged(64, ge=1)
     tracking: UriConfig = field(default_factory=UriConfig)
 
 
 def check_predict(cfg: Any) -> None:
+    check_ranges(cfg, PredictCommand)
     if not cfg.input:
         raise ConfigError("input=<folder of patches> is required")
     if not Path(cfg.input).is_dir():
         raise ConfigError(f"input={cfg.input} is not a folder")
-    if cfg.batch_size < 1:
-        _fail("batch_size", cfg.batch_size, "an integer >= 1")
     _one_source(cfg)
 
 
@@ -150,14 +154,15 @@ class ManifestCommand:
     label_map: Any = None  # null: her2_neg -> 0, her2_pos -> 1
     score_map: Any = None  # null: 0, 1+ -> 0 and 3+ -> 1
     equivocal: str = "exclude"
+    patient_label: str = "error"  # a patient with patches of both labels: error | max | majority
     patient_regex: str | None = None
-    seed: int = 42  # the split seed: training's default
+    seed: int = ranged(42, ge=0, le=SEED_MAX)  # the split seed: training's default
     split: SplitConfig = field(default_factory=SplitConfig)
-    image_size: int = 64  # decode check size (and the export's patch size)
+    image_size: int = ranged(64, ge=1)  # decode check size (and the export's patch size)
     on_bad_file: str = "error"  # error | skip: leave bad files out, listed
     export_synthetic: str | None = None  # write the embedded data as PNGs + manifest here
-    n_patients: int = 40
-    patches_per_patient: int = 12
+    n_patients: int = ranged(40, ge=1)
+    patches_per_patient: int = ranged(12, ge=1)
     layout: str = "labels"  # labels | scores (export sub-folders)
 
 
@@ -167,6 +172,7 @@ def manifest_data_config(cfg: Any) -> DictConfig:
         "source": "folder",
         "root": cfg.root,
         "equivocal": cfg.equivocal,
+        "patient_label": cfg.patient_label,
         "patient_regex": cfg.patient_regex,
         "image_size": cfg.image_size,
         "on_bad_file": cfg.on_bad_file,
@@ -183,12 +189,10 @@ def manifest_data_config(cfg: Any) -> DictConfig:
 
 
 def check_manifest(cfg: Any) -> None:
+    check_ranges(cfg, ManifestCommand)
     if cfg.layout not in ("labels", "scores"):
         _fail("layout", cfg.layout, "labels or scores")
     if cfg.export_synthetic:
-        for key in ("n_patients", "patches_per_patient"):
-            if cfg[key] < 1:
-                _fail(key, cfg[key], "an integer >= 1")
         return
     if not cfg.root:
         raise ConfigError("give root=<folder of patches> or export_synthetic=<output folder>")
@@ -204,11 +208,12 @@ class PrepareCommand:
     out: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     stain: StainConfig = field(default_factory=StainConfig)
-    seed: int = 42
+    seed: int = ranged(42, ge=0, le=SEED_MAX)
 
 
 def check_prepare(cfg: Any) -> DictConfig:
     """Validated as training validates the same data and stain; returns that train config."""
+    check_ranges(cfg, PrepareCommand)
     if not cfg.out:
         raise ConfigError("out=<output folder> is required")
     full = OmegaConf.merge(
@@ -221,6 +226,9 @@ def check_prepare(cfg: Any) -> DictConfig:
     return full
 
 
+_PORT = "a TCP port (1-65535; pg_port 0: a free one)"
+
+
 # -- her2exp-server ------------------------------------------------------------------------------
 @dataclass
 class ServerCommand:
@@ -230,17 +238,13 @@ class ServerCommand:
     backend_store_uri: str | None = None  # an existing database; null: private PostgreSQL
     artifacts_destination: str | None = None  # null: <dir>/artifacts
     host: str = "127.0.0.1"
-    port: int = 5000
-    pg_port: int = 0  # 0: a free port
-    workers: int = 1
+    port: int = ranged(5000, ge=1, le=65535, allowed=_PORT)
+    pg_port: int = ranged(0, ge=0, le=65535, allowed=_PORT)  # 0: a free port
+    workers: int = ranged(1, ge=1)
 
 
 def check_server(cfg: Any) -> None:
-    for key in ("port", "pg_port"):
-        if not 0 <= cfg[key] <= 65535 or (key == "port" and cfg[key] == 0):
-            _fail(key, cfg[key], "a TCP port (1-65535; pg_port 0: a free one)")
-    if cfg.workers < 1:
-        _fail("workers", cfg.workers, "an integer >= 1")
+    check_ranges(cfg, ServerCommand)
 
 
 # -- her2exp-sync --------------------------------------------------------------------------------
@@ -284,6 +288,38 @@ SCHEMAS: dict[str, type] = {
     "sync": SyncCommand,
     "rerun": RerunCommand,
 }
+
+
+def check_train(cfg: Any) -> None:
+    """What her2exp-train checks of a config before it builds anything (builders.build_runtime
+    adds the run directory's checks, rundir.plan)."""
+    from her2exp import models
+
+    validate(cfg)
+    models.check_model_name(cfg.model.name)
+
+
+CHECKS: dict[str, Callable[[Any], Any]] = {
+    "train": check_train,
+    "eval": check_eval,
+    "predict": check_predict,
+    "compare": check_compare,
+    "manifest": check_manifest,
+    "prepare": check_prepare,
+    "server": check_server,
+    "sync": check_sync,
+    "rerun": check_rerun,
+}
+
+
+def validate_only(command: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The validate-only entry: compose conf/<command>.yaml with `overrides` and run the checks
+    the command runs before any work; raises what the command would print as one line."""
+    from her2exp.cli.common import compose
+
+    cfg = compose(command, overrides)
+    CHECKS[command](cfg)
+    return cfg
 
 
 def register() -> None:

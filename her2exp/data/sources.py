@@ -466,6 +466,52 @@ def scan_source(cfg: DictConfig, cohort: bool = False) -> _Scan:
     raise ValueError(f"data.source={cfg.source!r} is not a file source (folder or manifest)")
 
 
+def patient_labels(good: pd.DataFrame, rule: str) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """HER2 status belongs to the patient (one tumour): a patient whose patches carry both labels
+    is a problem listed with its files (`data.patient_label=error`), or every patch takes the
+    patient's label by `max` (HER2+ if any patch is) or `majority` (a tie is HER2+)."""
+    if not len(good):
+        return good, []
+    per = good.groupby("patient_id", sort=True)["label"].agg(["sum", "count"])
+    mixed = per[(per["sum"] > 0) & (per["sum"] < per["count"])]
+    if not len(mixed):
+        return good, []
+    if rule == "error":
+        return good, [_mixed_line(good, str(pid)) for pid in mixed.index]
+    if rule == "max":
+        status = pd.Series(1, index=mixed.index)
+    else:
+        status = (2 * mixed["sum"] >= mixed["count"]).astype(int)
+    rows = good["patient_id"].isin(mixed.index)
+    new = good.loc[rows, "patient_id"].map(status)
+    changed = int((good.loc[rows, "label"] != new).sum())
+    good = good.copy()
+    good.loc[rows, "label"] = new.to_numpy()
+    log.warning(
+        "data: %d patients had patches of both labels (%s); data.patient_label=%s relabelled %d "
+        "patches to their patient's label",
+        len(mixed),
+        ", ".join(str(p) for p in mixed.index[:10]),
+        rule,
+        changed,
+    )
+    return good, []
+
+
+def _mixed_line(good: pd.DataFrame, pid: str) -> tuple[str, str]:
+    rows = good[good["patient_id"] == pid]
+    parts = []
+    for cls, name in ((1, "HER2+"), (0, "HER2-")):
+        files = rows.loc[rows["label"] == cls, "display"].astype(str).tolist()
+        more = f", ... ({len(files)} files)" if len(files) > 3 else ""
+        parts.append(f"{len(files)} {name} ({', '.join(files[:3])}{more})")
+    return (
+        f"patient {pid!r}",
+        f"patches carry both labels: {'; '.join(parts)}; HER2 status is the patient's: fix "
+        "the labels, or set data.patient_label=max|majority",
+    )
+
+
 def _structural_problems(
     good: pd.DataFrame, explicit_split: bool, cohort: bool
 ) -> list[tuple[str, str]]:
@@ -532,12 +578,13 @@ def load(cfg: DictConfig, seed: int, cohort: bool = False, keep_images: bool = T
     bad[list(scan.problems)] = True
     good = rows[~bad].reset_index(drop=True)
 
+    good, mixed = patient_labels(good, str(cfg.get("patient_label", "error")))
     if cohort:
         good["split"] = "cohort"
     elif not scan.explicit_split and len(good):
         fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
         good["split"] = splits.assign(good, fractions, seed).to_numpy()
-    structural = _structural_problems(good, scan.explicit_split, cohort)
+    structural = mixed + _structural_problems(good, scan.explicit_split, cohort)
 
     if cfg.on_bad_file == "skip":
         if structural:
