@@ -216,7 +216,9 @@ def test_score_folders_and_score_column_map_2plus_by_equivocal(
     rows = []
     for k, image in enumerate(patches.images[:24]):
         score = scores[k % 4]
-        rel = f"{score}/p{k // 4}-s_{k:03d}.png"  # 6 patients, each with every score
+        # One patch per patient: a patient with every score would carry both labels, an error
+        # of its own (tests/test_reliability.py).
+        rel = f"{score}/p{k}-s_{k:03d}.png"
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(tmp_path / rel)
         rows.append({"path": rel, "score": score.rstrip("+") if k % 8 == 2 else score})
