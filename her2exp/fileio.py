@@ -40,6 +40,7 @@ def _read_umask() -> int:
 
 
 def _umask_now_unsafe() -> int:
+    """os.umask can only be read by setting it: for a moment another thread's file gets 022."""
     old = os.umask(0o022)
     os.umask(old)
     return old
