@@ -12,36 +12,70 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from her2exp import checkpoint, data, reports
+from her2exp import checkpoint, data, fileio, reports
 from her2exp.config import ConfigError
 from her2exp.stain import pipeline as stain_pipeline
 
+OWN_FILE = "prepare.json"  # what marks a folder as an earlier her2exp-prepare output
 
-def prepare(cfg: DictConfig, out: Path) -> dict:
+
+def _write_images(
+    stain: stain_pipeline.StainPipeline, images: np.ndarray, patients: list[str], out: Path
+) -> tuple[list[str], int]:
+    """Normalise in batches of 256 and write `images/{i:06d}_{patient}.png` under `out`; the
+    patient id is the manifest's, so it goes through `fileio.safe_name` (an id `../../x` or
+    `a/b` must not leave `out` or share a file). Returns (relative paths, patches skipped)."""
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    paths, skipped = [], 0
+    for start in range(0, len(tensor), 256):
+        normed, info = stain.normalizer.normalize(tensor[start : start + 256])
+        skipped += info.n_skipped
+        for j, patch in enumerate(normed.permute(0, 2, 3, 1).numpy()):
+            i = start + j
+            rel = f"images/{i:06d}_{fileio.safe_name(patients[i])}.png"
+            Image.fromarray(patch).save(fileio.inside(out, rel))
+            paths.append(rel)
+    return paths, skipped
+
+
+def prepare(cfg: DictConfig, out: Path, overwrite: bool = False) -> dict:
     """Normalise every patch of `cfg.data` with a Macenko reference fitted as training fits it
-    (`cfg`: a validated training config, schemas.check_prepare); returns prepare.json's record."""
+    (`cfg`: a validated training config, schemas.check_prepare); returns prepare.json's record.
+
+    `out` must be new or empty, or with `overwrite` an earlier output (FileExistsError). The set
+    is built in a temporary sibling folder and moved into place at the end: a failure leaves an
+    old `out` as it was, and images of a larger earlier set never linger."""
+    out = Path(out)
+    fileio.check_replaceable(out, "out", overwrite, OWN_FILE)
     try:
         bundle = data.build_cohort(cfg.data, cfg.seed)
         stain = stain_pipeline.build(cfg.stain, bundle.images, cfg.seed)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    out.mkdir(parents=True, exist_ok=True)
-    images = torch.from_numpy(bundle.images).permute(0, 3, 1, 2)
     manifest = bundle.manifest.drop(columns=["split", "latent_score"], errors="ignore").copy()
-    paths, skipped = [], 0
-    for start in range(0, len(images), 256):
-        normed, info = stain.normalizer.normalize(images[start : start + 256])
-        skipped += info.n_skipped
-        for j, patch in enumerate(normed.permute(0, 2, 3, 1).numpy()):
-            i = start + j
-            rel = Path("images") / f"{i:06d}_{manifest.iloc[i]['patient_id']}.png"
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(patch).save(out / rel)
-            paths.append(str(rel))
+    with fileio.staged_dir(out) as tmp:
+        paths, skipped = _write_images(stain, bundle.images, list(manifest["patient_id"]), tmp)
+        record = _write_records(cfg, bundle, stain, manifest, paths, skipped, tmp)
+    return record
+
+
+def _write_records(
+    cfg: DictConfig,
+    bundle: data.DataBundle,
+    stain: stain_pipeline.StainPipeline,
+    manifest: pd.DataFrame,
+    paths: list[str],
+    skipped: int,
+    out: Path,
+) -> dict:
+    """manifest.csv (paths relative to it), the fitted reference and prepare.json."""
     if "path" in manifest:
         manifest = manifest.rename(columns={"path": "source_path"})
     manifest.insert(0, "path", paths)
@@ -58,5 +92,5 @@ def prepare(cfg: DictConfig, out: Path) -> dict:
         "n_left_unchanged": skipped,
         "seed": cfg.seed,
     }
-    reports.atomic_write_text(out / "prepare.json", json.dumps(record, indent=2) + "\n")
+    reports.atomic_write_text(out / OWN_FILE, json.dumps(record, indent=2) + "\n")
     return record

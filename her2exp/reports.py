@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from her2exp.fileio import atomic_write, atomic_write_text
+from her2exp.fileio import atomic_write, atomic_write_text, safe_name
 from her2exp.metrics import SplitEvaluation, choose_threshold, misclassified, to_jsonable
 
 
@@ -445,7 +445,8 @@ def _plot_galleries(
     galleries: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]],
     max_gallery: int,
 ) -> list[Path]:
-    """False-negative (lowest score first) and false-positive (highest first) galleries."""
+    """False-negative (lowest score first) and false-positive (highest first) galleries; file
+    names carry the split's name through `safe_name` (a cohort_name is the user's text)."""
     figures = []
     for name, (images, labels, scores, threshold) in galleries.items():
         images = np.asarray(images)
@@ -459,7 +460,7 @@ def _plot_galleries(
         t = f"t={threshold:.3f}"
         figures += [
             plot_error_gallery(
-                report_dir / f"false_negatives_{name}.png",
+                report_dir / f"false_negatives_{safe_name(name)}.png",
                 images,
                 s,
                 fn,
@@ -467,7 +468,7 @@ def _plot_galleries(
                 max_gallery,
             ),
             plot_error_gallery(
-                report_dir / f"false_positives_{name}.png",
+                report_dir / f"false_positives_{safe_name(name)}.png",
                 images,
                 s,
                 fp,
@@ -507,7 +508,9 @@ def write_clinical_report(
     ]
     for name, ev in evaluations.items():
         figures.append(
-            plot_confusion_matrices(report_dir / f"confusion_{name}.png", ev, _split_title(name))
+            plot_confusion_matrices(
+                report_dir / f"confusion_{safe_name(name)}.png", ev, _split_title(name)
+            )
         )
     figures += _plot_galleries(report_dir, galleries, max_gallery)
     fn_written = bool(galleries)

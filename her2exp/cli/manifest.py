@@ -11,15 +11,16 @@ training default; `split.train/val/test` the fractions). The CSV (path, label, p
 slide_id, site, split; paths relative to the CSV) trains with `her2exp-train data=manifest
 data.path=manifest.csv`: edit the split column to fix the split. `export_synthetic=DIR` renders
 the embedded generator to a PNG folder tree plus manifest.csv, to try the user-data path without
-data of your own. (`her2exp-manifest DIR`, the older spelling, still works.)
+data of your own. (`her2exp-manifest DIR`, the older spelling, still works.) An existing manifest,
+or a non-empty export folder, is refused before any work unless `overwrite=true`; the files that
+were left out go to `<out>.skipped.csv` (one left by an earlier run is removed when none are now).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from omegaconf import DictConfig
 
+from her2exp import fileio
 from her2exp.cli import schemas
 from her2exp.cli.common import UserError, hydra_command
 
@@ -35,6 +36,7 @@ def export(cfg: DictConfig) -> None:
         image_size=cfg.image_size,
         seed=cfg.seed,
         layout=cfg.layout,
+        overwrite=cfg.overwrite,
     )
     n = cfg.n_patients * cfg.patches_per_patient
     print(f"her2exp-manifest: wrote {n} PNG patches and {manifest}")
@@ -49,7 +51,12 @@ def write(cfg: DictConfig) -> None:
         loaded = sources.load(data_cfg, cfg.seed, keep_images=False)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
-    out = Path(cfg.out) if cfg.out else Path(cfg.root) / "manifest.csv"
+    out = schemas.manifest_out(cfg)
+    skipped = out.with_suffix(".skipped.csv")
+    if len(loaded.skipped):
+        fileio.atomic_write_text(skipped, loaded.skipped.to_csv(index=False))
+    else:
+        skipped.unlink(missing_ok=True)  # an earlier run's list would describe other files
     sources.write_manifest(loaded, out)
     counts = loaded.manifest.groupby(["split", "label"]).size().to_dict()
     summary = ", ".join(
@@ -58,8 +65,6 @@ def write(cfg: DictConfig) -> None:
     )
     print(f"her2exp-manifest: wrote {len(loaded.manifest)} rows to {out} ({summary})")
     if len(loaded.skipped):
-        skipped = out.with_suffix(".skipped.csv")
-        loaded.skipped.to_csv(skipped, index=False)
         print(f"her2exp-manifest: left out {len(loaded.skipped)} bad files, listed in {skipped}")
     print(f"her2exp-manifest: train on it with: her2exp-train data=manifest data.path={out}")
 

@@ -3,7 +3,9 @@
     her2exp-prepare out=DIR data=folder data.root=/path/patches [stain.reference=ref.png]
     her2exp-prepare out=DIR data=manifest data.path=cohort.csv stain.rescale=all
 
-Writes PNGs, a manifest that `data=manifest` reads, the fitted reference and prepare.json.
+Writes PNGs, a manifest that `data=manifest` reads, the fitted reference and prepare.json. `out`
+must be new or empty; `overwrite=true` replaces an earlier her2exp-prepare output, once the new
+one is complete.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def main(cfg: DictConfig) -> None:
 
     full = schemas.check_prepare(cfg)
     out = Path(cfg.out)
-    record = prepare(full, out)
+    record = prepare(full, out, overwrite=cfg.overwrite)
     manifest = out / "manifest.csv"
     print(
         f"her2exp: {record['n_patches']} patches normalised ({record['n_left_unchanged']} left "

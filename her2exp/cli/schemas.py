@@ -16,6 +16,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from her2exp.cli.common import UserError
 from her2exp.config import (
     AMP_CHOICES,
     SEED_MAX,
@@ -164,6 +165,7 @@ class ManifestCommand:
     n_patients: int = ranged(40, ge=1)
     patches_per_patient: int = ranged(12, ge=1)
     layout: str = "labels"  # labels | scores (export sub-folders)
+    overwrite: bool = False  # replace an existing manifest / an earlier export
 
 
 def manifest_data_config(cfg: Any) -> DictConfig:
@@ -188,16 +190,40 @@ def manifest_data_config(cfg: Any) -> DictConfig:
     return full.data
 
 
+def manifest_out(cfg: Any) -> Path:
+    """Where `her2exp-manifest root=...` writes: `out`, or <root>/manifest.csv."""
+    return Path(cfg.out) if cfg.out else Path(cfg.root) / "manifest.csv"
+
+
+def _replaceable(out: Any, key: str, overwrite: bool, own_file: str) -> None:
+    from her2exp.fileio import check_replaceable
+
+    try:
+        check_replaceable(out, key, overwrite, own_file)
+    except FileExistsError as exc:
+        raise UserError(str(exc)) from None
+
+
 def check_manifest(cfg: Any) -> None:
+    """Values, then the user's files: an existing manifest is replaced only with overwrite=true."""
     check_ranges(cfg, ManifestCommand)
     if cfg.layout not in ("labels", "scores"):
         _fail("layout", cfg.layout, "labels or scores")
     if cfg.export_synthetic:
+        _replaceable(cfg.export_synthetic, "export_synthetic", cfg.overwrite, "manifest.csv")
         return
     if not cfg.root:
         raise ConfigError("give root=<folder of patches> or export_synthetic=<output folder>")
     if not Path(cfg.root).is_dir():
         raise ConfigError(f"root={cfg.root} is not a folder")
+    out = manifest_out(cfg)
+    if out.is_dir():
+        raise UserError(f"out={out} is a folder: give the manifest's file name (cohort.csv)")
+    if out.exists() and not cfg.overwrite:
+        raise UserError(
+            f"{out} exists (a manifest you may have edited): give another out=, or "
+            "overwrite=true to replace it"
+        )
 
 
 # -- her2exp-prepare -----------------------------------------------------------------------------
@@ -209,6 +235,7 @@ class PrepareCommand:
     data: DataConfig = field(default_factory=DataConfig)
     stain: StainConfig = field(default_factory=StainConfig)
     seed: int = ranged(42, ge=0, le=SEED_MAX)
+    overwrite: bool = False  # replace an earlier her2exp-prepare output in `out`
 
 
 def check_prepare(cfg: Any) -> DictConfig:
@@ -223,6 +250,7 @@ def check_prepare(cfg: Any) -> DictConfig:
     validate(full)
     if full.stain.name not in ("macenko", "macenko_jitter"):
         _fail("stain", full.stain.name, "macenko: her2exp-prepare normalises with Macenko")
+    _replaceable(cfg.out, "out", cfg.overwrite, "prepare.json")
     return full
 
 

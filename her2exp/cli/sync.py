@@ -7,7 +7,9 @@ A run whose tracking server went away keeps training and queues its MLflow calls
 server was still away when the run ended, this replays them later, in order, to the run recorded
 in `<run_dir>/mlflow_run.json` (at `tracking.uri`, default: the one the run used). Calls already
 sent are removed from the queue, so running it twice sends nothing twice. (`her2exp-sync DIR`,
-the older spelling, still works.)
+the older spelling, still works.) Only the run directory's own files are sent: a queued path
+outside it is refused (exit 2) before anything is sent; a deferred model is unpickled, so sync
+only run directories you or your colleagues wrote.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from her2exp.cli import schemas
-from her2exp.cli.common import hydra_command
+from her2exp.cli.common import UserError, hydra_command
 
 
 @hydra_command("sync", positional="run_dir")
 def main(cfg: DictConfig) -> None:
     """Replay; exit 1 (the rest stays queued) when the server is still away or a call fails."""
     from her2exp import tracking
+    from her2exp.fileio import UnsafePath
 
     schemas.check_sync(cfg)
     run_dir = Path(cfg.run_dir)
@@ -33,6 +36,8 @@ def main(cfg: DictConfig) -> None:
     what = tracking.describe_deferred(queued)
     try:
         sent, left = tracking.sync(run_dir, cfg.tracking.uri)
+    except UnsafePath as exc:
+        raise UserError(str(exc)) from None
     except (tracking.TrackingUnavailable, FileNotFoundError) as exc:
         print(f"her2exp-sync: {exc}; nothing sent ({what} still queued)", file=sys.stderr)
         raise SystemExit(1) from None

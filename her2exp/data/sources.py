@@ -33,6 +33,7 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from her2exp import fileio
 from her2exp.data import splits
 
 log = logging.getLogger("her2exp.data")
@@ -637,14 +638,13 @@ def _fingerprint(
 
 
 def write_manifest(loaded: Loaded, out: Path) -> Path:
-    """Write `loaded.manifest` as a CSV whose paths are relative to the CSV's folder."""
+    """Write `loaded.manifest` as a CSV whose paths are relative to the CSV's folder (atomically:
+    callers decide whether an existing one may be replaced)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     frame = loaded.manifest.copy()
     base = out.resolve().parent
     frame["path"] = [Path(os.path.relpath(p, base)).as_posix() for p in frame["path"]]
-    frame.to_csv(out, index=False)
-    return out
+    return fileio.atomic_write_text(out, frame.to_csv(index=False))
 
 
 def export_synthetic(
@@ -656,6 +656,7 @@ def export_synthetic(
     positive_fraction: float = 0.25,
     seed: int = 0,
     layout: str = "labels",
+    overwrite: bool = False,
 ) -> Path:
     """Render the embedded generator to PNGs and a manifest; returns the manifest's path.
 
@@ -663,11 +664,15 @@ def export_synthetic(
     both HER2- and amplified HER2+ cases, as a scored cohort would). Files are named
     `<patient>-<slide>_<k>.png`, so `data.patient_regex='^([^-]+)-'` recovers the patient; the
     manifest (`manifest.csv`: path, label, score, patient_id, slide_id, site) has no split.
+    `out_dir` must be new or empty, or with `overwrite` an earlier export (FileExistsError);
+    the folder is built aside and moved into place whole, so no file of an earlier, larger
+    export lingers.
     """
     from her2exp.data import synthetic
 
     if layout not in ("labels", "scores"):
         raise ValueError(f"layout={layout!r}: labels or scores")
+    fileio.check_replaceable(out_dir, "export_synthetic", overwrite, "manifest.csv")
     data = synthetic.generate(
         n_patients=n_patients,
         patches_per_patient=patches_per_patient,
@@ -676,26 +681,26 @@ def export_synthetic(
         positive_fraction=positive_fraction,
         seed=seed,
     )
-    out = Path(out_dir)
-    rows = []
-    counter: Counter = Counter()
-    for image, rec in zip(data.images, data.frame.to_dict("records"), strict=True):
-        folder = ("her2_neg", "her2_pos")[rec["label"]] if layout == "labels" else rec["her2_score"]
-        k = counter[rec["slide_id"]]
-        counter[rec["slide_id"]] += 1
-        rel = f"{folder}/{rec['slide_id']}_{k:03d}.png"
-        (out / folder).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(out / rel)
-        rows.append(
-            {
-                "path": rel,
-                "label": int(rec["label"]),
-                "score": rec["her2_score"],
-                "patient_id": rec["patient_id"],
-                "slide_id": rec["slide_id"],
-                "site": rec["site"],
-            }
-        )
-    manifest = out / "manifest.csv"
-    pd.DataFrame(rows).to_csv(manifest, index=False)
-    return manifest
+    with fileio.staged_dir(out_dir) as tmp:
+        rows = []
+        counter: Counter = Counter()
+        for image, rec in zip(data.images, data.frame.to_dict("records"), strict=True):
+            label_dir = ("her2_neg", "her2_pos")[rec["label"]]
+            folder = label_dir if layout == "labels" else str(rec["her2_score"])
+            slide = fileio.safe_name(rec["slide_id"])
+            rel = f"{folder}/{slide}_{counter[slide]:03d}.png"
+            counter[slide] += 1
+            fileio.inside(tmp, rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(tmp / rel)
+            rows.append(
+                {
+                    "path": rel,
+                    "label": int(rec["label"]),
+                    "score": rec["her2_score"],
+                    "patient_id": rec["patient_id"],
+                    "slide_id": rec["slide_id"],
+                    "site": rec["site"],
+                }
+            )
+        fileio.atomic_write_text(tmp / "manifest.csv", pd.DataFrame(rows).to_csv(index=False))
+    return Path(out_dir) / "manifest.csv"

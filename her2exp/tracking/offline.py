@@ -4,6 +4,11 @@ A run whose server goes away keeps training; its calls are appended, in order, t
 `<run_dir>/mlflow_buffer.jsonl` (one JSON record per call) and replayed by the run itself as soon
 as the server answers, or afterwards by `her2exp-sync run_dir=<run_dir>`. `<run_dir>/mlflow_run.json`
 records the run id and URI, so a resumed attempt continues the same run.
+
+What `her2exp-sync` trusts: the run directory's own files. A deferred model
+(`mlflow_model_deferred/`) is unpickled, so sync only run directories you or your colleagues
+wrote; a queued upload of a path outside the run directory (resolved, symlinks too) is refused
+before anything is sent.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from her2exp.fileio import atomic_write_text
+from her2exp.fileio import UnsafePath, atomic_write_text, inside
 from her2exp.tracking.base import TrackingUnavailable
 from her2exp.tracking.store import check_reachable
 
@@ -168,6 +173,36 @@ def replay(client: Any, deferred: DeferredLog) -> tuple[int, list[Record]]:
     return done, records[done:]
 
 
+PATH_OPS = ("artifact", "model")  # the calls that upload (and, for the model, unpickle) a path
+
+
+def _check_tree(run_dir: Path, path: Path) -> None:
+    """`path` and, for a folder, everything under it (links not followed: each is resolved)."""
+    inside(run_dir, path)
+    if not path.is_dir() or path.is_symlink():
+        return
+    for folder, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            inside(run_dir, Path(folder) / name)
+
+
+def check_paths(run_dir: str | Path, records: list[Record]) -> None:
+    """Every path the queue would upload lies inside `run_dir`, or UnsafePath naming the first
+    that does not; checked for the whole queue before anything is sent, so nothing goes half."""
+    run_dir = Path(run_dir)
+    for n, record in enumerate(records, 1):
+        if record.get("op") not in PATH_OPS:
+            continue
+        raw = Path(str(record.get("path", "")))
+        try:
+            _check_tree(run_dir, raw.absolute())  # relative: to the cwd, as apply() reads it
+        except UnsafePath as exc:
+            raise UnsafePath(
+                f"refused: {run_dir / BUFFER_FILE} call {n} ({record['op']}): {exc}; "
+                "her2exp-sync sends only the run directory's own files (nothing sent)"
+            ) from None
+
+
 def read_run_file(run_dir: str | Path) -> dict[str, str] | None:
     """The run id, tracking URI and experiment id a run directory's run was logged to."""
     try:
@@ -190,8 +225,10 @@ def sync(run_dir: str | Path, uri: str | None = None) -> tuple[int, list[Record]
     if uri is None:
         raise FileNotFoundError(f"{run_dir / RUN_FILE} is missing: pass the tracking URI")
     deferred = DeferredLog(run_dir / BUFFER_FILE)
-    if not deferred.records():
+    records = deferred.records()
+    if not records:
         return 0, []
+    check_paths(run_dir, records)
     problem = check_reachable(uri)
     if problem is not None:
         raise TrackingUnavailable(f"{uri} cannot be reached ({problem})")
