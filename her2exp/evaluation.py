@@ -12,6 +12,7 @@ reference) unless the eval command overrides them, and reports through `report_c
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -182,6 +183,7 @@ def load_checkpoint(path: str | Path, shown_as: str | None = None) -> dict[str, 
 def _download_best(run_id: str, uri: str) -> dict[str, Any]:
     """best.pt of MLflow run `run_id`; a store that is not there is refused, never created."""
     resolved = tracking.require_store(uri, lookup=True)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line on stderr
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=resolved)
