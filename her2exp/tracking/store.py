@@ -70,9 +70,9 @@ def _sqlite_problem(path: Path, lookup: bool) -> str | None:
                 head = fh.read(len(SQLITE_MAGIC))
         except OSError as exc:
             return f"{path} cannot be read ({exc.strerror})"
-        if head and head != SQLITE_MAGIC:
+        if head and not SQLITE_MAGIC.startswith(head):  # a prefix: being created right now
             return f"{path} is not an SQLite database (it starts with {head[:8]!r})"
-        if head and not _has_mlflow_tables(path):
+        if head == SQLITE_MAGIC and not _has_mlflow_tables(path):
             return f"{path} is an SQLite database without MLflow's tables (another program's?)"
     elif lookup:
         return f"{path} does not exist (a look-up creates no database: check the path)"
@@ -82,16 +82,19 @@ def _sqlite_problem(path: Path, lookup: bool) -> str | None:
 
 
 def _has_mlflow_tables(path: Path) -> bool:
-    """True for an MLflow database, or one without any table yet (MLflow creates them)."""
+    """True for an MLflow database, or one without any table yet (MLflow creates them; another
+    job may be doing so right now, or hold the write lock: MLflow retries those)."""
     try:
-        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=2.0)
         try:
             names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         finally:
             con.close()
+    except sqlite3.OperationalError:  # locked or busy
+        return True
     except sqlite3.Error:
         return False
-    return not names or "experiments" in names
+    return not names or bool(names & {"experiments", "alembic_version"})
 
 
 def _unwritable(path: Path) -> str | None:
