@@ -174,7 +174,19 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise RuntimeError(f"checkpoint {path} could not be loaded: {exc}") from exc
+        raise RuntimeError(
+            f"checkpoint {path} could not be loaded ({_load_failure(exc)}): it is truncated, "
+            "damaged, or not a PyTorch checkpoint"
+        ) from exc
+
+
+def _load_failure(exc: BaseException) -> str:
+    """torch.load's reason in one short line: its messages run over many lines, and the
+    weights_only one advises weights_only=False, which would run the file's code."""
+    text = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), "")
+    if text.startswith("Weights only load failed"):
+        text = "the weights_only unpickler refused it"
+    return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
 
 
 def find_latest(run_dir: str | Path) -> Path | None:

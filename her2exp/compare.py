@@ -27,9 +27,10 @@ IGNORED_PARAMS = {"output_dir", "tracking.run_name"}
 
 def compare(experiment: str, sweep: str, uri: str) -> pd.DataFrame:
     """One row per run (sweep: latest | all | a parent run id), sorted by val AUC."""
+    resolved = tracking.require_store(uri, lookup=True)  # a look-up never creates a store
     import mlflow
 
-    mlflow.set_tracking_uri(tracking.resolve_uri(uri))
+    mlflow.set_tracking_uri(resolved)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         raise ConfigError(f"experiment={experiment!r}: no such experiment in {uri}")

@@ -12,6 +12,7 @@ reference) unless the eval command overrides them, and reports through `report_c
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,7 @@ def report_cohorts(
         for s in splits
         if s.name in gallery_splits and s.images is not None
     }
-    reports.write_clinical_report(
+    written = reports.write_clinical_report(
         report_dir,
         evaluations,
         galleries,
@@ -82,9 +83,12 @@ def report_cohorts(
         rows["prob_her2_pos"] = s.probs
         for name, t in thresholds.items():
             rows[f"called_her2_pos_{name}"] = (s.probs >= t).astype(int)
-        reports.atomic_write_text(
-            report_dir / f"predictions_{s.name}.csv", rows.to_csv(index=False)
+        written.append(
+            reports.atomic_write_text(
+                report_dir / f"predictions_{s.name}.csv", rows.to_csv(index=False)
+            )
         )
+    remove_stale_reports(report_dir, written)
     flat: dict[str, float] = {}
     for name, ev in evaluations.items():
         flat.update(ev.as_flat_dict(f"{'final_val' if name == 'val' else name}_"))
@@ -92,6 +96,31 @@ def report_cohorts(
     tracker.log_metrics(flat)
     tracker.log_artifact(report_dir, "reports")
     return evaluations
+
+
+#: Report files named after a split or cohort: an earlier evaluation into the same folder (another
+#: cohort_name or split) leaves its own, which this one must not show or upload as its own.
+PER_SPLIT_REPORTS = (
+    "predictions_*.csv",
+    "confusion_*.png",
+    "false_negatives_*.png",
+    "false_positives_*.png",
+)
+
+
+def remove_stale_reports(report_dir: Path, written: list[Path]) -> list[Path]:
+    """Remove the per-split report files in `report_dir` that this evaluation did not write."""
+    keep = {Path(p).resolve() for p in written}
+    stale = [
+        p
+        for pattern in PER_SPLIT_REPORTS
+        for p in sorted(Path(report_dir).glob(pattern))
+        if p.resolve() not in keep
+    ]
+    for path in stale:
+        path.unlink(missing_ok=True)
+        log.info("removed %s: an earlier evaluation's, not this one's", path)
+    return stale
 
 
 def format_table(ev: metrics.SplitEvaluation, title: str) -> str:
@@ -115,6 +144,64 @@ def format_table(ev: metrics.SplitEvaluation, title: str) -> str:
 
 
 # -- loading a trained run -----------------------------------------------------------------------
+CHECKPOINT_KEYS = ("model", "config")  # what every her2exp best.pt holds
+
+
+def one_line(message: str, shown: int = 5) -> str:
+    """A multi-line message (data validation lists every bad file) as one line: the first
+    `shown` items and how many more there are."""
+    lines = [ln.strip() for ln in str(message).splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    items = lines[1 : shown + 1]
+    more = len(lines) - 1 - len(items)
+    return f"{lines[0]}: {'; '.join(items)}" + (f"; ... {more} more" if more > 0 else "")
+
+
+def describe_source(source: Any) -> str:
+    """How the command line named the trained run, for messages."""
+    return f"checkpoint={source.checkpoint}" if source.checkpoint else f"run_id={source.run_id!r}"
+
+
+def load_checkpoint(path: str | Path, shown_as: str | None = None) -> dict[str, Any]:
+    """checkpoint.load, with a missing, truncated, damaged or foreign file as a ConfigError
+    naming it (`shown_as`: the name a downloaded temporary file goes by)."""
+    try:
+        state = checkpoint.load(path)
+    except (OSError, RuntimeError) as exc:  # CheckpointCorruptError is a RuntimeError
+        message = str(exc) if shown_as is None else str(exc).replace(str(path), shown_as)
+        raise ConfigError(message) from exc
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ConfigError(
+            f"checkpoint {shown_as or path} is a PyTorch file but not a her2exp checkpoint "
+            f"(no {', '.join(missing)})"
+        )
+    return state
+
+
+def _download_best(run_id: str, uri: str) -> dict[str, Any]:
+    """best.pt of MLflow run `run_id`; a store that is not there is refused, never created."""
+    resolved = tracking.require_store(uri, lookup=True)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line on stderr
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=resolved)
+    try:
+        client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError(f"run_id={run_id!r} not found in {uri}") from exc
+    with tempfile.TemporaryDirectory(prefix="her2exp-best-") as tmp:
+        try:
+            local = client.download_artifacts(run_id, "checkpoints/best.pt", tmp)
+        except (mlflow.exceptions.MlflowException, OSError) as exc:
+            raise ConfigError(
+                f"run_id={run_id!r} has no checkpoints/best.pt artifact in {uri} (not a training "
+                "run, or trained with tracking.log_checkpoint=false: give checkpoint=<best.pt>)"
+            ) from exc
+        return load_checkpoint(local, f"runs:/{run_id}/checkpoints/best.pt")
+
+
 def load_source(source: Any) -> tuple[dict[str, Any], str | None]:
     """best.pt of a run (`run_id` in `tracking.uri`) or a `checkpoint` path: (state, run id)."""
     if bool(source.run_id) == bool(source.checkpoint):
@@ -122,17 +209,8 @@ def load_source(source: Any) -> tuple[dict[str, Any], str | None]:
     if source.checkpoint:
         if not Path(source.checkpoint).is_file():
             raise ConfigError(f"checkpoint={source.checkpoint}: no such file")
-        return checkpoint.load(source.checkpoint), None
-    import mlflow
-
-    uri = source.tracking.uri
-    client = mlflow.MlflowClient(tracking_uri=tracking.resolve_uri(uri))
-    try:
-        client.get_run(source.run_id)
-    except mlflow.exceptions.MlflowException as exc:
-        raise ConfigError(f"run_id={source.run_id!r} not found in {uri}") from exc
-    local = client.download_artifacts(source.run_id, "checkpoints/best.pt", tempfile.mkdtemp())
-    return checkpoint.load(local), source.run_id
+        return load_checkpoint(source.checkpoint), None
+    return _download_best(source.run_id, source.tracking.uri), source.run_id
 
 
 def resolve_evaluation(run_evaluation: Any, overrides: Any) -> DictConfig:
@@ -155,16 +233,49 @@ class TrainedRun:
     source_run: str | None
     cfg: DictConfig  # the run's resolved training config (mean/std filled in)
     thresholds: dict[str, float]
+    source: str = "checkpoint"  # how the command named it (checkpoint=... or run_id=...)
 
 
-def load_run(ecfg: DictConfig) -> TrainedRun:
+def load_run(ecfg: Any) -> TrainedRun:
+    """The run `ecfg` names; refused (one line) unless it holds the thresholds frozen on val:
+    prediction and evaluation never fall back to a threshold of their own."""
     state, source_run = load_source(ecfg)
+    what = describe_source(ecfg)
     if "thresholds" not in state:
         raise ConfigError(
-            "the checkpoint holds no frozen thresholds (train it with her2exp >= 0.1)"
+            f"{what}: the checkpoint holds no frozen thresholds (trained before her2exp 0.1): "
+            "train the run again"
         )
     thresholds = {k: float(v) for k, v in state["thresholds"].items()}
-    return TrainedRun(state, source_run, OmegaConf.create(state["config"]), thresholds)
+    return TrainedRun(state, source_run, OmegaConf.create(state["config"]), thresholds, what)
+
+
+def load_model(run: TrainedRun, device: torch.device) -> torch.nn.Module:
+    """The run's architecture with its trained weights; weights that do not fit are refused."""
+    from her2exp import models
+
+    model = models.build(run.cfg.model, device, load_weights=False)  # best.pt holds them
+    try:
+        model.load_state_dict(run.state["model"])
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"{run.source}: its weights do not fit model {run.cfg.model.name} ({one_line(exc)})"
+        ) from exc
+    return model
+
+
+def run_stain(run: TrainedRun, seed: int) -> Any:
+    """The run's fitted stain pipeline (None without normalisation); a run trained with Macenko
+    whose checkpoint lost the fitted reference is refused, never scored unnormalised."""
+    from her2exp.stain import pipeline as stain_pipeline
+
+    stain_cfg = run.cfg.get("stain")
+    if stain_cfg is None:
+        return None  # trained before stain handling existed
+    try:
+        return stain_pipeline.from_state(stain_cfg, run.state.get("stain"), seed)
+    except ValueError as exc:
+        raise ConfigError(f"{run.source}: {exc}") from exc
 
 
 @dataclass
@@ -182,18 +293,15 @@ class Scorer:
 def build_scorer(run: TrainedRun, amp: str | None, seed: int) -> Scorer:
     """Model + engine.Preprocess as training scored: `amp` null means the run's own trainer.amp, which
     resolves as in training (fp32 on the CPU, bf16/fp16 autocast on CUDA)."""
-    from her2exp import models
     from her2exp.engine import Preprocess
-    from her2exp.stain import pipeline as stain_pipeline
     from her2exp.trainer import resolve_amp
 
     cfg = run.cfg
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = models.build(cfg.model, device, load_weights=False)  # best.pt holds them
-    model.load_state_dict(run.state["model"])
+    stain = run_stain(run, seed)
+    model = load_model(run, device)
     amp = amp or cfg.trainer.get("amp", "off")
     dtype, _ = resolve_amp(amp, device)
-    stain = stain_pipeline.from_state(cfg.stain, run.state.get("stain"), seed)
     on_device = stain is not None and bool(cfg.stain.get("on_device", False))
     preprocess = Preprocess(
         device,
@@ -217,51 +325,65 @@ def score(scorer: Scorer, bundle: Any, split: str | None, data_cfg: DictConfig, 
     return score_pass(scorer.model, loader, scorer.preprocess, scorer.autocast_dtype)
 
 
-def _cohort(ecfg: DictConfig, run: TrainedRun, scorer: Scorer) -> tuple[ScoredSplit, Any, int]:
-    """A new cohort described by the eval config's `data`, with the model's input contract."""
+@dataclass
+class Cohort:
+    """What her2exp-eval scores: a bundle (split None: all of it) with its data config and seed."""
+
+    name: str
+    bundle: Any  # data.DataBundle
+    split: str | None  # None: a new cohort; val | test: the run's own split
+    data_cfg: DictConfig
+    seed: int
+
+
+def load_cohort(ecfg: DictConfig, run: TrainedRun) -> Cohort:
+    """A new cohort described by the eval config's `data`, with the model's input contract; or
+    (`split=val|test`) the run's own split, rebuilt from its stored config and seed exactly as
+    training built it and scored with the training seed, so its test table is reproduced.
+    Built before the model, so a bad data folder is refused before any work."""
     from her2exp import data
 
+    if ecfg.split:
+        cfg = run.cfg
+        try:
+            bundle = data.build(cfg.data, cfg.seed)
+        except ValueError as exc:
+            raise ConfigError(
+                f"split={ecfg.split}: the run's data cannot be rebuilt: {one_line(exc)}"
+            ) from exc
+        return Cohort(ecfg.cohort_name or ecfg.split, bundle, ecfg.split, cfg.data, int(cfg.seed))
     contract = {k: run.cfg.data[k] for k in ("image_size", "mean", "std")}
     data_cfg = OmegaConf.merge(ecfg.data, contract)
     try:
         bundle = data.build_cohort(data_cfg, ecfg.seed)
     except ValueError as exc:
-        raise ConfigError(f"data: {exc}") from exc
-    scores = score(scorer, bundle, None, data_cfg, ecfg.seed)
-    name = ecfg.cohort_name or "external"
-    rows = bundle.manifest.reset_index(drop=True)
-    rows_all = np.arange(len(bundle.manifest))
-    images = bundle.patches.read_many(rows_all)
-    return ScoredSplit(name, rows, scores.probs, images), bundle, int(ecfg.seed)
+        message = one_line(exc)
+        raise ConfigError(message if message.startswith("data.") else f"data: {message}") from exc
+    return Cohort(ecfg.cohort_name or "external", bundle, None, data_cfg, int(ecfg.seed))
 
 
-def _own_split(ecfg: DictConfig, run: TrainedRun, scorer: Scorer) -> tuple[ScoredSplit, Any, int]:
-    """The run's own val/test split, rebuilt from its stored config and seed exactly as training
-    built it; scored and reported with the training seed, so its test table is reproduced."""
-    from her2exp import data
-
-    cfg = run.cfg
-    try:
-        bundle = data.build(cfg.data, cfg.seed)
-    except ValueError as exc:
-        raise ConfigError(f"split={ecfg.split}: the run's data cannot be rebuilt: {exc}") from exc
-    idx = bundle.indices(ecfg.split)
-    scores = score(scorer, bundle, ecfg.split, cfg.data, cfg.seed)
-    rows = bundle.manifest.iloc[idx].reset_index(names="row")
-    name = ecfg.cohort_name or ecfg.split
-    return (
-        ScoredSplit(name, rows, scores.probs, bundle.patches.read_many(idx)),
-        bundle,
-        int(cfg.seed),
-    )
+def score_cohort(scorer: Scorer, cohort: Cohort) -> ScoredSplit:
+    """The cohort's probabilities with its manifest rows and images (for the galleries)."""
+    bundle = cohort.bundle
+    scores = score(scorer, bundle, cohort.split, cohort.data_cfg, cohort.seed)
+    if cohort.split is None:
+        idx = np.arange(len(bundle.manifest))
+        rows = bundle.manifest.reset_index(drop=True)
+    else:
+        idx = bundle.indices(cohort.split)
+        rows = bundle.manifest.iloc[idx].reset_index(names="row")
+    return ScoredSplit(cohort.name, rows, scores.probs, bundle.patches.read_many(idx))
 
 
-def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
-    """Score a trained run at its frozen thresholds (a new cohort, or its own split with
-    `split=val|test`); one MLflow run linked to the source run by `source_run_id`."""
+def prepare_evaluation(ecfg: DictConfig) -> tuple[TrainedRun, DictConfig, Cohort]:
+    """Everything her2exp-eval can refuse, before it builds a model or scores a patch: the
+    command's values, the tracking store (a look-up never creates one), the checkpoint, the
+    evaluation settings (the run's, merged with the command's) and the cohort's data."""
     from her2exp.cli.schemas import check_eval
 
     check_eval(ecfg)
+    if ecfg.tracking.backend == "mlflow":
+        tracking.require_store(ecfg.tracking.uri, lookup=bool(ecfg.run_id))
     run = load_run(ecfg)
     evaluation = resolve_evaluation(run.cfg.get("evaluation"), ecfg.evaluation)
     if evaluation.operating_point not in run.thresholds:
@@ -269,9 +391,19 @@ def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
             f"evaluation.operating_point={evaluation.operating_point!r}: the run froze "
             f"{', '.join(run.thresholds)}"
         )
+    run_stain(run, ecfg.seed)  # refused here rather than after the data is built
+    return run, evaluation, load_cohort(ecfg, run)
+
+
+def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
+    """Score a trained run at its frozen thresholds (a new cohort, or its own split with
+    `split=val|test`); one MLflow run linked to the source run by `source_run_id`, connected
+    before scoring and opened only once the scores exist."""
+    run, evaluation, cohort = prepare_evaluation(ecfg)
     scorer = build_scorer(run, ecfg.trainer.amp, ecfg.seed)
-    split, bundle, seed = (_own_split if ecfg.split else _cohort)(ecfg, run, scorer)
     tracker = tracking.build(ecfg.tracking, True)
+    split = score_cohort(scorer, cohort)
+    bundle = cohort.bundle
     status = "FAILED"
     try:
         source = ecfg.checkpoint or f"runs:/{run.source_run}/checkpoints/best.pt"
@@ -303,7 +435,7 @@ def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
             report_dir,
             tracker,
             header,
-            seed,
+            cohort.seed,
             gallery_splits=(split.name,),
         )
         status = "FINISHED"

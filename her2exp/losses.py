@@ -28,31 +28,49 @@ class FocalLoss(nn.Module):
 
     With gamma=0, alpha=None and no class weights it equals cross-entropy. Class weights multiply
     each sample's term and the mean is normalised by the summed weights, as F.cross_entropy does.
+    `label_smoothing` (eps) smooths the targets as F.cross_entropy does, q_c = y_c (1 - eps) +
+    eps / K, in the focal term: FL = -sum_c q_c v_c (1 - p_c)^gamma log p_c / sum v_y, with v_c
+    the class's alpha times its weight. eps=0 is the loss above; gamma=0 is
+    F.cross_entropy(weight=..., label_smoothing=eps).
     """
 
     def __init__(
-        self, gamma: float = 2.0, alpha: float | None = None, weight: torch.Tensor | None = None
+        self,
+        gamma: float = 2.0,
+        alpha: float | None = None,
+        weight: torch.Tensor | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1]; got {label_smoothing}")
         self.gamma = gamma
         self.alpha = alpha
+        self.label_smoothing = label_smoothing
         self.register_buffer("weight", weight if weight is not None else None)
+
+    def _class_factors(self, n_classes: int, device: torch.device) -> torch.Tensor:
+        """v_c: alpha for HER2+ (1 - alpha for HER2-) times the class weight; ones by default."""
+        v = torch.ones(n_classes, device=device)
+        if self.alpha is not None:
+            v = torch.where(torch.arange(n_classes, device=device) == 1, self.alpha, 1 - self.alpha)
+        if self.weight is not None:
+            v = self.weight.to(device) * v
+        return v
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         log_p = F.log_softmax(logits.float(), dim=1)
-        log_pt = log_p.gather(1, target.unsqueeze(1)).squeeze(1)
-        pt = log_pt.exp()
-        loss = -((1.0 - pt) ** self.gamma) * log_pt
-        w = torch.ones_like(loss)
-        if self.alpha is not None:
-            w = torch.where(target == 1, self.alpha, 1.0 - self.alpha) * w
-        if self.weight is not None:
-            w = self.weight.to(loss.device)[target] * w
-        return (w * loss).sum() / w.sum()
+        k = log_p.shape[1]
+        v = self._class_factors(k, log_p.device)
+        q = F.one_hot(target, k).float() * (1.0 - self.label_smoothing) + self.label_smoothing / k
+        focal = -((1.0 - log_p.exp()) ** self.gamma) * log_p  # per class: (1 - p_c)^g (-log p_c)
+        return (q * v * focal).sum() / v[target].sum()
 
 
 def build(cfg: DictConfig, train_labels: np.ndarray) -> nn.Module:
     weight = class_weights(train_labels) if cfg.use_class_weights else None
     if cfg.name == "focal":
-        return FocalLoss(gamma=cfg.gamma, alpha=cfg.alpha, weight=weight)
+        return FocalLoss(
+            gamma=cfg.gamma, alpha=cfg.alpha, weight=weight, label_smoothing=cfg.label_smoothing
+        )
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)

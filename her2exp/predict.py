@@ -14,13 +14,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
 
-from her2exp import models
 from her2exp.config import ConfigError
 from her2exp.data.sources import read_patch  # decoded exactly as in training
 from her2exp.engine import Preprocess
-from her2exp.evaluation import load_source
+from her2exp.evaluation import load_model, load_run, run_stain
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -36,18 +34,12 @@ def predict_folder(opts: Any) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ConfigError(f"input={root} holds no {', '.join(sorted(IMAGE_SUFFIXES))} files")
-    state, _ = load_source(opts)
-    cfg = OmegaConf.create(state["config"])
-    thresholds = {k: float(v) for k, v in state.get("thresholds", {}).items()} or {
-        "youden": float(state["threshold_youden_val"])
-    }
+    run = load_run(opts)  # refused without the thresholds frozen on val: no fallback of ours
+    cfg, thresholds = run.cfg, run.thresholds
+    stain = run_stain(run, 0)  # refused when a Macenko run lost its fitted reference
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = models.build(cfg.model, device, load_weights=False)  # best.pt holds them
-    model.load_state_dict(state["model"])
+    model = load_model(run, device)
     model.eval()
-    from her2exp.stain import pipeline as stain_pipeline
-
-    stain = stain_pipeline.from_state(cfg.stain, state.get("stain"), 0)
     # The one input path of training and evaluation: stain (here on the CPU), then mean/std.
     preprocess = Preprocess(device, tuple(cfg.data.mean), tuple(cfg.data.std))
 

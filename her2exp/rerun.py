@@ -27,17 +27,25 @@ log = logging.getLogger("her2exp")
 
 def rerun(run_id: str, uri: str, output_dir: str | None = None) -> tuple[dict, dict[str, Any]]:
     """Retrain `run_id` from its logged config; returns (original metrics, new summary)."""
+    resolved = tracking.require_store(uri, lookup=True)  # a look-up never creates a store
     import mlflow
 
     from her2exp.train import run as run_training
 
-    client = mlflow.MlflowClient(tracking_uri=tracking.resolve_uri(uri))
+    client = mlflow.MlflowClient(tracking_uri=resolved)
     try:
         original = client.get_run(run_id)
     except mlflow.exceptions.MlflowException as exc:
         raise ConfigError(f"run {run_id!r} not found in {uri}") from exc
-    local = client.download_artifacts(run_id, "config_resolved.yaml", tempfile.mkdtemp())
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(local))
+    with tempfile.TemporaryDirectory(prefix="her2exp-rerun-") as tmp:
+        try:
+            local = client.download_artifacts(run_id, "config_resolved.yaml", tmp)
+        except (mlflow.exceptions.MlflowException, OSError) as exc:
+            raise ConfigError(
+                f"run {run_id!r} in {uri} has no config_resolved.yaml artifact: not a training run"
+            ) from exc
+        logged = OmegaConf.load(local)
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), logged)
     tags = original.data.tags
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     cfg.output_dir = output_dir or f"outputs/rerun/{run_id}/{stamp}"

@@ -3,7 +3,8 @@
     her2exp-predict checkpoint=outputs/<date>/<time>/checkpoints/best.pt input=/path/patches
     her2exp-predict run_id=<MLflow run id> input=/path/patches out=preds.csv
 
-Files that cannot be decoded are listed (stderr and `<out>.errors.csv`) and skipped.
+Files that cannot be decoded are listed (stderr and `<out>.errors.csv`) and skipped; without
+any, an `<out>.errors.csv` left by an earlier run is removed, so the two files always agree.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ def main(cfg: DictConfig) -> None:
     table, errors = predict_folder(cfg)
     atomic_write_text(out, table.to_csv(index=False))
     print(f"her2exp: {len(table)} patches scored -> {out}")
-    if errors:
-        err_path = out.with_suffix(".errors.csv")
+    err_path = out.with_suffix(".errors.csv")
+    if not errors:
+        err_path.unlink(missing_ok=True)  # an earlier run's list, about other files
+    else:
         atomic_write_text(
             err_path, pd.DataFrame(errors, columns=["path", "error"]).to_csv(index=False)
         )

@@ -110,9 +110,18 @@ def build(cfg: DictConfig, train_images: np.ndarray | None, seed: int) -> StainP
 
 
 def from_state(cfg: DictConfig, state: dict[str, Any] | None, seed: int) -> StainPipeline | None:
-    """The saved pipeline of a trained run (evaluation and prediction: no refitting)."""
-    if cfg.name == "none" or state is None or state.get("normalizer") is None:
+    """The saved pipeline of a trained run (evaluation and prediction: no refitting).
+
+    None when the run did not normalise (HED jitter is train-only). A Macenko run whose state
+    lacks the fitted reference raises ValueError: scoring it unnormalised would be silently
+    wrong."""
+    if cfg.name not in ("macenko", "macenko_jitter"):
         return None
+    if state is None or state.get("normalizer") is None:
+        raise ValueError(
+            f"the run was trained with stain={cfg.name} but the checkpoint holds no fitted stain "
+            "reference (its 'stain' state), so its patches cannot be normalised as in training"
+        )
     normalizer = _normalizer(cfg).load_state_dict(state["normalizer"])
     return StainPipeline(normalizer, None, seed)
 

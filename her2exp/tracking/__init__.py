@@ -35,7 +35,15 @@ from her2exp.tracking.offline import (
     replay,
     sync,
 )
-from her2exp.tracking.store import check_reachable, is_transient, resolve_uri, with_retries
+from her2exp.tracking.store import (
+    check_reachable,
+    is_transient,
+    require_store,
+    resolve_uri,
+    sqlite_file,
+    store_problem,
+    with_retries,
+)
 from her2exp.tracking.sweep import (
     SWEEP_ENV,
     MlflowSweepCallback,
@@ -67,8 +75,11 @@ __all__ = [
     "pip_freeze",
     "read_run_file",
     "replay",
+    "require_store",
     "resolve_uri",
     "run_tags",
+    "sqlite_file",
+    "store_problem",
     "sweep_context",
     "sync",
     "with_retries",

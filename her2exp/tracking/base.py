@@ -11,9 +11,12 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from her2exp.config import ConfigError
 
-class TrackingUnavailable(RuntimeError):
-    """The tracking server cannot be reached when the run starts (before any training)."""
+
+class TrackingUnavailable(ConfigError, RuntimeError):
+    """The tracking store cannot be reached or used when a command starts (before any work): a
+    user's mistake, so every command reports it in one `her2exp: ...` line (exit 2)."""
 
 
 class Tracker:

@@ -33,7 +33,13 @@ from her2exp.tracking.offline import (
     read_run_file,
     write_run_file,
 )
-from her2exp.tracking.store import check_reachable, experiment_id, resolve_uri, with_retries
+from her2exp.tracking.store import (
+    check_reachable,
+    experiment_id,
+    require_store,
+    resolve_uri,
+    with_retries,
+)
 from her2exp.tracking.sweep import sweep_context, sweep_tags
 
 log = logging.getLogger(__name__)
@@ -55,7 +61,7 @@ def _reachable_uri(cfg: DictConfig) -> tuple[str, str | None]:
     uri = resolve_uri(cfg.uri)
     problem = check_reachable(uri)
     if problem is None:
-        return uri, None
+        return require_store(cfg.uri), None  # a SQLite path MLflow could not use: refused now
     if cfg.get("fallback", "none") != "local":
         raise TrackingUnavailable(
             f"tracking.uri={cfg.uri} cannot be reached ({problem}); start the server, "

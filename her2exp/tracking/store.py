@@ -1,5 +1,8 @@
 """Reaching the tracking store: its URI, whether it answers, which errors pass, retrying them.
 
+`require_store` checks a store before MLflow opens it: MLflow would create a missing SQLite file
+(also on a mere look-up), retry an unwritable one for ~2 minutes, and answer a file that is not a
+database with a SQLAlchemy traceback that does not name it.
 No MLflow import at module level (it costs ~2 s): `experiment_id` imports it when called.
 """
 
@@ -7,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import random
+import sqlite3
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -16,11 +21,14 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig
 
+from her2exp.tracking.base import TrackingUnavailable
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
 SQLITE = "sqlite:///"
+SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database file
 
 
 def resolve_uri(uri: str) -> str:
@@ -41,6 +49,93 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> str | None:
             return None if resp.status == 200 else f"HTTP {resp.status}"
     except (urllib.error.URLError, OSError) as exc:
         return str(getattr(exc, "reason", exc))
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (made absolute), None for other stores."""
+    uri = resolve_uri(uri)
+    if not uri.startswith(SQLITE):
+        return None
+    path = uri[len(SQLITE) :].split("?", 1)[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def _sqlite_problem(path: Path, lookup: bool) -> str | None:
+    """Why MLflow could not use (or, for a look-up, should not open) the database at `path`."""
+    if path.exists():
+        if not path.is_file():
+            return f"{path} is not a file"
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(len(SQLITE_MAGIC))
+        except OSError as exc:
+            return f"{path} cannot be read ({exc.strerror})"
+        if head and not SQLITE_MAGIC.startswith(head):  # a prefix: being created right now
+            return f"{path} is not an SQLite database (it starts with {head[:8]!r})"
+        if head == SQLITE_MAGIC and not _has_mlflow_tables(path):
+            return f"{path} is an SQLite database without MLflow's tables (another program's?)"
+    elif lookup:
+        return f"{path} does not exist (a look-up creates no database: check the path)"
+    if lookup:
+        return None
+    return _unwritable(path)
+
+
+def _has_mlflow_tables(path: Path) -> bool:
+    """True for an MLflow database, or one without any table yet (MLflow creates them; another
+    job may be doing so right now, or hold the write lock: MLflow retries those)."""
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=2.0)
+        try:
+            names = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.OperationalError:  # locked or busy
+        return True
+    except sqlite3.Error:
+        return False
+    return not names or bool(names & {"experiments", "alembic_version"})
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why SQLite could not write `path` (its journal goes beside it), tried without a trace:
+    os.access says yes to root everywhere, even in /proc."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent  # MLflow creates the missing folders
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        if path.exists():
+            with open(path, "r+b"):
+                pass
+    except OSError as exc:
+        return f"cannot create a file in {folder} ({exc.strerror})"
+    return None
+
+
+def store_problem(uri: str, lookup: bool = False, timeout_s: float = 5.0) -> str | None:
+    """None when the store at `uri` can be used, else why not (a clause that follows the URI).
+
+    `lookup`: only reading runs that must be there (her2exp-eval run_id=..., compare, rerun), so
+    a missing SQLite file is refused instead of created; otherwise the file and its folder must
+    be writable. Nothing is created either way."""
+    if uri.startswith(("http://", "https://")):
+        problem = check_reachable(uri, timeout_s)
+        return None if problem is None else f"cannot be reached ({problem})"
+    path = sqlite_file(uri)
+    problem = None if path is None else _sqlite_problem(path, lookup)
+    return None if problem is None else f"cannot be used: {problem}"
+
+
+def require_store(uri: str, lookup: bool = False) -> str:
+    """The resolved `uri`, or TrackingUnavailable naming `tracking.uri` (see `store_problem`)."""
+    problem = store_problem(uri, lookup)
+    if problem is not None:
+        raise TrackingUnavailable(f"tracking.uri={uri} {problem}")
+    return resolve_uri(uri)
 
 
 #: Messages of store errors that go away on their own: SQLite's writer lock, PostgreSQL's
