@@ -55,6 +55,8 @@ def build_runtime(cfg: DictConfig) -> Runtime:
     its last.pt; an earlier run's checkpoint is never overwritten by accident)."""
     validate(cfg)
     models.check_model_name(cfg.model.name)
+    if cfg.tracking.backend == "mlflow" and distributed.env_rank() == 0:
+        check_local_store(cfg.tracking.uri)
     run_dir = Path(cfg.output_dir)
     restarts = distributed.restart_count()
     resume = rundir.plan(cfg, run_dir, restarts, distributed.env_rank() == 0)
@@ -71,6 +73,15 @@ def build_runtime(cfg: DictConfig) -> Runtime:
             rundir.clear_earlier_run(run_dir)
     dtype, use_scaler = resolve_amp(cfg.trainer.amp, dctx.device)
     return Runtime(dctx, run_dir, resume, restarts, dtype, use_scaler)
+
+
+def check_local_store(uri: str) -> None:
+    """A SQLite store that cannot work (unwritable, not a database) fails now, in one line, not
+    after the data is built; a server is probed later, where `tracking.fallback` applies."""
+    from her2exp.tracking.store import require_store, sqlite_file
+
+    if sqlite_file(uri) is not None:
+        require_store(uri)
 
 
 # -- model -----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from her2exp import checkpoint, metrics, reports, tracking
 from her2exp.config import ConfigError
+from her2exp.fileio import safe_name
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def report_cohorts(
             rows[f"called_her2_pos_{name}"] = (s.probs >= t).astype(int)
         written.append(
             reports.atomic_write_text(
-                report_dir / f"predictions_{s.name}.csv", rows.to_csv(index=False)
+                report_dir / f"predictions_{safe_name(s.name)}.csv", rows.to_csv(index=False)
             )
         )
     remove_stale_reports(report_dir, written)

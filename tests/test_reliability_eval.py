@@ -266,6 +266,18 @@ def test_eval_into_the_same_folder_leaves_no_other_cohorts_reports(smoke_run, tm
     assert not [p for p in uploaded if "site1" in p], uploaded
 
 
+def test_a_hostile_cohort_name_writes_only_inside_the_reports(smoke_run, tmp_path) -> None:
+    """Item 1 for her2exp-eval: cohort_name is the user's text and names report files."""
+    out = tmp_path / "a" / "b" / "eval"
+    small = [f"checkpoint={best_pt(smoke_run)}", "data.n_patients=4", "data.patches_per_patient=4"]
+    evaluation.evaluate_cohort(
+        command("eval", [*small, "tracking.backend=off", "cohort_name='../../../../escaped'"], out)
+    )
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert written and all(out in p.parents for p in written), written
+    assert any(p.name.startswith("predictions_") for p in (out / "reports").iterdir())
+
+
 # -- 12: no silent fallbacks ---------------------------------------------------------------------
 def test_predict_refuses_a_checkpoint_without_frozen_thresholds(smoke_run, tmp_path, capsys):
     ckpt = checkpoint_like(smoke_run, tmp_path / "old.pt", {}, drop=("thresholds",))

@@ -22,7 +22,7 @@ from typing import Any
 
 from her2exp.fileio import UnsafePath, atomic_write_text, inside
 from her2exp.tracking.base import TrackingUnavailable
-from her2exp.tracking.store import check_reachable
+from her2exp.tracking.store import check_reachable, store_problem
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +229,9 @@ def sync(run_dir: str | Path, uri: str | None = None) -> tuple[int, list[Record]
     if not records:
         return 0, []
     check_paths(run_dir, records)
-    problem = check_reachable(uri)
+    problem = store_problem(uri, lookup=True)  # the run must be there: a missing file is not made
     if problem is not None:
-        raise TrackingUnavailable(f"{uri} cannot be reached ({problem})")
+        raise TrackingUnavailable(f"tracking.uri={uri} {problem}")
     return replay(mlflow.MlflowClient(tracking_uri=uri), deferred)
 
 
