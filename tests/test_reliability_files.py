@@ -70,6 +70,7 @@ def prepare_args(manifest: Path, out: Path, *extra: str) -> list[str]:
         "data=manifest",
         f"data.path={manifest}",
         f"data.image_size={SIZE}",
+        "data.patient_label=max",  # ids repeat across labels (a collision test, not biology)
         *extra,
     ]
 

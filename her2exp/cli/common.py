@@ -94,8 +94,8 @@ def _is_user_error(exc: BaseException) -> bool:
         return True
     if getattr(exc, _FROM_TASK, False):
         return False  # escaped the command itself: a bug, even if it is an OmegaConf error
-    if isinstance(exc, OSError) and exc.filename is not None:
-        return True  # Hydra could not create the run directory (or write its config there)
+    if _run_dir_error(exc):
+        return True
     if isinstance(exc, HydraException | OmegaConfBaseException):
         return True
     tb = exc.__traceback__
@@ -108,11 +108,21 @@ def _is_user_error(exc: BaseException) -> bool:
     return isinstance(exc, ValueError) and module.startswith(prefixes)
 
 
+def _run_dir_error(exc: BaseException) -> bool:
+    """Hydra could not create the run directory or write its config there (its own
+    MissingConfigException is an IOError too: not this)."""
+    return (
+        isinstance(exc, OSError)
+        and not isinstance(exc, HydraException)
+        and exc.filename is not None
+    )
+
+
 def _message(exc: BaseException) -> str:
     """The one line of a user error that escaped composition or Hydra's run set-up."""
     if isinstance(exc, ConfigError):
         return str(exc)
-    if isinstance(exc, OSError):
+    if _run_dir_error(exc):
         return (
             f"cannot write the run directory: {exc.strerror}: {exc.filename}; set hydra.run.dir "
             "(hydra.sweep.dir with -m) to a folder you can write"
