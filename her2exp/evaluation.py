@@ -183,23 +183,16 @@ def load_checkpoint(path: str | Path, shown_as: str | None = None) -> dict[str, 
 
 def _download_best(run_id: str, uri: str) -> dict[str, Any]:
     """best.pt of MLflow run `run_id`; a store that is not there is refused, never created."""
-    resolved = tracking.require_store(uri, lookup=True)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one line on stderr
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=resolved)
-    try:
-        client.get_run(run_id)
-    except mlflow.exceptions.MlflowException as exc:
-        raise ConfigError(f"run_id={run_id!r} not found in {uri}") from exc
     with tempfile.TemporaryDirectory(prefix="her2exp-best-") as tmp:
-        try:
-            local = client.download_artifacts(run_id, "checkpoints/best.pt", tmp)
-        except (mlflow.exceptions.MlflowException, OSError) as exc:
-            raise ConfigError(
-                f"run_id={run_id!r} has no checkpoints/best.pt artifact in {uri} (not a training "
-                "run, or trained with tracking.log_checkpoint=false: give checkpoint=<best.pt>)"
-            ) from exc
+        _, local = tracking.download_from_run(
+            uri,
+            run_id,
+            "checkpoints/best.pt",
+            tmp,
+            "not a training run, or trained with tracking.log_checkpoint=false: give "
+            "checkpoint=<best.pt>",
+        )
         return load_checkpoint(local, f"runs:/{run_id}/checkpoints/best.pt")
 
 

@@ -20,30 +20,19 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from her2exp import tracking
-from her2exp.config import ConfigError, TrainConfig
+from her2exp.config import TrainConfig
 
 log = logging.getLogger("her2exp")
 
 
 def rerun(run_id: str, uri: str, output_dir: str | None = None) -> tuple[dict, dict[str, Any]]:
     """Retrain `run_id` from its logged config; returns (original metrics, new summary)."""
-    resolved = tracking.require_store(uri, lookup=True)  # a look-up never creates a store
-    import mlflow
-
     from her2exp.train import run as run_training
 
-    client = mlflow.MlflowClient(tracking_uri=resolved)
-    try:
-        original = client.get_run(run_id)
-    except mlflow.exceptions.MlflowException as exc:
-        raise ConfigError(f"run {run_id!r} not found in {uri}") from exc
     with tempfile.TemporaryDirectory(prefix="her2exp-rerun-") as tmp:
-        try:
-            local = client.download_artifacts(run_id, "config_resolved.yaml", tmp)
-        except (mlflow.exceptions.MlflowException, OSError) as exc:
-            raise ConfigError(
-                f"run {run_id!r} in {uri} has no config_resolved.yaml artifact: not a training run"
-            ) from exc
+        original, local = tracking.download_from_run(
+            uri, run_id, "config_resolved.yaml", tmp, "not a training run"
+        )
         logged = OmegaConf.load(local)
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), logged)
     tags = original.data.tags

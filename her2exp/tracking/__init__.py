@@ -37,6 +37,7 @@ from her2exp.tracking.offline import (
 )
 from her2exp.tracking.store import (
     check_reachable,
+    download_from_run,
     is_transient,
     require_store,
     resolve_uri,
@@ -52,6 +53,7 @@ from her2exp.tracking.sweep import (
 )
 
 __all__ = [
+    "download_from_run",
     "BUFFER_FILE",
     "MODEL_DIR",
     "REPO_DIR",

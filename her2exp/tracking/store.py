@@ -138,6 +138,30 @@ def require_store(uri: str, lookup: bool = False) -> str:
     return resolve_uri(uri)
 
 
+def download_from_run(
+    uri: str, run_id: str, artifact: str, folder: str, missing: str
+) -> tuple[Any, str]:
+    """(the MLflow run `run_id`, its `artifact` downloaded into `folder`). A store that is not there is
+    refused (never created), an unknown run or a missing artifact is one ConfigError line
+    (`missing`: what the artifact's absence means)."""
+    from her2exp.config import ConfigError
+
+    resolved = require_store(uri, lookup=True)
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=resolved)
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError(f"run_id={run_id!r} not found in {uri}") from exc
+    try:
+        return run, client.download_artifacts(run_id, artifact, folder)
+    except (mlflow.exceptions.MlflowException, OSError) as exc:
+        raise ConfigError(
+            f"run_id={run_id!r} has no {artifact} artifact in {uri} ({missing})"
+        ) from exc
+
+
 #: Messages of store errors that go away on their own: SQLite's writer lock, PostgreSQL's
 #: deadlock and serialisation failures, an overloaded or restarting server (HTTP 429/5xx, which
 #: MLflow's HTTP client retries first: MLFLOW_HTTP_REQUEST_MAX_RETRIES), and MLflow's
