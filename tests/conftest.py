@@ -54,6 +54,7 @@ class SmokeRun:
     run_id: str
     stdout: str
     stderr: str
+    created: tuple[str, ...] = ()  # what the run left in its cwd (before other tests use it)
 
 
 @pytest.fixture(scope="session")
@@ -64,4 +65,6 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
     assert proc.returncode == 0, f"smoke run failed:\n{proc.stdout}\n{proc.stderr}"
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("her2exp: MLflow run "))
     run_id = line.split()[3]
-    return SmokeRun(cwd, run_dir, f"sqlite:///{cwd}/mlflow.db", run_id, proc.stdout, proc.stderr)
+    uri = f"sqlite:///{cwd}/mlflow.db"
+    created = tuple(sorted(os.listdir(cwd)))
+    return SmokeRun(cwd, run_dir, uri, run_id, proc.stdout, proc.stderr, created)
