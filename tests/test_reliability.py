@@ -89,7 +89,7 @@ def _leaf_keys(schema: type, prefix: str = "") -> list[str]:
 
 VALUES = st.one_of(
     st.integers(-(10**12), 10**12).map(str),
-    st.floats(allow_nan=True, allow_infinity=True).map(lambda v: repr(v).replace("inf", "inf")),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.sampled_from(["null", "true", "false", "abc", "''", "[1,2]", "{a:1}", "0", "-1", "1e400"]),
     st.text(alphabet="ab01.+-_/ ", min_size=1, max_size=6).map(lambda s: f"'{s}'"),
 )
