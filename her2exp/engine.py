@@ -56,11 +56,16 @@ class Preprocess:
         object.__setattr__(self, "_std255", std)
 
     def __call__(
-        self, x: torch.Tensor, train: bool = False, epoch: int = 0, key: int = 0
+        self,
+        x: torch.Tensor,
+        train: bool = False,
+        epoch: int = 0,
+        index: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`index`: the samples' dataset indices (host tensor), which key the stain jitter."""
         x = x.to(self.device, non_blocking=True)
         if self.stain is not None:
-            x = self.stain(x, train, epoch, key)
+            x = self.stain(x, train, epoch, index)
         if x.dtype == torch.uint8:
             x = (x.float() - self._mean255) / self._std255
         fmt = torch.channels_last if self.channels_last and x.ndim == 4 else None
@@ -138,16 +143,30 @@ class OptimizerUpdate:
             self._saved = [b.detach().clone() for b in _float_buffers(model)]
 
     def finish_window(
-        self, model: nn.Module, window_bad: torch.Tensor, stop: bool, where: str
-    ) -> tuple[bool, bool]:
-        """Step or skip; returns (skipped, stop agreed by every rank). One host sync."""
+        self,
+        model: nn.Module,
+        window_bad: torch.Tensor,
+        stop: bool,
+        where: str,
+        window_loss: torch.Tensor | None = None,
+    ) -> tuple[bool, bool, float]:
+        """Step or skip; returns (skipped, stop agreed by every rank, this rank's window loss).
+
+        The one host sync of the step: the agreed flags and the local loss sum come back in
+        one `.tolist()`. The stop flag is written by a fill kernel, not copied from the host
+        (a pageable host-to-device copy would wait for the GPU as well).
+        """
         scaler = self.scaler
         if scaler.is_enabled():
             scaler.unscale_(self.optimizer)
         norm = _grad_norm(model, self.policy.grad_clip_norm)
         bad = window_bad if scaler.is_enabled() else window_bad | ~torch.isfinite(norm)
-        flags = torch.stack([bad.float(), torch.tensor(float(stop), device=bad.device)])
-        bad_agreed, stop_agreed = (v > 0 for v in distributed.any_rank_tensor(flags).tolist())
+        flags = torch.full((2,), float(stop), device=bad.device)
+        flags[0] = bad
+        agreed = distributed.any_rank_tensor(flags)
+        loss = window_loss if window_loss is not None else torch.zeros((), device=bad.device)
+        bad_v, stop_v, loss_v = torch.cat([agreed, loss.reshape(1).float()]).tolist()
+        bad_agreed, stop_agreed = bad_v > 0, stop_v > 0
         if bad_agreed:
             if self.policy.on_nonfinite != "skip":
                 raise NonFiniteLossError(
@@ -164,7 +183,7 @@ class OptimizerUpdate:
             scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # also after a skipped step: the schedule stays aligned with epochs
-        return bad_agreed, stop_agreed
+        return bad_agreed, stop_agreed, loss_v
 
 
 def _float_buffers(model: nn.Module) -> list[torch.Tensor]:
@@ -175,7 +194,7 @@ def _grad_norm(model: nn.Module, clip: float | None) -> torch.Tensor:
     """Total gradient norm (clipped to `clip` when set), as a device tensor: no host sync."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
-        return torch.zeros(())
+        return torch.zeros((), device=next(model.parameters()).device)
     if clip is not None:
         return torch.nn.utils.clip_grad_norm_(params, clip)
     return torch.nn.utils.get_total_norm([p.grad for p in params])
@@ -195,25 +214,27 @@ def train_one_epoch(
     Each micro-batch loss is divided by the size of its accumulation window; the last window of
     the epoch may be shorter and is divided by its own size, so every optimizer step averages
     the gradients it saw. Forward and backward of all but the window's last micro-batch run
-    under `no_sync()`. The loss stays on the device; the returned loss is the sample-weighted
-    mean over the windows that were kept. At most one host sync per optimizer step.
+    under `no_sync()`. A window's loss sum stays on the device and reaches the host with the
+    step's one sync (`finish_window`); the returned loss is the sample-weighted mean over the
+    windows that were kept, and the progress bar shows it at no extra sync.
     """
     policy, device, epoch = update.policy, preprocess.device, state.epoch
     model.train()
     n_batches, k = len(loader), policy.accumulation_steps
-    kept_loss, kept_n, skipped = torch.zeros((), device=device), 0, 0
+    kept_loss, kept_n, skipped = 0.0, 0, 0
     window_loss, window_n = torch.zeros((), device=device), 0
     window_bad = torch.zeros((), dtype=torch.bool, device=device)
     start = time.perf_counter()
     update.optimizer.zero_grad(set_to_none=True)
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not policy.show_progress)
-    for step, (x, y, *_) in enumerate(bar):
+    for step, (x, y, *rest) in enumerate(bar):
         window_start = (step // k) * k
         window = min(k, n_batches - window_start)
         boundary = step - window_start == window - 1
         if step == window_start:
             update.begin_window(model)
-        x, y = preprocess(x, train=True, epoch=epoch, key=step), y.to(device, non_blocking=True)
+        index = rest[0] if rest else None  # dataset indices: the stain jitter's key
+        x, y = preprocess(x, True, epoch, index), y.to(device, non_blocking=True)
         if policy.debug_nan_at_step == (epoch - 1) * n_batches + step:
             x = x * float("nan")
         sync = contextlib.nullcontext() if boundary or no_sync is None else no_sync()
@@ -227,7 +248,8 @@ def train_one_epoch(
         if not boundary:
             continue
         stop = state.stop_requested is not None and state.stop_requested()
-        bad, stop = update.finish_window(model, window_bad, stop, f"epoch {epoch}, step {step}")
+        where = f"epoch {epoch}, step {step}"
+        bad, stop, loss_sum = update.finish_window(model, window_bad, stop, where, window_loss)
         if bad:
             skipped += 1
             if state.nonfinite_skipped_before + skipped > policy.max_nonfinite_steps:
@@ -237,26 +259,19 @@ def train_one_epoch(
                     "is kept."
                 )
         else:
-            kept_loss += window_loss
+            kept_loss += loss_sum
             kept_n += window_n
         window_loss, window_n = torch.zeros((), device=device), 0
         window_bad = torch.zeros((), dtype=torch.bool, device=device)
         if policy.show_progress and kept_n:
-            bar.set_postfix(loss=f"{float(kept_loss) / kept_n:.4f}", refresh=False)
+            bar.set_postfix(loss=f"{kept_loss / kept_n:.4f}", refresh=False)
         if stop and step < n_batches - 1:
             bar.close()
-            return EpochStats(
-                float(kept_loss) / max(kept_n, 1),
-                kept_n,
-                time.perf_counter() - start,
-                skipped,
-                stopped=True,
-            )
+            seconds = time.perf_counter() - start
+            return EpochStats(kept_loss / max(kept_n, 1), kept_n, seconds, skipped, stopped=True)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return EpochStats(
-        float(kept_loss) / max(kept_n, 1), kept_n, time.perf_counter() - start, skipped
-    )
+    return EpochStats(kept_loss / max(kept_n, 1), kept_n, time.perf_counter() - start, skipped)
 
 
 @dataclass
@@ -288,8 +303,8 @@ def score(
     policy = StepPolicy(autocast_dtype=autocast_dtype)
     probs, labels = [], []
     loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
-    for step, (x, y, *_) in enumerate(loader):
-        x, y = preprocess(x, key=step), y.to(device, non_blocking=True)
+    for x, y, *_ in loader:
+        x, y = preprocess(x), y.to(device, non_blocking=True)
         with policy.autocast(device):
             logits = model(x)
         logits = logits.float()

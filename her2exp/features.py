@@ -146,7 +146,7 @@ def embed(
         x = x.permute(0, 3, 1, 2).contiguous()
         if stain is not None:
             x = stain(x, False)
-        x = preprocess(x, key=start)
+        x = preprocess(x)
         with StepPolicy(autocast_dtype=autocast_dtype).autocast(preprocess.device):
             out.append(model.embed(x).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)

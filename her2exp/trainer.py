@@ -40,16 +40,34 @@ from her2exp.tracking import Tracker
 log = logging.getLogger(__name__)
 
 
-def resolve_amp(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, use GradScaler) for `trainer.amp` on this device.
+#: The first CUDA compute capability with bf16 in its tensor cores (Ampere, sm_80). Older GPUs
+#: (V100 sm_70, T4 sm_75) only emulate it, several times slower than fp16 + GradScaler.
+NATIVE_BF16_CAPABILITY = (8, 0)
 
-    auto: bf16 on CUDA that supports it, else fp16 + GradScaler; fp32 on the CPU, where bf16
-    autocast without bf16 instructions runs many times slower. bf16 on the CPU only when asked.
+
+def resolve_amp(amp: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use GradScaler) for `trainer.amp` on the run's device.
+
+    auto: bf16 where the run's GPU has it natively, else fp16 + GradScaler; fp32 on the CPU,
+    where bf16 autocast without bf16 instructions runs many times slower. bf16 on the CPU only
+    when asked. The capability asked is `device`'s, not the current device's.
     """
-    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+    capability = None
+    if amp == "auto" and device.type == "cuda" and not torch.version.hip:
+        capability = torch.cuda.get_device_capability(device)
+    return amp_choice(amp, device.type, capability)
+
+
+def amp_choice(
+    amp: str, device_type: str, capability: tuple[int, int] | None
+) -> tuple[torch.dtype | None, bool]:
+    """The decision of `resolve_amp`, given the GPU's compute capability (None: not CUDA, or
+    ROCm, whose bf16 is native on every GPU PyTorch supports)."""
+    if amp == "off" or (amp == "auto" and device_type != "cuda"):
         return None, False
     if amp == "auto":
-        return (torch.bfloat16, False) if torch.cuda.is_bf16_supported() else (torch.float16, True)
+        native = capability is None or tuple(capability) >= NATIVE_BF16_CAPABILITY
+        return (torch.bfloat16, False) if native else (torch.float16, True)
     if amp == "bf16":
         return torch.bfloat16, False
     return torch.float16, True
@@ -58,30 +76,26 @@ def resolve_amp(amp: str, device: torch.device) -> tuple[torch.dtype | None, boo
 def build_optimizer(
     model: nn.Module, cfg: DictConfig, steps_per_epoch: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW without decay on norms and biases; linear warmup then cosine, stepped per update.
+    """AdamW without decay on norms, biases and what the model names (a ViT's position
+    embedding, class and register tokens: decaying them pulls every patch towards one position
+    and the class token towards zero); linear warmup then cosine, stepped per update.
 
-    `trainer.layer_decay` (ViTs) uses timm's layer-wise groups: the lr of layer group i is
-    lr * layer_decay ** (top - i), the head at lr. Only trainable parameters are optimised, so a
-    frozen backbone contributes nothing. The schedule scales every group's own lr.
+    Both paths take timm's groups with `model.no_weight_decay()`. `trainer.layer_decay` (ViTs)
+    uses timm's layer-wise groups: the lr of layer group i is lr * layer_decay ** (top - i), the
+    head at lr. Only trainable parameters are optimised, so a frozen backbone contributes
+    nothing. The schedule scales every group's own lr.
     """
-    if cfg.get("layer_decay") is not None:
-        from timm.optim import param_groups_layer_decay
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
-        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    skip = no_weight_decay_names(model)
+    if cfg.get("layer_decay") is not None:
         groups = param_groups_layer_decay(
             model, cfg.weight_decay, no_weight_decay_list=skip, layer_decay=cfg.layer_decay
         )
         for group in groups:
             group["lr"] = cfg.lr * group["lr_scale"]
     else:
-        decay, no_decay = [], []
-        for p in model.parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 else decay).append(p)
-        groups = [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+        groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
@@ -89,6 +103,13 @@ def build_optimizer(
         warmup_cosine, warmup=warmup, total=total, min_ratio=cfg.min_lr_ratio
     )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """The parameter names (fnmatch patterns) the model keeps out of weight decay: timm's
+    `no_weight_decay()` convention, which Her2Classifier forwards from its backbone."""
+    names = getattr(model, "no_weight_decay", None)
+    return set(names()) if callable(names) else set()
 
 
 def warmup_cosine(step: int, warmup: int, total: int, min_ratio: float) -> float:

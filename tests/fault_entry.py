@@ -44,10 +44,15 @@ _preprocess = Preprocess.__call__
 _end_of_epoch = Trainer._end_of_epoch
 
 
-def preprocess(self, x, train=False, epoch=0, key=0):
+_train_calls: dict[int, int] = {}  # epoch -> training batches preprocessed so far
+
+
+def preprocess(self, x, train=False, epoch=0, index=None):
     if train:
-        pause(f"train:{epoch}:{key}")
-    return _preprocess(self, x, train, epoch, key)
+        step = _train_calls.get(epoch, 0)
+        _train_calls[epoch] = step + 1
+        pause(f"train:{epoch}:{step}")
+    return _preprocess(self, x, train, epoch, index)
 
 
 def end_of_epoch(self, epoch, stats):

@@ -122,9 +122,10 @@ def test_non_finite_stop_raises_before_the_weights_change() -> None:
 class NanOnRank(Preprocess):
     """The inputs of one training batch become NaN on one rank only."""
 
-    def __call__(self, x, train=False, epoch=0, key=0):
-        x = super().__call__(x, train, epoch, key)
-        if train and distributed.env_rank() == 1 and key == 2:
+    def __call__(self, x, train=False, epoch=0, index=None):
+        x = super().__call__(x, train, epoch, index)
+        # Batches of 8 in order: indices 16..23 are step 2.
+        if train and distributed.env_rank() == 1 and int(index[0]) == 16:
             x = x * float("nan")
         return x
 

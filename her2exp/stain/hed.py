@@ -13,10 +13,12 @@ Because deconvolution and recombination are linear in log-RGB, the whole jitter 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from her2exp.seed import keyed_uniform
 from her2exp.stain.macenko import _as_batch, apply_log_affine
 
 __all__ = ["HED_FROM_RGB", "RGB_FROM_HED", "HedJitter"]
@@ -56,6 +58,11 @@ class HedJitter:
         """
         dev = generator.device if generator is not None else torch.device("cpu")
         u = torch.rand((n, 2, 3), generator=generator, device=dev, dtype=torch.float64)
+        return self.maps_from(u)
+
+    def maps_from(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """The maps of uniforms u (n, 2, 3) in [0, 1): row 0 scales, row 1 shifts H, E, DAB."""
+        dev = u.device
         alpha = 1.0 + self.sigma * (2.0 * u[:, 0] - 1.0)  # (n,3)
         beta = self.shift_sigma * (2.0 * u[:, 1] - 1.0)  # (n,3)
         hed, rgb = HED_FROM_RGB.to(dev), RGB_FROM_HED.to(dev)
@@ -69,7 +76,21 @@ class HedJitter:
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Jitter (B,3,H,W) or (3,H,W) uint8 (or float 0-255) images -> uint8, same shape."""
         batch, added = _as_batch(images)
-        matrix, bias = self.maps(batch.shape[0], generator)
+        return self._apply(batch, *self.maps(batch.shape[0], generator), added)
+
+    @torch.no_grad()
+    def keyed(self, images: Tensor, seed: int, epoch: int, index: Any) -> Tensor:
+        """Jitter each patch by draws keyed on (seed, epoch, its dataset index): a patch gets
+        the same colours in the workers or on the GPU, on any rank, in any batch."""
+        batch, added = _as_batch(images)
+        u = torch.from_numpy(keyed_uniform(seed, epoch, index, 6)).view(-1, 2, 3)
+        if u.shape[0] != batch.shape[0]:
+            raise ValueError(f"{u.shape[0]} dataset indices for a batch of {batch.shape[0]}")
+        return self._apply(batch, *self.maps_from(u), added)
+
+    @staticmethod
+    def _apply(batch: Tensor, matrix: Tensor, bias: Tensor, added: bool) -> Tensor:
+        # The maps are float64 on the host; only the per-pixel work runs where the batch is.
         out = apply_log_affine(batch, "log255", matrix.to(batch.device), bias.to(batch.device))
         return out.squeeze(0) if added else out
 

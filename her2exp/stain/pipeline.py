@@ -3,7 +3,8 @@
 `stain=macenko` normalises every split to one reference (fitted on a reference image or on
 training patches, saved with the run so evaluation uses the same one); `stain=hed_jitter`
 augments the training split only; `stain=macenko_jitter` does both, normalisation first.
-Random draws are keyed by (seed, epoch, batch key), so workers, ranks and resumed runs agree.
+Jitter draws are keyed by (seed, epoch, dataset index) of each patch (seed.keyed_uniform), so
+workers or the GPU, any rank count and a resumed run give every patch the same colours.
 """
 
 from __future__ import annotations
@@ -45,15 +46,18 @@ class StainPipeline:
         self.n_seen = 0
         self.n_skipped = 0
 
-    def __call__(self, batch: Tensor, train: bool, epoch: int = 0, key: int = 0) -> Tensor:
+    def __call__(
+        self, batch: Tensor, train: bool, epoch: int = 0, index: Tensor | None = None
+    ) -> Tensor:
+        """Normalise, then (training) jitter each patch by its dataset `index`."""
         if self.normalizer is not None:
             batch, info = self.normalizer.normalize(batch)
             self.n_seen += batch.shape[0]
             self.n_skipped += info.n_skipped
         if train and self.jitter is not None:
-            gen = torch.Generator(device=batch.device)
-            gen.manual_seed(hash((self.seed, epoch, key)) % 2**62)
-            batch = self.jitter(batch, gen)
+            if index is None:
+                raise ValueError("stain jitter needs the dataset index of every training patch")
+            batch = self.jitter.keyed(batch, self.seed, epoch, index)
         return batch
 
     def to(self, device: torch.device) -> StainPipeline:
@@ -136,5 +140,5 @@ class StainCollate:
         x = torch.stack([s[0] for s in samples])
         y = torch.stack([torch.as_tensor(s[1]) for s in samples])
         idx = torch.as_tensor([s[2] for s in samples])
-        x = self.pipeline(x, self.train, self.dataset.epoch, int(idx[0]))
+        x = self.pipeline(x, self.train, self.dataset.epoch, idx)
         return x, y, idx
