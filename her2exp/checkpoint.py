@@ -165,14 +165,19 @@ def verify(path: str | Path) -> None:
         )
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Verify the checksum, then load with `weights_only=True`; every failure names the file."""
+def load(
+    path: str | Path, map_location: str | torch.device = "cpu", mmap: bool = False
+) -> dict[str, Any]:
+    """Verify the checksum, then load with `weights_only=True`; every failure names the file.
+
+    `mmap=True`: tensors stay in the file's pages (private, copy-on-write) until used, so a
+    17 GB last.pt is not read into memory at once."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     verify(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
         raise RuntimeError(
             f"checkpoint {path} could not be loaded ({_load_failure(exc)}): it is truncated, "

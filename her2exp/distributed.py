@@ -186,6 +186,63 @@ def any_rank_tensor(flags: torch.Tensor) -> torch.Tensor:
     return flags
 
 
+@dataclass(frozen=True)
+class _TensorSlot:
+    """Where a tensor sits in a broadcast structure: shape, dtype, on the host or not."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    on_host: bool
+
+
+def _map_leaves(obj: Any, fn: Callable[[Any], Any], kind: type) -> Any:
+    """`obj` with every `kind` leaf (a tensor, or its slot) replaced by fn(leaf), in order."""
+    if isinstance(obj, kind):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map_leaves(v, fn, kind) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_leaves(v, fn, kind) for v in obj)
+    return obj
+
+
+def broadcast_state(
+    obj: Any, device: torch.device, to: torch.device | None = None, src: int = 0
+) -> Any:
+    """Rank `src`'s nested dict/list of tensors on every rank, one tensor at a time.
+
+    Only the structure (keys, numbers, shapes) is pickled; each tensor is broadcast in place
+    through a buffer on `device` (NCCL needs the GPU) and lands where `src` keeps it: on this
+    rank's `device`, or on the host for a host tensor (AdamW's `step`), or on `to` when given.
+    So no rank ever holds a pickled copy of a model or its optimizer state (docs/scaling.md).
+    Returns `obj` itself on `src` and without a process group.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    is_src = dist.get_rank() == src
+
+    def slot(t: torch.Tensor) -> _TensorSlot:
+        return _TensorSlot(tuple(t.shape), t.dtype, t.device.type == "cpu")
+
+    skeleton = broadcast_object(_map_leaves(obj, slot, torch.Tensor) if is_src else None, src)
+    sources: list[torch.Tensor] = []
+    if is_src:
+        _map_leaves(obj, sources.append, torch.Tensor)
+    pending = iter(sources)
+
+    def receive(s: _TensorSlot) -> torch.Tensor:
+        if is_src:
+            buf = next(pending).to(device)  # no copy when it is already there
+        else:
+            buf = torch.empty(s.shape, dtype=s.dtype, device=device)
+        dist.broadcast(buf, src=src)
+        target = to if to is not None else (torch.device("cpu") if s.on_host else device)
+        return buf.to(target)
+
+    received = _map_leaves(skeleton, receive, _TensorSlot)
+    return obj if is_src else received
+
+
 def restart_count() -> int:
     """How many times torchrun (`--max-restarts`) has restarted this worker group."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))

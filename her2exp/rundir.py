@@ -108,7 +108,7 @@ def plan(cfg: DictConfig, run_dir: Path, restarts: int, is_main: bool = True) ->
         path = Path(resume)
         if not path.is_file():
             raise ConfigError(f"trainer.resume={resume}: no such file (a last.pt, or auto)")
-    stored = _stored(path)
+    stored = _stored(path, verify=is_main)
     changes = config_changes(stored.get("config"), cfg)
     if changes and not t.resume_force:
         raise ConfigError(
@@ -127,10 +127,15 @@ def _peek_latest(run_dir: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def _stored(path: Path) -> dict[str, Any]:
-    """The checkpoint's config and data fingerprint; a damaged file is the user's to fix."""
+def _stored(path: Path, verify: bool = True) -> dict[str, Any]:
+    """The checkpoint's config and data fingerprint; a damaged file is the user's to fix.
+
+    Memory-mapped, so only the small pickled part is read. Rank 0 alone checks the checksum
+    (a pass over the whole file): eight ranks hashing a 17 GB last.pt at once would only
+    repeat its answer."""
     try:
-        checkpoint.verify(path)
+        if verify:
+            checkpoint.verify(path)
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except checkpoint.CheckpointCorruptError as exc:
         raise ConfigError(f"trainer.resume: {exc}") from exc

@@ -247,24 +247,26 @@ class Checkpointer:
         if self.is_main and self.enabled:
             checkpoint.save({**best, **self.extra}, self.best)
 
-    def load(self, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-        """(resume state, best weights or None); rank 0 reads, the others get it by broadcast
-        (no shared file system needed)."""
-        state = best = None
-        if self.is_main:
-            state = checkpoint.load(path)
-            best_epoch = int(state["best_epoch"])
-            if best_epoch > 0 and best_epoch == int(state["epoch"]):
-                best = state["model"]
-            elif best_epoch > 0:
-                best_file = checkpoint.load(path.parent / "best.pt")
-                if int(best_file["epoch"]) != best_epoch:
-                    raise RuntimeError(
-                        f"{path.parent / 'best.pt'} holds epoch {best_file['epoch']} but {path} "
-                        f"says the best epoch is {best_epoch}; resume from a consistent pair"
-                    )
-                best = best_file["model"]
-        return distributed.broadcast_object((state, best))
+    def load(self, path: Path) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor] | None]:
+        """Rank 0: (resume state, best weights or None), memory-mapped (only what is used is
+        paged in). Other ranks: (None, None); they receive what they need from rank 0 by
+        in-place broadcasts (Trainer.resume_from), so no shared file system is needed."""
+        if not self.is_main:
+            return None, None
+        state = checkpoint.load(path, mmap=True)
+        best = None
+        best_epoch = int(state["best_epoch"])
+        if best_epoch > 0 and best_epoch == int(state["epoch"]):
+            best = state["model"]
+        elif best_epoch > 0:
+            best_file = checkpoint.load(path.parent / "best.pt", mmap=True)
+            if int(best_file["epoch"]) != best_epoch:
+                raise RuntimeError(
+                    f"{path.parent / 'best.pt'} holds epoch {best_file['epoch']} but {path} "
+                    f"says the best epoch is {best_epoch}; resume from a consistent pair"
+                )
+            best = best_file["model"]
+        return state, best
 
 
 class Validator:
@@ -372,30 +374,52 @@ class Trainer:
         }
 
     def resume_from(self, path: str | Path) -> None:
-        """Restore everything `last.pt` holds (see Checkpointer for the best-weights pairing)."""
+        """Restore everything `last.pt` holds (see Checkpointer for the best-weights pairing).
+
+        Rank 0 loads the file into its model and optimizer; the other ranks then receive the
+        weights, the AdamW state and the best weights tensor by tensor (broadcast_module_state,
+        broadcast_state) and only the small rest by pickle: a rank's peak is its own model and
+        optimizer state, never a second copy of the checkpoint (docs/scaling.md).
+        """
         started = time.perf_counter()
         state, best = self.checkpointer.load(Path(path))
-        self.model.load_state_dict(state["model"])
-        self.update.optimizer.load_state_dict(state["optimizer"])
+        optimizer, device = self.update.optimizer, self.dctx.device
+        if state is not None:
+            self.model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        distributed.broadcast_module_state(self.model)
+        received = distributed.broadcast_state(optimizer.state_dict(), device)
+        if not self.dctx.is_main:
+            optimizer.load_state_dict(received)
+        del received
+        small = {k: v for k, v in (state or {}).items() if k not in ("model", "optimizer")}
+        small = distributed.broadcast_object(small)
+        self._restore_counters(small)
+        best = distributed.broadcast_state(best, device, to=torch.device("cpu"))
+        if best is not None:  # rank 0's are views of the memory-mapped file: copied
+            main = self.dctx.is_main
+            self.best_state = {k: v.detach().clone() if main else v for k, v in best.items()}
+            del best
+            self.checkpointer.save_best(self._best_file())
+        self.resume_seconds = time.perf_counter() - started
+        log.info(
+            "resumed from %s after epoch %d (state restored in %.2f s)",
+            path,
+            small["epoch"],
+            self.resume_seconds,
+        )
+
+    def _restore_counters(self, state: dict[str, Any]) -> None:
+        """Schedule, scaler, epoch, early stopping, history and this rank's RNG streams."""
         self.update.scheduler.load_state_dict(state["scheduler"])
         self.update.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"]) + 1
         self.early.load_state_dict(state)
         self.nonfinite_steps = int(state.get("nonfinite_steps_skipped", 0))
         self.history = list(state["history"])
-        if best is not None:
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in best.items()}
-            self.checkpointer.save_best(self._best_file())
         per_rank = state.get("rng_per_rank", [state["rng"]])
         same_layout = int(state.get("world_size", 1)) == self.dctx.world_size
         checkpoint.set_rng_state(per_rank[self.dctx.rank] if same_layout else state["rng"])
-        self.resume_seconds = time.perf_counter() - started
-        log.info(
-            "resumed from %s after epoch %d (state restored in %.2f s)",
-            path,
-            state["epoch"],
-            self.resume_seconds,
-        )
 
     def _stop_agreed(self) -> bool:
         """Any rank asked to stop -> every rank stops (one tiny all-reduce under DDP)."""
