@@ -159,6 +159,20 @@ def test_blank_and_tissue_poor_patches_are_returned_unchanged_and_counted(ihc, f
     assert info.n_skipped == 2 and torch.equal(all_blank[0], white)
 
 
+def test_the_gpu_path_maps_every_patch_like_the_cpu_path(ihc, fitted):
+    """The sync-free path (GPU: map all, put skipped patches back by torch.where) gives the CPU
+    path's output, skipped patches included; run here on the CPU, on the GPU by gpu-check."""
+    batch = ihc[0][:3]
+    white = torch.full((3, 128, 128), 255, dtype=torch.uint8)
+    black = torch.zeros((3, 128, 128), dtype=torch.uint8)
+    mixed = torch.stack([white, batch[0], black, batch[1], batch[2]])
+    est = fitted._estimate(mixed)
+    on_gpu, on_cpu = fitted._map_all(mixed, est), fitted._map_kept(mixed, est)
+    assert est.ok.tolist() == [False, True, False, True, True]
+    assert torch.equal(on_gpu, on_cpu)
+    assert torch.equal(on_gpu[0], white) and torch.equal(on_gpu[2], black)
+
+
 def test_output_is_deterministic_and_keeps_shape(ihc, fitted):
     batch = ihc[0][:8]
     a, _ = fitted.normalize(batch)

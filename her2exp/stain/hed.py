@@ -90,7 +90,11 @@ class HedJitter:
 
     @staticmethod
     def _apply(batch: Tensor, matrix: Tensor, bias: Tensor, added: bool) -> Tensor:
-        # The maps are float64 on the host; only the per-pixel work runs where the batch is.
+        # The maps are drawn on the host; only the per-pixel work runs where the batch is. To a
+        # GPU they travel from pinned memory without blocking: a pageable copy would wait.
+        if batch.device.type == "cuda" and matrix.device.type == "cpu":
+            matrix = matrix.pin_memory().to(batch.device, non_blocking=True)
+            bias = bias.pin_memory().to(batch.device, non_blocking=True)
         out = apply_log_affine(batch, "log255", matrix.to(batch.device), bias.to(batch.device))
         return out.squeeze(0) if added else out
 

@@ -297,11 +297,15 @@ def _to_uint8(images: Tensor) -> Tensor:
 class MacenkoInfo:
     """What happened to each patch of a batch: logged, and used to audit skipped patches."""
 
-    n_skipped: int
     skipped: Tensor  # (B,) bool: returned unchanged (too little tissue / degenerate estimate)
     tissue_fraction: Tensor  # (B,) fraction of (sampled) pixels with OD >= beta in every channel
     stains: Tensor  # (B,3,2) each patch's stain vectors, hematoxylin first
     max_concentrations: Tensor  # (B,2) 99th-percentile concentrations
+
+    @property
+    def n_skipped(self) -> int:
+        """Read on demand: on a GPU each read waits for the batch (a host sync)."""
+        return int(self.skipped.sum())
 
 
 class MacenkoNormalizer:
@@ -441,33 +445,50 @@ class MacenkoNormalizer:
             raise RuntimeError("MacenkoNormalizer is not fitted: call fit() or load_state_dict()")
         batch, added = _as_batch(images)
         est = self._estimate(batch)
-        dev = batch.device
-        ref_s = self.stain_matrix.to(dev)
-        ref_c = self.max_concentrations.to(dev)
         ok = est.ok
-        keep = ok.nonzero().squeeze(1)
-        if keep.numel() > 0:
-            scale = ref_c / est.max_conc[keep]  # (K,2)
-            if self.rescale != "all":
-                keep_cols = 1 if self.rescale == "hematoxylin" else 0
-                scale[:, keep_cols:] = 1.0
-            mat = (ref_s.unsqueeze(0) * scale.unsqueeze(1)) @ _pinv_2(est.stains[keep])  # (K,3,3)
-            bias = (math.log(self.io) * (1.0 - mat.sum(dim=2))).unsqueeze(2)
-        if keep.numel() == batch.shape[0]:  # the common case: no copies, no scatter
-            out = apply_log_affine(batch, "log1p", mat, bias)
+        if batch.device.type == "cpu":
+            out = self._map_kept(batch, est)
         else:
-            out = _to_uint8(batch)
-            if keep.numel() > 0:
-                out[keep] = apply_log_affine(batch[keep], "log1p", mat, bias)
-        skipped = ~ok
+            out = self._map_all(batch, est)
         info = MacenkoInfo(
-            n_skipped=int(skipped.sum()),
-            skipped=skipped,
+            skipped=~ok,
             tissue_fraction=est.tissue_fraction,
             stains=torch.where(ok[:, None, None], est.stains, math.nan),
             max_concentrations=torch.where(ok[:, None], est.max_conc, math.nan),
         )
         return (out.squeeze(0) if added else out), info
+
+    def _maps(self, stains: Tensor, max_conc: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-patch log-space map (K,3,3) and bias (K,3,1) onto the reference."""
+        dev = stains.device
+        ref_s, ref_c = self.stain_matrix.to(dev), self.max_concentrations.to(dev)
+        scale = ref_c / max_conc  # (K,2)
+        if self.rescale != "all":
+            keep_cols = 1 if self.rescale == "hematoxylin" else 0
+            scale[:, keep_cols:] = 1.0
+        mat = (ref_s.unsqueeze(0) * scale.unsqueeze(1)) @ _pinv_2(stains)  # (K,3,3)
+        return mat, (math.log(self.io) * (1.0 - mat.sum(dim=2))).unsqueeze(2)
+
+    def _map_kept(self, batch: Tensor, est: StainEstimate) -> Tensor:
+        """CPU: map only the patches kept (finding them reads `ok`: free on the host)."""
+        keep = est.ok.nonzero().squeeze(1)
+        if keep.numel() == batch.shape[0]:  # the common case: no copies, no scatter
+            return apply_log_affine(batch, "log1p", *self._maps(est.stains, est.max_conc))
+        out = _to_uint8(batch)
+        if keep.numel() > 0:
+            mat, bias = self._maps(est.stains[keep], est.max_conc[keep])
+            out[keep] = apply_log_affine(batch[keep], "log1p", mat, bias)
+        return out
+
+    def _map_all(self, batch: Tensor, est: StainEstimate) -> Tensor:
+        """GPU: map every patch and put the skipped ones back by `torch.where`: no host sync
+        (finding the kept patches would wait for the GPU on every batch). A skipped patch's
+        map is built from the reference itself, so it stays finite."""
+        ok = est.ok
+        stains = torch.where(ok[:, None, None], est.stains, self.stain_matrix.to(batch.device))
+        max_conc = torch.where(ok[:, None], est.max_conc, self.max_concentrations.to(batch.device))
+        out = apply_log_affine(batch, "log1p", *self._maps(stains, max_conc))
+        return torch.where(ok[:, None, None, None], out, _to_uint8(batch))
 
     __call__ = normalize
 

@@ -43,17 +43,13 @@ class StainPipeline:
         self, normalizer: MacenkoNormalizer | None, jitter: HedJitter | None, seed: int
     ) -> None:
         self.normalizer, self.jitter, self.seed = normalizer, jitter, seed
-        self.n_seen = 0
-        self.n_skipped = 0
 
     def __call__(
         self, batch: Tensor, train: bool, epoch: int = 0, index: Tensor | None = None
     ) -> Tensor:
         """Normalise, then (training) jitter each patch by its dataset `index`."""
-        if self.normalizer is not None:
-            batch, info = self.normalizer.normalize(batch)
-            self.n_seen += batch.shape[0]
-            self.n_skipped += info.n_skipped
+        if self.normalizer is not None:  # what it skipped is counted once per run (builders)
+            batch, _ = self.normalizer.normalize(batch)
         if train and self.jitter is not None:
             if index is None:
                 raise ValueError("stain jitter needs the dataset index of every training patch")
