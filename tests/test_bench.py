@@ -14,12 +14,13 @@ import pytest
 import torch
 
 from her2exp import bench
-from her2exp.bench import ci, epoch
+from her2exp.bench import ci, epoch, gpu_check
 from her2exp.bench import stain as stain_bench
 
 
 def test_training_bench_compares_her2exp_with_a_bare_loop(capsys: pytest.CaptureFixture) -> None:
-    results = bench.main(["--rounds", "2", "--skip-extras", "experiment=smoke"])["epoch"]
+    args = ["--rounds", "2", "--skip-extras", "experiment=smoke", "data.patches_per_patient=6"]
+    results = bench.main(args)["epoch"]
     out = capsys.readouterr().out
     assert list(results) == ["clip on", "clip off"]
     # Clipping is on in both loops, or off in both: its cost is never counted as overhead.
@@ -123,3 +124,33 @@ def test_stain_bench_reports_every_installed_normaliser() -> None:
     rates = stain_bench.main(["--n", "8", "--size", "64", "--rounds", "1"])
     assert rates["her2exp (batched)"] > 0
     assert all(rate > 0 for rate in rates.values())
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="3">
+<testcase classname="tests.test_gpu" name="test_bf16_autocast_trains" time="0.001">
+<skipped type="pytest.skip" message="no CUDA: torch.cuda.is_available() is false">x</skipped>
+</testcase>
+<testcase classname="tests.test_gpu_path" name="test_cpu_part" time="0.1" />
+<testcase classname="tests.test_gpu_path" name="test_broken" time="0.1"><failure message="boom" />
+</testcase></testsuite></testsuites>"""
+
+
+def test_gpu_check_names_every_skipped_check_with_its_reason(tmp_path) -> None:
+    junit = tmp_path / "junit.xml"
+    junit.write_text(JUNIT)
+    counts, skipped = gpu_check.read_junit(junit)
+    assert counts == "1 passed, 1 failed, 1 skipped"
+    assert skipped == [("test_gpu::test_bf16_autocast_trains", gpu_check.NO_CUDA)]
+    bench_step = gpu_check.run_bench(rounds=1, timeout_s=1, cuda=False)
+    assert bench_step.status == "skipped" and bench_step.detail == gpu_check.NO_CUDA
+    tests_step = gpu_check.Step("pytest tests/test_gpu.py", "passed", 3.0, skipped)
+    lines = gpu_check.report([tests_step, bench_step], 3.5, 480)
+    assert lines[1:3] == [
+        "  passed    pytest tests/test_gpu.py in 3 s",
+        f"  skipped   {gpu_check.BENCH_NAME}",
+    ]
+    assert lines[3:] == [
+        f"gpu-check: skipped ({gpu_check.NO_CUDA}):",
+        "  - test_gpu::test_bf16_autocast_trains",
+        f"  - {gpu_check.BENCH_NAME}",
+    ]
