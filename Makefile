@@ -5,7 +5,7 @@ STAMP := $(VENV)/.her2exp-installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow bench lint format ui montage clean demo-folder ddp sweep compare mlflow-server
+.PHONY: help install train test test-slow bench gpu-check lint format ui montage clean demo-folder ddp sweep compare mlflow-server
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -34,6 +34,9 @@ $(VENV)/.bench-installed: $(STAMP)
 
 bench: $(VENV)/.bench-installed ## her2exp's epoch vs a bare PyTorch loop (img/s, ratio); CI speed; stain normalisers
 	$(PY) -m her2exp.bench $(ARGS)
+
+gpu-check: $(STAMP) ## CUDA-only tests + the CUDA bench (< 8 min on one GPU); without CUDA: the CPU part and what it skipped
+	$(PY) -m her2exp.bench.gpu_check $(ARGS)
 
 lint: $(STAMP) ## ruff check + format check
 	$(VENV)/bin/ruff check .

@@ -14,28 +14,83 @@ import pytest
 import torch
 
 from her2exp import bench
-from her2exp.bench import ci, epoch
+from her2exp.bench import ci, epoch, gpu_check
 from her2exp.bench import stain as stain_bench
 
 
 def test_training_bench_compares_her2exp_with_a_bare_loop(capsys: pytest.CaptureFixture) -> None:
-    result = bench.main(["--rounds", "2", "--skip-extras", "experiment=smoke"])["epoch"]
+    args = ["--rounds", "2", "--skip-extras", "experiment=smoke", "data.patches_per_patient=6"]
+    results = bench.main(args)["epoch"]
     out = capsys.readouterr().out
-    assert len(result.ours) == len(result.bare) == 2
-    for ours, bare in zip(result.ours, result.bare, strict=True):
-        # Same images per epoch: the whole train split less at most a last batch of one.
-        assert ours.samples == bare.samples >= result.train_patches - 1
-        assert ours.images_per_second == pytest.approx(ours.samples / ours.seconds)
-        assert bare.images_per_second == pytest.approx(bare.samples / bare.seconds)
-        assert math.isfinite(bare.loss) and bare.loss > 0
-    ours_ips = statistics.median(s.samples / s.seconds for s in result.ours)
-    bare_ips = statistics.median(s.samples / s.seconds for s in result.bare)
-    assert result.ratio == pytest.approx(ours_ips / bare_ips)
-    assert f"median her2exp {ours_ips:.1f} img/s, bare PyTorch {bare_ips:.1f} img/s" in out
-    assert f"ratio {result.ratio:.3f} (target >= 0.97)" in out
-    assert out.count("  round ") == 2
-    # Both loops trained from the shared initial weights.
-    assert result.ours_weight_change > 0 and result.bare_weight_change > 0
+    assert list(results) == ["clip on", "clip off"]
+    # Clipping is on in both loops, or off in both: its cost is never counted as overhead.
+    assert results["clip on"].grad_clip_norm == 1.0 and results["clip off"].grad_clip_norm is None
+    assert "grad_clip_norm 1.0 (both loops)" in out and "grad_clip_norm None (both loops)" in out
+    assert out.count("  round ") == 4
+    for result in results.values():
+        assert len(result.ours) == len(result.bare) == 2
+        for ours, bare in zip(result.ours, result.bare, strict=True):
+            # Same images per epoch: the whole train split less at most a last batch of one.
+            assert ours.samples == bare.samples >= result.train_patches - 1
+            assert ours.images_per_second == pytest.approx(ours.samples / ours.seconds)
+            assert bare.images_per_second == pytest.approx(bare.samples / bare.seconds)
+            assert math.isfinite(bare.loss) and bare.loss > 0
+        ours_ips = statistics.median(s.samples / s.seconds for s in result.ours)
+        bare_ips = statistics.median(s.samples / s.seconds for s in result.bare)
+        assert result.ratio == pytest.approx(ours_ips / bare_ips)
+        assert f"median her2exp {ours_ips:.1f} img/s, bare PyTorch {bare_ips:.1f} img/s" in out
+        assert f"ratio {result.ratio:.3f} (target >= 0.97)" in out
+        # The summary names each setting with its ratio and both images/s.
+        assert (
+            f"bench summary [{result.label}]: ratio {result.ratio:.3f}  her2exp "
+            f"{ours_ips:.1f} img/s  bare {bare_ips:.1f} img/s"
+        ) in out
+        # Both loops trained from the shared initial weights.
+        assert result.ours_weight_change > 0 and result.bare_weight_change > 0
+
+
+def test_clip_value_given_on_the_command_line_is_the_one_both_loops_clip_to() -> None:
+    rest, clip = epoch._split_clip(["experiment=smoke", "trainer.grad_clip_norm=0.5"])
+    assert rest == ["experiment=smoke"] and clip == 0.5
+    assert epoch._split_clip(["trainer.grad_clip_norm=null"]) == ([], epoch.DEFAULT_CLIP)
+
+
+def _clipped_update_norms(clip: float | None) -> list[float]:
+    """Gradient norms the bare loop leaves for AdamW after each step (a recording optimizer)."""
+    torch.manual_seed(0)
+    images = torch.randn(32, 3, 4, 4) * 50.0  # large inputs: gradient norms far above 0.1
+    labels = (images.mean(dim=(1, 2, 3)) > 0).long()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 2))
+    norms: list[float] = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            norms.append(float(torch.nn.utils.get_total_norm(grads)))
+            return super().step(closure)
+
+    gen = torch.Generator().manual_seed(0)
+    epoch.bare_epoch(
+        model, Recording(model.parameters(), lr=1e-3), images, labels, 8, gen, clip=clip
+    )
+    return norms
+
+
+def test_bare_loop_clips_exactly_when_asked() -> None:
+    clipped, unclipped = _clipped_update_norms(0.1), _clipped_update_norms(None)
+    assert len(clipped) == len(unclipped) == 4
+    assert max(clipped) == pytest.approx(0.1, rel=1e-4)
+    assert min(unclipped) > 0.1
+
+
+def test_cuda_preset_refuses_without_cuda_in_one_line(capsys: pytest.CaptureFixture) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: the preset runs (make gpu-check measures it)")
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--cuda", "--rounds", "1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err == epoch.NO_CUDA + "\n" and "torch.cuda.is_available() is false" in err
 
 
 def test_bare_loop_trains_on_every_image_but_a_lone_last_one() -> None:
@@ -69,3 +124,33 @@ def test_stain_bench_reports_every_installed_normaliser() -> None:
     rates = stain_bench.main(["--n", "8", "--size", "64", "--rounds", "1"])
     assert rates["her2exp (batched)"] > 0
     assert all(rate > 0 for rate in rates.values())
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="3">
+<testcase classname="tests.test_gpu" name="test_bf16_autocast_trains" time="0.001">
+<skipped type="pytest.skip" message="no CUDA: torch.cuda.is_available() is false">x</skipped>
+</testcase>
+<testcase classname="tests.test_gpu_path" name="test_cpu_part" time="0.1" />
+<testcase classname="tests.test_gpu_path" name="test_broken" time="0.1"><failure message="boom" />
+</testcase></testsuite></testsuites>"""
+
+
+def test_gpu_check_names_every_skipped_check_with_its_reason(tmp_path) -> None:
+    junit = tmp_path / "junit.xml"
+    junit.write_text(JUNIT)
+    counts, skipped = gpu_check.read_junit(junit)
+    assert counts == "1 passed, 1 failed, 1 skipped"
+    assert skipped == [("test_gpu::test_bf16_autocast_trains", gpu_check.NO_CUDA)]
+    bench_step = gpu_check.run_bench(rounds=1, timeout_s=1, cuda=False)
+    assert bench_step.status == "skipped" and bench_step.detail == gpu_check.NO_CUDA
+    tests_step = gpu_check.Step("pytest tests/test_gpu.py", "passed", 3.0, skipped)
+    lines = gpu_check.report([tests_step, bench_step], 3.5, 480)
+    assert lines[1:3] == [
+        "  passed    pytest tests/test_gpu.py in 3 s",
+        f"  skipped   {gpu_check.BENCH_NAME}",
+    ]
+    assert lines[3:] == [
+        f"gpu-check: skipped ({gpu_check.NO_CUDA}):",
+        "  - test_gpu::test_bf16_autocast_trains",
+        f"  - {gpu_check.BENCH_NAME}",
+    ]
