@@ -237,7 +237,13 @@ def test_predict_removes_the_errors_file_of_an_earlier_run(smoke_run, tmp_path, 
 
     main(command("predict", [ckpt, f"input={patches(tmp_path / 'a', broken=True)}", f"out={out}"]))
     assert errors.is_file()
-    main(command("predict", [ckpt, f"input={patches(tmp_path / 'b', n=2)}", f"out={out}"]))
+    again = [ckpt, f"input={patches(tmp_path / 'b', n=2)}", f"out={out}"]
+    before = out.read_bytes()
+    capsys.readouterr()  # the first run's report of its unreadable file
+    err = refused("predict", command("predict", again), capsys)  # no overwrite: kept as it was
+    assert f"out={out} exists" in err and "overwrite=true" in err
+    assert out.read_bytes() == before and errors.is_file()
+    main(command("predict", [*again, "overwrite=true"]))
     assert not errors.exists(), "an errors list about folder a stayed beside folder b's predictions"
     import pandas as pd
 

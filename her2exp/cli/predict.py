@@ -4,14 +4,14 @@
     her2exp-predict run_id=<MLflow run id> input=/path/patches out=preds.csv
 
 Files that cannot be decoded are listed (stderr and `<out>.errors.csv`) and skipped; without
-any, an `<out>.errors.csv` left by an earlier run is removed, so the two files always agree.
+any, an `<out>.errors.csv` left by an earlier run is removed, so the two files always agree. An
+existing `out` table is replaced only with `overwrite=true`.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import pandas as pd
 from omegaconf import DictConfig
@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> None:
     schemas.check_predict(cfg)
     if cfg.output is not None:
         log.warning("output= is deprecated: use out=%s", cfg.output)
-    out = Path(cfg.output or cfg.out)
+    out = schemas.predict_out(cfg)
     table, errors = predict_folder(cfg)
     atomic_write_text(out, table.to_csv(index=False))
     print(f"her2exp: {len(table)} patches scored -> {out}")

@@ -115,16 +115,32 @@ class PredictCommand:
     out: str = "predictions.csv"
     output: str | None = None  # deprecated spelling of `out`
     batch_size: int = ranged(64, ge=1)
+    overwrite: bool = False  # replace an existing `out` table (and its errors list)
     tracking: UriConfig = field(default_factory=UriConfig)
 
 
+def predict_out(cfg: Any) -> Path:
+    """The table `her2exp-predict` writes (`output=` is the deprecated spelling of `out=`)."""
+    return Path(cfg.output or cfg.out)
+
+
 def check_predict(cfg: Any) -> None:
+    """Values, the input folder, one model source, then the user's files: an existing table of
+    predictions (perhaps a cohort's only record) is replaced only with overwrite=true."""
     check_ranges(cfg, PredictCommand)
     if not cfg.input:
         raise ConfigError("input=<folder of patches> is required")
     if not Path(cfg.input).is_dir():
         raise ConfigError(f"input={cfg.input} is not a folder")
     _one_source(cfg)
+    out = predict_out(cfg)
+    if out.is_dir():
+        raise UserError(f"out={out} is a folder: give the table's file name (predictions.csv)")
+    if out.exists() and not cfg.overwrite:
+        raise UserError(
+            f"out={out} exists (the predictions of an earlier run): give another out=, or "
+            "overwrite=true to replace it"
+        )
 
 
 # -- her2exp-compare -----------------------------------------------------------------------------
