@@ -68,3 +68,13 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
     uri = f"sqlite:///{cwd}/mlflow.db"
     created = tuple(sorted(os.listdir(cwd)))
     return SmokeRun(cwd, run_dir, uri, run_id, proc.stdout, proc.stderr, created)
+
+
+@pytest.fixture(scope="session")
+def slide_cohort(tmp_path_factory: pytest.TempPathFactory):
+    """Six small embedded slides (768 x 1024 px at 0.5 um/px, deflate tiles), written once and
+    shared by every slide test, with the level-0 pixels they were written from."""
+    from her2exp.slides.synthetic import make_cohort
+
+    folder = tmp_path_factory.mktemp("slides")
+    return folder, make_cohort(folder, n_slides=6, shape=(768, 1024), cell=128, keep_images=True)
