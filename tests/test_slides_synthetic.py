@@ -89,6 +89,7 @@ def test_jpeg_tiles_read_back_within_jpeg_tolerance(tmp_path: Path) -> None:
 def test_same_arguments_give_the_same_bytes_and_bad_ones_are_refused(tmp_path: Path) -> None:
     a = make_cohort(tmp_path / "a", n_slides=2, shape=(256, 256), cell=128)
     b = make_cohort(tmp_path / "b", n_slides=2, shape=(256, 256), cell=128)
+    assert a.table.equals(b.table)
     for p in a.table["path"]:
         assert (tmp_path / "a" / p).read_bytes() == (tmp_path / "b" / p).read_bytes()
     with pytest.raises(ValueError, match="n_slides=1"):
