@@ -1,5 +1,6 @@
 """Whole-slide images: readers, tissue masks, tiling and tile manifests (docs/architecture.md).
 
-Today: the embedded slide generator (`her2exp.slides.synthetic`) that tests and offline demos
-read with OpenSlide. The tiler (`her2exp-tile`) and `data=slides` build on it (issue 17).
+Today: `reader` (a slide opened through OpenSlide), `tiling` (tissue mask, level choice, tile
+grid, tile reads) and `synthetic` (embedded slides for tests and offline demos). The
+`her2exp-tile` command and `data=slides` build on them (issue 17).
 """
