@@ -25,6 +25,7 @@ BAD = [
     ("her2exp-server", ["port=abc"]),
     ("her2exp-sync", ["run_dir=/nonexistent/run"]),
     ("her2exp-rerun", ["-m", "run_id=x", "output_dir=[a,b"]),
+    ("her2exp-tile", ["slide_table=/nonexistent/slides.csv", "out={out}/tiles"]),
     ("her2exp-train", ["trainer.epochs=abc"]),
     ("her2exp-train", ["trainer.no_such_key=1"]),
     ("her2exp-train", ["-m", "trainer.epochs=1,abc"]),

@@ -30,6 +30,7 @@ REQUIRED = {
     "predict": ["input=.", "run_id=abc"],
     "manifest": ["root=."],
     "prepare": ["out=x", "stain=macenko"],
+    "tile": ["slide_table=pyproject.toml", "out=x"],
 }
 NUMERIC = {name: config.numeric_fields(schema) for name, schema in COMMANDS.items()}
 

@@ -27,10 +27,11 @@ def _slides(slide_cohort):
 def test_the_tissue_mask_finds_the_rendered_tissue(slide_cohort) -> None:
     for slide, _, cells in _slides(slide_cohort):
         with slide:
-            thumb, down = slide.thumbnail(256)
-        assert thumb.shape == (192, 256, 3) and down == 4.0
+            thumb, down = slide.thumbnail_at(8.0)  # tiles.mask_mpp's default: 16x down
+            assert slide.thumbnail(256)[0].shape == (192, 256, 3)
+        assert thumb.shape == (48, 64, 3) and down == 16.0
         mask = tissue_mask(thumb)
-        truth = np.repeat(np.repeat(cells, 32, 0), 32, 1)
+        truth = np.repeat(np.repeat(cells, 8, 0), 8, 1)
         assert (mask & truth).sum() / (mask | truth).sum() > 0.9
     glass = np.full((64, 64, 3), BACKGROUND, dtype=np.uint8)
     assert not tissue_mask(glass).any()
@@ -43,7 +44,7 @@ def test_the_grid_keeps_the_tiles_over_tissue_and_counts_follow_its_area(slide_c
     counts, areas = [], []
     for slide, _, cells in _slides(slide_cohort):
         with slide:
-            thumb, down = slide.thumbnail(256)
+            thumb, down = slide.thumbnail_at(8.0)
             grid = tile_grid(slide, tissue_mask(thumb), down, choose_level(slide, 0.5, 128), 0.5)
         got = np.zeros_like(cells)
         got[grid["y"] // 128, grid["x"] // 128] = True

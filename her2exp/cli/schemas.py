@@ -322,6 +322,81 @@ def check_rerun(cfg: Any) -> None:
         raise ConfigError("run_id=<MLflow run id> is required")
 
 
+# -- her2exp-tile --------------------------------------------------------------------------------
+@dataclass
+class TilesConfig:
+    """tiles.*: the physical tile and what counts as tissue."""
+
+    mpp: float = ranged(0.5, gt=0, le=100)  # um per pixel of a tile
+    size: int = ranged(224, ge=16, le=8192)  # tile side in pixels (at `mpp`)
+    min_tissue: float = ranged(0.5, ge=0, le=1)  # fraction of a tile the tissue mask must cover
+    assume_mpp: float | None = ranged(None, gt=0, le=100)  # for slides whose file has none
+    mask_mpp: float = ranged(8.0, gt=0, le=1000)  # um per pixel of the tissue mask's thumbnail
+    workers: int = ranged(1, ge=1, le=256)  # slides tiled in parallel processes
+    shard: str | None = None  # i/n: this machine's share of the slides (SLURM arrays)
+    # QuPath classes whose regions are excluded (pen, artefacts); any other class includes.
+    exclude_classes: list[str] = field(
+        default_factory=lambda: ["Ignore*", "Ignore", "Exclude", "Pen", "Artefact", "Artifact"]
+    )
+
+
+@dataclass
+class TileCommand:
+    """`her2exp-tile`: a slide table -> tiles.parquet (coordinates), QC thumbnails, summary."""
+
+    slide_table: str | None = None  # CSV or Parquet: path, label or score, [patient_id, site, ...]
+    out: str | None = None
+    tiles: TilesConfig = field(default_factory=TilesConfig)
+    label_map: Any = None  # null: her2_neg -> 0, her2_pos -> 1 (as data=manifest)
+    score_map: Any = None  # null: 0, 1+ -> 0 and 3+ -> 1
+    equivocal: str = "exclude"
+    on_bad_file: str = "error"  # error | skip: leave unusable slides out, listed in summary.csv
+    overwrite: bool = False  # tile an earlier output again with other settings
+
+
+def tile_data_config(cfg: Any) -> DictConfig:
+    """The label rules of a slide table: data=manifest's, with this command's maps."""
+    full = OmegaConf.merge(
+        OmegaConf.structured(TrainConfig), {"data": {"equivocal": cfg.equivocal}, "output_dir": "."}
+    )
+    for key in ("label_map", "score_map"):
+        if cfg[key] is not None:
+            if not OmegaConf.is_dict(cfg[key]):
+                _fail(key, cfg[key], "a map of names to 0 (HER2-) or 1 (HER2+), e.g. {neg:0,pos:1}")
+            full.data[key] = {str(k): v for k, v in cfg[key].items()}
+    validate(full)
+    return full.data
+
+
+def check_tile(cfg: Any) -> None:
+    """Values, the table, the output folder: all before a slide is opened."""
+    from her2exp.slides.tile import check_out
+
+    check_ranges(cfg, TileCommand)
+    if cfg.on_bad_file not in ("error", "skip"):
+        _fail("on_bad_file", cfg.on_bad_file, "error or skip")
+    shard = cfg.tiles.shard
+    if shard is not None:
+        parts = str(shard).split("/")
+        if (
+            len(parts) != 2
+            or not all(p.isdigit() for p in parts)
+            or not 0 <= int(parts[0]) < int(parts[1])
+        ):
+            _fail("tiles.shard", shard, "i/n with 0 <= i < n (e.g. 0/4)")
+    if not cfg.slide_table:
+        raise ConfigError("slide_table=<CSV or Parquet of slides> is required")
+    if not Path(cfg.slide_table).is_file():
+        raise ConfigError(f"slide_table={cfg.slide_table}: no such file")
+    if not cfg.out:
+        raise ConfigError("out=<folder for the tile manifest> is required")
+    tile_data_config(cfg)
+    try:
+        check_out(Path(cfg.out), cfg.tiles, cfg.overwrite)
+    except FileExistsError as exc:
+        raise UserError(str(exc)) from None
+
+
 SCHEMAS: dict[str, type] = {
     "eval": EvalCommand,
     "predict": PredictCommand,
@@ -331,6 +406,7 @@ SCHEMAS: dict[str, type] = {
     "server": ServerCommand,
     "sync": SyncCommand,
     "rerun": RerunCommand,
+    "tile": TileCommand,
 }
 
 
@@ -353,6 +429,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "server": check_server,
     "sync": check_sync,
     "rerun": check_rerun,
+    "tile": check_tile,
 }
 
 

@@ -108,6 +108,11 @@ class Slide:
             image = np.asarray(Image.fromarray(image).resize((tw, th), Image.BOX))
         return image, width / image.shape[1]
 
+    def thumbnail_at(self, mpp: float) -> tuple[np.ndarray, float]:
+        """A thumbnail at about `mpp` um per pixel (never finer than level 0)."""
+        width, height = self.dimensions
+        return self.thumbnail(math.ceil(max(width, height) / max(1.0, mpp / self.mpp)))
+
     def info(self) -> SlideInfo:
         width, height = self.dimensions
         vendor = str(self._osr.properties.get("openslide.vendor", "unknown"))
