@@ -196,3 +196,47 @@ def test_other_settings_on_an_earlier_output_are_refused_unless_overwrite(tiled,
     (foreign / "notes.txt").write_text("mine")
     err = refused(folder / "slides.csv", foreign, capsys, "overwrite=true")
     assert "not an earlier her2exp-tile output" in err and os.listdir(foreign) == ["notes.txt"]
+
+
+def test_a_corrected_table_reaches_the_manifest_and_a_moved_slide_is_tiled_again(
+    tiled, tmp_path, capsys
+) -> None:
+    folder, cohort, done = tiled
+    out = tmp_path / "tiles"
+    shutil.copytree(done, out)
+    table = cohort.table.assign(path=[str(folder / p) for p in cohort.table["path"]])
+    table.loc[0, "label"] = 1 - table.loc[0, "label"]  # a label fixed after tiling
+    moved = tmp_path / "moved.tiff"
+    shutil.copy(folder / cohort.table.loc[1, "path"], moved)
+    table.loc[1, "path"] = str(moved)  # the same slide id, now another file
+    table.to_csv(tmp_path / "slides.csv", index=False)
+    capsys.readouterr()
+    tile(tmp_path / "slides.csv", out)
+    assert "1 slides tiled, 5 already tiled" in capsys.readouterr().out
+    tiles = pd.read_parquet(out / "tiles.parquet").set_index("slide_id")
+    first, second = table.loc[0, "slide_id"], table.loc[1, "slide_id"]
+    assert set(tiles.loc[[first], "label"]) == {table.loc[0, "label"]}
+    assert set(tiles.loc[[second], "slide_path"]) == {str(moved)}
+
+
+def test_a_slide_damaged_past_the_checks_is_named_and_the_others_are_kept(
+    slide_cohort, tmp_path, capsys
+) -> None:
+    """Level 1 reads (so the checks pass) but level 0's tiles are damaged: the failure is named
+    in one message, the other slides' files stay, `skip` finishes the manifest without it."""
+    folder, cohort = slide_cohort
+    data = bytearray((folder / cohort.table.loc[0, "path"]).read_bytes())
+    for offset in range(3000, 60000, 7):  # inside level 0's first tiles
+        data[offset] = (data[offset] + 77) % 256
+    damaged = tmp_path / "damaged.tiff"
+    damaged.write_bytes(bytes(data))
+    table = cohort.table.assign(path=[str(folder / p) for p in cohort.table["path"]])
+    table.loc[0, "path"] = str(damaged)
+    table.iloc[:3].to_csv(tmp_path / "slides.csv", index=False)
+    err = refused(tmp_path / "slides.csv", tmp_path / "out", capsys)
+    assert "failed while tiled" in err and f"{damaged}: region (0, 0) unreadable" in err
+    assert len(list((tmp_path / "out" / "slides").iterdir())) == 2  # the other two, kept
+    tile(tmp_path / "slides.csv", tmp_path / "out", "on_bad_file=skip")
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv").set_index("slide_id")
+    assert summary.loc[table.loc[0, "slide_id"], "status"] == "skipped"
+    assert pd.read_parquet(tmp_path / "out" / "tiles.parquet")["slide_id"].nunique() == 2

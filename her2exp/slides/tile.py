@@ -176,7 +176,7 @@ def tile_one(job: SlideJob, tiles: DictConfig, out: Path) -> dict[str, Any]:
         grid = grid[_annotation_keep(job.annotation, grid, choice.step, tiles.exclude_classes)]
     frame = _manifest_rows(job, grid, tiles)
     name = safe_name(job.slide_id)
-    atomic_write(out / "qc" / f"{name}.png", _qc_png(qc, qc_down, mask, down, grid, choice.step))
+    atomic_write(out / "qc" / f"{name}.png", _qc_png(qc, qc_down, mask, grid, choice.step))
     atomic_write(out / "slides" / f"{name}.parquet", frame.to_parquet(index=False))
     area_mm2 = float(mask.mean()) * info["width"] * info["height"] * info["mpp"] ** 2 / 1e6
     return {"slide_id": job.slide_id, "status": "tiled", "reason": "", "tiles": len(frame),
@@ -231,12 +231,7 @@ def _annotation_keep(
 
 
 def _qc_png(
-    image: np.ndarray,
-    down: float,
-    mask: np.ndarray,
-    mask_down: float,
-    grid: pd.DataFrame,
-    step: int,
+    image: np.ndarray, down: float, mask: np.ndarray, grid: pd.DataFrame, step: int
 ) -> bytes:
     """The slide (longer side QC_SIDE) with its tissue mask tinted and each kept tile outlined."""
     import io
@@ -291,7 +286,24 @@ def _check_slides(
 
 
 def _done(job: SlideJob, out: Path) -> bool:
-    return (out / "slides" / f"{safe_name(job.slide_id)}.parquet").is_file()
+    """Tiled already, from this very file (a table that now points the id at another file
+    tiles it again); labels, patients and sites are taken from the current table anyway."""
+    path = out / "slides" / f"{safe_name(job.slide_id)}.parquet"
+    if not path.is_file():
+        return False
+    recorded = pd.read_parquet(path, columns=["slide_path"])["slide_path"]
+    return len(recorded) == 0 or str(recorded.iloc[0]) == job.path
+
+
+def _tile_or_problem(
+    job: SlideJob, tiles: DictConfig, out: Path
+) -> tuple[dict[str, Any] | None, tuple[SlideJob, str] | None]:
+    """tile_one, with a slide that fails while its tiles are read (a damaged tile past the
+    checks) returned as a problem instead of ending the other slides' work."""
+    try:
+        return tile_one(job, tiles, out), None
+    except SlideError as exc:
+        return None, (job, str(exc).split(": ", 1)[-1])
 
 
 def run(jobs: list[SlideJob], out: Path, tiles: DictConfig, on_bad_file: str) -> dict[str, Any]:
@@ -304,18 +316,39 @@ def run(jobs: list[SlideJob], out: Path, tiles: DictConfig, on_bad_file: str) ->
     good, skipped = _check_slides(todo, tiles, on_bad_file)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / SETTINGS_FILE, json.dumps(settings(tiles), indent=1) + "\n")
-    rows = []
+    rows, failed = [], []
     bar = tqdm(total=len(good), desc="slides", unit="slide", disable=None)
-    if tiles.workers > 1 and len(good) > 1:
+    n = len(good)
+    if tiles.workers > 1 and n > 1:
         with ProcessPoolExecutor(max_workers=tiles.workers) as pool:
-            for row in pool.map(tile_one, good, [tiles] * len(good), [out] * len(good)):
-                rows.append(row)
-                bar.update()
+            results = list(pool.map(_tile_or_problem, good, [tiles] * n, [out] * n))
+            bar.update(n)
     else:
+        results = []
         for job in good:
-            rows.append(tile_one(job, tiles, out))
+            results.append(_tile_or_problem(job, tiles, out))
             bar.update()
     bar.close()
+    for row, problem in results:
+        if row is not None:
+            rows.append(row)
+        else:
+            failed.append(problem)
+    if failed and on_bad_file == "error":
+        raise DataValidationError(
+            "slides that failed while tiled (the others are kept: run again to resume)",
+            [(j.path, why) for j, why in failed],
+        )
+    skipped += [
+        {"slide_id": j.slide_id, "status": "skipped", "reason": why, "tiles": 0}
+        for j, why in failed
+    ]
+    if skipped:
+        log.warning(
+            "left out %d slide(s) (on_bad_file=skip), listed in %s",
+            len(skipped),
+            out / "summary.csv",
+        )
     settled = _merge_summary(out, rows + skipped)
     complete = all(_done(j, out) or j.slide_id in settled for j in jobs)
     if complete:
@@ -352,10 +385,14 @@ def clear(out: Path) -> None:
 
 
 def _write_manifest(jobs: list[SlideJob], out: Path) -> None:
-    parts = [
-        pd.read_parquet(out / "slides" / f"{safe_name(j.slide_id)}.parquet")
-        for j in sorted(jobs, key=lambda j: j.slide_id)
-        if _done(j, out)
-    ]
+    """All slides' tiles, with the table's current labels, patients, sites and splits (a label
+    corrected in the table needs no retiling)."""
+    parts = []
+    for job in sorted(jobs, key=lambda j: j.slide_id):
+        if _done(job, out):
+            part = pd.read_parquet(out / "slides" / f"{safe_name(job.slide_id)}.parquet")
+            for key in ("patient_id", "label", "her2_score", "site", "split"):
+                part[key] = getattr(job, key)
+            parts.append(part)
     frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=MANIFEST_COLUMNS)
     atomic_write(out / "tiles.parquet", frame.to_parquet(index=False))
