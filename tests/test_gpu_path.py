@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
+from test_engine import Patches  # uint8 patches, label and index, as PatchDataset yields
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from conftest import SmokeRun, compose_train
 from her2exp import builders, checkpoint, distributed, models
@@ -295,19 +296,6 @@ class HostReads(TorchFunctionMode):
             if f"{os.sep}her2exp{os.sep}" in caller and "tests" not in caller:
                 self.count += 1
         return func(*args, **(kwargs or {}))
-
-
-class Patches(Dataset):
-    def __init__(self, n: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=g)
-        self.y = torch.arange(n) % 2
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-    def __getitem__(self, i: int):
-        return self.x[i], self.y[i], i
 
 
 @pytest.mark.parametrize("accumulation", [1, 3])

@@ -196,6 +196,12 @@ def manifest_data_config(cfg: Any) -> DictConfig:
         "on_bad_file": cfg.on_bad_file,
         "split": cfg.split,
     }
+    return _label_rules(cfg, data)
+
+
+def _label_rules(cfg: Any, data: dict[str, Any]) -> DictConfig:
+    """`data` over training's defaults with the command's label_map/score_map, validated as
+    training validates it (manifest and tile commands)."""
     full = OmegaConf.merge(OmegaConf.structured(TrainConfig), {"data": data, "output_dir": "."})
     for key in ("label_map", "score_map"):
         if cfg[key] is not None:  # replaces the default map (a merge would keep its names)
@@ -356,16 +362,7 @@ class TileCommand:
 
 def tile_data_config(cfg: Any) -> DictConfig:
     """The label rules of a slide table: data=manifest's, with this command's maps."""
-    full = OmegaConf.merge(
-        OmegaConf.structured(TrainConfig), {"data": {"equivocal": cfg.equivocal}, "output_dir": "."}
-    )
-    for key in ("label_map", "score_map"):
-        if cfg[key] is not None:
-            if not OmegaConf.is_dict(cfg[key]):
-                _fail(key, cfg[key], "a map of names to 0 (HER2-) or 1 (HER2+), e.g. {neg:0,pos:1}")
-            full.data[key] = {str(k): v for k, v in cfg[key].items()}
-    validate(full)
-    return full.data
+    return _label_rules(cfg, {"equivocal": cfg.equivocal})
 
 
 def check_tile(cfg: Any) -> None:
