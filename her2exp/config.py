@@ -25,7 +25,7 @@ class ConfigError(ValueError):
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 LOSS_CHOICES = ("ce", "focal")
-DATA_SOURCES = ("synthetic", "folder", "manifest")
+DATA_SOURCES = ("synthetic", "folder", "manifest", "slides")
 EQUIVOCAL_CHOICES = ("exclude", "positive", "negative")
 PATIENT_LABEL_CHOICES = ("error", "max", "majority")
 FINETUNE_CHOICES = ("full", "frozen", "last_n_blocks")
@@ -266,7 +266,11 @@ class DataConfig:
     std: list[float] | None = None
     # The user's own patches (data=folder | data=manifest; her2exp/data/sources.py).
     root: str | None = None  # data=folder: class (or HER2 score) sub-folders of patches
-    path: str | None = None  # data=manifest: a .csv or .parquet manifest
+    path: str | None = (
+        None  # data=manifest: a .csv or .parquet manifest; data=slides: tiles.parquet
+    )
+    # data=slides: slide handles each reading process keeps open (least recently used closed).
+    max_open_slides: int = ranged(16, ge=1)
     label_map: dict[str, int] = field(default_factory=lambda: {"her2_neg": 0, "her2_pos": 1})
     # IHC score -> label; 2+ (equivocal without ISH) is decided by `equivocal`.
     score_map: dict[str, int] = field(default_factory=lambda: {"0": 0, "1+": 0, "3+": 1})
@@ -304,7 +308,7 @@ def validate_data(d: Any, m: Any) -> None:
         )
     if d.on_bad_file not in ("error", "skip"):
         _fail("data.on_bad_file", d.on_bad_file, "error or skip")
-    if not d.cache:
+    if not d.cache and d.source != "slides":
         _fail("data.cache", d.cache, "true (streaming patches from disk is not built yet)")
     for key in ("label_map", "score_map"):
         mapping = dict(d[key])

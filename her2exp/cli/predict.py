@@ -2,6 +2,7 @@
 
     her2exp-predict checkpoint=outputs/<date>/<time>/checkpoints/best.pt input=/path/patches
     her2exp-predict run_id=<MLflow run id> input=/path/patches out=preds.csv
+    her2exp-predict run_id=<id> input=DIR/tiles.parquet out=preds.csv   # slides: + heatmaps
 
 Files that cannot be decoded are listed (stderr and `<out>.errors.csv`) and skipped; without
 any, an `<out>.errors.csv` left by an earlier run is removed, so the two files always agree. An
@@ -26,15 +27,22 @@ log = logging.getLogger("her2exp")
 def main(cfg: DictConfig) -> None:
     """Score, write the table (and the unreadable files beside it); exit 1 if nothing scored."""
     from her2exp.fileio import atomic_write_text
-    from her2exp.predict import predict_folder
+    from her2exp.predict import predict_folder, predict_slides
 
     schemas.check_predict(cfg)
     if cfg.output is not None:
         log.warning("output= is deprecated: use out=%s", cfg.output)
     out = schemas.predict_out(cfg)
-    table, errors = predict_folder(cfg)
-    atomic_write_text(out, table.to_csv(index=False))
-    print(f"her2exp: {len(table)} patches scored -> {out}")
+    if schemas.predict_on_slides(cfg):
+        maps = schemas.heatmap_dir(cfg)
+        table, errors = predict_slides(cfg, maps)
+        atomic_write_text(out, table.to_csv(index=False))
+        slides = table["slide_id"].nunique() if len(table) else 0
+        print(f"her2exp: {len(table)} tiles of {slides} slides scored -> {out}; heatmaps in {maps}")
+    else:
+        table, errors = predict_folder(cfg)
+        atomic_write_text(out, table.to_csv(index=False))
+        print(f"her2exp: {len(table)} patches scored -> {out}")
     err_path = out.with_suffix(".errors.csv")
     if not errors:
         err_path.unlink(missing_ok=True)  # an earlier run's list, about other files

@@ -111,8 +111,11 @@ class PredictCommand:
 
     checkpoint: str | None = None
     run_id: str | None = None
-    input: str | None = None  # a folder of patches (searched recursively)
+    input: str | None = None  # a folder of patches (searched recursively), or a tiles.parquet
     out: str = "predictions.csv"
+    # Slides (input= a tile manifest of her2exp-tile): one PNG per slide; null: <out>_heatmaps/.
+    heatmaps: str | None = None
+    num_workers: int = ranged(0, ge=0)  # DataLoader workers reading tiles from the slides
     output: str | None = None  # deprecated spelling of `out`
     batch_size: int = ranged(64, ge=1)
     overwrite: bool = False  # replace an existing `out` table (and its errors list)
@@ -124,14 +127,32 @@ def predict_out(cfg: Any) -> Path:
     return Path(cfg.output or cfg.out)
 
 
+def predict_on_slides(cfg: Any) -> bool:
+    """input= names a tile manifest (her2exp-tile's tiles.parquet), not a folder of patches."""
+    return bool(cfg.input) and str(cfg.input).lower().endswith((".parquet", ".pq", ".csv"))
+
+
+def heatmap_dir(cfg: Any) -> Path:
+    out = predict_out(cfg)
+    return Path(cfg.heatmaps) if cfg.heatmaps else out.with_name(f"{out.stem}_heatmaps")
+
+
 def check_predict(cfg: Any) -> None:
-    """Values, the input folder, one model source, then the user's files: an existing table of
-    predictions (perhaps a cohort's only record) is replaced only with overwrite=true."""
+    """Values, the input, one model source, then the user's files: an existing table of
+    predictions (perhaps a cohort's only record) or heatmap folder is replaced only with
+    overwrite=true."""
     check_ranges(cfg, PredictCommand)
     if not cfg.input:
-        raise ConfigError("input=<folder of patches> is required")
-    if not Path(cfg.input).is_dir():
-        raise ConfigError(f"input={cfg.input} is not a folder")
+        raise ConfigError(
+            "input=<folder of patches, or DIR/tiles.parquet of her2exp-tile> is required"
+        )
+    slides = predict_on_slides(cfg)
+    if slides and not Path(cfg.input).is_file():
+        raise ConfigError(f"input={cfg.input}: no such tile manifest (run her2exp-tile first)")
+    if not slides and not Path(cfg.input).is_dir():
+        raise ConfigError(
+            f"input={cfg.input} is not a folder (or a tile manifest .parquet/.csv of her2exp-tile)"
+        )
     _one_source(cfg)
     out = predict_out(cfg)
     if out.is_dir():
@@ -140,6 +161,12 @@ def check_predict(cfg: Any) -> None:
         raise UserError(
             f"out={out} exists (the predictions of an earlier run): give another out=, or "
             "overwrite=true to replace it"
+        )
+    maps = heatmap_dir(cfg)
+    if slides and maps.exists() and any(maps.iterdir()) and not cfg.overwrite:
+        raise UserError(
+            f"heatmaps={maps} holds an earlier run's heatmaps: give another heatmaps=, or "
+            "overwrite=true to replace them"
         )
 
 

@@ -95,6 +95,8 @@ def build(cfg: DictConfig, seed: int) -> DataBundle:
     listing every bad file and split problem at once.
     """
     data_seed, split_seed = seeds(cfg, seed)
+    if cfg.source == "slides":
+        return _from_slides(cfg, split_seed, cohort=False)
     if cfg.source != "synthetic":
         return _from_files(sources.load(cfg, split_seed))
     bundle = build_cohort(cfg, data_seed)
@@ -107,6 +109,8 @@ def build(cfg: DictConfig, seed: int) -> DataBundle:
 
 def build_cohort(cfg: DictConfig, seed: int) -> DataBundle:
     """The whole data set as one cohort (split "cohort"): what an external evaluation scores."""
+    if cfg.source == "slides":
+        return _from_slides(cfg, seed, cohort=True)
     if cfg.source != "synthetic":
         return _from_files(sources.load(cfg, seed, cohort=True))
     data = synthetic.generate(
@@ -130,6 +134,17 @@ def _from_files(loaded: sources.Loaded) -> DataBundle:
         loaded.skipped,
         loaded.notes,
     )
+
+
+def _from_slides(cfg: DictConfig, seed: int, cohort: bool) -> DataBundle:
+    from her2exp.slides import dataset  # OpenSlide is imported only for slide data
+
+    loaded = dataset.load(cfg, seed, cohort=cohort)
+    store: PatchStore = loaded.store
+    if cfg.get("cache", False):  # every tile read once, up front (small cohorts, benchmarks)
+        store = InMemoryPatches(loaded.store.read_many(np.arange(len(loaded.store))))
+        loaded.store.close()
+    return DataBundle(loaded.manifest, store, loaded.fingerprint, loaded.skipped)
 
 
 def _fingerprint(cfg: DictConfig, seed: int, manifest: pd.DataFrame) -> str:
