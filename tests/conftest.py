@@ -78,3 +78,34 @@ def slide_cohort(tmp_path_factory: pytest.TempPathFactory):
 
     folder = tmp_path_factory.mktemp("slides")
     return folder, make_cohort(folder, n_slides=6, shape=(768, 1024), cell=128, keep_images=True)
+
+
+@pytest.fixture(scope="session")
+def tiled_slides(slide_cohort, tmp_path_factory: pytest.TempPathFactory):
+    """The six slides tiled once by `her2exp-tile` (128 px tiles at 0.5 um/px, one per rendered
+    tissue cell): (slide folder, cohort, tile output folder). Tests copy it before changing it."""
+    from her2exp.cli.common import compose
+    from her2exp.cli.tile import main
+
+    folder, cohort = slide_cohort
+    out = tmp_path_factory.mktemp("tiled") / "tiles"
+    table = folder / "slides.csv"
+    main(compose("tile", [f"slide_table={table}", f"out={out}", "tiles.size=128"]))
+    return folder, cohort, out
+
+
+@pytest.fixture(scope="session")
+def slides_run(tiled_slides, tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
+    """One real `her2exp-train data=slides` under DDP (2 gloo processes), tiles read lazily
+    from the slides and resized to 32 px; shared by every test of training on slides."""
+    _, _, tiles = tiled_slides
+    cwd = tmp_path_factory.mktemp("slides_run")
+    run_dir = cwd / "run"
+    args = ["experiment=smoke", "data=slides", f"data.path={tiles / 'tiles.parquet'}"]
+    args += ["data.image_size=32", "data.num_workers=0", "trainer.nproc_per_node=2"]
+    args += ["trainer.epochs=1"]
+    proc = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=cwd)
+    assert proc.returncode == 0, f"slides run failed:\n{proc.stdout}\n{proc.stderr}"
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("her2exp: MLflow run "))
+    uri = f"sqlite:///{cwd}/mlflow.db"
+    return SmokeRun(cwd, run_dir, uri, line.split()[3], proc.stdout, proc.stderr)

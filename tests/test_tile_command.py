@@ -42,11 +42,8 @@ def refused(table: Path, out: Path, capsys, *overrides: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiled(slide_cohort, tmp_path_factory):
-    folder, cohort = slide_cohort
-    out = tmp_path_factory.mktemp("tiled") / "tiles"
-    tile(folder / "slides.csv", out)
-    return folder, cohort, out
+def tiled(tiled_slides):
+    return tiled_slides  # the session's tiling (conftest.py), with the SIZE above
 
 
 def test_the_manifest_holds_the_tiles_over_tissue_with_their_slides_labels(tiled) -> None:
