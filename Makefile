@@ -5,7 +5,7 @@ STAMP := $(VENV)/.her2exp-installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow bench gpu-check lint format ui montage clean demo-folder ddp sweep compare mlflow-server
+.PHONY: help install train test test-slow bench gpu-check lint format ui montage clean demo-folder demo-slides ddp sweep compare mlflow-server
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -61,6 +61,12 @@ demo-folder: $(STAMP) ## export the embedded data as a PNG folder + manifest und
 	rm -rf outputs/demo_folder
 	$(VENV)/bin/her2exp-manifest export_synthetic=$(CURDIR)/outputs/demo_folder n_patients=40 patches_per_patient=12 image_size=32
 	$(VENV)/bin/her2exp-train experiment=smoke data=folder data.root=$(CURDIR)/outputs/demo_folder 'data.patient_regex="^([^-]+)-"' $(ARGS)
+
+demo-slides: $(STAMP) ## 20 embedded whole-slide TIFFs -> her2exp-tile -> her2exp-train data=slides (offline, a few minutes)
+	rm -rf outputs/demo_slides
+	$(PY) -m her2exp.slides.synthetic outputs/demo_slides/slides --n-slides 20
+	$(VENV)/bin/her2exp-tile slide_table=outputs/demo_slides/slides/slides.csv out=outputs/demo_slides/tiles tiles.mpp=0.5 tiles.size=128 tiles.workers=2
+	$(VENV)/bin/her2exp-train data=slides data.path=$(CURDIR)/outputs/demo_slides/tiles/tiles.parquet model=resnet10t data.image_size=64 data.num_workers=2 trainer.epochs=6 hydra.run.dir=outputs/demo_slides/run $(ARGS)
 
 ddp: $(STAMP) ## the 2-process CPU DDP example (torchrun, gloo)
 	$(VENV)/bin/torchrun --nproc_per_node=2 -m her2exp.train experiment=smoke model.name=test_convnext trainer.epochs=3 $(ARGS)

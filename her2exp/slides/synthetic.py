@@ -160,3 +160,30 @@ def make_cohort(
     table = pd.DataFrame(rows_out)
     atomic_write_text(out / "slides.csv", table.to_csv(index=False))
     return SlideCohort(table, images, tissue, cell)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m her2exp.slides.synthetic OUT [--n-slides 20]`: the embedded slides of
+    `make demo-slides`, with the slide table her2exp-tile reads."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out")
+    parser.add_argument("--n-slides", type=int, default=20)
+    parser.add_argument("--height", type=int, default=1536)
+    parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--compression", choices=("zlib", "jpeg"), default="jpeg")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    cohort = make_cohort(
+        args.out,
+        n_slides=args.n_slides,
+        shape=(args.height, args.width),
+        compression=args.compression,
+        seed=args.seed,
+    )
+    print(f"her2exp: {len(cohort.table)} embedded slides -> {Path(args.out) / 'slides.csv'}")
+
+
+if __name__ == "__main__":
+    main()
