@@ -105,6 +105,34 @@ def write_slide(
     return atomic_write(path, buffer.getvalue())
 
 
+def write_ome_slide(
+    path: str | Path,
+    image: np.ndarray,
+    mpp: float | None,
+    tile: int = 256,
+    compression: str = "zlib",
+) -> Path:
+    """An OME-TIFF of `image`: level 0 in the first IFD, its 2x reductions in SubIFDs, the
+    resolution only as OME PhysicalSizeX/Y in micrometres (`mpp=None`: none at all), written
+    atomically. OpenSlide sees one level of it and no resolution; tiffslide sees it all."""
+    import tifffile
+
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression={compression!r}: one of {', '.join(COMPRESSIONS)}")
+    levels = pyramid(image, tile)
+    metadata: dict[str, object] = {"axes": "YXS"}
+    if mpp is not None:
+        metadata |= {"PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm",
+                     "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm"}  # fmt: skip
+    options = {"tile": (tile, tile), "compression": compression, "photometric": "rgb"}
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer, ome=True) as tif:
+        tif.write(levels[0], subifds=len(levels) - 1, metadata=metadata, **options)
+        for level in levels[1:]:
+            tif.write(level, subfiletype=1, metadata=None, **options)
+    return atomic_write(path, buffer.getvalue())
+
+
 def make_cohort(
     out: str | Path,
     n_slides: int = 6,
