@@ -67,31 +67,38 @@ def render_slide(
     return image
 
 
-def pyramid(image: np.ndarray, tile: int) -> list[np.ndarray]:
-    """Level 0 and its 2x area-averaged reductions, down to one tile's size."""
+def pyramid(image: np.ndarray, tile: int, factor: int = 2) -> list[np.ndarray]:
+    """Level 0 and its `factor`x area-averaged reductions, down to one tile's size."""
     levels = [image]
-    while min(levels[-1].shape[:2]) // 2 >= tile:
+    while min(levels[-1].shape[:2]) // factor >= tile:
         prev = levels[-1]
-        h, w = (prev.shape[0] // 2) * 2, (prev.shape[1] // 2) * 2
-        blocks = prev[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).astype(np.float32)
-        levels.append(np.rint(blocks.mean(axis=(1, 3))).astype(np.uint8))
+        h, w = (prev.shape[0] // factor) * factor, (prev.shape[1] // factor) * factor
+        blocks = prev[:h, :w].reshape(h // factor, factor, w // factor, factor, 3)
+        levels.append(np.rint(blocks.astype(np.float32).mean(axis=(1, 3))).astype(np.uint8))
     return levels
 
 
 def write_slide(
-    path: str | Path, image: np.ndarray, mpp: float, tile: int = 256, compression: str = "zlib"
+    path: str | Path,
+    image: np.ndarray,
+    mpp: float,
+    tile: int = 256,
+    compression: str = "zlib",
+    factor: int = 2,
 ) -> Path:
-    """A pyramidal tiled TIFF of `image` at `mpp` um/px, written atomically."""
+    """A pyramidal tiled TIFF of `image` at `mpp` um/px, written atomically; `factor`: the
+    reduction between levels (2; 4 as in Aperio SVS, so a 0.5 um/px tile of a 0.25 um/px scan
+    is read at level 0 and resized)."""
     import tifffile
 
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression={compression!r}: one of {', '.join(COMPRESSIONS)}")
-    levels = pyramid(image, tile)
+    levels = pyramid(image, tile, factor)
 
     buffer = io.BytesIO()  # the embedded slides are a few MB; then one atomic write
     with tifffile.TiffWriter(buffer) as tif:
         for k, level in enumerate(levels):
-            per_cm = 1e4 / (mpp * 2**k)
+            per_cm = 1e4 / (mpp * factor**k)
             tif.write(
                 level,
                 tile=(tile, tile),
