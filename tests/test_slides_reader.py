@@ -18,7 +18,7 @@ import pytest
 from her2exp.cli.common import compose
 from her2exp.cli.tile import main
 from her2exp.slides.reader import Slide, SlideError
-from her2exp.slides.synthetic import pyramid, write_ome_slide, write_slide
+from her2exp.slides.synthetic import pyramid, write_ome_slide, write_repeated_slide, write_slide
 from her2exp.slides.tiling import read_tile
 
 #: Level-0 corners on level-1 pixels (even), across tile borders, and half off the slide.
@@ -104,8 +104,14 @@ def test_an_untiled_tiff_that_openslide_refuses_is_read_by_tiffslide(
 
     _, image = _first(slide_cohort)
     strips = tmp_path / "strips.tiff"
-    tifffile.imwrite(strips, image, photometric="rgb", resolution=(2e4, 2e4),
-                     resolutionunit="CENTIMETER", metadata=None)  # fmt: skip
+    tifffile.imwrite(
+        strips,
+        image,
+        photometric="rgb",
+        resolution=(2e4, 2e4),
+        resolutionunit="CENTIMETER",
+        metadata=None,
+    )
     with pytest.raises(SlideError, match="not a slide OpenSlide can open"):
         Slide(strips, reader="openslide")
     with Slide(strips) as slide:
@@ -156,3 +162,19 @@ def test_write_slide_reduces_by_four_like_an_svs(tmp_path: Path, slide_cohort) -
         assert slide.level_mpp(1) == pytest.approx(1.0)
         want = image.reshape(192, 4, 256, 4, 3).mean(axis=(1, 3))
         assert np.array_equal(slide.read(0, 0, 1, (256, 192)), np.rint(want).astype(np.uint8))
+
+
+def test_a_repeated_slide_is_the_slide_of_the_repeated_image(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    block = rng.integers(0, 256, (256, 384, 3), dtype=np.uint8)
+    image = np.tile(block, (3, 3, 1))[:700, :1000]
+    streamed = write_repeated_slide(
+        tmp_path / "r.tiff", block, (700, 1000), 0.5, tile=128, compression="zlib"
+    )
+    whole = write_slide(tmp_path / "w.tiff", image, 0.5, tile=128)
+    with Slide(streamed) as a, Slide(whole) as b:
+        assert a.level_downsamples == b.level_downsamples == (1.0, 2.0, 4.0)
+        assert a.mpp == pytest.approx(0.5)
+        for level, down in enumerate(a.level_downsamples):
+            size = (int(1000 // down), int(700 // down))
+            assert np.array_equal(a.read(0, 0, level, size), b.read(0, 0, level, size))

@@ -30,8 +30,16 @@ import numpy as np
 READERS = ("auto", "openslide", "tiffslide")
 
 #: OME length units -> micrometres (OME's default unit is the micrometre).
-OME_UNITS = {"pm": 1e-6, "nm": 1e-3, "µm": 1.0, "μm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4,
-             "m": 1e6}  # fmt: skip
+OME_UNITS = {
+    "pm": 1e-6,
+    "nm": 1e-3,
+    "µm": 1.0,
+    "μm": 1.0,
+    "um": 1.0,
+    "mm": 1e3,
+    "cm": 1e4,
+    "m": 1e6,
+}
 
 
 class SlideError(ValueError):

@@ -6,7 +6,10 @@ in tests and offline demos. Each slide is one patient of the embedded IHC genera
 a white glass background. The file holds level 0 and 2x-reduced levels as top-level
 reduced-resolution IFDs (SubFileType 1), tiled, deflate- (exact) or JPEG-compressed, with
 resolution tags in pixels per centimetre, so OpenSlide's generic-tiff reader reports the mpp.
-Nothing else goes in: no label or macro image, no free-text description.
+Nothing else goes in: no label or macro image, no free-text description. Beside them:
+`write_ome_slide` (an OME-TIFF, pyramid in SubIFDs, resolution in OME PhysicalSizeX/Y: what
+tiffslide reads and OpenSlide does not) and `write_repeated_slide` (a large slide streamed from one
+repeated block, for the benchmarks).
 """
 
 from __future__ import annotations
@@ -112,6 +115,58 @@ def write_slide(
     return atomic_write(path, buffer.getvalue())
 
 
+def write_repeated_slide(
+    path: str | Path,
+    block: np.ndarray,
+    shape: tuple[int, int],
+    mpp: float,
+    tile: int = 256,
+    compression: str = "jpeg",
+) -> Path:
+    """A large pyramidal tiled TIFF (`shape` = (height, width)) of `block` repeated, streamed
+    tile by tile (memory: the block's pyramid and one tile), written atomically; the file
+    `write_slide` would write for the repeated image (a 20,000 px square one would need
+    several GB and minutes through `make_cohort`, which is why the benchmark uses this).
+    The block's sides must divide by 2 for every reduced level."""
+    import tifffile
+
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression={compression!r}: one of {', '.join(COMPRESSIONS)}")
+    dims = [tuple(shape)]
+    while min(dims[-1]) // 2 >= tile:
+        dims.append((dims[-1][0] // 2, dims[-1][1] // 2))
+    if any(side % 2 ** (len(dims) - 1) for side in block.shape[:2]):
+        raise ValueError(f"block {block.shape[:2]}: sides must divide by {2 ** (len(dims) - 1)}")
+    blocks = pyramid(block, 1)[: len(dims)]
+
+    def tiles(level: np.ndarray, height: int, width: int):  # noqa: ANN202 - a generator
+        bh, bw = level.shape[:2]
+        for y in range(0, height, tile):
+            rows = (y + np.arange(tile)) % bh
+            for x in range(0, width, tile):
+                yield level[np.ix_(rows, (x + np.arange(tile)) % bw)]
+
+    def write(fh) -> None:  # noqa: ANN001 - the open temporary file
+        handle = tifffile.FileHandle(fh, mode="wb", name=Path(path).name)  # fh.name is an fd
+        with tifffile.TiffWriter(handle, bigtiff=True) as tif:
+            for k, ((height, width), level) in enumerate(zip(dims, blocks, strict=True)):
+                per_cm = 1e4 / (mpp * 2**k)
+                tif.write(
+                    tiles(level, height, width),
+                    shape=(height, width, 3),
+                    dtype=np.uint8,
+                    tile=(tile, tile),
+                    compression=compression,
+                    photometric="rgb",
+                    resolution=(per_cm, per_cm),
+                    resolutionunit="CENTIMETER",
+                    subfiletype=0 if k == 0 else 1,
+                    metadata=None,
+                )
+
+    return atomic_write(path, write)
+
+
 def write_ome_slide(
     path: str | Path,
     image: np.ndarray,
@@ -129,8 +184,12 @@ def write_ome_slide(
     levels = pyramid(image, tile)
     metadata: dict[str, object] = {"axes": "YXS"}
     if mpp is not None:
-        metadata |= {"PhysicalSizeX": mpp, "PhysicalSizeXUnit": "µm",
-                     "PhysicalSizeY": mpp, "PhysicalSizeYUnit": "µm"}  # fmt: skip
+        metadata |= {
+            "PhysicalSizeX": mpp,
+            "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeY": mpp,
+            "PhysicalSizeYUnit": "µm",
+        }
     options = {"tile": (tile, tile), "compression": compression, "photometric": "rgb"}
     buffer = io.BytesIO()
     with tifffile.TiffWriter(buffer, ome=True) as tif:
