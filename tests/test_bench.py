@@ -154,3 +154,41 @@ def test_gpu_check_names_every_skipped_check_with_its_reason(tmp_path) -> None:
         "  - test_gpu::test_bf16_autocast_trains",
         f"  - {gpu_check.BENCH_NAME}",
     ]
+
+
+def test_slides_bench_counts_and_reads_the_tiles_it_times(tmp_path, capsys) -> None:
+    import numpy as np
+    import pandas as pd
+
+    from her2exp.bench import slides as slide_bench
+    from her2exp.slides.reader import Slide
+    from her2exp.slides.synthetic import write_repeated_slide
+
+    block = slide_bench.rendered_block(512)
+    image = np.tile(block, (2, 2, 1))
+    rates = slide_bench.tile_rates(image, tmp_path, rounds=1, compression="zlib")
+    scans = [(scan, mpp) for scan, mpp, _ in slide_bench.SCANS]
+    assert [(r.scan, r.reader) for r in rates] == [
+        (scan, reader) for scan, _ in scans for reader in slide_bench.READERS
+    ]
+    mpps = [mpp for _, mpp in scans for _ in slide_bench.READERS]
+    for rate, mpp in zip(rates, mpps, strict=True):
+        assert rate.ratio == pytest.approx(rate.slide_per_second / rate.memory_per_second)
+        with Slide(tmp_path / f"scan_{mpp}.tiff", reader=rate.reader) as slide:
+            choice, coords = slide_bench.tissue_tiles(slide)
+            # 0.25 um/px, 4x levels: read 448 px at level 0 and reduce; 0.5: read as is.
+            assert (choice.level, choice.read_size) == (0, 448 if mpp == 0.25 else 224)
+            assert rate.tiles == len(coords) > 0
+            got = slide_bench.from_slide(slide, choice, coords)
+        want = slide_bench.from_memory(image, choice, coords)
+        assert len(got) == len(want)
+        for g, w in zip(got, want, strict=True):
+            assert g.shape == (224, 224, 3) and np.array_equal(g, w)
+    big = write_repeated_slide(tmp_path / "big.tiff", block, (1024, 1536), 0.5)
+    tiling = slide_bench.tiling_rate(big, tmp_path / "tiled", rounds=1)
+    written = pd.read_parquet(tmp_path / "tiled" / "slides" / "bench.parquet")
+    assert (tiling.width, tiling.height, tiling.tiles) == (1536, 1024, len(written))
+    assert tiling.slides_per_minute == pytest.approx(60 / tiling.seconds)
+    assert slide_bench.training_slides_vs_cache() is None
+    assert "not measured yet" in capsys.readouterr().out
+    assert slide_bench.training_slides_vs_cache(lambda cache: 200.0 if cache else 50.0) == 0.25

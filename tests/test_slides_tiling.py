@@ -98,6 +98,7 @@ def test_what_is_recorded_of_a_slide(slide_cohort) -> None:
         "level_downsamples": (1.0, 2.0),
         "mpp": 0.5,
         "mpp_assumed": False,
+        "reader": "openslide",
     }
 
 
@@ -108,7 +109,7 @@ def test_unusable_slides_are_refused_naming_them(tmp_path: Path, slide_cohort) -
         Slide(missing)
     junk = tmp_path / "junk.svs"
     junk.write_bytes(b"not a slide")
-    with pytest.raises(SlideError, match=f"slide {junk}: not a slide OpenSlide can open"):
+    with pytest.raises(SlideError, match=f"slide {junk}: not a slide OpenSlide or tiffslide can"):
         Slide(junk)
     whole = (folder / cohort.table["path"][0]).read_bytes()
     cut = tmp_path / "truncated.tiff"

@@ -138,7 +138,7 @@ def test_unusable_slides_are_named_before_anything_is_written(slide_cohort, tmp_
     pd.concat([table, extra], ignore_index=True).to_csv(csv, index=False)
     err = refused(csv, tmp_path / "out", capsys)
     assert "3 problems" in err and "on_bad_file=skip" in err
-    assert f"{junk}: not a slide OpenSlide can open" in err
+    assert f"{junk}: not a slide OpenSlide or tiffslide can open" in err
     assert f"{glass}: no tissue found" in err
     assert f"{bare}: its resolution (microns per pixel) is unknown" in err
     assert not (tmp_path / "out").exists()  # nothing written

@@ -6,6 +6,8 @@
 - :mod:`her2exp.bench.ci`: seconds of the DeLong and bootstrap AUC intervals on 100,000 scores.
 - :mod:`her2exp.bench.stain`: patches/s of her2exp's batched Macenko vs torchstain and
   torch-staintools.
+- :mod:`her2exp.bench.slides`: one worker's tiles/s read from slides (OpenSlide, tiffslide) vs
+  the same tiles from memory; `her2exp-tile`'s slides/min on a 20,000 px slide.
 - :mod:`her2exp.bench.gpu_check`: `make gpu-check`, the CUDA-only tests and ``--cuda``.
 
 Speed is measured here, never asserted by the tests (they check what each bench computes).
@@ -49,9 +51,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"epoch": results}
     if args.skip_extras:
         return out
-    from her2exp.bench import ci, stain
+    from her2exp.bench import ci, slides, stain
 
     out["ci"] = ci.main()
     print("bench: stain normalisation, 256 patches of 128 px (her2exp.bench.stain)")
     out["stain"] = stain.main([])
+    out["slides"] = slides.main([])
     return out

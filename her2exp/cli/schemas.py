@@ -366,6 +366,8 @@ class TilesConfig:
     assume_mpp: float | None = ranged(None, gt=0, le=100)  # for slides whose file has none
     mask_mpp: float = ranged(8.0, gt=0, le=1000)  # um per pixel of the tissue mask's thumbnail
     workers: int = ranged(1, ge=1, le=256)  # slides tiled in parallel processes
+    # auto (tiffslide for OME-TIFF, else OpenSlide, else tiffslide) | openslide | tiffslide
+    reader: str = "auto"
     shard: str | None = None  # i/n: this machine's share of the slides (SLURM arrays)
     # QuPath classes whose regions are excluded (pen, artefacts); any other class includes.
     exclude_classes: list[str] = field(
@@ -394,11 +396,14 @@ def tile_data_config(cfg: Any) -> DictConfig:
 
 def check_tile(cfg: Any) -> None:
     """Values, the table, the output folder: all before a slide is opened."""
+    from her2exp.slides.reader import READERS
     from her2exp.slides.tile import check_out
 
     check_ranges(cfg, TileCommand)
     if cfg.on_bad_file not in ("error", "skip"):
         _fail("on_bad_file", cfg.on_bad_file, "error or skip")
+    if cfg.tiles.reader not in READERS:
+        _fail("tiles.reader", cfg.tiles.reader, ", ".join(READERS))
     shard = cfg.tiles.shard
     if shard is not None:
         parts = str(shard).split("/")

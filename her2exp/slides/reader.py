@@ -1,10 +1,21 @@
-"""One whole-slide image opened for reading: OpenSlide (SVS, NDPI, MIRAX, generic tiled TIFF).
+"""One whole-slide image opened for reading, through OpenSlide or tiffslide (one interface).
 
 Why a wrapper: the tiler and the slide datasets need the same few things (level geometry, the
 physical resolution, an RGB region, a thumbnail), the same refusals (no resolution, not a slide,
 damaged) worded once with the slide named, and a record of the slide that keeps patient data out:
-vendor, dimensions, levels and mpp only, never a label or macro image or the free-text
-properties where scanners put case numbers.
+vendor, dimensions, levels, mpp and the reader only, never a label or macro image or the
+free-text properties where scanners put case numbers.
+
+Two backends behind it (`reader=`, `tiles.reader`): OpenSlide (SVS, NDPI, MIRAX, SCN, generic
+tiled TIFF, ...) and tiffslide (tifffile + zarr: any tiled or stripped TIFF tifffile reads, and
+OME-TIFF with its pyramid in SubIFDs and its resolution in OME PhysicalSizeX/Y). `auto` takes
+tiffslide for an OME-TIFF (OpenSlide opens one as a single-level generic TIFF, blind to its
+SubIFD levels and to OME's resolution), else OpenSlide where it opens the file (it knows the
+vendor formats and their quirks and is the reference decoder), else tiffslide for a TIFF that
+OpenSlide refuses (e.g. untiled). Whichever reads, regions are the same: outside the scan is
+white, and on a plain tiled TIFF both return the same pixels where the level-0 coordinates fall
+on a level's pixels (every tile of a grid does; between, OpenSlide interpolates a sub-pixel
+shift and tiffslide takes the pixel at or before).
 """
 
 from __future__ import annotations
@@ -15,6 +26,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+READERS = ("auto", "openslide", "tiffslide")
+
+#: OME length units -> micrometres (OME's default unit is the micrometre).
+OME_UNITS = {
+    "pm": 1e-6,
+    "nm": 1e-3,
+    "µm": 1.0,
+    "μm": 1.0,
+    "um": 1.0,
+    "mm": 1e3,
+    "cm": 1e4,
+    "m": 1e6,
+}
 
 
 class SlideError(ValueError):
@@ -32,35 +57,210 @@ class SlideInfo:
     level_downsamples: tuple[float, ...]
     mpp: float  # um per level-0 pixel (the mean of x and y)
     mpp_assumed: bool  # tiles.assume_mpp was used: the file holds no resolution
+    reader: str  # openslide | tiffslide: the backend that read it
+
+
+def on_white(rgba: np.ndarray) -> np.ndarray:
+    """RGB uint8 of an RGBA region composited on white (transparent = no data = glass)."""
+    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+    return np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+
+
+class _OpenSlideBackend:
+    """openslide-python over the openslide-bin library (from PyPI, no system package)."""
+
+    name = "openslide"
+
+    def __init__(self, path: Path) -> None:
+        import openslide
+
+        try:
+            self._osr = openslide.OpenSlide(str(path))
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            raise _Unsupported(str(path)) from exc
+        except openslide.OpenSlideError as exc:
+            raise SlideError(f"slide {path}: {exc}") from exc
+        self.dimensions = tuple(self._osr.dimensions)
+        self.level_dimensions = tuple(tuple(d) for d in self._osr.level_dimensions)
+        self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
+        self.vendor = str(self._osr.properties.get("openslide.vendor", "unknown"))
+
+    def mpp_xy(self) -> tuple[float, float] | None:
+        props = self._osr.properties
+        try:
+            return float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])
+        except (KeyError, ValueError):
+            return None
+
+    def best_level(self, downsample: float) -> int:
+        return int(self._osr.get_best_level_for_downsample(downsample))
+
+    def read(self, x: int, y: int, level: int, size: tuple[int, int]) -> np.ndarray:
+        return on_white(np.asarray(self._osr.read_region((x, y), level, size), dtype=np.uint8))
+
+    def close(self) -> None:
+        self._osr.close()
+
+
+class _TiffSlideBackend:
+    """tiffslide (tifffile + zarr, OpenSlide's API): TIFF and OME-TIFF, SubIFD pyramids."""
+
+    name = "tiffslide"
+
+    def __init__(self, path: Path) -> None:
+        import tifffile
+        import tiffslide
+
+        try:
+            self._ts = tiffslide.TiffSlide(str(path))
+            props = self._ts.properties
+            series = self._ts.ts_tifffile.series[props["tiffslide.series-index"]]
+            self.dimensions = tuple(self._ts.dimensions)
+            self.level_dimensions = tuple(tuple(d) for d in self._ts.level_dimensions)
+            self.level_downsamples = tuple(float(d) for d in self._ts.level_downsamples)
+        except (tifffile.TiffFileError, NotImplementedError, KeyError, IndexError) as exc:
+            raise _Unsupported(str(path)) from exc
+        except (OSError, ValueError) as exc:  # a truncated file: IFDs past its end
+            raise SlideError(f"slide {path}: truncated or damaged ({exc})") from exc
+        _check_complete(path, series)
+        shape = dict(zip(series.axes, series.shape, strict=True))
+        samples = shape.get("S", shape.get("C", 1))
+        if series.dtype != np.uint8 or samples not in (1, 3, 4):
+            self._ts.close()
+            raise SlideError(
+                f"slide {path}: {samples} channel(s) of {series.dtype}, not an 8-bit RGB "
+                "(brightfield) slide"
+            )
+        self.ome = bool(self._ts.ts_tifffile.is_ome)
+        self.vendor = (
+            "ome-tiff" if self.ome else str(props.get("tiffslide.vendor") or "generic-tiff")
+        )
+
+    def mpp_xy(self) -> tuple[float, float] | None:
+        """OME PhysicalSizeX/Y where the file is OME (authoritative there), else what tiffslide
+        read from the vendor's description or the TIFF resolution tags."""
+        if self.ome:
+            mpp = _ome_mpp(self._ts.ts_tifffile.ome_metadata)
+            if mpp is not None:
+                return mpp
+        props = self._ts.properties
+        try:
+            return float(props["tiffslide.mpp-x"]), float(props["tiffslide.mpp-y"])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def best_level(self, downsample: float) -> int:
+        return int(self._ts.get_best_level_for_downsample(downsample))
+
+    def read(self, x: int, y: int, level: int, size: tuple[int, int]) -> np.ndarray:
+        """The region, white outside the level (tiffslide pads with black)."""
+        w, h = size
+        region = np.asarray(self._ts.read_region((x, y), level, (w, h), as_array=True))
+        if region.shape[-1] == 4:
+            region = on_white(region)
+        elif region.shape[-1] == 1:
+            region = np.repeat(region, 3, axis=-1)
+        region = np.array(region, dtype=np.uint8)  # a writable copy
+        lw, lh = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        x0, y0 = int(x / ds), int(y / ds)  # tiffslide's own level-0 -> level mapping
+        cols, rows = np.arange(x0, x0 + w), np.arange(y0, y0 + h)
+        region[(rows < 0) | (rows >= lh)] = 255
+        region[:, (cols < 0) | (cols >= lw)] = 255
+        return region
+
+    def close(self) -> None:
+        self._ts.close()
+
+
+def _check_complete(path: Path, series: Any) -> None:
+    """Every level's tile data inside the file: tifffile opens a truncated TIFF without a
+    word (and reads its missing tiles as black), so the cut is found here, at open."""
+    size = path.stat().st_size
+    for level in series.levels:
+        for page in level.pages:
+            ends = (
+                []
+                if page is None
+                else [o + c for o, c in zip(page.dataoffsets, page.databytecounts, strict=True)]
+            )
+            if not ends or max(ends) > size:
+                raise SlideError(
+                    f"slide {path}: truncated or damaged (tile data past the end of the file)"
+                )
+
+
+class _Unsupported(Exception):
+    """A backend does not know the file's format (auto tries the next)."""
+
+
+def _ome_mpp(xml: str | None) -> tuple[float, float] | None:
+    """(x, y) um per pixel of the first OME Image's Pixels, None where either size is absent."""
+    if not xml:
+        return None
+    from tifffile import xml2dict
+
+    image = xml2dict(xml).get("OME", {}).get("Image", {})
+    pixels = (image[0] if isinstance(image, list) else image).get("Pixels", {})
+    sizes = []
+    for axis in ("X", "Y"):
+        value, unit = pixels.get(f"PhysicalSize{axis}"), pixels.get(f"PhysicalSize{axis}Unit", "µm")
+        if value is None or unit not in OME_UNITS:
+            return None
+        sizes.append(float(value) * OME_UNITS[unit])
+    return sizes[0], sizes[1]
+
+
+def _is_ome(path: Path) -> bool:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            return bool(tif.is_ome)
+    except Exception:  # noqa: BLE001 - not a TIFF (or unreadable): the readers will say
+        return False
+
+
+def open_backend(path: Path, reader: str) -> _OpenSlideBackend | _TiffSlideBackend:
+    """The backend `reader` names; `auto` as the module docstring says (and why)."""
+    if reader not in READERS:
+        raise SlideError(f"slide {path}: reader={reader!r} is not allowed: {', '.join(READERS)}")
+    order = {"openslide": [_OpenSlideBackend], "tiffslide": [_TiffSlideBackend]}.get(reader)
+    if order is None:
+        order = [_TiffSlideBackend] if _is_ome(path) else [_OpenSlideBackend, _TiffSlideBackend]
+    for backend in order:
+        try:
+            return backend(path)
+        except _Unsupported:
+            continue
+    names = " or ".join("OpenSlide" if b is _OpenSlideBackend else "tiffslide" for b in order)
+    raise SlideError(
+        f"slide {path}: not a slide {names} can open (unsupported format, truncated or damaged)"
+    )
 
 
 class Slide:
-    """An open slide: `read` regions, a `thumbnail`, the `info` to record; close it when done."""
+    """An open slide: `read` regions, a `thumbnail`, the `info` to record; close it when done.
 
-    def __init__(self, path: str | Path, assume_mpp: float | None = None) -> None:
-        import openslide
+    `reader`: auto | openslide | tiffslide (the module docstring says what auto picks and why);
+    `self.reader` is the backend that opened it."""
 
+    def __init__(
+        self, path: str | Path, assume_mpp: float | None = None, reader: str = "auto"
+    ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise SlideError(f"slide {self.path}: no such file")
+        self._backend = open_backend(self.path, reader)
+        self.reader: str = self._backend.name
         try:
-            self._osr = openslide.OpenSlide(str(self.path))
-        except openslide.OpenSlideUnsupportedFormatError as exc:
-            raise SlideError(
-                f"slide {self.path}: not a slide OpenSlide can open (unsupported format, "
-                "truncated or damaged)"
-            ) from exc
-        except openslide.OpenSlideError as exc:
-            raise SlideError(f"slide {self.path}: {exc}") from exc
-        self.mpp, self.mpp_assumed = self._resolution(assume_mpp)
+            self.mpp, self.mpp_assumed = self._resolution(assume_mpp)
+        except SlideError:
+            self._backend.close()
+            raise
 
     def _resolution(self, assume_mpp: float | None) -> tuple[float, bool]:
-        props = self._osr.properties
-        try:
-            mpp_x = float(props["openslide.mpp-x"])
-            mpp_y = float(props["openslide.mpp-y"])
-        except (KeyError, ValueError):
-            mpp_x = mpp_y = math.nan
+        mpp_x, mpp_y = self._backend.mpp_xy() or (math.nan, math.nan)
         if math.isfinite(mpp_x) and math.isfinite(mpp_y) and mpp_x > 0 and mpp_y > 0:
             return (mpp_x + mpp_y) / 2.0, False
         if assume_mpp is None:
@@ -73,11 +273,11 @@ class Slide:
     @property
     def dimensions(self) -> tuple[int, int]:
         """(width, height) of level 0."""
-        return self._osr.dimensions
+        return self._backend.dimensions
 
     @property
     def level_downsamples(self) -> tuple[float, ...]:
-        return tuple(float(d) for d in self._osr.level_downsamples)
+        return self._backend.level_downsamples
 
     def level_mpp(self, level: int) -> float:
         return self.mpp * self.level_downsamples[level]
@@ -87,19 +287,16 @@ class Slide:
 
         Outside the slide, and where a scanner left no data, is white (as glass)."""
         try:
-            region = self._osr.read_region((int(x), int(y)), int(level), size)
+            return self._backend.read(int(x), int(y), int(level), (int(size[0]), int(size[1])))
         except Exception as exc:  # noqa: BLE001 - a damaged tile: one line naming the slide
             raise SlideError(f"slide {self.path}: region ({x}, {y}) unreadable: {exc}") from exc
-        rgba = np.asarray(region, dtype=np.uint8)
-        alpha = rgba[..., 3:4].astype(np.float32) / 255.0
-        return np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
 
     def thumbnail(self, max_side: int) -> tuple[np.ndarray, float]:
         """(RGB thumbnail whose longer side is at most `max_side`, its downsample from level 0)."""
         width, height = self.dimensions
         scale = max(width, height) / max_side
-        level = self._osr.get_best_level_for_downsample(max(scale, 1.0))
-        lw, lh = self._osr.level_dimensions[level]
+        level = self._backend.best_level(max(scale, 1.0))
+        lw, lh = self._backend.level_dimensions[level]
         image = self.read(0, 0, level, (lw, lh))
         if max(lw, lh) > max_side:
             from PIL import Image
@@ -115,14 +312,20 @@ class Slide:
 
     def info(self) -> SlideInfo:
         width, height = self.dimensions
-        vendor = str(self._osr.properties.get("openslide.vendor", "unknown"))
         downsamples = self.level_downsamples
         return SlideInfo(
-            vendor, width, height, len(downsamples), downsamples, self.mpp, self.mpp_assumed
+            self._backend.vendor,
+            width,
+            height,
+            len(downsamples),
+            downsamples,
+            self.mpp,
+            self.mpp_assumed,
+            self.reader,
         )
 
     def close(self) -> None:
-        self._osr.close()
+        self._backend.close()
 
     def __enter__(self) -> Slide:
         return self

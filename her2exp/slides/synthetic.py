@@ -6,7 +6,10 @@ in tests and offline demos. Each slide is one patient of the embedded IHC genera
 a white glass background. The file holds level 0 and 2x-reduced levels as top-level
 reduced-resolution IFDs (SubFileType 1), tiled, deflate- (exact) or JPEG-compressed, with
 resolution tags in pixels per centimetre, so OpenSlide's generic-tiff reader reports the mpp.
-Nothing else goes in: no label or macro image, no free-text description.
+Nothing else goes in: no label or macro image, no free-text description. Beside them:
+`write_ome_slide` (an OME-TIFF, pyramid in SubIFDs, resolution in OME PhysicalSizeX/Y: what
+tiffslide reads and OpenSlide does not) and `write_repeated_slide` (a large slide streamed from one
+repeated block, for the benchmarks).
 """
 
 from __future__ import annotations
@@ -67,31 +70,38 @@ def render_slide(
     return image
 
 
-def pyramid(image: np.ndarray, tile: int) -> list[np.ndarray]:
-    """Level 0 and its 2x area-averaged reductions, down to one tile's size."""
+def pyramid(image: np.ndarray, tile: int, factor: int = 2) -> list[np.ndarray]:
+    """Level 0 and its `factor`x area-averaged reductions, down to one tile's size."""
     levels = [image]
-    while min(levels[-1].shape[:2]) // 2 >= tile:
+    while min(levels[-1].shape[:2]) // factor >= tile:
         prev = levels[-1]
-        h, w = (prev.shape[0] // 2) * 2, (prev.shape[1] // 2) * 2
-        blocks = prev[:h, :w].reshape(h // 2, 2, w // 2, 2, 3).astype(np.float32)
-        levels.append(np.rint(blocks.mean(axis=(1, 3))).astype(np.uint8))
+        h, w = (prev.shape[0] // factor) * factor, (prev.shape[1] // factor) * factor
+        blocks = prev[:h, :w].reshape(h // factor, factor, w // factor, factor, 3)
+        levels.append(np.rint(blocks.astype(np.float32).mean(axis=(1, 3))).astype(np.uint8))
     return levels
 
 
 def write_slide(
-    path: str | Path, image: np.ndarray, mpp: float, tile: int = 256, compression: str = "zlib"
+    path: str | Path,
+    image: np.ndarray,
+    mpp: float,
+    tile: int = 256,
+    compression: str = "zlib",
+    factor: int = 2,
 ) -> Path:
-    """A pyramidal tiled TIFF of `image` at `mpp` um/px, written atomically."""
+    """A pyramidal tiled TIFF of `image` at `mpp` um/px, written atomically; `factor`: the
+    reduction between levels (2; 4 as in Aperio SVS, so a 0.5 um/px tile of a 0.25 um/px scan
+    is read at level 0 and resized)."""
     import tifffile
 
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression={compression!r}: one of {', '.join(COMPRESSIONS)}")
-    levels = pyramid(image, tile)
+    levels = pyramid(image, tile, factor)
 
     buffer = io.BytesIO()  # the embedded slides are a few MB; then one atomic write
     with tifffile.TiffWriter(buffer) as tif:
         for k, level in enumerate(levels):
-            per_cm = 1e4 / (mpp * 2**k)
+            per_cm = 1e4 / (mpp * factor**k)
             tif.write(
                 level,
                 tile=(tile, tile),
@@ -102,6 +112,90 @@ def write_slide(
                 subfiletype=0 if k == 0 else 1,
                 metadata=None,
             )
+    return atomic_write(path, buffer.getvalue())
+
+
+def write_repeated_slide(
+    path: str | Path,
+    block: np.ndarray,
+    shape: tuple[int, int],
+    mpp: float,
+    tile: int = 256,
+    compression: str = "jpeg",
+) -> Path:
+    """A large pyramidal tiled TIFF (`shape` = (height, width)) of `block` repeated, streamed
+    tile by tile (memory: the block's pyramid and one tile), written atomically; the file
+    `write_slide` would write for the repeated image (a 20,000 px square one would need
+    several GB and minutes through `make_cohort`, which is why the benchmark uses this).
+    The block's sides must divide by 2 for every reduced level."""
+    import tifffile
+
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression={compression!r}: one of {', '.join(COMPRESSIONS)}")
+    dims = [tuple(shape)]
+    while min(dims[-1]) // 2 >= tile:
+        dims.append((dims[-1][0] // 2, dims[-1][1] // 2))
+    if any(side % 2 ** (len(dims) - 1) for side in block.shape[:2]):
+        raise ValueError(f"block {block.shape[:2]}: sides must divide by {2 ** (len(dims) - 1)}")
+    blocks = pyramid(block, 1)[: len(dims)]
+
+    def tiles(level: np.ndarray, height: int, width: int):  # noqa: ANN202 - a generator
+        bh, bw = level.shape[:2]
+        for y in range(0, height, tile):
+            rows = (y + np.arange(tile)) % bh
+            for x in range(0, width, tile):
+                yield level[np.ix_(rows, (x + np.arange(tile)) % bw)]
+
+    def write(fh) -> None:  # noqa: ANN001 - the open temporary file
+        handle = tifffile.FileHandle(fh, mode="wb", name=Path(path).name)  # fh.name is an fd
+        with tifffile.TiffWriter(handle, bigtiff=True) as tif:
+            for k, ((height, width), level) in enumerate(zip(dims, blocks, strict=True)):
+                per_cm = 1e4 / (mpp * 2**k)
+                tif.write(
+                    tiles(level, height, width),
+                    shape=(height, width, 3),
+                    dtype=np.uint8,
+                    tile=(tile, tile),
+                    compression=compression,
+                    photometric="rgb",
+                    resolution=(per_cm, per_cm),
+                    resolutionunit="CENTIMETER",
+                    subfiletype=0 if k == 0 else 1,
+                    metadata=None,
+                )
+
+    return atomic_write(path, write)
+
+
+def write_ome_slide(
+    path: str | Path,
+    image: np.ndarray,
+    mpp: float | None,
+    tile: int = 256,
+    compression: str = "zlib",
+) -> Path:
+    """An OME-TIFF of `image`: level 0 in the first IFD, its 2x reductions in SubIFDs, the
+    resolution only as OME PhysicalSizeX/Y in micrometres (`mpp=None`: none at all), written
+    atomically. OpenSlide sees one level of it and no resolution; tiffslide sees it all."""
+    import tifffile
+
+    if compression not in COMPRESSIONS:
+        raise ValueError(f"compression={compression!r}: one of {', '.join(COMPRESSIONS)}")
+    levels = pyramid(image, tile)
+    metadata: dict[str, object] = {"axes": "YXS"}
+    if mpp is not None:
+        metadata |= {
+            "PhysicalSizeX": mpp,
+            "PhysicalSizeXUnit": "µm",
+            "PhysicalSizeY": mpp,
+            "PhysicalSizeYUnit": "µm",
+        }
+    options = {"tile": (tile, tile), "compression": compression, "photometric": "rgb"}
+    buffer = io.BytesIO()
+    with tifffile.TiffWriter(buffer, ome=True) as tif:
+        tif.write(levels[0], subifds=len(levels) - 1, metadata=metadata, **options)
+        for level in levels[1:]:
+            tif.write(level, subfiletype=1, metadata=None, **options)
     return atomic_write(path, buffer.getvalue())
 
 

@@ -33,7 +33,7 @@ QC_SIDE = 1024  # longer side of a QC thumbnail, in pixels
 SETTINGS_FILE = "tiling.json"  # the settings every per-slide file of `out` was made with
 MANIFEST_COLUMNS = [
     "slide_id", "slide_path", "patient_id", "label", "her2_score", "site", "split",
-    "x", "y", "level", "read_size", "size", "mpp", "tissue_fraction",
+    "x", "y", "level", "read_size", "size", "mpp", "tissue_fraction", "reader",
 ]  # fmt: skip
 
 
@@ -123,7 +123,7 @@ def _table_problems(jobs: list[SlideJob]) -> list[tuple[str, str]]:
 
 def settings(tiles: DictConfig) -> dict[str, Any]:
     """What makes two tilings of a slide the same (workers and shards do not)."""
-    keep = ("mpp", "size", "min_tissue", "assume_mpp", "mask_mpp", "exclude_classes")
+    keep = ("mpp", "size", "min_tissue", "assume_mpp", "mask_mpp", "exclude_classes", "reader")
     return {k: OmegaConf.to_container(tiles, resolve=True)[k] for k in keep}
 
 
@@ -156,7 +156,7 @@ def check_out(out: Path, tiles: DictConfig, overwrite: bool) -> None:
 def _open_and_mask(job: SlideJob, tiles: DictConfig) -> tuple[np.ndarray, float, dict[str, Any]]:
     """(tissue mask on the thumbnail, its downsample, the slide's record); SlideError if the
     slide cannot be used (unreadable, no resolution, no tissue)."""
-    with Slide(job.path, tiles.assume_mpp) as slide:
+    with Slide(job.path, tiles.assume_mpp, reader=tiles.reader) as slide:
         thumb, down = slide.thumbnail_at(tiles.mask_mpp)
         info = asdict(slide.info())
     mask = tissue_mask(thumb)
@@ -168,13 +168,13 @@ def _open_and_mask(job: SlideJob, tiles: DictConfig) -> tuple[np.ndarray, float,
 def tile_one(job: SlideJob, tiles: DictConfig, out: Path) -> dict[str, Any]:
     """Tile one slide into out/slides/<id>.parquet and out/qc/<id>.png; its summary row."""
     mask, down, info = _open_and_mask(job, tiles)
-    with Slide(job.path, tiles.assume_mpp) as slide:
+    with Slide(job.path, tiles.assume_mpp, reader=tiles.reader) as slide:
         choice = choose_level(slide, tiles.mpp, tiles.size)
         grid = tile_grid(slide, mask, down, choice, tiles.min_tissue)
         qc, qc_down = slide.thumbnail(QC_SIDE)
     if job.annotation:
         grid = grid[_annotation_keep(job.annotation, grid, choice.step, tiles.exclude_classes)]
-    frame = _manifest_rows(job, grid, tiles)
+    frame = _manifest_rows(job, grid, tiles, info["reader"])
     name = safe_name(job.slide_id)
     atomic_write(out / "qc" / f"{name}.png", _qc_png(qc, qc_down, mask, grid, choice.step))
     atomic_write(out / "slides" / f"{name}.parquet", frame.to_parquet(index=False))
@@ -185,16 +185,22 @@ def tile_one(job: SlideJob, tiles: DictConfig, out: Path) -> dict[str, Any]:
 
 def _record(info: dict[str, Any]) -> dict[str, Any]:
     return {"vendor": info["vendor"], "width": info["width"], "height": info["height"],
-            "levels": info["level_count"], "mpp": info["mpp"], "mpp_assumed": info["mpp_assumed"]}  # fmt: skip
+            "levels": info["level_count"], "mpp": info["mpp"], "mpp_assumed": info["mpp_assumed"],
+            "reader": info["reader"]}  # fmt: skip
 
 
-def _manifest_rows(job: SlideJob, grid: pd.DataFrame, tiles: DictConfig) -> pd.DataFrame:
+def _manifest_rows(
+    job: SlideJob, grid: pd.DataFrame, tiles: DictConfig, reader: str
+) -> pd.DataFrame:
+    """The slide's tiles with its table row, and the backend that read it (`reader`: what a
+    dataset reading these tiles opens the slide with, so it sees the pixels tiling saw)."""
     frame = grid.reset_index(drop=True).copy()
     for key in ("slide_id", "patient_id", "label", "her2_score", "site", "split"):
         frame[key] = getattr(job, key)
     frame["slide_path"] = job.path
     frame["size"] = int(tiles.size)
     frame["mpp"] = float(tiles.mpp)
+    frame["reader"] = reader
     return frame[MANIFEST_COLUMNS]
 
 

@@ -113,10 +113,15 @@ def _mask_fraction(integral: np.ndarray, x: int, y: int, step: int, down: float)
 
 def read_tile(slide: Slide, x: int, y: int, level: int, read_size: int, size: int) -> np.ndarray:
     """One tile as (size, size, 3) uint8: the region at `level`, area-resized when needed."""
-    region = slide.read(x, y, level, (read_size, read_size))
-    if read_size == size:
+    return resize_tile(slide.read(x, y, level, (read_size, read_size)), size)
+
+
+def resize_tile(region: np.ndarray, size: int) -> np.ndarray:
+    """A square region at the model's input size: area mean when reducing, bilinear when
+    enlarging, untouched when it is already `size`."""
+    if region.shape[0] == size and region.shape[1] == size:
         return region
     from PIL import Image
 
-    resample = Image.BOX if read_size > size else Image.BILINEAR
+    resample = Image.BOX if region.shape[0] > size else Image.BILINEAR
     return np.asarray(Image.fromarray(region).resize((size, size), resample))
