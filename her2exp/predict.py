@@ -114,12 +114,16 @@ def predict_slides(opts: Any, heatmap_dir: Path) -> tuple[pd.DataFrame, list[tup
         probs += _probs(model, stain, preprocess, x)
     keep = [c for c in ("slide_id", "patient_id", "label", "site", "split") if c in tiles.columns]
     table = tiles[[*keep, "slide_path", "x", "y", "level", "read_size"]].copy()
+    readers = tiles["reader"]
     table["prob_her2_pos"] = probs
     for name, t in run.thresholds.items():
         table[f"called_her2_pos_{name}"] = (table["prob_her2_pos"] >= t).astype(int)
     threshold = run.thresholds.get(run.cfg.evaluation.get("operating_point", "youden"))
-    for (slide_id, slide_path), rows in table.groupby(["slide_id", "slide_path"], sort=True):
-        with Slide(slide_path, assume_mpp=settings.get("assume_mpp") or 1.0) as slide:
+    for (slide_id, slide_path, reader), rows in table.assign(reader=readers).groupby(
+        ["slide_id", "slide_path", "reader"], sort=True
+    ):
+        mpp = settings.get("assume_mpp") or 1.0  # reading needs no resolution
+        with Slide(slide_path, assume_mpp=mpp, reader=reader) as slide:
             write_heatmap(
                 slide,
                 rows,

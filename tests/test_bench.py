@@ -189,6 +189,12 @@ def test_slides_bench_counts_and_reads_the_tiles_it_times(tmp_path, capsys) -> N
     written = pd.read_parquet(tmp_path / "tiled" / "slides" / "bench.parquet")
     assert (tiling.width, tiling.height, tiling.tiles) == (1536, 1024, len(written))
     assert tiling.slides_per_minute == pytest.approx(60 / tiling.seconds)
-    assert slide_bench.training_slides_vs_cache() is None
-    assert "not measured yet" in capsys.readouterr().out
-    assert slide_bench.training_slides_vs_cache(lambda cache: 200.0 if cache else 50.0) == 0.25
+
+
+def test_slide_training_bench_trains_both_ways_on_the_same_tiles(tiled_slides, capsys) -> None:
+    from her2exp.bench import slide_train
+
+    tiles = tiled_slides[2] / "tiles.parquet"
+    out = slide_train.run(tiles, ["model=test_resnet", "data.image_size=32"], rounds=1)
+    assert out["ratio"] == pytest.approx(out["slides"] / out["memory"]) and out["slides"] > 0
+    assert "2 workers reading the slides vs the same tiles in memory" in capsys.readouterr().out

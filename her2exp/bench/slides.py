@@ -15,8 +15,8 @@ tests (they check what each figure counts):
   20,000 x 20,000 px slide at 0.5 um/px, 224 px tiles. The slide is one rendered 2,048 px block
   repeated, streamed to disk (`synthetic.write_repeated_slide`): rendering 20,000 px a side
   through `make_cohort` needs several GB and minutes. Writing it is not timed.
-- (c) `training_slides_vs_cache`: the place for training images/s with `data=slides` vs
-  `data.cache=true` (added with `data=slides`).
+- (c) `training_slides_vs_cache`: training images/s with `data=slides` (2 workers) vs the same
+  tiles with `data.cache=true` (:mod:`her2exp.bench.slide_train`; goal >= 0.9x).
 
     python -m her2exp.bench.slides [--rounds 3] [--side 6144] [--big 20000]
 """
@@ -168,23 +168,12 @@ def tiling_rate(path: Path, out: Path, rounds: int) -> TilingRate:
     return TilingRate(rows["width"], rows["height"], rows["tiles"], statistics.median(seconds))
 
 
-def training_slides_vs_cache(
-    images_per_second: Callable[[bool], float] | None = None,
-) -> float | None:
-    """(c) PLACE HOLDER for `data=slides` (issue 17): training images/s reading tiles from the
-    slides vs `data.cache=true`, measured in one run. `images_per_second(cache)` trains a few
-    steps with data.cache=cache and returns images/s; None (today): nothing to measure yet."""
-    if images_per_second is None:
-        print(
-            "bench: training data=slides vs data.cache=true: not measured yet (needs data=slides)"
-        )
-        return None
-    slides, cached = images_per_second(False), images_per_second(True)
-    print(
-        f"bench: training data=slides {slides:.1f} img/s, data.cache=true {cached:.1f} img/s, "
-        f"ratio {slides / cached:.3f}"
-    )
-    return slides / cached
+def training_slides_vs_cache(rounds: int) -> dict[str, float]:
+    """(c) training images/s reading tiles from the slides (2 workers) vs the same tiles in
+    memory (`data.cache=true`): :mod:`her2exp.bench.slide_train`."""
+    from her2exp.bench import slide_train
+
+    return slide_train.main(["--rounds", str(rounds)])
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -221,7 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
             f"{TILE_SIZE} px tiles (tile_one): {tiling.tiles} tiles in {tiling.seconds:.2f} s, "
             f"{tiling.slides_per_minute:.1f} slides/min"
         )
-    return {"tiles": rates, "tiling": tiling, "training": training_slides_vs_cache()}
+    return {"tiles": rates, "tiling": tiling, "training": training_slides_vs_cache(args.rounds)}
 
 
 if __name__ == "__main__":

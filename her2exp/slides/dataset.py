@@ -38,7 +38,7 @@ REQUIRED = ("slide_id", "slide_path", "patient_id", "label", "x", "y", "level", 
 #: The manifest columns a bundle keeps (coordinates travel to the prediction tables, heatmaps).
 KEPT = (
     "slide_id", "slide_path", "patient_id", "label", "her2_score", "site", "split",
-    "x", "y", "level", "read_size", "mpp", "tissue_fraction",
+    "x", "y", "level", "read_size", "mpp", "tissue_fraction", "reader",
 )  # fmt: skip
 SIGNATURE_BYTES = 1 << 20
 SETTINGS_FILE = "tiling.json"
@@ -56,6 +56,9 @@ class SlideTiles:
     ) -> None:
         codes, paths = pd.factorize(frame["slide_path"], sort=True)
         self.paths = np.asarray(paths, dtype=str)
+        # The backend that tiled each slide reads it again (auto for an older manifest).
+        readers = frame.groupby("slide_path")["reader"].first() if "reader" in frame else {}
+        self.readers = np.asarray([readers.get(p, "auto") or "auto" for p in paths], dtype=str)
         self.slide_of = codes.astype(np.int32)
         self.xy = frame[["x", "y"]].to_numpy(np.int64)
         self.level = frame["level"].to_numpy(np.int16)
@@ -84,7 +87,9 @@ class SlideTiles:
         while len(self._open) >= self.max_open:
             self._open.popitem(last=False)[1].close()
         # 1.0 stands in for an unknown resolution: reading needs none (levels, coordinates).
-        slide = Slide(self.paths[index], assume_mpp=self.assume_mpp or 1.0)
+        slide = Slide(
+            self.paths[index], assume_mpp=self.assume_mpp or 1.0, reader=str(self.readers[index])
+        )
         self._open[index] = slide
         return slide
 
@@ -152,10 +157,10 @@ def read_tiles(path: Path, labelled: bool = True) -> pd.DataFrame:
             [(str(path), f"not a tile manifest of her2exp-tile: no {', '.join(missing)} column")],
         )
     frame = frame.copy()
-    for key in ("site", "split", "her2_score"):
+    for key, empty in (("site", ""), ("split", ""), ("her2_score", ""), ("reader", "auto")):
         if key not in frame.columns:
-            frame[key] = ""
-        frame[key] = frame[key].fillna("").astype(str)
+            frame[key] = empty
+        frame[key] = frame[key].fillna(empty).astype(str)
     base = path.resolve().parent
     frame["slide_path"] = [
         str(p if Path(p).is_absolute() else base / p) for p in frame["slide_path"].astype(str)
@@ -166,9 +171,12 @@ def read_tiles(path: Path, labelled: bool = True) -> pd.DataFrame:
 def slide_problems(frame: pd.DataFrame, assume_mpp: float | None) -> dict[str, str]:
     """slide_id -> why its tiles cannot be read: opened once each, geometry checked."""
     problems: dict[str, str] = {}
-    for (slide_id, path), rows in frame.groupby(["slide_id", "slide_path"], sort=True):
+    if "reader" not in frame:
+        frame = frame.assign(reader="auto")
+    groups = frame.groupby(["slide_id", "slide_path", "reader"], sort=True)
+    for (slide_id, path, reader), rows in groups:
         try:
-            with Slide(path, assume_mpp=assume_mpp or 1.0) as slide:
+            with Slide(path, assume_mpp=assume_mpp or 1.0, reader=reader or "auto") as slide:
                 width, height = slide.dimensions
                 downsamples = slide.level_downsamples
         except SlideError as exc:
