@@ -198,3 +198,24 @@ def test_a_cache_config_is_refused_for_synthetic_but_slides_stream() -> None:
         cfg.data.path = None
     with pytest.raises(DataValidationError, match="data.path"):
         data.build(cfg.data, seed=0)
+
+
+def test_slide_paths_hold_from_any_working_directory(tiled_slides, tmp_path, monkeypatch) -> None:
+    """A table given relative to the cwd tiles to absolute slide paths; a manifest whose paths
+    are relative is read relative to itself (a tiled cohort moved with its slides)."""
+    from her2exp.cli import schemas
+    from her2exp.slides.tile import read_slide_table
+
+    folder, _, out = tiled_slides
+    monkeypatch.chdir(folder.parent)
+    cfg = compose("tile", [f"slide_table={folder.name}/slides.csv", "out=x"])
+    jobs = read_slide_table(Path(cfg.slide_table), schemas.tile_data_config(cfg))
+    assert all(Path(j.path).is_absolute() and Path(j.path).is_file() for j in jobs)
+    moved = tmp_path / "cohort"
+    shutil.copytree(folder, moved / "slides")
+    tiles = pd.read_parquet(out / "tiles.parquet")
+    tiles["slide_path"] = ["slides/" + Path(p).name for p in tiles["slide_path"]]
+    tiles.to_parquet(moved / "tiles.parquet")
+    monkeypatch.chdir(tmp_path.parent)
+    bundle = data.build(slides_cfg(moved / "tiles.parquet").data, seed=0)
+    assert bundle.patches.read_many(np.arange(3)).shape == (3, 128, 128, 3)

@@ -64,7 +64,8 @@ def read_slide_table(table: Path, data: DictConfig) -> list[SlideJob]:
     problems, jobs = [], []
     for i, row in frame.iterrows():
         path = Path(str(row["path"]))
-        path = path if path.is_absolute() else table.parent / path
+        # Absolute in the manifest: training reads it from any working directory.
+        path = path if path.is_absolute() else table.resolve().parent / path
         slide_id = _cell(row, "slide_id") or path.stem
         try:
             label, score = label_of(row[column], data, column)
