@@ -170,8 +170,9 @@ def test_every_bad_file_is_listed_before_training(
     cfg = data_cfg("manifest", path=str(path), cache=cache, verify=verify)
     with pytest.raises(DataValidationError) as info:
         data.build(cfg, seed=0)
+    problems = info.value.problems
     listed = dict(
-        zip(info.value.problems["path"].map(lambda p: Path(p).name), info.value.problems["problem"])
+        zip(problems["path"].map(lambda p: Path(p).name), problems["problem"], strict=True)
     )
     # A header check reads no pixels: the truncated file passes it (and fails when read);
     # data.verify=full, and data.cache=true (which decodes anyway), list it too.

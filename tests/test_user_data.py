@@ -460,9 +460,9 @@ def test_export_then_train_on_the_folder_streamed(tmp_path: Path) -> None:
     cfg = compose_train(
         ["experiment=smoke", "tracking=off", "data=folder", f"data.root={root}",
          f"data.image_size={SIZE}", f"data.patient_regex='{REGEX}'",
-         # Streamed (data.cache=false, 2 workers): cache=true is every synthetic run's path,
+         # Streamed (data.cache=false): cache=true is every synthetic run's path,
          # and test_streaming.py shows the two feed the model the same inputs.
-         "data.cache=false", "data.num_workers=2"],
+         "data.cache=false"],
         tmp_path / "run",
     )  # fmt: skip
     summary = train(cfg)
