@@ -162,7 +162,8 @@ def build_data(cfg: DictConfig, dctx: DistContext) -> DataParts:
     except ValueError as exc:
         raise ConfigError(f"data: {exc}") from exc
     try:
-        stain = stain_pipeline.build(cfg.stain, bundle.read("train"), cfg.seed)
+        # A lazy view: fitting decodes only the `fit_patches` rows it samples.
+        stain = stain_pipeline.build(cfg.stain, bundle.view("train"), cfg.seed)
     except ValueError as exc:
         raise ConfigError(f"stain: {exc}") from exc
     on_device = stain is not None and cfg.stain.on_device
@@ -296,10 +297,11 @@ def record_stain(parts: DataParts, runtime: Runtime, tracker: tracking.Tracker) 
     tracker.set_tags(tags)
     counts = {}
     for split in data.splits.SPLITS:
-        images = torch.from_numpy(parts.bundle.read(split)).permute(0, 3, 1, 2)
+        view = parts.bundle.view(split)  # read 256 rows at a time: never a whole split
         skipped = 0
-        for i in range(0, len(images), 256):
-            skipped += stain.normalizer.normalize(images[i : i + 256])[1].n_skipped
+        for i in range(0, len(view), 256):
+            chunk = torch.from_numpy(view[i : i + 256]).permute(0, 3, 1, 2)
+            skipped += stain.normalizer.normalize(chunk)[1].n_skipped
         counts[f"stain_skipped_{split}"] = skipped
     tracker.log_metrics(counts)
     log.info("stain normalisation left unchanged: %s", counts)

@@ -28,6 +28,7 @@ LOSS_CHOICES = ("ce", "focal")
 DATA_SOURCES = ("synthetic", "folder", "manifest", "slides")
 EQUIVOCAL_CHOICES = ("exclude", "positive", "negative")
 PATIENT_LABEL_CHOICES = ("error", "max", "majority")
+VERIFY_CHOICES = ("header", "full")
 FINETUNE_CHOICES = ("full", "frozen", "last_n_blocks")
 HEAD_CHOICES = ("linear", "mlp")
 EMBEDDING_CHOICES = ("pooled", "cls_mean")
@@ -281,6 +282,10 @@ class DataConfig:
     patient_regex: str | None = None  # patient id from the file name: named group or group 1
     on_bad_file: str = "error"  # error: list every problem and stop | skip: drop bad files
     cache: bool = True  # decode every patch once, up front, and keep them in memory
+    # data.cache=false (patches decoded in the DataLoader workers): how the files are checked
+    # before training. header: format, mode and size of each (a truncated file fails when read);
+    # full: decode each once. data.cache=true always decodes (it keeps the pixels).
+    verify: str = "header"
     # null: the run's `seed`. Fix them in a seed sweep so only the initialisation varies.
     data_seed: int | None = ranged(None, ge=0, le=SEED_MAX)  # renders the embedded data set
     split_seed: int | None = ranged(None, ge=0, le=SEED_MAX)  # assigns patients to train/val/test
@@ -308,8 +313,14 @@ def validate_data(d: Any, m: Any) -> None:
         )
     if d.on_bad_file not in ("error", "skip"):
         _fail("data.on_bad_file", d.on_bad_file, "error or skip")
-    if not d.cache and d.source != "slides":
-        _fail("data.cache", d.cache, "true (streaming patches from disk is not built yet)")
+    if not d.cache and d.source == "synthetic":
+        _fail(
+            "data.cache",
+            d.cache,
+            "true with data=synthetic (it is generated in memory: there are no files to stream)",
+        )
+    if d.verify not in VERIFY_CHOICES:
+        _fail("data.verify", d.verify, f"one of {', '.join(VERIFY_CHOICES)}")
     for key in ("label_map", "score_map"):
         mapping = dict(d[key])
         if not mapping or not set(mapping.values()) <= {0, 1}:

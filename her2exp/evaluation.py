@@ -16,7 +16,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -26,6 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 from her2exp import checkpoint, metrics, reports, tracking
 from her2exp.config import ConfigError
 from her2exp.fileio import safe_name
+
+if TYPE_CHECKING:
+    from her2exp.data import RowView
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,8 @@ class ScoredSplit:
     name: str
     rows: pd.DataFrame  # manifest rows (label, patient_id, ...) in scoring order
     probs: np.ndarray
-    images: np.ndarray | None = None  # uint8 (N, H, W, 3) for the error galleries
+    # uint8 (N, H, W, 3) for the error galleries: a RowView reads only the patches shown
+    images: np.ndarray | RowView | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -366,7 +370,9 @@ def score_cohort(scorer: Scorer, cohort: Cohort) -> ScoredSplit:
     else:
         idx = bundle.indices(cohort.split)
         rows = bundle.manifest.iloc[idx].reset_index(names="row")
-    return ScoredSplit(cohort.name, rows, scores.probs, bundle.patches.read_many(idx))
+    from her2exp.data import RowView
+
+    return ScoredSplit(cohort.name, rows, scores.probs, RowView(bundle.patches, idx))
 
 
 def prepare_evaluation(ecfg: DictConfig) -> tuple[TrainedRun, DictConfig, Cohort]:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from her2exp import checkpoint, distributed
-from her2exp.data import DataBundle
+from her2exp.data import DataBundle, RowView
 from her2exp.distributed import DistContext
 from her2exp.engine import Preprocess, StepPolicy
 from her2exp.models import Her2Classifier, state_digest, update_digest
@@ -36,6 +36,7 @@ from her2exp.reports import atomic_write_text
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+CHUNK = 256  # patches decoded at a time while hashing
 
 
 @dataclass
@@ -130,15 +131,16 @@ def cache_key(
 @torch.no_grad()
 def embed(
     model: Her2Classifier,
-    images: np.ndarray,
+    images: np.ndarray | RowView,
     preprocess: Preprocess,
     stain: Any = None,
     batch_size: int = 256,
     autocast_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """uint8 (N, H, W, 3) patches -> (N, D) float32 embeddings on the CPU, through the same
-    transform as training batches: stain normalisation (on the CPU here, or on the device by
-    `preprocess.stain`), then mean/std on the device."""
+    """uint8 (N, H, W, 3) patches (an array, or a RowView read a batch at a time) -> (N, D)
+    float32 embeddings on the CPU, through the same transform as training batches: stain
+    normalisation (on the CPU here, or on the device by `preprocess.stain`), then mean/std on
+    the device."""
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
@@ -179,7 +181,8 @@ def build(
         model, cfg.model, cfg.data.mean, cfg.data.std, cfg.stain, stain, autocast_dtype
     )
     directory = Path(root) / key
-    hashes = image_hashes(bundle.patches.read_many(np.arange(len(bundle.manifest))))
+    every = bundle.view()  # read CHUNK rows at a time: data.cache=false never holds them all
+    hashes = [h for i in range(0, len(every), CHUNK) for h in image_hashes(every[i : i + CHUNK])]
     known = _load(directory, key) if dctx.is_main and directory.is_dir() else {}
     known = distributed.broadcast_object(known)
     first: dict[str, int] = {}
@@ -198,7 +201,7 @@ def build(
     rows = np.array([first[missing[i]] for i in mine], dtype=np.int64)
     local = embed(
         model,
-        bundle.patches.read_many(rows),
+        RowView(bundle.patches, rows),
         preprocess,
         None if on_device else stain,
         cfg.data.eval_batch_size,

@@ -50,7 +50,7 @@ def final_evaluation(
     scored = []
     for name, s in (("val", val), ("test", test)):
         rows = bundle.manifest.iloc[bundle.indices(name)].reset_index(names="row")
-        split = ScoredSplit(name, rows, s.probs, bundle.read(name))
+        split = ScoredSplit(name, rows, s.probs, bundle.view(name))
         if not np.array_equal(split.labels, s.labels):
             raise RuntimeError("gathered scores are not in dataset order")
         scored.append(split)

@@ -26,16 +26,19 @@ OWN_FILE = "prepare.json"  # what marks a folder as an earlier her2exp-prepare o
 
 
 def _write_images(
-    stain: stain_pipeline.StainPipeline, images: np.ndarray, patients: list[str], out: Path
+    stain: stain_pipeline.StainPipeline,
+    images: np.ndarray | data.RowView,
+    patients: list[str],
+    out: Path,
 ) -> tuple[list[str], int]:
     """Normalise in batches of 256 and write `images/{i:06d}_{patient}.png` under `out`; the
     patient id is the manifest's, so it goes through `fileio.safe_name` (an id `../../x` or
     `a/b` must not leave `out` or share a file). Returns (relative paths, patches skipped)."""
-    tensor = torch.from_numpy(images).permute(0, 3, 1, 2)
     (out / "images").mkdir(parents=True, exist_ok=True)
     paths, skipped = [], 0
-    for start in range(0, len(tensor), 256):
-        normed, info = stain.normalizer.normalize(tensor[start : start + 256])
+    for start in range(0, len(images), 256):  # 256 patches read at a time (data.cache=false)
+        chunk = torch.from_numpy(images[start : start + 256]).permute(0, 3, 1, 2)
+        normed, info = stain.normalizer.normalize(chunk)
         skipped += info.n_skipped
         for j, patch in enumerate(normed.permute(0, 2, 3, 1).numpy()):
             i = start + j
@@ -56,12 +59,12 @@ def prepare(cfg: DictConfig, out: Path, overwrite: bool = False) -> dict:
     fileio.check_replaceable(out, "out", overwrite, OWN_FILE)
     try:
         bundle = data.build_cohort(cfg.data, cfg.seed)
-        stain = stain_pipeline.build(cfg.stain, bundle.images, cfg.seed)
+        stain = stain_pipeline.build(cfg.stain, bundle.view(), cfg.seed)
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
     manifest = bundle.manifest.drop(columns=["split", "latent_score"], errors="ignore").copy()
     with fileio.staged_dir(out) as tmp:
-        paths, skipped = _write_images(stain, bundle.images, list(manifest["patient_id"]), tmp)
+        paths, skipped = _write_images(stain, bundle.view(), list(manifest["patient_id"]), tmp)
         record = _write_records(cfg, bundle, stain, manifest, paths, skipped, tmp)
     return record
 

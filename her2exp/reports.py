@@ -449,7 +449,7 @@ def _plot_galleries(
     names carry the split's name through `safe_name` (a cohort_name is the user's text)."""
     figures = []
     for name, (images, labels, scores, threshold) in galleries.items():
-        images = np.asarray(images)
+        images = images if hasattr(images, "shape") else np.asarray(images)  # a RowView stays lazy
         if images.ndim != 4 or images.shape[-1] != 3 or images.shape[0] != len(scores):
             raise ValueError(
                 f"gallery {name!r}: images must be (N, H, W, 3) with N = {len(scores)}; "

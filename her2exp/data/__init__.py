@@ -19,13 +19,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from her2exp.data import sources, splits, synthetic
-from her2exp.data.datasets import InMemoryPatches, PatchDataset, PatchStore
+from her2exp.data.datasets import InMemoryPatches, PatchDataset, PatchStore, RowView
+from her2exp.data.sources import FilePatches
 
 __all__ = [
     "DataBundle",
+    "FilePatches",
     "InMemoryPatches",
     "PatchDataset",
     "PatchStore",
+    "RowView",
     "build",
     "build_cohort",
     "seeds",
@@ -54,12 +57,19 @@ class DataBundle:
     def images(self) -> np.ndarray:
         """The decoded (N, H, W, 3) array of an in-memory store (data.cache=true)."""
         if not isinstance(self.patches, InMemoryPatches):
-            raise TypeError("this data set is read lazily: use bundle.patches.read_many(rows)")
+            raise TypeError("this data set is read lazily: use bundle.view(split)")
         return self.patches.array
 
     def read(self, split: str) -> np.ndarray:
-        """uint8 (N, H, W, 3) patches of one split (stain fitting, galleries)."""
+        """uint8 (N, H, W, 3) patches of one split, all decoded: small sets and tests only (the
+        run itself uses `view`, so data.cache=false never holds a split in memory)."""
         return self.patches.read_many(self.indices(split))
+
+    def view(self, split: str | None = None) -> RowView:
+        """One split's patches (None: every row), read only when indexed (stain fitting,
+        galleries)."""
+        rows = self.indices(split) if split is not None else np.arange(len(self.manifest))
+        return RowView(self.patches, rows)
 
     def indices(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.manifest["split"].to_numpy() == split)
@@ -98,7 +108,7 @@ def build(cfg: DictConfig, seed: int) -> DataBundle:
     if cfg.source == "slides":
         return _from_slides(cfg, split_seed, cohort=False)
     if cfg.source != "synthetic":
-        return _from_files(sources.load(cfg, split_seed))
+        return _from_files(sources.load(cfg, split_seed), cfg)
     bundle = build_cohort(cfg, data_seed)
     manifest = bundle.manifest
     fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
@@ -112,7 +122,7 @@ def build_cohort(cfg: DictConfig, seed: int) -> DataBundle:
     if cfg.source == "slides":
         return _from_slides(cfg, seed, cohort=True)
     if cfg.source != "synthetic":
-        return _from_files(sources.load(cfg, seed, cohort=True))
+        return _from_files(sources.load(cfg, seed, cohort=True), cfg)
     data = synthetic.generate(
         n_patients=cfg.n_patients,
         patches_per_patient=cfg.patches_per_patient,
@@ -126,10 +136,15 @@ def build_cohort(cfg: DictConfig, seed: int) -> DataBundle:
     return DataBundle(manifest, InMemoryPatches(data.images), _fingerprint(cfg, seed, manifest))
 
 
-def _from_files(loaded: sources.Loaded) -> DataBundle:
+def _from_files(loaded: sources.Loaded, cfg: DictConfig) -> DataBundle:
+    """data.cache=true: the decoded patches in memory; false: decoded from their files when read."""
+    if loaded.images is not None:
+        store: PatchStore = InMemoryPatches(loaded.images)
+    else:
+        store = FilePatches(loaded.manifest["path"].to_numpy(), int(cfg.image_size))
     return DataBundle(
         loaded.manifest,
-        InMemoryPatches(loaded.images),
+        store,
         loaded.fingerprint,
         loaded.skipped,
         loaded.notes,

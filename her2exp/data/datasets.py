@@ -2,9 +2,10 @@
 rotation-invariant augmentation.
 
 A `PatchStore` is the only thing the dataset asks for pixels: `InMemoryPatches` holds the array
-decoded up front (data.cache=true); a store that decodes files in the DataLoader workers or reads
-tiles from slides implements the same two methods and plugs in without touching the bundle,
-the splits or the loaders (docs/architecture.md, "Data").
+decoded up front (data.cache=true); `sources.FilePatches` decodes files in the DataLoader workers
+(data.cache=false), and a store that reads tiles from slides implements the same two methods and
+plugs in without touching the bundle, the splits or the loaders (docs/architecture.md, "Data").
+`RowView` is some rows of a store, read only when indexed.
 
 Augmentation draws from an RNG keyed by (seed, epoch, index), so a batch looks the same whatever
 the worker count, rank or resume point: resumed runs replay exactly.
@@ -53,6 +54,42 @@ class InMemoryPatches:
 
     def read_many(self, rows: np.ndarray) -> np.ndarray:
         return self.array[np.asarray(rows, dtype=np.int64)]
+
+
+class RowView:
+    """Some rows of a store, read only when indexed: a split's patches for stain fitting (which
+    samples `fit_patches` of them) and the galleries (which show at most `gallery_max`) without
+    decoding the whole split. Indexes like the (N, H, W, 3) array it stands for: an int gives
+    one (H, W, 3) patch, a slice or an index array an (n, H, W, 3) array."""
+
+    ndim = 4
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, store: PatchStore, rows: np.ndarray) -> None:
+        self.store = store
+        self.rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        self._patch_shape: tuple[int, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(N, H, W, 3); H and W from the first patch (one decode, remembered)."""
+        if self._patch_shape is None:
+            first = self.store.read_many(self.rows[:1])
+            self._patch_shape = first.shape[1:] if len(first) else (0, 0, 3)
+        return (len(self.rows), *self._patch_shape)
+
+    def __getitem__(self, key: int | slice | np.ndarray) -> np.ndarray:
+        if isinstance(key, int | np.integer):
+            return self.store.read_many(self.rows[[key]])[0]
+        return self.store.read_many(self.rows[key])
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        """Every row at once (small sets and tests only: this is what the view avoids)."""
+        out = self.store.read_many(self.rows)
+        return out if dtype is None else out.astype(dtype)
 
 
 class PatchDataset(Dataset):

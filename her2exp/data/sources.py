@@ -17,6 +17,7 @@ the log with a count and an example file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -24,12 +25,14 @@ import logging
 import os
 import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageFile, UnidentifiedImageError
 
@@ -70,7 +73,7 @@ class Loaded:
     """What a file source yields: the manifest, its patches, and what was skipped or noted."""
 
     manifest: pd.DataFrame
-    images: np.ndarray
+    images: np.ndarray | None  # None: not kept (data.cache=false), read from manifest.path
     skipped: pd.DataFrame
     notes: list[str]
     fingerprint: str
@@ -143,33 +146,13 @@ _CONVERTED = {
 }
 
 
-def decode(data: bytes, size: int) -> tuple[np.ndarray, list[str]]:
-    """Bytes of a PNG/JPEG/TIFF -> (size, size, 3) uint8 RGB and the conversions applied.
-
-    Raises ImageProblem naming what is wrong (not an image, truncated, not 8-bit).
-    """
+@contextlib.contextmanager
+def _image_problems() -> Iterator[None]:
+    """PIL's errors while opening or decoding -> ImageProblem naming what is wrong."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # set by some other library: would hide truncation
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on; truncated files would pass")
-    notes: list[str] = []
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            if getattr(im, "n_frames", 1) > 1:
-                notes.append("multi-page image: first page used")
-            im.load()
-            mode = im.mode
-            if mode == "RGB":
-                rgb = im.copy()
-            elif mode in _CONVERTED:
-                notes.append(_CONVERTED[mode])
-                if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
-                    rgba = im.convert("RGBA")
-                    rgb = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                    rgb.alpha_composite(rgba)
-                    rgb = rgb.convert("RGB")
-                else:
-                    rgb = im.convert("RGB")
-            else:
-                raise ImageProblem(f"not an 8-bit image (PIL mode {mode}): export 8-bit RGB")
+        yield
     except ImageProblem:
         raise
     except UnidentifiedImageError:
@@ -178,10 +161,104 @@ def decode(data: bytes, size: int) -> tuple[np.ndarray, list[str]]:
         text = str(exc) or type(exc).__name__
         kind = "truncated" if "truncated" in text or isinstance(exc, EOFError) else "unreadable"
         raise ImageProblem(f"{kind} image: {text}") from None
+
+
+def _mode_notes(im: Image.Image) -> list[str]:
+    """The conversion an opened image's mode needs (from its header); not 8-bit: ImageProblem."""
+    if im.mode == "RGB":
+        return []
+    if im.mode in _CONVERTED:
+        return [_CONVERTED[im.mode]]
+    raise ImageProblem(f"not an 8-bit image (PIL mode {im.mode}): export 8-bit RGB")
+
+
+def _size_notes(width: int, height: int, size: int) -> list[str]:
+    return (
+        []
+        if (width, height) == (size, size)
+        else [f"resized from {width}x{height} to {size}x{size}"]
+    )
+
+
+def decode(data: bytes, size: int) -> tuple[np.ndarray, list[str]]:
+    """Bytes of a PNG/JPEG/TIFF -> (size, size, 3) uint8 RGB and the conversions applied.
+
+    Raises ImageProblem naming what is wrong (not an image, truncated, not 8-bit).
+    """
+    with _image_problems(), Image.open(io.BytesIO(data)) as im:
+        notes = ["multi-page image: first page used"] if getattr(im, "n_frames", 1) > 1 else []
+        im.load()
+        notes += _mode_notes(im)
+        mode = im.mode
+        if mode == "RGB":
+            rgb = im.copy()
+        elif mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            rgb = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            rgb.alpha_composite(rgba)
+            rgb = rgb.convert("RGB")
+        else:
+            rgb = im.convert("RGB")
+    notes += _size_notes(rgb.width, rgb.height, size)
     if rgb.size != (size, size):
-        notes.append(f"resized from {rgb.width}x{rgb.height} to {size}x{size}")
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(rgb, dtype=np.uint8), notes
+    return np.array(rgb, dtype=np.uint8), notes  # a writable copy: torch.from_numpy takes it
+
+
+def check_header(data: bytes, size: int) -> list[str]:
+    """What `decode` would note, from the header alone (format, mode, size; no pixels decoded):
+    `data.verify=header`. Catches a file that is not an image or not 8-bit; a truncated one
+    passes (its pixels are never read) and fails when a worker decodes it."""
+    with _image_problems(), Image.open(io.BytesIO(data)) as im:
+        notes = ["multi-page image: first page used"] if getattr(im, "n_frames", 1) > 1 else []
+        notes += _mode_notes(im)
+        notes += _size_notes(*im.size, size)
+    return notes
+
+
+class PatchReadError(RuntimeError):
+    """A file that passed validation but cannot be read or decoded now (data.cache=false)."""
+
+
+class FilePatches:
+    """Patches decoded from their files when asked (`data.cache=false`), in the DataLoader
+    workers: nothing decoded is held, so memory does not grow with the data set. The paths are
+    one numpy bytes array (no Python object per row), cheap to pickle into workers and shared
+    copy-on-write after a fork. Decoding is `decode`, exactly as the in-memory store's."""
+
+    def __init__(self, paths: Any, image_size: int) -> None:
+        self.paths = np.array([os.fsencode(str(p)) for p in paths], dtype=np.bytes_)
+        self.image_size = int(image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def _decode(self, row: int) -> np.ndarray:
+        path = os.fsdecode(self.paths[row])
+        try:
+            data = Path(path).read_bytes()
+            return decode(data, self.image_size)[0]
+        except FileNotFoundError:
+            problem = "missing file"
+        except OSError as exc:
+            problem = f"unreadable file: {exc.strerror or exc}"
+        except ImageProblem as exc:
+            problem = str(exc)
+        raise PatchReadError(
+            f"her2exp: {path}: {problem} (it passed the data check at the start of the run; "
+            "data.cache=false reads patches while training: the file changed since)"
+        )
+
+    def read(self, row: int) -> torch.Tensor:
+        # CHW laid out by numpy, once: a permuted view made contiguous by torch costs more.
+        return torch.from_numpy(np.ascontiguousarray(self._decode(row).transpose(2, 0, 1)))
+
+    def read_many(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        out = np.empty((len(rows), self.image_size, self.image_size, 3), dtype=np.uint8)
+        for i, row in enumerate(rows):
+            out[i] = self._decode(int(row))
+        return out
 
 
 def read_patch(path: str | Path, size: int) -> np.ndarray:
@@ -407,9 +484,10 @@ def _scan_manifest(cfg: DictConfig, cohort: bool) -> _Scan:
 
 
 def _read_files(
-    scan: _Scan, size: int, keep_images: bool
+    scan: _Scan, size: int, keep_images: bool, verify: str = "full"
 ) -> tuple[list[np.ndarray | None], list[str], Counter, dict[str, str]]:
-    """Open every file once: content hash, decode, conversions; problems go into `scan`."""
+    """Open every file once: content hash, then a full decode (`verify="full"`) or a header
+    check (`"header"`: format, mode, size), and the conversions; problems go into `scan`."""
     images: list[np.ndarray | None] = []
     hashes: list[str] = []
     notes: Counter = Counter()
@@ -446,8 +524,12 @@ def _read_files(
             hashes.append("")
             continue
         hashes.append(hashlib.sha256(data).hexdigest())
+        image = None
         try:
-            image, applied = decode(data, size)
+            if verify == "full":
+                image, applied = decode(data, size)
+            else:
+                applied = check_header(data, size)
         except ImageProblem as exc:
             scan.problems.setdefault(row, []).append(str(exc))
             images.append(None)
@@ -562,15 +644,23 @@ def _log_notes(
     return notes
 
 
-def load(cfg: DictConfig, seed: int, cohort: bool = False, keep_images: bool = True) -> Loaded:
+def load(
+    cfg: DictConfig, seed: int, cohort: bool = False, keep_images: bool | None = None
+) -> Loaded:
     """Read, validate and split a folder or manifest source; every problem in one exception.
 
     cohort=False: the split column is honoured, else patients are split by `data.split`
     (seed-controlled, stratified, grouped); every split must hold both classes. cohort=True:
     every row is split "cohort" (an external evaluation), which must hold both classes.
+    keep_images (None: `data.cache`) keeps the decoded patches; when they are not kept because
+    `data.cache=false`, `data.verify` says whether each file is decoded once or only its header
+    read. The content hash (the fingerprint) is the same either way.
     """
+    cache = bool(cfg.get("cache", True))
+    keep = cache if keep_images is None else keep_images
+    verify = "full" if cache else str(cfg.get("verify", "header"))
     scan = scan_source(cfg, cohort)
-    images, hashes, counts, example = _read_files(scan, int(cfg.image_size), keep_images)
+    images, hashes, counts, example = _read_files(scan, int(cfg.image_size), keep, verify)
     rows = scan.rows
     file_problems = list(scan.folder_problems)
     for row in sorted(scan.problems):
@@ -599,18 +689,16 @@ def load(cfg: DictConfig, seed: int, cohort: bool = False, keep_images: bool = T
 
     notes = _log_notes(scan, counts, example, file_problems)
 
-    keep = np.flatnonzero(~bad)
-    if keep_images:
-        stacked = np.stack([images[i] for i in keep])
-    else:  # her2exp-manifest: validated, not kept
-        stacked = np.zeros((0, int(cfg.image_size), int(cfg.image_size), 3), dtype=np.uint8)
+    kept = np.flatnonzero(~bad)
+    # Not kept: her2exp-manifest (validated only), data.cache=false (read lazily, by path).
+    stacked = np.stack([images[i] for i in kept]) if keep else None
     manifest = good.drop(columns=["display"]).rename(columns={"file": "path"})
     if not (manifest["her2_score"] != "").any():
         manifest = manifest.drop(columns=["her2_score"])
     first = ["path", "label", "patient_id", "slide_id", "site", "split"]
     manifest = manifest[first + [c for c in manifest.columns if c not in first]]
     manifest["label"] = manifest["label"].astype(np.int64)
-    hashes_kept = [hashes[i] for i in keep]
+    hashes_kept = [hashes[i] for i in kept]
     fingerprint = _fingerprint(cfg, seed, good, hashes_kept, cohort or scan.explicit_split)
     skipped = pd.DataFrame(file_problems, columns=list(SKIPPED_COLUMNS))
     return Loaded(manifest, stacked, skipped, notes, fingerprint)
