@@ -18,7 +18,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from her2exp.cli.common import UserError
 from her2exp.config import (
+    AGGREGATION_CHOICES,
     AMP_CHOICES,
+    LEVEL_CHOICES,
     SEED_MAX,
     ConfigError,
     DataConfig,
@@ -62,7 +64,10 @@ class EvaluationOverrides:
 
     target_sensitivity: float | None = ranged(None, gt=0, lt=1)
     n_boot: int | None = ranged(None, ge=0)
+    slide_aggregation: str | None = None
     patient_aggregation: str | None = None
+    topk: int | None = ranged(None, ge=1)
+    decision_level: str | None = None
     operating_point: str | None = None
     gallery_max: int | None = ranged(None, ge=0)
 
@@ -102,6 +107,15 @@ def check_eval(cfg: Any) -> None:
         _fail("split", cfg.split, "null (the cohort data.* describes), val or test")
     if cfg.trainer.amp is not None and cfg.trainer.amp not in AMP_CHOICES:
         _fail("trainer.amp", cfg.trainer.amp, f"null (the run's own) or {', '.join(AMP_CHOICES)}")
+    e = cfg.evaluation
+    choices = {
+        "slide_aggregation": AGGREGATION_CHOICES,
+        "patient_aggregation": AGGREGATION_CHOICES,
+        "decision_level": LEVEL_CHOICES,
+    }
+    for key, allowed in choices.items():
+        if e[key] is not None and e[key] not in allowed:
+            _fail(f"evaluation.{key}", e[key], f"null (the run's own) or {', '.join(allowed)}")
 
 
 # -- her2exp-predict -----------------------------------------------------------------------------
