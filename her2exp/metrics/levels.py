@@ -186,5 +186,7 @@ def as_level_thresholds(frozen: Mapping[str, Any]) -> dict[str, dict[str, float]
         unknown = [k for k in frozen if k not in LEVELS]
         if unknown:
             raise ValueError(f"thresholds for unknown level(s) {unknown}: expected {LEVELS}")
-        return {lvl: {k: float(v) for k, v in frozen[lvl].items()} for lvl in LEVELS if lvl in frozen}
+        return {
+            lvl: {k: float(v) for k, v in frozen[lvl].items()} for lvl in LEVELS if lvl in frozen
+        }
     return {"tile": {k: float(v) for k, v in frozen.items()}}
