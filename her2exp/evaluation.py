@@ -67,19 +67,23 @@ def evaluate_scored(
     )
 
 
-def level_table(level: metrics.LevelEvaluation, rows: pd.DataFrame | None = None) -> pd.DataFrame:
+def level_table(
+    level: str,
+    agg: metrics.GroupScores,
+    thresholds: dict[str, float],
+    rows: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """One row per slide or patient: its aggregate score and calls at that level's thresholds
-    (a slide row also names its patient)."""
-    agg = level.scores
-    key = f"{level.level}_id"
+    (a slide row also names its patient, from the tile `rows`)."""
+    key = f"{level}_id"
     table = pd.DataFrame(
         {key: agg.ids, "label": agg.labels, "n_tiles": agg.n_tiles, "prob_her2_pos": agg.scores}
     )
-    if level.level == "slide" and rows is not None and "patient_id" in rows:
+    if level == "slide" and rows is not None and "patient_id" in rows:
         owner = rows.assign(slide_id=rows["slide_id"].astype(str))
         owner = owner.drop_duplicates("slide_id").set_index("slide_id")["patient_id"]
         table.insert(1, "patient_id", table[key].map(owner).to_numpy())
-    for name, t in level.thresholds.items():
+    for name, t in thresholds.items():
         table[f"called_her2_pos_{name}"] = (agg.scores >= t).astype(int)
     return table
 
@@ -97,7 +101,7 @@ def _write_predictions(
         reports.atomic_write_text(report_dir / f"predictions_{name}.csv", rows.to_csv(index=False))
     ]
     for level in ev.levels().values():
-        table = level_table(level, s.rows)
+        table = level_table(level.level, level.scores, level.thresholds, s.rows)
         path = report_dir / f"predictions_{level.level}s_{name}.csv"
         written.append(reports.atomic_write_text(path, table.to_csv(index=False)))
     return written

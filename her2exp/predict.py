@@ -2,30 +2,76 @@
 her2exp/cli/predict.py).
 
 Each row: path, HER2+ probability, and the decision at every threshold frozen on the training
-run's validation split. Files that cannot be decoded are listed (stderr and the `.errors.csv`
-beside the output) and skipped; the rest are still scored.
+run's validation split at the decision level. At the slide or patient level the tiles are
+grouped by `groups=` (path, slide_id, patient_id), their scores aggregated as the run
+aggregated them, the group called at that level's thresholds, and each tile row carries its
+group's call; the per-slide or per-patient table comes back beside the tiles. Files that cannot
+be decoded are listed (stderr and the `.errors.csv` beside the output) and skipped; the rest
+are still scored.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from omegaconf import OmegaConf
 
+from her2exp import metrics
 from her2exp.config import ConfigError
 from her2exp.data.sources import read_patch  # decoded exactly as in training
 from her2exp.engine import Preprocess
-from her2exp.evaluation import load_model, load_run, run_stain
+from her2exp.evaluation import (
+    TrainedRun,
+    level_table,
+    level_thresholds,
+    load_model,
+    load_run,
+    resolve_evaluation,
+    run_stain,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
-def predict_folder(opts: Any) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """Score every image under `opts.input` with the run `opts` names (run_id or checkpoint);
-    returns (one row per scored file, (path, error) per file that could not be decoded)."""
+@dataclass
+class Predictions:
+    """What her2exp-predict writes: the tiles, the decision level's groups, unreadable files."""
+
+    tiles: pd.DataFrame
+    errors: list[tuple[str, str]]
+    level: str = "tile"
+    groups: pd.DataFrame | None = None  # one row per slide or patient (level slide|patient)
+
+
+def read_groups(path: str | Path, root: Path, files: list[Path]) -> pd.DataFrame:
+    """The groups table, indexed by resolved file path; every scored file must have a row."""
+    try:
+        table = pd.read_csv(path, dtype=str)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"groups={path}: not a readable CSV ({exc})") from exc
+    missing = [c for c in ("path", "slide_id", "patient_id") if c not in table]
+    if missing:
+        raise ConfigError(f"groups={path}: no column(s) {', '.join(missing)}")
+    if table[["slide_id", "patient_id"]].isna().any().any():
+        raise ConfigError(f"groups={path}: empty slide_id or patient_id")
+    table.index = [str((root / p).resolve()) for p in table["path"]]
+    absent = [str(f) for f in files if str(f.resolve()) not in table.index]
+    if absent:
+        shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+        raise ConfigError(
+            f"groups={path}: no slide_id/patient_id for {len(absent)} file(s): {shown}"
+        )
+    return table[~table.index.duplicated()]
+
+
+def predict_folder(opts: Any) -> Predictions:
+    """Score every image under `opts.input` with the run `opts` names (run_id or checkpoint) and
+    call them at the run's decision level (or `opts.decision_level`)."""
     if not opts.input:
         raise ConfigError("input=<folder of patches> is required")
     root = Path(opts.input)
@@ -35,7 +81,17 @@ def predict_folder(opts: Any) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     if not files:
         raise ConfigError(f"input={root} holds no {', '.join(sorted(IMAGE_SUFFIXES))} files")
     run = load_run(opts)  # refused without the thresholds frozen on val: no fallback of ours
-    cfg, thresholds = run.cfg, run.thresholds
+    level = opts.get("decision_level") or run.decision_level
+    thresholds = level_thresholds(run, level)  # refused when the run never froze this level
+    groups = None
+    if opts.get("groups"):
+        groups = read_groups(opts.groups, root, files)
+    elif level != "tile":
+        raise ConfigError(
+            f"decision level {level}: give groups=<CSV with path, slide_id, patient_id> so "
+            "tiles can be grouped into slides and patients"
+        )
+    cfg = run.cfg
     stain = run_stain(run, 0)  # refused when a Macenko run lost its fitted reference
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(run, device)
@@ -60,7 +116,41 @@ def predict_folder(opts: Any) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
         with torch.no_grad():
             probs = torch.softmax(model(preprocess(x)).float(), 1)[:, 1].cpu()
         for path, p in zip(paths, probs.tolist(), strict=True):
-            row = {"path": str(path), "prob_her2_pos": p}
-            row.update({f"called_her2_pos_{k}": int(p >= t) for k, t in thresholds.items()})
-            rows.append(row)
-    return pd.DataFrame(rows), errors
+            rows.append({"path": str(path), "prob_her2_pos": p})
+    tiles = pd.DataFrame(rows, columns=["path", "prob_her2_pos"])
+    return call(run, level, thresholds, tiles, groups, errors)
+
+
+def call(
+    run: TrainedRun,
+    level: str,
+    thresholds: dict[str, float],
+    tiles: pd.DataFrame,
+    groups: pd.DataFrame | None,
+    errors: list[tuple[str, str]],
+) -> Predictions:
+    """Called columns at the decision level: a tile's own score, or its group's aggregate."""
+    if groups is not None:
+        found = groups.loc[[str(Path(p).resolve()) for p in tiles["path"]]]
+        tiles.insert(1, "slide_id", found["slide_id"].to_numpy())
+        tiles.insert(2, "patient_id", found["patient_id"].to_numpy())
+    if level == "tile" or tiles.empty:
+        for k, t in thresholds.items():
+            tiles[f"called_her2_pos_{k}"] = (tiles["prob_her2_pos"] >= t).astype(int)
+        return Predictions(tiles, errors, level)
+    e = resolve_evaluation(run.cfg.get("evaluation"), OmegaConf.create({}))
+    ids = tiles[f"{level}_id"].to_numpy()
+    # Labels are unknown here: all 0, so no group is refused for mixed labels.
+    agg = metrics.aggregate_by_group(
+        ids,
+        np.zeros(len(tiles), dtype=int),
+        tiles["prob_her2_pos"].to_numpy(),
+        e[f"{level}_aggregation"],
+        e.topk,
+        level,
+    )
+    table = level_table(level, agg, thresholds, tiles).drop(columns="label")
+    pos = pd.Index(agg.ids).get_indexer(ids)
+    for k, t in thresholds.items():
+        tiles[f"called_her2_pos_{k}"] = (agg.scores[pos] >= t).astype(int)
+    return Predictions(tiles, errors, level, table)

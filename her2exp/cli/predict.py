@@ -3,9 +3,14 @@
     her2exp-predict checkpoint=outputs/<date>/<time>/checkpoints/best.pt input=/path/patches
     her2exp-predict run_id=<MLflow run id> input=/path/patches out=preds.csv
 
-Files that cannot be decoded are listed (stderr and `<out>.errors.csv`) and skipped; without
-any, an `<out>.errors.csv` left by an earlier run is removed, so the two files always agree. An
-existing `out` table is replaced only with `overwrite=true`.
+    her2exp-predict run_id=<id> input=/path/tiles groups=tiles.csv   # decision level slide/patient
+
+With a run whose decision level is slide or patient (or decision_level=...), `groups=` (a CSV:
+path, slide_id, patient_id) groups the tiles; the per-slide or per-patient table is written
+beside `out` (<out>.slides.csv, <out>.patients.csv). Files that cannot be decoded are listed
+(stderr and `<out>.errors.csv`) and skipped; without any, an `<out>.errors.csv` left by an
+earlier run is removed, so the two files always agree. An existing `out` table is replaced only
+with `overwrite=true`.
 """
 
 from __future__ import annotations
@@ -32,9 +37,17 @@ def main(cfg: DictConfig) -> None:
     if cfg.output is not None:
         log.warning("output= is deprecated: use out=%s", cfg.output)
     out = schemas.predict_out(cfg)
-    table, errors = predict_folder(cfg)
+    result = predict_folder(cfg)
+    table, errors = result.tiles, result.errors
     atomic_write_text(out, table.to_csv(index=False))
-    print(f"her2exp: {len(table)} patches scored -> {out}")
+    print(f"her2exp: {len(table)} patches scored -> {out} (called at the {result.level} level)")
+    for level in ("slide", "patient"):
+        path = schemas.predict_level_out(out, level)
+        if result.groups is not None and level == result.level:
+            atomic_write_text(path, result.groups.to_csv(index=False))
+            print(f"her2exp: {len(result.groups)} {level}s called -> {path}")
+        elif cfg.groups is not None or path.exists() and cfg.overwrite:
+            path.unlink(missing_ok=True)  # an earlier run's table, about other tiles
     err_path = out.with_suffix(".errors.csv")
     if not errors:
         err_path.unlink(missing_ok=True)  # an earlier run's list, about other files

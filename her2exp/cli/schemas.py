@@ -130,12 +130,21 @@ class PredictCommand:
     output: str | None = None  # deprecated spelling of `out`
     batch_size: int = ranged(64, ge=1)
     overwrite: bool = False  # replace an existing `out` table (and its errors list)
+    # CSV with columns path (relative to input, or absolute), slide_id, patient_id: needed when
+    # the decision level is slide or patient (then <out>.slides.csv / .patients.csv too)
+    groups: str | None = None
+    decision_level: str | None = None  # null: the run's own
     tracking: UriConfig = field(default_factory=UriConfig)
 
 
 def predict_out(cfg: Any) -> Path:
     """The table `her2exp-predict` writes (`output=` is the deprecated spelling of `out=`)."""
     return Path(cfg.output or cfg.out)
+
+
+def predict_level_out(out: Path, level: str) -> Path:
+    """The per-slide or per-patient table beside `out` (predictions.slides.csv, ...)."""
+    return out.with_suffix(f".{level}s.csv")
 
 
 def check_predict(cfg: Any) -> None:
@@ -147,14 +156,20 @@ def check_predict(cfg: Any) -> None:
     if not Path(cfg.input).is_dir():
         raise ConfigError(f"input={cfg.input} is not a folder")
     _one_source(cfg)
+    if cfg.decision_level is not None and cfg.decision_level not in LEVEL_CHOICES:
+        _fail("decision_level", cfg.decision_level, f"null or {', '.join(LEVEL_CHOICES)}")
+    if cfg.groups is not None and not Path(cfg.groups).is_file():
+        raise ConfigError(f"groups={cfg.groups}: no such file")
     out = predict_out(cfg)
     if out.is_dir():
         raise UserError(f"out={out} is a folder: give the table's file name (predictions.csv)")
-    if out.exists() and not cfg.overwrite:
-        raise UserError(
-            f"out={out} exists (the predictions of an earlier run): give another out=, or "
-            "overwrite=true to replace it"
-        )
+    tables = [out, *(predict_level_out(out, lv) for lv in ("slide", "patient"))]
+    for path in tables if cfg.groups is not None else tables[:1]:
+        if path.exists() and not cfg.overwrite:
+            raise UserError(
+                f"out={path} exists (the predictions of an earlier run): give another out=, "
+                "or overwrite=true to replace it"
+            )
 
 
 # -- her2exp-compare -----------------------------------------------------------------------------
