@@ -32,6 +32,8 @@ VERIFY_CHOICES = ("header", "full")
 FINETUNE_CHOICES = ("full", "frozen", "last_n_blocks")
 HEAD_CHOICES = ("linear", "mlp")
 EMBEDDING_CHOICES = ("pooled", "cls_mean")
+AGGREGATION_CHOICES = ("mean", "max", "topk_mean")  # metrics.AGGREGATIONS
+LEVEL_CHOICES = ("tile", "slide", "patient")  # metrics.LEVELS
 STAIN_CHOICES = ("none", "macenko", "hed_jitter", "macenko_jitter")
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 SEED_MAX = 2**32 - 1  # numpy's seeds
@@ -456,11 +458,18 @@ def validate_tracking(tr: Any) -> None:
 
 @dataclass
 class EvaluationConfig:
-    """How runs are scored: operating points chosen on validation, CIs, patient aggregation."""
+    """How runs are scored: operating points chosen on validation, CIs, and the three levels
+    (tile, slide, patient). Slide and patient scores both aggregate the tile scores directly
+    (a patient's score is not an aggregate of its slide scores), so a patient with one big and
+    one small slide weighs every tile alike. `decision_level` is where the clinic decides: its
+    thresholds, chosen on validation at that level, are the headline and what predict calls."""
 
     target_sensitivity: float = ranged(0.90, gt=0, lt=1)
     n_boot: int = ranged(1000, ge=0, allowed="0 (DeLong CI only) or a number of resamples")
-    patient_aggregation: str = "mean"
+    slide_aggregation: str = "mean"  # mean | max | topk_mean of the slide's tile scores
+    patient_aggregation: str = "mean"  # mean | max | topk_mean of the patient's tile scores
+    topk: int = ranged(8, ge=1)  # topk_mean: mean of the k highest tile scores (all if fewer)
+    decision_level: str = "tile"  # tile | slide | patient
     operating_point: str = "youden"
     gallery_max: int = ranged(32, ge=0)
 
@@ -468,8 +477,12 @@ class EvaluationConfig:
 def validate_evaluation(e: Any) -> None:
     """evaluation.*: the operating points and confidence intervals."""
     check_ranges(e, EvaluationConfig, "evaluation.")  # her2exp-eval merges and calls this alone
-    if e.patient_aggregation not in ("mean", "max"):
-        _fail("evaluation.patient_aggregation", e.patient_aggregation, "mean or max")
+    for level in ("slide", "patient"):
+        how = getattr(e, f"{level}_aggregation")
+        if how not in AGGREGATION_CHOICES:
+            _fail(f"evaluation.{level}_aggregation", how, ", ".join(AGGREGATION_CHOICES))
+    if e.decision_level not in LEVEL_CHOICES:
+        _fail("evaluation.decision_level", e.decision_level, ", ".join(LEVEL_CHOICES))
     points = ("youden", f"sens{int(round(e.target_sensitivity * 100))}", "p50")
     if e.operating_point not in points:
         _fail("evaluation.operating_point", e.operating_point, f"one of {', '.join(points)}")

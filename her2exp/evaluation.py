@@ -48,9 +48,72 @@ class ScoredSplit:
         return self.rows["label"].to_numpy()
 
 
+def _ids(rows: pd.DataFrame, column: str) -> np.ndarray | None:
+    return rows[column].astype(str).to_numpy() if column in rows else None
+
+
+def evaluate_scored(
+    s: ScoredSplit, levels: dict[str, dict[str, float]], ecfg: DictConfig, seed: int
+) -> metrics.SplitEvaluation:
+    """metrics.evaluate_split of one scored split, each level at its own frozen thresholds."""
+    return metrics.evaluate_split(
+        s.labels,
+        s.probs,
+        levels["tile"],
+        patient_ids=_ids(s.rows, "patient_id"),
+        n_boot=ecfg.n_boot,
+        seed=seed,
+        patient_how=ecfg.patient_aggregation,
+        slide_ids=_ids(s.rows, "slide_id"),
+        slide_how=ecfg.slide_aggregation,
+        topk=ecfg.topk,
+        level_thresholds=levels,
+    )
+
+
+def level_table(
+    level: str,
+    agg: metrics.GroupScores,
+    thresholds: dict[str, float],
+    rows: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """One row per slide or patient: its aggregate score and calls at that level's thresholds
+    (a slide row also names its patient, from the tile `rows`)."""
+    key = f"{level}_id"
+    table = pd.DataFrame(
+        {key: agg.ids, "label": agg.labels, "n_tiles": agg.n_tiles, "prob_her2_pos": agg.scores}
+    )
+    if level == "slide" and rows is not None and "patient_id" in rows:
+        owner = rows.assign(slide_id=rows["slide_id"].astype(str))
+        owner = owner.drop_duplicates("slide_id").set_index("slide_id")["patient_id"]
+        table.insert(1, "patient_id", table[key].map(owner).to_numpy())
+    for name, t in thresholds.items():
+        table[f"called_her2_pos_{name}"] = (agg.scores >= t).astype(int)
+    return table
+
+
+def _write_predictions(
+    report_dir: Path, s: ScoredSplit, ev: metrics.SplitEvaluation, tile: dict[str, float]
+) -> list[Path]:
+    """predictions_<split>.csv (tiles) and predictions_{slides,patients}_<split>.csv."""
+    rows = s.rows.copy()
+    rows["prob_her2_pos"] = s.probs
+    for name, t in tile.items():
+        rows[f"called_her2_pos_{name}"] = (s.probs >= t).astype(int)
+    name = safe_name(s.name)
+    written = [
+        reports.atomic_write_text(report_dir / f"predictions_{name}.csv", rows.to_csv(index=False))
+    ]
+    for level in ev.levels().values():
+        table = level_table(level.level, level.scores, level.thresholds, s.rows)
+        path = report_dir / f"predictions_{level.level}s_{name}.csv"
+        written.append(reports.atomic_write_text(path, table.to_csv(index=False)))
+    return written
+
+
 def report_cohorts(
     splits: list[ScoredSplit],
-    thresholds: dict[str, float],
+    thresholds: dict[str, Any],
     ecfg: DictConfig,
     report_dir: Path,
     tracker: tracking.Tracker,
@@ -58,46 +121,39 @@ def report_cohorts(
     seed: int,
     gallery_splits: tuple[str, ...] = ("test", "external"),
 ) -> dict[str, metrics.SplitEvaluation]:
-    """Metrics at the frozen `thresholds` for every split -> reports -> MLflow (rank 0 only)."""
-    evaluations = {
-        s.name: metrics.evaluate_split(
-            s.labels,
-            s.probs,
-            thresholds,
-            patient_ids=s.rows["patient_id"].to_numpy(),
-            n_boot=ecfg.n_boot,
-            seed=seed,
-            patient_how=ecfg.patient_aggregation,
-        )
-        for s in splits
-    }
+    """Metrics at the frozen `thresholds` (keyed by level; a flat dict is the tile level) for
+    every split -> reports -> MLflow (rank 0 only). `ecfg.decision_level` is the headline."""
+    levels = metrics.as_level_thresholds(thresholds)
+    tile = levels["tile"]
+    evaluations = {s.name: evaluate_scored(s, levels, ecfg, seed) for s in splits}
     galleries = {
-        s.name: (s.images, s.labels, s.probs, thresholds[ecfg.operating_point])
+        s.name: (s.images, s.labels, s.probs, tile[ecfg.operating_point])
         for s in splits
         if s.name in gallery_splits and s.images is not None
     }
+    header = {
+        **header,
+        "decision_level": ecfg.decision_level,
+        "operating_point": ecfg.operating_point,
+        "aggregation": {
+            "slide": ecfg.slide_aggregation,
+            "patient": ecfg.patient_aggregation,
+            "topk": int(ecfg.topk),
+        },
+        "thresholds": levels,
+    }
     written = reports.write_clinical_report(
-        report_dir,
-        evaluations,
-        galleries,
-        {**header, "operating_point": ecfg.operating_point, "thresholds": thresholds},
-        max_gallery=ecfg.gallery_max,
+        report_dir, evaluations, galleries, header, max_gallery=ecfg.gallery_max
     )
     for s in splits:
-        rows = s.rows.copy()
-        rows["prob_her2_pos"] = s.probs
-        for name, t in thresholds.items():
-            rows[f"called_her2_pos_{name}"] = (s.probs >= t).astype(int)
-        written.append(
-            reports.atomic_write_text(
-                report_dir / f"predictions_{safe_name(s.name)}.csv", rows.to_csv(index=False)
-            )
-        )
+        written += _write_predictions(report_dir, s, evaluations[s.name], tile)
     remove_stale_reports(report_dir, written)
     flat: dict[str, float] = {}
     for name, ev in evaluations.items():
         flat.update(ev.as_flat_dict(f"{'final_val' if name == 'val' else name}_"))
-    flat.update({f"threshold_{k}_val": v for k, v in thresholds.items()})
+    for level, values in levels.items():
+        infix = "" if level == "tile" else f"{level}_"
+        flat.update({f"threshold_{infix}{k}_val": v for k, v in values.items()})
     tracker.log_metrics(flat)
     tracker.log_artifact(report_dir, "reports")
     return evaluations
@@ -108,6 +164,7 @@ def report_cohorts(
 PER_SPLIT_REPORTS = (
     "predictions_*.csv",
     "confusion_*.png",
+    "roc_*.png",
     "false_negatives_*.png",
     "false_positives_*.png",
 )
@@ -128,24 +185,37 @@ def remove_stale_reports(report_dir: Path, written: list[Path]) -> list[Path]:
     return stale
 
 
-def format_table(ev: metrics.SplitEvaluation, title: str) -> str:
-    """The console version of summary.md's table: each frozen operating point with its CIs."""
+def format_table(ev: metrics.SplitEvaluation, title: str, decision_level: str = "tile") -> str:
+    """The console version of summary.md's tables: each level, each frozen operating point with
+    its CIs; the decision level is marked."""
 
     def ci(v: float, lo: float, hi: float) -> str:
         return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
 
-    a = ev.auc
-    lines = [
-        f"{title}: n={ev.n} ({ev.n_pos} HER2+), AUC {ci(a.auc, a.low, a.high)} (DeLong 95% CI)"
-    ]
-    for name, r in ev.reports.items():
+    lines = [f"{title}:"]
+    units = {"tile": "tiles", "slide": "slides", "patient": "patients"}
+    entries = [("tile", ev.n, ev.n_pos, ev.auc, ev.reports)]
+    entries += [(lv.level, lv.n, lv.n_pos, lv.auc, lv.reports) for lv in ev.levels().values()]
+    for level, n, n_pos, a, reports_ in entries:
+        mark = " (decision level)" if level == decision_level else ""
+        lines.append(
+            f" {level} level{mark}: n={n} {units[level]} ({n_pos} HER2+), "
+            f"AUC {ci(a.auc, a.low, a.high)} (DeLong 95% CI)"
+        )
+        lines += _table_rows(reports_, ci)
+    return "\n".join(lines)
+
+
+def _table_rows(reports_: dict[str, metrics.BinaryReport], ci: Any) -> list[str]:
+    lines = []
+    for name, r in reports_.items():
         sens = ci(r.sensitivity, r.sensitivity_low, r.sensitivity_high)
         spec = ci(r.specificity, r.specificity_low, r.specificity_high)
         lines.append(
             f"  {name:>7} t={r.threshold:.4f}  sensitivity {sens}  specificity {spec}"
             f"  PPV {r.precision:.3f}  NPV {r.npv:.3f}  TP/FN/FP/TN {r.tp}/{r.fn}/{r.fp}/{r.tn}"
         )
-    return "\n".join(lines)
+    return lines
 
 
 # -- loading a trained run -----------------------------------------------------------------------
@@ -230,8 +300,26 @@ class TrainedRun:
     state: dict[str, Any]
     source_run: str | None
     cfg: DictConfig  # the run's resolved training config (mean/std filled in)
-    thresholds: dict[str, float]
+    levels: dict[str, dict[str, float]]  # thresholds frozen on val, keyed by level
     source: str = "checkpoint"  # how the command named it (checkpoint=... or run_id=...)
+    decision_level: str = "tile"  # the run's own; an eval command may choose another level
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """The decision level's frozen thresholds (what predict calls and eval headlines)."""
+        return level_thresholds(self, self.decision_level)
+
+
+def level_thresholds(run: TrainedRun, level: str) -> dict[str, float]:
+    """The thresholds `run` froze at `level`; a level it never froze (a checkpoint from before
+    levels holds the tile level only) is refused in one line."""
+    if level not in run.levels:
+        raise ConfigError(
+            f"evaluation.decision_level={level}: {run.source} froze thresholds at the "
+            f"{', '.join(run.levels)} level only (trained before slide and patient levels): "
+            "choose one of those, or train the run again"
+        )
+    return run.levels[level]
 
 
 def load_run(ecfg: Any) -> TrainedRun:
@@ -244,8 +332,33 @@ def load_run(ecfg: Any) -> TrainedRun:
             f"{what}: the checkpoint holds no frozen thresholds (trained before her2exp 0.1): "
             "train the run again"
         )
-    thresholds = {k: float(v) for k, v in state["thresholds"].items()}
-    return TrainedRun(state, source_run, OmegaConf.create(state["config"]), thresholds, what)
+    levels = metrics.as_level_thresholds(state["thresholds"])
+    cfg = OmegaConf.create(state["config"])
+    run_level = state.get("decision_level") or OmegaConf.select(
+        cfg, "evaluation.decision_level", default="tile"
+    )
+    return TrainedRun(state, source_run, cfg, levels, what, str(run_level))
+
+
+def check_frozen_aggregation(run: TrainedRun, evaluation: DictConfig) -> None:
+    """A level's thresholds were chosen on its aggregates: scoring that level with another
+    aggregation (or another k) would call cases at thresholds that mean something else, so an
+    eval override that changes it for a level with frozen thresholds is refused."""
+    own = resolve_evaluation(run.cfg.get("evaluation"), OmegaConf.create({}))
+    for level in ("slide", "patient"):
+        if level not in run.levels:
+            continue  # nothing frozen there: any aggregation is only reported
+        key = f"{level}_aggregation"
+        if evaluation[key] != own[key]:
+            raise ConfigError(
+                f"evaluation.{key}={evaluation[key]}: {run.source} froze its {level}-level "
+                f"thresholds on {own[key]} aggregates; leave it unset (or give {own[key]})"
+            )
+        if own[key] == "topk_mean" and evaluation.topk != own.topk:
+            raise ConfigError(
+                f"evaluation.topk={evaluation.topk}: {run.source} froze its {level}-level "
+                f"thresholds on the top {own.topk}; leave it unset (or give {own.topk})"
+            )
 
 
 def load_model(run: TrainedRun, device: torch.device) -> torch.nn.Module:
@@ -386,6 +499,8 @@ def prepare_evaluation(ecfg: DictConfig) -> tuple[TrainedRun, DictConfig, Cohort
         tracking.require_store(ecfg.tracking.uri, lookup=bool(ecfg.run_id))
     run = load_run(ecfg)
     evaluation = resolve_evaluation(run.cfg.get("evaluation"), ecfg.evaluation)
+    check_frozen_aggregation(run, evaluation)
+    run.decision_level = evaluation.decision_level
     if evaluation.operating_point not in run.thresholds:
         raise ConfigError(
             f"evaluation.operating_point={evaluation.operating_point!r}: the run froze "
@@ -430,7 +545,7 @@ def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
         report_dir = Path(ecfg.output_dir) / "reports"
         evs = report_cohorts(
             [split],
-            run.thresholds,
+            run.levels,
             evaluation,
             report_dir,
             tracker,

@@ -37,16 +37,17 @@ def final_evaluation(
     """Score val and test with the best weights (already loaded) and report them."""
     val = validator.score(parts.loaders["val"])
     test = validator.score(parts.loaders["test"])
-    thresholds = metrics.operating_points(val.labels, val.probs, cfg.evaluation.target_sensitivity)
-    drift = youden_drift(thresholds["youden"], threshold)
+    bundle = parts.bundle
+    thresholds = choose_thresholds(cfg.evaluation, bundle, val.labels, val.probs)
+    drift = youden_drift(thresholds["tile"]["youden"], threshold)
     out: dict[str, Any] = {
         "thresholds": thresholds,
-        "threshold_youden_val": thresholds["youden"],
+        "decision_level": cfg.evaluation.decision_level,
+        "threshold_youden_val": thresholds["tile"]["youden"],
         "youden_threshold_drift": drift,
     }
     if not is_main:
         return out
-    bundle = parts.bundle
     scored = []
     for name, s in (("val", val), ("test", test)):
         rows = bundle.manifest.iloc[bundle.indices(name)].reset_index(names="row")
@@ -69,12 +70,14 @@ def final_evaluation(
         {
             "best_epoch": summary["best_epoch"],
             "best_val_auc": summary["best_val_auc"],
-            "threshold_youden_val": thresholds["youden"],
+            "threshold_youden_val": thresholds["tile"]["youden"],
             "youden_threshold_drift": drift,
             "test_loss": test.loss,
         }
     )
-    best_ckpt = freeze_into_checkpoint(run_dir, thresholds, parts.stain)
+    best_ckpt = freeze_into_checkpoint(
+        run_dir, thresholds, parts.stain, cfg.evaluation.decision_level
+    )
     log_run_files(cfg, run_dir, tracker, best_ckpt)
     if cfg.tracking.get("log_model", True):
         log_model(cfg, model, tracker, thresholds)
@@ -86,6 +89,30 @@ def final_evaluation(
         }
     )
     return out
+
+
+def choose_thresholds(
+    ecfg: DictConfig, bundle: Any, labels: np.ndarray, probs: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """Operating points chosen on validation at the tile, slide and patient level (each level's
+    aggregates as `ecfg` aggregates them), to be frozen. Every rank computes the same values."""
+    rows = bundle.manifest.iloc[bundle.indices("val")]
+    if not np.array_equal(rows["label"].to_numpy(), labels):
+        raise RuntimeError("gathered val scores are not in dataset order")
+
+    def ids(column: str) -> np.ndarray | None:
+        return rows[column].astype(str).to_numpy() if column in rows else None
+
+    return metrics.operating_points_by_level(
+        labels,
+        probs,
+        ids("slide_id"),
+        ids("patient_id"),
+        ecfg.target_sensitivity,
+        ecfg.slide_aggregation,
+        ecfg.patient_aggregation,
+        ecfg.topk,
+    )
 
 
 #: Rescoring the same weights on the same val split moves scores only by rounding: cuDNN and
@@ -110,12 +137,19 @@ def youden_drift(recomputed: float, during_training: float) -> float:
     return drift
 
 
-def freeze_into_checkpoint(run_dir: Path, thresholds: dict[str, float], stain: Any) -> Path:
-    """The operating points (and the stain reference) go into best.pt, which evaluations load."""
+def freeze_into_checkpoint(
+    run_dir: Path,
+    thresholds: dict[str, dict[str, float]],
+    stain: Any,
+    decision_level: str = "tile",
+) -> Path:
+    """The operating points keyed by level, the decision level (and the stain reference) go
+    into best.pt, which evaluations load."""
     best_ckpt = run_dir / "checkpoints" / "best.pt"
     if best_ckpt.is_file():
         state = checkpoint.load(best_ckpt)
         state["thresholds"] = thresholds
+        state["decision_level"] = decision_level
         state["stain"] = None if stain is None else stain.state_dict()
         checkpoint.save(state, best_ckpt)
     return best_ckpt
@@ -133,15 +167,29 @@ def log_run_files(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker, bes
 
 
 def log_model(
-    cfg: DictConfig, model: Any, tracker: tracking.Tracker, thresholds: dict[str, float]
+    cfg: DictConfig,
+    model: Any,
+    tracker: tracking.Tracker,
+    thresholds: dict[str, dict[str, float]],
 ) -> None:
-    """The MLflow model (normalised float patches in, two logits out) with its contract."""
+    """The MLflow model (normalised float patches in, two logits out) with its contract:
+    `thresholds` are the decision level's (a server calls with those, after aggregating the
+    tile scores as `aggregation` says when the level is slide or patient);
+    `thresholds_by_level` holds every level's."""
     size = cfg.data.image_size
+    e = cfg.evaluation
     tracker.log_model(
         model.eval(),
         np.zeros((1, 3, size, size), dtype=np.float32),
         {
-            "thresholds": thresholds,
+            "thresholds": thresholds[e.decision_level],
+            "thresholds_by_level": thresholds,
+            "decision_level": e.decision_level,
+            "aggregation": {
+                "slide": e.slide_aggregation,
+                "patient": e.patient_aggregation,
+                "topk": int(e.topk),
+            },
             "class_names": ["HER2-", "HER2+"],
             "output": "logits; softmax column 1 is P(HER2+)",
             "image_size": size,

@@ -1,54 +1,78 @@
-"""A trained run applied to a folder of patches or to the tiles of slides (the library part of
-`her2exp-predict`, her2exp/cli/predict.py).
+"""A trained run applied to a folder of patches (the library part of `her2exp-predict`,
+her2exp/cli/predict.py).
 
-Each row: path (or slide and tile coordinates), HER2+ probability, and the decision at every
-threshold frozen on the training run's validation split. Files (slides) that cannot be read are
-listed (stderr and the `.errors.csv` beside the output) and skipped; the rest are still scored.
-On slides, each slide also gets a heatmap PNG of its tile scores over its thumbnail.
+Each row: path, HER2+ probability, and the decision at every threshold frozen on the training
+run's validation split at the decision level. At the slide or patient level the tiles are
+grouped by `groups=` (path, slide_id, patient_id), their scores aggregated as the run
+aggregated them, the group called at that level's thresholds, and each tile row carries its
+group's call; the per-slide or per-patient table comes back beside the tiles. Files that cannot
+be decoded are listed (stderr and the `.errors.csv` beside the output) and skipped; the rest
+are still scored.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+from omegaconf import OmegaConf
 
+from her2exp import metrics
 from her2exp.config import ConfigError
 from her2exp.data.sources import read_patch  # decoded exactly as in training
 from her2exp.engine import Preprocess
-from her2exp.evaluation import load_model, load_run, run_stain
+from her2exp.evaluation import (
+    TrainedRun,
+    level_table,
+    level_thresholds,
+    load_model,
+    load_run,
+    resolve_evaluation,
+    run_stain,
+)
 from her2exp.fileio import safe_name
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
-def _scorer(run: Any) -> tuple[Any, Any, Preprocess, torch.device]:
-    stain = run_stain(run, 0)  # refused when a Macenko run lost its fitted reference
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(run, device)
-    model.eval()
-    # The one input path of training and evaluation: stain (here on the CPU), then mean/std.
-    return (
-        model,
-        stain,
-        Preprocess(device, tuple(run.cfg.data.mean), tuple(run.cfg.data.std)),
-        device,
-    )
+@dataclass
+class Predictions:
+    """What her2exp-predict writes: the tiles, the decision level's groups, unreadable files."""
+
+    tiles: pd.DataFrame
+    errors: list[tuple[str, str]]
+    level: str = "tile"
+    groups: pd.DataFrame | None = None  # one row per slide or patient (level slide|patient)
 
 
-def _probs(model: Any, stain: Any, preprocess: Preprocess, x: torch.Tensor) -> list[float]:
-    if stain is not None:
-        x = stain(x, False)
-    with torch.no_grad():
-        return torch.softmax(model(preprocess(x)).float(), 1)[:, 1].cpu().tolist()
+def read_groups(path: str | Path, root: Path, files: list[Path]) -> pd.DataFrame:
+    """The groups table, indexed by resolved file path; every scored file must have a row."""
+    try:
+        table = pd.read_csv(path, dtype=str)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"groups={path}: not a readable CSV ({exc})") from exc
+    missing = [c for c in ("path", "slide_id", "patient_id") if c not in table]
+    if missing:
+        raise ConfigError(f"groups={path}: no column(s) {', '.join(missing)}")
+    if table[["slide_id", "patient_id"]].isna().any().any():
+        raise ConfigError(f"groups={path}: empty slide_id or patient_id")
+    table.index = [str((root / p).resolve()) for p in table["path"]]
+    absent = [str(f) for f in files if str(f.resolve()) not in table.index]
+    if absent:
+        shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+        raise ConfigError(
+            f"groups={path}: no slide_id/patient_id for {len(absent)} file(s): {shown}"
+        )
+    return table[~table.index.duplicated()]
 
 
-def predict_folder(opts: Any) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """Score every image under `opts.input` with the run `opts` names (run_id or checkpoint);
-    returns (one row per scored file, (path, error) per file that could not be decoded)."""
+def predict_folder(opts: Any) -> Predictions:
+    """Score every image under `opts.input` with the run `opts` names (run_id or checkpoint) and
+    call them at the run's decision level (or `opts.decision_level`)."""
     if not opts.input:
         raise ConfigError("input=<folder of patches> is required")
     root = Path(opts.input)
@@ -58,8 +82,23 @@ def predict_folder(opts: Any) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     if not files:
         raise ConfigError(f"input={root} holds no {', '.join(sorted(IMAGE_SUFFIXES))} files")
     run = load_run(opts)  # refused without the thresholds frozen on val: no fallback of ours
-    cfg, thresholds = run.cfg, run.thresholds
-    model, stain, preprocess, _ = _scorer(run)
+    level = opts.get("decision_level") or run.decision_level
+    thresholds = level_thresholds(run, level)  # refused when the run never froze this level
+    groups = None
+    if opts.get("groups"):
+        groups = read_groups(opts.groups, root, files)
+    elif level != "tile":
+        raise ConfigError(
+            f"decision level {level}: give groups=<CSV with path, slide_id, patient_id> so "
+            "tiles can be grouped into slides and patients"
+        )
+    cfg = run.cfg
+    stain = run_stain(run, 0)  # refused when a Macenko run lost its fitted reference
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(run, device)
+    model.eval()
+    # The one input path of training and evaluation: stain (here on the CPU), then mean/std.
+    preprocess = Preprocess(device, tuple(cfg.data.mean), tuple(cfg.data.std))
 
     rows, errors = [], []
     for start in range(0, len(files), opts.batch_size):
@@ -73,62 +112,118 @@ def predict_folder(opts: Any) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
         if not batch:
             continue
         x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
-        for path, p in zip(paths, _probs(model, stain, preprocess, x), strict=True):
-            row = {"path": str(path), "prob_her2_pos": p}
-            row.update({f"called_her2_pos_{k}": int(p >= t) for k, t in thresholds.items()})
-            rows.append(row)
-    return pd.DataFrame(rows), errors
+        if stain is not None:
+            x = stain(x, False)
+        with torch.no_grad():
+            probs = torch.softmax(model(preprocess(x)).float(), 1)[:, 1].cpu()
+        for path, p in zip(paths, probs.tolist(), strict=True):
+            rows.append({"path": str(path), "prob_her2_pos": p})
+    tiles = pd.DataFrame(rows, columns=["path", "prob_her2_pos"])
+    return call(run, level, thresholds, tiles, groups, errors)
 
 
-def predict_slides(opts: Any, heatmap_dir: Path) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+def call(
+    run: TrainedRun,
+    level: str,
+    thresholds: dict[str, float],
+    tiles: pd.DataFrame,
+    groups: pd.DataFrame | None,
+    errors: list[tuple[str, str]],
+) -> Predictions:
+    """Called columns at the decision level: a tile's own score, or its group's aggregate."""
+    if groups is not None:
+        found = groups.loc[[str(Path(p).resolve()) for p in tiles["path"]]]
+        tiles.insert(1, "slide_id", found["slide_id"].to_numpy())
+        tiles.insert(2, "patient_id", found["patient_id"].to_numpy())
+    if level == "tile" or tiles.empty:
+        for k, t in thresholds.items():
+            tiles[f"called_her2_pos_{k}"] = (tiles["prob_her2_pos"] >= t).astype(int)
+        return Predictions(tiles, errors, level)
+    e = resolve_evaluation(run.cfg.get("evaluation"), OmegaConf.create({}))
+    ids = tiles[f"{level}_id"].to_numpy()
+    # Labels are unknown here: all 0, so no group is refused for mixed labels.
+    agg = metrics.aggregate_by_group(
+        ids,
+        np.zeros(len(tiles), dtype=int),
+        tiles["prob_her2_pos"].to_numpy(),
+        e[f"{level}_aggregation"],
+        e.topk,
+        level,
+    )
+    table = level_table(level, agg, thresholds, tiles).drop(columns="label")
+    pos = pd.Index(agg.ids).get_indexer(ids)
+    for k, t in thresholds.items():
+        tiles[f"called_her2_pos_{k}"] = (agg.scores[pos] >= t).astype(int)
+    return Predictions(tiles, errors, level, table)
+
+
+def _scorer(run: TrainedRun) -> tuple[Any, Any, Preprocess]:
+    """The run's model, stain pipeline and input path, as training scored."""
+    stain = run_stain(run, 0)  # refused when a Macenko run lost its fitted reference
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(run, device)
+    model.eval()
+    return model, stain, Preprocess(device, tuple(run.cfg.data.mean), tuple(run.cfg.data.std))
+
+
+def _probs(model: Any, stain: Any, preprocess: Preprocess, x: torch.Tensor) -> list[float]:
+    if stain is not None:
+        x = stain(x, False)
+    with torch.no_grad():
+        return torch.softmax(model(preprocess(x)).float(), 1)[:, 1].cpu().tolist()
+
+
+def predict_slides(opts: Any, heatmap_dir: Path) -> Predictions:
     """Score every tile of a tile manifest (`input=DIR/tiles.parquet`), read lazily from its
-    slides in `opts.num_workers` workers; one heatmap per slide into `heatmap_dir`. Slides that
+    slides in `opts.num_workers` workers, called at the decision level (the manifest's slide
+    and patient ids group the tiles); one heatmap per slide into `heatmap_dir`. Slides that
     cannot be opened are listed and skipped; labels, when the manifest has them, are kept."""
     from torch.utils.data import DataLoader
 
     from her2exp.data.datasets import PatchDataset
     from her2exp.slides import dataset
-    from her2exp.slides.heatmap import write_heatmap
-    from her2exp.slides.reader import Slide
 
     path = Path(opts.input)
     run = load_run(opts)
+    level = opts.get("decision_level") or run.decision_level
+    thresholds = level_thresholds(run, level)  # refused when the run never froze this level
     tiles = dataset.read_tiles(path, labelled=False)
-    settings = dataset.tiling_settings(path)
-    bad = dataset.slide_problems(tiles, settings.get("assume_mpp"))
+    mpp = dataset.tiling_settings(path).get("assume_mpp")
+    bad = dataset.slide_problems(tiles, mpp)
     errors = [(f"slide {sid}", why) for sid, why in sorted(bad.items())]
     tiles = tiles[~tiles["slide_id"].astype(str).isin(bad)].reset_index(drop=True)
     if tiles.empty:
-        return pd.DataFrame(), errors
-    store = dataset.SlideTiles(
-        tiles, run.cfg.data.image_size, assume_mpp=settings.get("assume_mpp")
-    )
+        return Predictions(pd.DataFrame(), errors, level)
+    store = dataset.SlideTiles(tiles, run.cfg.data.image_size, assume_mpp=mpp)
     loader = DataLoader(
         PatchDataset(store, np.zeros(len(tiles), dtype=np.int64)),
         batch_size=opts.batch_size,
         num_workers=opts.num_workers,
     )
-    model, stain, preprocess, _ = _scorer(run)
+    model, stain, preprocess = _scorer(run)
     probs: list[float] = []
     for x, _, _ in loader:
         probs += _probs(model, stain, preprocess, x)
-    keep = [c for c in ("slide_id", "patient_id", "label", "site", "split") if c in tiles.columns]
-    table = tiles[[*keep, "slide_path", "x", "y", "level", "read_size"]].copy()
-    readers = tiles["reader"]
+    keep = ["slide_id", "patient_id", "label", "site", "split", "slide_path", "x", "y"]
+    table = tiles[[c for c in keep if c in tiles] + ["level", "read_size"]].copy()
+    table["slide_id"] = table["slide_id"].astype(str)
+    table["patient_id"] = table["patient_id"].astype(str)
     table["prob_her2_pos"] = probs
-    for name, t in run.thresholds.items():
-        table[f"called_her2_pos_{name}"] = (table["prob_her2_pos"] >= t).astype(int)
-    threshold = run.thresholds.get(run.cfg.evaluation.get("operating_point", "youden"))
-    for (slide_id, slide_path, reader), rows in table.assign(reader=readers).groupby(
-        ["slide_id", "slide_path", "reader"], sort=True
-    ):
-        mpp = settings.get("assume_mpp") or 1.0  # reading needs no resolution
-        with Slide(slide_path, assume_mpp=mpp, reader=reader) as slide:
-            write_heatmap(
-                slide,
-                rows,
-                heatmap_dir / f"{safe_name(str(slide_id))}.png",
-                str(slide_id),
-                threshold,
-            )
-    return table, errors
+    result = call(run, level, thresholds, table, None, errors)
+    _heatmaps(run, result.tiles.assign(reader=tiles["reader"]), heatmap_dir, mpp)
+    return result
+
+
+def _heatmaps(run: TrainedRun, table: pd.DataFrame, folder: Path, mpp: float | None) -> None:
+    """One PNG per slide: its tile scores, the tile-level operating point on the colour bar."""
+    from her2exp.slides.heatmap import write_heatmap
+    from her2exp.slides.reader import Slide
+
+    tile_thresholds = level_thresholds(run, "tile")
+    threshold = tile_thresholds.get(run.cfg.evaluation.get("operating_point", "youden"))
+    groups = table.groupby(["slide_id", "slide_path", "reader"], sort=True)
+    for (slide_id, slide_path, reader), rows in groups:
+        # Reading needs no resolution: 1.0 stands in for a slide tiled with assume_mpp.
+        with Slide(slide_path, assume_mpp=mpp or 1.0, reader=reader) as slide:
+            out = folder / f"{safe_name(str(slide_id))}.png"
+            write_heatmap(slide, rows, out, str(slide_id), threshold)

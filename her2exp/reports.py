@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 
 from her2exp.fileio import atomic_write, atomic_write_text, safe_name
-from her2exp.metrics import SplitEvaluation, choose_threshold, misclassified, to_jsonable
+from her2exp.metrics import (
+    LEVELS,
+    SplitEvaluation,
+    as_level_thresholds,
+    choose_threshold,
+    misclassified,
+    to_jsonable,
+)
 
 
 def write_best_json(path: Path, summary: dict[str, Any]) -> Path:
@@ -65,9 +72,10 @@ def _ci(v: float, low: float, high: float) -> str:
     return f"{v:.3f} [{_fmt(low)}, {_fmt(high)}]"
 
 
-def plot_roc_ci(path: Path, evaluations: dict[str, SplitEvaluation]) -> Path:
+def plot_roc_ci(path: Path, evaluations: dict[str, Any], level: str = "tile") -> Path:
     """ROC per split, DeLong CI in the legend, a pointwise Wilson band on sensitivity at each
-    FPR (see ``metrics.RocCurve``) and each frozen operating point marked."""
+    FPR (see ``metrics.RocCurve``) and each frozen operating point marked. ``evaluations`` are
+    split evaluations (tile level) or one level of each (``SplitEvaluation.levels()``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=120)
     markers = "osD^vP*X"
@@ -106,7 +114,7 @@ def plot_roc_ci(path: Path, evaluations: dict[str, SplitEvaluation]) -> Path:
     ax.set_ylim(-0.01, 1.01)
     ax.set_xlabel("1 - specificity (HER2- called HER2+)")
     ax.set_ylabel("sensitivity (HER2+ recall)")
-    ax.set_title("ROC; band: pointwise 95% Wilson CI of sensitivity", fontsize=9)
+    ax.set_title(f"{level}-level ROC; band: pointwise 95% Wilson CI of sensitivity", fontsize=9)
     ax.legend(loc="lower right", fontsize=6)
     fig.tight_layout()
     return _save(fig, path)
@@ -236,45 +244,62 @@ def plot_error_gallery(
     return _save(fig, path)
 
 
+def _val_level_scores(val: SplitEvaluation, level: str) -> tuple[Any, Any] | None:
+    if level == "tile":
+        return None if val.labels is None else (val.labels, val.scores)
+    ev = val.levels().get(level)
+    return None if ev is None else (ev.scores.labels, ev.scores.scores)
+
+
 def _thresholds_from_validation(
     evaluations: dict[str, SplitEvaluation], header: dict[str, Any]
 ) -> tuple[bool | None, str]:
-    """Were the thresholds applied to every split the ones validation chooses?
+    """Were the thresholds applied to every split, at every level, the ones validation chooses?
 
-    With a val split, its operating points are re-derived from its own labels and scores
-    (``metrics.choose_threshold``) and compared with the threshold each split's reports were
-    actually computed at, so thresholds tuned anywhere else fail even when every split was
-    scored at the same (wrong) values. Without one (``her2exp-eval`` on a cohort), the reference
-    is ``header["thresholds"]``, the values frozen into the training run's checkpoint.
+    With a val split, each level's operating points are re-derived from val's own labels and
+    scores at that level (``metrics.choose_threshold`` on tiles, slide or patient aggregates)
+    and compared with the threshold each split's reports were actually computed at, so
+    thresholds tuned anywhere else fail even when every split was scored at the same (wrong)
+    values. Without one (``her2exp-eval`` on a cohort), the reference is
+    ``header["thresholds"]``, the values frozen into the training run's checkpoint.
     """
     val = evaluations.get("val")
+    chosen: dict[str, dict[str, float]] = {}
     if val is not None:
         if val.labels is None or val.scores is None:
             return None, "val split without its scores: its thresholds cannot be re-derived"
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # one class: choose_threshold falls back to 0.5
-                chosen = {
-                    name: choose_threshold(name, val.labels, val.scores) for name in val.thresholds
-                }
+                for level in LEVELS:
+                    pair = _val_level_scores(val, level)
+                    names = val.level_reports(level)
+                    if pair is not None and names:
+                        chosen[level] = {n: choose_threshold(n, *pair) for n in names}
         except ValueError as exc:
             return None, f"cannot re-derive the val thresholds: {exc}"
         source = "chosen on val"
     elif header.get("thresholds"):
-        chosen = {k: float(v) for k, v in header["thresholds"].items()}
+        chosen = as_level_thresholds(header["thresholds"])
         source = "frozen from the training run's validation split"
     else:
         return False, "no validation split and no frozen thresholds given"
     mismatches = []
     for split, ev in evaluations.items():
-        for name in dict.fromkeys([*chosen, *ev.reports]):
-            want, rep = chosen.get(name), ev.reports.get(name)
-            used = None if rep is None else rep.threshold
-            if want is None or used is None or not math.isclose(used, want, abs_tol=1e-12):
-                mismatches.append(f"{split} {name} {_fmt(used, 4)} vs {_fmt(want, 4)}")
+        for level in LEVELS:
+            want_level, reports_ = chosen.get(level, {}), ev.level_reports(level)
+            if level != "tile" and not want_level and not reports_:
+                continue  # neither frozen nor reported at this level
+            for name in dict.fromkeys([*want_level, *reports_]):
+                want, rep = want_level.get(name), reports_.get(name)
+                used = None if rep is None else rep.threshold
+                if want is None or used is None or not math.isclose(used, want, abs_tol=1e-12):
+                    where = split if level == "tile" else f"{split} {level}"
+                    mismatches.append(f"{where} {name} {_fmt(used, 4)} vs {_fmt(want, 4)}")
     if mismatches:
         return False, f"thresholds used differ from those {source}: " + "; ".join(mismatches[:4])
-    return True, f"thresholds {source}, used unchanged on every split"
+    levels = ", ".join(chosen) or "tile"
+    return True, f"thresholds {source} ({levels} level), used unchanged on every split"
 
 
 def _checklist(
@@ -293,8 +318,10 @@ def _checklist(
         status = "n/a" if passed is None else ("PASS" if passed else "FAIL")
         return {"item": name, "status": status, "evidence": evidence}
 
+    level = header.get("decision_level") or "tile"
+
     def at_op(ev: SplitEvaluation | None, field: str) -> float:
-        rep = None if ev is None else ev.reports.get(op)
+        rep = None if ev is None else ev.level_reports(level).get(op)
         return math.nan if rep is None else float(getattr(rep, field))
 
     # An external-only evaluation has no val/test split: those items are not applicable there.
@@ -310,12 +337,12 @@ def _checklist(
         item(
             "HER2+ recall >= 0.90 (test, val-chosen operating point)",
             judged(sens >= 0.90, test),
-            f"test sensitivity {_fmt(sens)} at {op}",
+            f"test sensitivity {_fmt(sens)} at {op}, {level} level (the decision level)",
         ),
         item(
             "Specificity >= 0.85 (test, val-chosen operating point)",
             judged(spec >= 0.85, test),
-            f"test specificity {_fmt(spec)} at {op}",
+            f"test specificity {_fmt(spec)} at {op}, {level} level (the decision level)",
         ),
         item(
             "False-negative analysis present",
@@ -344,12 +371,13 @@ def _checklist(
     ]
 
 
-def _split_section(name: str, ev: SplitEvaluation) -> list[str]:
+def _split_section(name: str, ev: SplitEvaluation, decision_level: str = "tile") -> list[str]:
     a = ev.auc
+    mark = " **(decision level)**" if decision_level == "tile" else ""
     lines = [
         f"## {_split_title(name)}",
         "",
-        f"n = {ev.n} patches, HER2+ = {ev.n_pos}. "
+        f"Tile level{mark}: n = {ev.n} patches, HER2+ = {ev.n_pos}. "
         f"AUC {_ci(a.auc, a.low, a.high)} (95% CI, DeLong)"
         + (
             f"; bootstrap {_fmt(ev.auc_bootstrap.low)}-{_fmt(ev.auc_bootstrap.high)}"
@@ -368,17 +396,19 @@ def _split_section(name: str, ev: SplitEvaluation) -> list[str]:
         + (f" Average precision {_fmt(ev.pr.average_precision)}." if ev.pr is not None else ""),
         "",
     ]
-    if ev.patient is not None:
-        p = ev.patient
+    for p in ev.levels().values():
+        mark = " **(decision level)**" if decision_level == p.level else ""
         lines += [
-            f"### {name}: patient level ({p.how} of patch scores)",
+            f"### {name}: {p.level} level ({p.how} of tile scores){mark}",
             "",
-            f"n = {p.n} patients, HER2+ = {p.n_pos}. "
+            f"n = {p.n} {p.level}s, HER2+ = {p.n_pos}. "
             f"AUC {_ci(p.auc.auc, p.auc.low, p.auc.high)} (95% CI, DeLong).",
             "",
         ]
-        lines += _report_table(p.reports)
-        lines.append("")
+        if p.reports:
+            lines += [*_report_table(p.reports), ""]
+        else:
+            lines += [f"No thresholds were frozen at the {p.level} level (an older run).", ""]
     return lines
 
 
@@ -409,16 +439,33 @@ def _clinical_markdown(
 ) -> str:
     lines = [f"# her2exp clinical evaluation ({header.get('model', 'model')})", ""]
     lines += ["| run | value |", "|---|---|"]
-    lines += [f"| {k} | {_fmt(v, 4) if isinstance(v, float) else v} |" for k, v in header.items()]
+    lines += [
+        f"| {k} | {_fmt(v, 4) if isinstance(v, float) else v} |"
+        for k, v in header.items()
+        if not isinstance(v, dict)
+    ]
     lines.append("")
+    decision = header.get("decision_level") or "tile"
+    lines += [
+        f"The clinic decides at the **{decision} level**: its thresholds are the headline "
+        "(the checklist judges them).",
+        "",
+    ]
+    frozen = as_level_thresholds(header.get("thresholds") or {})
     val = evaluations.get("val")
-    if val is not None:
+    if val is not None and not frozen:
+        frozen = {"tile": val.thresholds}
+    if frozen:
         lines += [
-            "Operating points were chosen on **validation** and frozen; every other split is "
-            "scored at exactly these thresholds (HER2+ when P(HER2+) >= threshold):",
+            "Operating points were chosen on **validation**, at each level on that level's "
+            "scores, and frozen; every other split is scored at exactly these thresholds "
+            "(HER2+ when P(HER2+) >= threshold):",
             "",
         ]
-        lines += [f"- `{k}` = {v:.4f}" for k, v in val.thresholds.items()]
+        for level, values in frozen.items():
+            mark = " (decision level)" if level == decision else ""
+            pairs = ", ".join(f"`{k}` = {v:.4f}" for k, v in values.items())
+            lines.append(f"- {level}{mark}: {pairs}")
         lines.append("")
     lines += [
         "Intervals are 95%: DeLong for AUC, Wilson for sensitivity, specificity, PPV, NPV and "
@@ -426,7 +473,7 @@ def _clinical_markdown(
         "",
     ]
     for name, ev in evaluations.items():
-        lines += _split_section(name, ev)
+        lines += _split_section(name, ev, decision)
     lines += [
         "## Clinical Evaluation Checklist",
         "",
@@ -479,6 +526,16 @@ def _plot_galleries(
     return figures
 
 
+def _plot_level_rocs(report_dir: Path, evaluations: dict[str, SplitEvaluation]) -> list[Path]:
+    """roc_slide.png and roc_patient.png: each split's ROC at that level."""
+    figures = []
+    for level in LEVELS[1:]:
+        at_level = {n: ev.levels()[level] for n, ev in evaluations.items() if level in ev.levels()}
+        if at_level:
+            figures.append(plot_roc_ci(report_dir / f"roc_{level}.png", at_level, level))
+    return figures
+
+
 def write_clinical_report(
     report_dir: Path,
     evaluations: dict[str, SplitEvaluation],
@@ -493,7 +550,8 @@ def write_clinical_report(
     images (N, H, W, 3), labels, scores, threshold): its false negatives (lowest score first)
     and false positives (highest score first) are drawn. ``header`` is recorded verbatim (model,
     best_epoch, seed, git_commit, data_fingerprint, operating_point: the threshold name the
-    checklist judges, default "youden").
+    checklist judges, default "youden"; decision_level: the level it judges, default "tile";
+    thresholds: those frozen, keyed by level).
     """
     report_dir = Path(report_dir)
     header = dict(header or {})
@@ -502,6 +560,7 @@ def write_clinical_report(
         raise ValueError("no evaluations to report")
     figures = [
         plot_roc_ci(report_dir / "roc.png", evaluations),
+        *_plot_level_rocs(report_dir, evaluations),
         plot_precision_recall(report_dir / "precision_recall.png", evaluations),
         plot_reliability(report_dir / "reliability.png", evaluations),
         plot_decision_curves(report_dir / "decision_curve.png", evaluations),

@@ -17,6 +17,7 @@ from PIL import Image
 from conftest import BIN, SmokeRun
 from her2exp import checkpoint, evaluation
 from her2exp.cli.common import compose
+from her2exp.config import ConfigError
 from her2exp.data import synthetic
 
 
@@ -57,8 +58,10 @@ def external_eval(smoke_run: SmokeRun) -> tuple[subprocess.CompletedProcess, Pat
 def test_best_checkpoint_holds_the_frozen_thresholds(smoke_run: SmokeRun) -> None:
     state = checkpoint.load(smoke_run.run_dir / "checkpoints" / "best.pt")
     best = json.loads((smoke_run.run_dir / "reports" / "best.json").read_text())
-    assert state["thresholds"] == pytest.approx(best["thresholds"])
-    assert set(state["thresholds"]) == {"youden", "sens90", "p50"}
+    assert state["thresholds"] == best["thresholds"]  # JSON keeps every float digit
+    assert set(state["thresholds"]) == {"tile", "slide", "patient"}
+    for level in state["thresholds"].values():
+        assert set(level) == {"youden", "sens90", "p50"}
 
 
 def test_external_eval_is_a_linked_mlflow_run_with_a_report(smoke_run, external_eval) -> None:
@@ -89,10 +92,14 @@ def test_external_eval_uses_the_training_thresholds(smoke_run, external_eval) ->
     _, out = external_eval
     train_best = json.loads((smoke_run.run_dir / "reports" / "best.json").read_text())
     ext = json.loads((out / "reports" / "best.json").read_text())
-    assert ext["splits"]["external"]["thresholds"] == train_best["thresholds"]
+    assert ext["thresholds"] == train_best["thresholds"]  # every level, as frozen
+    assert ext["splits"]["external"]["thresholds"] == train_best["thresholds"]["tile"]
+    assert (
+        ext["splits"]["external"]["patient"]["thresholds"] == (train_best["thresholds"]["patient"])
+    )
     preds = pd.read_csv(out / "reports" / "predictions_external.csv")
     assert len(preds) == 16 * 8 and set(preds["site"]) == {"external"}
-    t = train_best["thresholds"]["youden"]
+    t = train_best["thresholds"]["tile"]["youden"]
     assert (preds["called_her2_pos_youden"] == (preds["prob_her2_pos"] >= t)).all()
 
 
@@ -113,7 +120,8 @@ def test_eval_refuses_an_unknown_run(
 def test_eval_keeps_the_runs_evaluation_settings(smoke_run: SmokeRun, tmp_path: Path) -> None:
     """A run trained with operating_point=sens90, patient_aggregation=max, n_boot=0 is
     re-evaluated with those settings, not the eval config's defaults (youden/mean/1000); the
-    eval command line still overrides any of them."""
+    eval command line still overrides them, except an aggregation a level's frozen thresholds
+    were chosen on."""
     from her2exp import metrics
 
     changes = {"evaluation.operating_point": "sens90", "evaluation.patient_aggregation": "max"}
@@ -133,12 +141,14 @@ def test_eval_keeps_the_runs_evaluation_settings(smoke_run: SmokeRun, tmp_path: 
         ev.thresholds,
         patient_ids=preds["patient_id"].to_numpy(),
         patient_how="max",
+        level_thresholds={"patient": ev.patient.thresholds},
     )
     by_mean = metrics.evaluate_split(
         preds["label"].to_numpy(),
         preds["prob_her2_pos"].to_numpy(),
         ev.thresholds,
         patient_ids=preds["patient_id"].to_numpy(),
+        level_thresholds={"patient": ev.patient.thresholds},
     )
 
     def patient_level(e: metrics.SplitEvaluation) -> dict[str, float]:
@@ -147,11 +157,15 @@ def test_eval_keeps_the_runs_evaluation_settings(smoke_run: SmokeRun, tmp_path: 
     assert patient_level(by_max) != pytest.approx(patient_level(by_mean), nan_ok=True)
     assert patient_level(ev) == pytest.approx(patient_level(by_max), nan_ok=True)
 
-    given = ["evaluation.n_boot=20", "evaluation.patient_aggregation=mean"]
+    given = ["evaluation.n_boot=20", "evaluation.operating_point=p50"]
     again = evaluation.evaluate_cohort(eval_config([*common, *given], tmp_path / "b"))
     s = again["settings"]
-    assert (s.operating_point, s.patient_aggregation, s.n_boot) == ("sens90", "mean", 20)
+    assert (s.operating_point, s.patient_aggregation, s.n_boot) == ("p50", "max", 20)
     assert again["evaluation"].auc_bootstrap is not None
+    with pytest.raises(ConfigError, match="froze its patient-level thresholds on max"):
+        evaluation.prepare_evaluation(
+            eval_config([*common, "evaluation.patient_aggregation=mean"], tmp_path / "c")
+        )
 
 
 def test_eval_scores_with_the_runs_amp_setting(smoke_run: SmokeRun, tmp_path: Path) -> None:
@@ -211,7 +225,7 @@ def test_predict_scores_readable_images_and_names_the_rest(smoke_run, tmp_path: 
     assert len(table) == len(data.images) + 2
     assert table["path"].is_unique and table["prob_her2_pos"].between(0, 1).all()
     state = checkpoint.load(smoke_run.run_dir / "checkpoints" / "best.pt")
-    for name, t in state["thresholds"].items():
+    for name, t in state["thresholds"]["tile"].items():  # the decision level: tile
         expected = (table["prob_her2_pos"] >= t).astype(int)
         assert np.array_equal(table[f"called_her2_pos_{name}"], expected)
     assert "broken.png" in proc.stderr and "truncated.jpg" in proc.stderr

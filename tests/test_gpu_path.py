@@ -172,7 +172,7 @@ def test_the_run_records_the_drift_and_freezes_the_rescored_threshold(smoke_run:
     m = run.data.metrics
     assert m["youden_threshold_drift"] == 0.0  # same weights, same val, same CPU kernels
     best = checkpoint.load(smoke_run.run_dir / "checkpoints" / "best.pt")
-    assert best["thresholds"]["youden"] == pytest.approx(m["threshold_youden_val"], abs=0)
+    assert best["thresholds"]["tile"]["youden"] == pytest.approx(m["threshold_youden_val"], abs=0)
 
 
 # -- 5. resume under DDP: tensors broadcast in place ------------------------------------------------

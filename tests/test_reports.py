@@ -23,13 +23,18 @@ def _split(n: int, seed: int, shift: float = 1.5):
 
 def _evaluations(external: bool = False):
     vl, vs, vp = _split(300, 0)
-    ops = metrics.operating_points(vl, vs)
-    out = {"val": metrics.evaluate_split(vl, vs, ops, patient_ids=vp)}
+    levels = metrics.operating_points_by_level(vl, vs, None, vp)  # as final.py chooses them
+    ops = levels["tile"]
+    out = {"val": metrics.evaluate_split(vl, vs, ops, patient_ids=vp, level_thresholds=levels)}
     tl, ts, tp = _split(300, 1)
-    out["test"] = metrics.evaluate_split(tl, ts, ops, patient_ids=tp, n_boot=100)
+    out["test"] = metrics.evaluate_split(
+        tl, ts, ops, patient_ids=tp, n_boot=100, level_thresholds=levels
+    )
     if external:
         el, es, ep = _split(200, 2, shift=0.8)
-        out["external"] = metrics.evaluate_split(el, es, ops, patient_ids=ep)
+        out["external"] = metrics.evaluate_split(
+            el, es, ops, patient_ids=ep, level_thresholds=levels
+        )
     images = np.random.default_rng(3).integers(0, 256, (tl.size, 16, 16, 3), dtype=np.uint8)
     return out, {"test": (images, tl, ts, ops["youden"])}, (tl, ts, ops["youden"])
 
@@ -49,6 +54,7 @@ def test_every_file_is_written_and_every_png_is_valid(tmp_path: Path) -> None:
     names = {p.name for p in paths}
     expected = {
         "roc.png",
+        "roc_patient.png",  # the patient level (the helpers give patient ids)
         "precision_recall.png",
         "reliability.png",
         "decision_curve.png",

@@ -101,6 +101,12 @@ def test_logged_mlflow_model_scores_a_batch(http_run, mlflow_server: str) -> Non
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     meta = model.metadata.metadata
     assert meta["class_names"] == ["HER2-", "HER2+"] and set(meta["thresholds"]) >= {"youden"}
+    assert meta["decision_level"] == "tile" and set(meta["thresholds_by_level"]) == {
+        "tile",
+        "slide",
+        "patient",
+    }
+    assert meta["thresholds"] == meta["thresholds_by_level"]["tile"]
     logits = np.asarray(model.predict(np.zeros((3, 3, 32, 32), dtype=np.float32)))
     assert logits.shape == (3, 2) and np.isfinite(logits).all()
 

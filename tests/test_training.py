@@ -106,7 +106,11 @@ def test_final_test_metrics_at_the_frozen_val_threshold(mlflow_run, smoke_run: S
     assert m["test_auc_low"] <= m["test_auc"] <= m["test_auc_high"]
     # Operating points chosen on val are the ones test is scored at.
     assert best["splits"]["test"]["thresholds"] == best["splits"]["val"]["thresholds"]
-    assert m["threshold_sens90_val"] == pytest.approx(best["thresholds"]["sens90"])
+    assert m["threshold_sens90_val"] == pytest.approx(best["thresholds"]["tile"]["sens90"])
+    for level in ("slide", "patient"):
+        frozen = best["thresholds"][level]
+        assert m[f"threshold_{level}_youden_val"] == pytest.approx(frozen["youden"])
+        assert m[f"test_{level}_youden_threshold"] == pytest.approx(frozen["youden"])
     # The best epoch's val AUC is what the per-epoch history says it was.
     assert best["best_val_auc"] == max(h["val_auc"] for h in _history(smoke_run))
 

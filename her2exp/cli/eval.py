@@ -4,7 +4,7 @@
     her2exp-eval checkpoint=.../best.pt data=folder data.root=/path/site2
     her2exp-eval run_id=<MLflow run id> split=test                  # the run's own test split
 
-The run's evaluation settings (operating point, patient aggregation, bootstrap, ...) and its
+The run's evaluation settings (decision level, operating point, aggregations, bootstrap, ...) and its
 trainer.amp stand unless given here (`evaluation.n_boot=2000`, `trainer.amp=off`).
 """
 
@@ -28,10 +28,12 @@ def main(cfg: DictConfig) -> float:
     out = evaluate_cohort(cfg)
     ev = out["evaluation"]
     s = out["settings"]
-    print(format_table(ev, f"{out['cohort']} (frozen thresholds from the training run)"))
+    title = f"{out['cohort']} (frozen thresholds from the training run)"
+    print(format_table(ev, title, s.decision_level))
     print(
-        f"her2exp: operating point {s.operating_point}, patient aggregation "
-        f"{s.patient_aggregation}, {s.n_boot} bootstrap resamples"
+        f"her2exp: decision level {s.decision_level}, operating point {s.operating_point}, "
+        f"slide aggregation {s.slide_aggregation}, patient aggregation {s.patient_aggregation}"
+        f" (topk {s.topk}), {s.n_boot} bootstrap resamples"
     )
     if out["mlflow_run_id"]:
         print(f"her2exp: MLflow run {out['mlflow_run_id']} in {out['tracking_uri']}")

@@ -4,9 +4,14 @@
     her2exp-predict run_id=<MLflow run id> input=/path/patches out=preds.csv
     her2exp-predict run_id=<id> input=DIR/tiles.parquet out=preds.csv   # slides: + heatmaps
 
-Files that cannot be decoded are listed (stderr and `<out>.errors.csv`) and skipped; without
-any, an `<out>.errors.csv` left by an earlier run is removed, so the two files always agree. An
-existing `out` table is replaced only with `overwrite=true`.
+    her2exp-predict run_id=<id> input=/path/tiles groups=tiles.csv   # decision level slide/patient
+
+With a run whose decision level is slide or patient (or decision_level=...), `groups=` (a CSV:
+path, slide_id, patient_id) groups the tiles; the per-slide or per-patient table is written
+beside `out` (<out>.slides.csv, <out>.patients.csv). Files that cannot be decoded are listed
+(stderr and `<out>.errors.csv`) and skipped; without any, an `<out>.errors.csv` left by an
+earlier run is removed, so the two files always agree. An existing `out` table is replaced only
+with `overwrite=true`.
 """
 
 from __future__ import annotations
@@ -35,14 +40,27 @@ def main(cfg: DictConfig) -> None:
     out = schemas.predict_out(cfg)
     if schemas.predict_on_slides(cfg):
         maps = schemas.heatmap_dir(cfg)
-        table, errors = predict_slides(cfg, maps)
+        result = predict_slides(cfg, maps)
+        table, errors = result.tiles, result.errors
         atomic_write_text(out, table.to_csv(index=False))
         slides = table["slide_id"].nunique() if len(table) else 0
-        print(f"her2exp: {len(table)} tiles of {slides} slides scored -> {out}; heatmaps in {maps}")
+        print(
+            f"her2exp: {len(table)} tiles of {slides} slides scored -> {out} (called at the "
+            f"{result.level} level); heatmaps in {maps}"
+        )
     else:
-        table, errors = predict_folder(cfg)
+        result = predict_folder(cfg)
+        table, errors = result.tiles, result.errors
         atomic_write_text(out, table.to_csv(index=False))
-        print(f"her2exp: {len(table)} patches scored -> {out}")
+        print(f"her2exp: {len(table)} patches scored -> {out} (called at the {result.level} level)")
+    grouped = cfg.groups is not None or schemas.predict_on_slides(cfg)
+    for level in ("slide", "patient"):
+        path = schemas.predict_level_out(out, level)
+        if result.groups is not None and level == result.level:
+            atomic_write_text(path, result.groups.to_csv(index=False))
+            print(f"her2exp: {len(result.groups)} {level}s called -> {path}")
+        elif grouped or path.exists() and cfg.overwrite:
+            path.unlink(missing_ok=True)  # an earlier run's table, about other tiles
     err_path = out.with_suffix(".errors.csv")
     if not errors:
         err_path.unlink(missing_ok=True)  # an earlier run's list, about other files

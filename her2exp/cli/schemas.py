@@ -18,7 +18,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from her2exp.cli.common import UserError
 from her2exp.config import (
+    AGGREGATION_CHOICES,
     AMP_CHOICES,
+    LEVEL_CHOICES,
     SEED_MAX,
     ConfigError,
     DataConfig,
@@ -62,7 +64,10 @@ class EvaluationOverrides:
 
     target_sensitivity: float | None = ranged(None, gt=0, lt=1)
     n_boot: int | None = ranged(None, ge=0)
+    slide_aggregation: str | None = None
     patient_aggregation: str | None = None
+    topk: int | None = ranged(None, ge=1)
+    decision_level: str | None = None
     operating_point: str | None = None
     gallery_max: int | None = ranged(None, ge=0)
 
@@ -102,6 +107,15 @@ def check_eval(cfg: Any) -> None:
         _fail("split", cfg.split, "null (the cohort data.* describes), val or test")
     if cfg.trainer.amp is not None and cfg.trainer.amp not in AMP_CHOICES:
         _fail("trainer.amp", cfg.trainer.amp, f"null (the run's own) or {', '.join(AMP_CHOICES)}")
+    e = cfg.evaluation
+    choices = {
+        "slide_aggregation": AGGREGATION_CHOICES,
+        "patient_aggregation": AGGREGATION_CHOICES,
+        "decision_level": LEVEL_CHOICES,
+    }
+    for key, allowed in choices.items():
+        if e[key] is not None and e[key] not in allowed:
+            _fail(f"evaluation.{key}", e[key], f"null (the run's own) or {', '.join(allowed)}")
 
 
 # -- her2exp-predict -----------------------------------------------------------------------------
@@ -119,6 +133,10 @@ class PredictCommand:
     output: str | None = None  # deprecated spelling of `out`
     batch_size: int = ranged(64, ge=1)
     overwrite: bool = False  # replace an existing `out` table (and its errors list)
+    # CSV with columns path (relative to input, or absolute), slide_id, patient_id: needed when
+    # the decision level is slide or patient (then <out>.slides.csv / .patients.csv too)
+    groups: str | None = None
+    decision_level: str | None = None  # null: the run's own
     tracking: UriConfig = field(default_factory=UriConfig)
 
 
@@ -135,6 +153,11 @@ def predict_on_slides(cfg: Any) -> bool:
 def heatmap_dir(cfg: Any) -> Path:
     out = predict_out(cfg)
     return Path(cfg.heatmaps) if cfg.heatmaps else out.with_name(f"{out.stem}_heatmaps")
+
+
+def predict_level_out(out: Path, level: str) -> Path:
+    """The per-slide or per-patient table beside `out` (predictions.slides.csv, ...)."""
+    return out.with_suffix(f".{level}s.csv")
 
 
 def check_predict(cfg: Any) -> None:
@@ -154,14 +177,21 @@ def check_predict(cfg: Any) -> None:
             f"input={cfg.input} is not a folder (or a tile manifest .parquet/.csv of her2exp-tile)"
         )
     _one_source(cfg)
+    if cfg.decision_level is not None and cfg.decision_level not in LEVEL_CHOICES:
+        _fail("decision_level", cfg.decision_level, f"null or {', '.join(LEVEL_CHOICES)}")
+    if cfg.groups is not None and not Path(cfg.groups).is_file():
+        raise ConfigError(f"groups={cfg.groups}: no such file")
     out = predict_out(cfg)
     if out.is_dir():
         raise UserError(f"out={out} is a folder: give the table's file name (predictions.csv)")
-    if out.exists() and not cfg.overwrite:
-        raise UserError(
-            f"out={out} exists (the predictions of an earlier run): give another out=, or "
-            "overwrite=true to replace it"
-        )
+    tables = [out, *(predict_level_out(out, lv) for lv in ("slide", "patient"))]
+    grouped = cfg.groups is not None or slides
+    for path in tables if grouped else tables[:1]:
+        if path.exists() and not cfg.overwrite:
+            raise UserError(
+                f"out={path} exists (the predictions of an earlier run): give another out=, "
+                "or overwrite=true to replace it"
+            )
     maps = heatmap_dir(cfg)
     if slides and maps.exists() and any(maps.iterdir()) and not cfg.overwrite:
         raise UserError(

@@ -49,18 +49,21 @@ def report(summary: dict[str, Any]) -> None:
         print(f"her2exp: warning: {summary['tracking_deferred']}", file=sys.stderr)
     if summary.get("interrupted"):
         return
-    th = summary["thresholds"]
+    levels = summary["thresholds"]
+    decision = summary.get("decision_level", "tile")
     test = summary["test_evaluation"]
     print(
         f"her2exp: best val AUC {summary['best_val_auc']:.4f} at epoch {summary['best_epoch']}"
-        f" | Youden threshold (val) {th['youden']:.4f} | test AUC {test.auc.auc:.4f}"
+        f" | Youden threshold (val) {levels['tile']['youden']:.4f} | test AUC {test.auc.auc:.4f}"
     )
-    print(
-        "her2exp: operating points chosen on validation, then frozen: "
-        + ", ".join(f"{k}={v:.4f}" for k, v in th.items())
-    )
-    print(format_table(summary["val_evaluation"], "validation (thresholds chosen here)"))
-    print(format_table(test, "test (frozen thresholds)"))
+    for level, th in levels.items():
+        mark = " (the decision level)" if level == decision else ""
+        print(
+            f"her2exp: {level}-level operating points chosen on validation, then frozen{mark}: "
+            + ", ".join(f"{k}={v:.4f}" for k, v in th.items())
+        )
+    print(format_table(summary["val_evaluation"], "validation (thresholds chosen here)", decision))
+    print(format_table(test, "test (frozen thresholds)", decision))
     where = summary["tracking_uri"]
     if where:
         print(f"her2exp: MLflow run {summary['mlflow_run_id']} in {where}")

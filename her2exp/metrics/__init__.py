@@ -1,6 +1,6 @@
 """Binary HER2 metrics a reviewer can trust: AUC with confidence intervals, operating points
 chosen on validation, rates with Wilson intervals at frozen thresholds, calibration, decision
-curves and patient-level aggregation.
+curves and slide- and patient-level aggregation.
 
 Pure functions over numpy arrays, dataclasses out; no plotting and no files (``reports.py``
 draws and writes). Label 1 is HER2+ (the positive class). Every rate is defined as 0/0 -> NaN
@@ -18,20 +18,32 @@ to use:
   sensitivity) and :class:`BinaryReport`, the rates at a frozen threshold.
 - :mod:`~her2exp.metrics.probabilities`: calibration (Brier, ECE, reliability) and decision
   curves.
+- :mod:`~her2exp.metrics.levels`: tile scores aggregated per slide and patient (mean, max,
+  topk_mean), operating points chosen at each level, thresholds keyed by level.
 - :mod:`~her2exp.metrics.evaluation`: :func:`evaluate_split`, the single entry point the
-  trainer, ``her2exp-eval`` and the reports use; patient aggregation; error lists; JSON.
+  trainer, ``her2exp-eval`` and the reports use, at each level; error lists; JSON.
 
 The speed of the intervals is measured by ``make bench`` (:mod:`her2exp.bench.ci`).
 """
 
 from her2exp.metrics.evaluation import (
+    LevelEvaluation,
     PatientEvaluation,
-    PatientScores,
     SplitEvaluation,
-    aggregate_by_patient,
     evaluate_split,
     misclassified,
     to_jsonable,
+)
+from her2exp.metrics.levels import (
+    AGGREGATIONS,
+    LEVELS,
+    GroupScores,
+    PatientScores,
+    aggregate_by_group,
+    aggregate_by_patient,
+    as_level_thresholds,
+    level_scores,
+    operating_points_by_level,
 )
 from her2exp.metrics.operating_points import (
     BinaryReport,
@@ -55,16 +67,22 @@ from her2exp.metrics.ranking import (
 )
 
 __all__ = [
+    "AGGREGATIONS",
+    "LEVELS",
     "AucCI",
     "BinaryReport",
     "Calibration",
     "DecisionCurve",
+    "GroupScores",
+    "LevelEvaluation",
     "PatientEvaluation",
     "PatientScores",
     "PrCurve",
     "RocCurve",
     "SplitEvaluation",
+    "aggregate_by_group",
     "aggregate_by_patient",
+    "as_level_thresholds",
     "at_threshold",
     "auc",
     "auc_ci_bootstrap",
@@ -73,8 +91,10 @@ __all__ = [
     "choose_threshold",
     "decision_curve",
     "evaluate_split",
+    "level_scores",
     "misclassified",
     "operating_points",
+    "operating_points_by_level",
     "pr_curve",
     "roc_with_band",
     "threshold_for_sensitivity",

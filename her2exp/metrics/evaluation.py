@@ -1,6 +1,7 @@
 """One evaluation of one split at frozen thresholds: :func:`evaluate_split` is the single entry
-point the trainer, ``her2exp-eval`` and the reports use. Also the patient-level aggregation, the
-error lists the report's galleries show and the JSON conversion of the results.
+point the trainer, ``her2exp-eval`` and the reports use, at the tile level and (given ids) the
+slide and patient levels, each at its own frozen thresholds. Also the error lists the report's
+galleries show and the JSON conversion of the results (aggregation: :mod:`.levels`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,13 @@ from typing import Any
 import numpy as np
 
 from her2exp.metrics._validation import check_probabilities, check_scores, has_two_classes
+from her2exp.metrics.levels import (
+    GroupScores,
+    PatientScores,
+    aggregate_by_patient,
+    as_level_thresholds,
+    level_scores,
+)
 from her2exp.metrics.operating_points import BinaryReport, binary_report
 from her2exp.metrics.probabilities import Calibration, DecisionCurve, calibration, decision_curve
 from her2exp.metrics.ranking import (
@@ -27,6 +35,7 @@ from her2exp.metrics.ranking import (
 )
 
 __all__ = [
+    "LevelEvaluation",
     "PatientEvaluation",
     "PatientScores",
     "SplitEvaluation",
@@ -51,53 +60,6 @@ def misclassified(
     fn = fn[np.argsort(scores[fn], kind="stable")]
     fp = fp[np.argsort(-scores[fp], kind="stable")]
     return fn, fp
-
-
-@dataclass(frozen=True)
-class PatientScores:
-    """One row per patient: the patient's label and the aggregate of its patch scores."""
-
-    patient_ids: np.ndarray
-    labels: np.ndarray
-    scores: np.ndarray
-    n_patches: np.ndarray
-    how: str
-
-
-def aggregate_by_patient(
-    patient_ids: np.ndarray,
-    labels: np.ndarray,
-    scores: np.ndarray,
-    how: str = "mean",
-) -> PatientScores:
-    """Patch scores -> one score per patient: s_p = mean or max of s_i over patient p's patches.
-
-    HER2 status is a patient (tumour) property, so a patient whose patches carry both labels
-    is a data error, not something to average away: it raises, naming the patients.
-    Patients come out in sorted id order.
-    """
-    labels, scores = check_scores(labels, scores)
-    ids = np.asarray(patient_ids).ravel()
-    if ids.shape != labels.shape:
-        raise ValueError(f"{ids.size} patient ids but {labels.size} labels")
-    if how not in ("mean", "max"):
-        raise ValueError(f"how must be 'mean' or 'max'; got {how!r}")
-    uniq, inv = np.unique(ids, return_inverse=True)
-    k = uniq.size
-    count = np.bincount(inv, minlength=k)
-    n_pos = np.bincount(inv, weights=labels, minlength=k)
-    mixed = (n_pos > 0) & (n_pos < count)
-    if mixed.any():
-        names = ", ".join(str(p) for p in uniq[mixed][:10])
-        raise ValueError(
-            f"{int(mixed.sum())} patient(s) have both HER2+ and HER2- patches: {names}"
-        )
-    if how == "mean":
-        agg = np.bincount(inv, weights=scores, minlength=k) / np.maximum(count, 1)
-    else:
-        agg = np.full(k, -np.inf)
-        np.maximum.at(agg, inv, scores)
-    return PatientScores(uniq, (n_pos > 0).astype(np.int64), agg, count, how)
 
 
 def to_jsonable(value: Any) -> Any:
@@ -131,15 +93,44 @@ def _flat_reports(reports: dict[str, BinaryReport], prefix: str) -> dict[str, fl
 
 
 @dataclass(frozen=True)
-class PatientEvaluation:
-    """Patient-level AUC and operating points (patch scores aggregated by ``how``)."""
+class LevelEvaluation:
+    """Slide- or patient-level AUC, ROC and a report per threshold frozen at that level (tile
+    scores aggregated by ``how``). ``reports`` is empty when no thresholds were frozen there (a
+    checkpoint from before levels: its AUC is still reported)."""
 
+    level: str
     how: str
     n: int
     n_pos: int
     auc: AucCI
     reports: dict[str, BinaryReport]
-    scores: PatientScores
+    scores: GroupScores
+    thresholds: dict[str, float] = field(default_factory=dict)
+    roc: RocCurve | None = field(default=None, repr=False)
+
+    def as_flat_dict(self, prefix: str) -> dict[str, float]:
+        out = {
+            f"{prefix}n": float(self.n),
+            f"{prefix}n_pos": float(self.n_pos),
+            f"{prefix}auc": self.auc.auc,
+            f"{prefix}auc_low": self.auc.low,
+            f"{prefix}auc_high": self.auc.high,
+        }
+        out.update(_flat_reports(self.reports, prefix))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "how": self.how,
+            "n": self.n,
+            "n_pos": self.n_pos,
+            "auc": _dataclass_dict(self.auc),
+            "thresholds": to_jsonable(self.thresholds),
+            "reports": {k: _dataclass_dict(v) for k, v in self.reports.items()},
+        }
+
+
+PatientEvaluation = LevelEvaluation  # the name from before slides
 
 
 @dataclass(frozen=True)
@@ -160,7 +151,8 @@ class SplitEvaluation:
     decision_curve: DecisionCurve
     roc: RocCurve | None
     pr: PrCurve | None
-    patient: PatientEvaluation | None = None
+    patient: LevelEvaluation | None = None
+    slide: LevelEvaluation | None = None
     labels: np.ndarray | None = field(default=None, repr=False, compare=False)
     scores: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -186,27 +178,23 @@ class SplitEvaluation:
         out[f"{prefix}ece"] = self.calibration.ece
         if self.pr is not None:
             out[f"{prefix}average_precision"] = self.pr.average_precision
-        if self.patient is not None:
-            p = self.patient
-            out[f"{prefix}patient_n"] = float(p.n)
-            out[f"{prefix}patient_n_pos"] = float(p.n_pos)
-            out[f"{prefix}patient_auc"] = p.auc.auc
-            out[f"{prefix}patient_auc_low"] = p.auc.low
-            out[f"{prefix}patient_auc_high"] = p.auc.high
-            out.update(_flat_reports(p.reports, f"{prefix}patient_"))
+        for level in self.levels().values():
+            out.update(level.as_flat_dict(f"{prefix}{level.level}_"))
         return {k: float(v) for k, v in out.items()}
+
+    def levels(self) -> dict[str, LevelEvaluation]:
+        """The slide and patient levels present, in that order."""
+        return {ev.level: ev for ev in (self.slide, self.patient) if ev is not None}
+
+    def level_reports(self, level: str) -> dict[str, BinaryReport]:
+        """The reports at one level's frozen thresholds ("tile": this split's own)."""
+        if level == "tile":
+            return self.reports
+        ev = self.levels().get(level)
+        return {} if ev is None else ev.reports
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready nested dict (arrays -> lists, NaN -> None) for best.json."""
-        patient = None
-        if self.patient is not None:
-            patient = {
-                "how": self.patient.how,
-                "n": self.patient.n,
-                "n_pos": self.patient.n_pos,
-                "auc": _dataclass_dict(self.patient.auc),
-                "reports": {k: _dataclass_dict(v) for k, v in self.patient.reports.items()},
-            }
         ap = None if self.pr is None else to_jsonable(self.pr.average_precision)
         return {
             "n": self.n,
@@ -218,33 +206,32 @@ class SplitEvaluation:
             "calibration": _dataclass_dict(self.calibration),
             "decision_curve": _dataclass_dict(self.decision_curve),
             "average_precision": ap,
-            "patient": patient,
+            "slide": None if self.slide is None else self.slide.to_dict(),
+            "patient": None if self.patient is None else self.patient.to_dict(),
         }
 
 
-def _evaluate_patients(
-    patient_ids: np.ndarray,
-    labels: np.ndarray,
-    scores: np.ndarray,
-    thresholds: dict[str, float],
-    how: str,
-    alpha: float,
-) -> PatientEvaluation:
-    """Patch scores aggregated per patient, then DeLong AUC and a report per threshold."""
-    agg = aggregate_by_patient(patient_ids, labels, scores, how)
+def _evaluate_level(
+    level: str, agg: GroupScores, thresholds: dict[str, float], alpha: float
+) -> LevelEvaluation:
+    """DeLong AUC, ROC and a report per threshold frozen at this level, on its aggregates."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        p_auc = auc_ci_delong(agg.labels, agg.scores, alpha)
-    return PatientEvaluation(
-        how=how,
+        warnings.simplefilter("ignore")  # one class: the tile level has warned already
+        area = auc_ci_delong(agg.labels, agg.scores, alpha)
+        roc = roc_with_band(agg.labels, agg.scores, alpha)
+    return LevelEvaluation(
+        level=level,
+        how=agg.how,
         n=int(agg.labels.size),
         n_pos=int(agg.labels.sum()),
-        auc=p_auc,
+        auc=area,
         reports={
-            name: binary_report(agg.labels, agg.scores, float(t), p_auc.auc, alpha)
+            name: binary_report(agg.labels, agg.scores, float(t), area.auc, alpha)
             for name, t in thresholds.items()
         },
         scores=agg,
+        thresholds={k: float(v) for k, v in thresholds.items()},
+        roc=roc,
     )
 
 
@@ -258,6 +245,10 @@ def evaluate_split(
     alpha: float = 0.05,
     patient_how: str = "mean",
     calibration_bins: int = 10,
+    slide_ids: np.ndarray | None = None,
+    slide_how: str = "mean",
+    topk: int = 8,
+    level_thresholds: dict[str, dict[str, float]] | None = None,
 ) -> SplitEvaluation:
     """The one evaluation path: AUC + CIs, reports at each frozen threshold, calibration, DCA.
 
@@ -265,8 +256,14 @@ def evaluate_split(
     (:func:`her2exp.metrics.operating_points.operating_points`); this function never tunes
     anything, so the test and external tables use exactly those values. ``scores`` are HER2+
     probabilities. With ``n_boot > 0`` a stratified bootstrap interval is added to DeLong's.
-    With ``patient_ids``, patch scores are also aggregated per patient (``patient_how``) and
-    scored at the same thresholds. A split with one class warns once and reports NaN AUCs.
+    With ``slide_ids`` / ``patient_ids``, tile scores are also aggregated per slide
+    (``slide_how``) / patient (``patient_how``; ``topk`` for topk_mean) and each level is scored
+    at ``level_thresholds[level]``, frozen at that level on validation (keyed as
+    :func:`~her2exp.metrics.levels.operating_points_by_level` returns; its "tile" entry, when
+    given, must equal ``thresholds``). Without ``level_thresholds`` the levels are scored at
+    ``thresholds`` (what direct callers got before levels); a level missing from a given
+    ``level_thresholds`` gets its AUC and no reports. A split with one class warns once and
+    reports NaN AUCs.
     """
     labels, scores = check_scores(labels, scores)
     if labels.size == 0:
@@ -283,9 +280,15 @@ def evaluate_split(
         pr = pr_curve(labels, scores)
     if math.isnan(delong.auc):
         has_two_classes(labels, "AUC")
-    patient = None
-    if patient_ids is not None:
-        patient = _evaluate_patients(patient_ids, labels, scores, thresholds, patient_how, alpha)
+    frozen = as_level_thresholds(level_thresholds) if level_thresholds is not None else None
+    levels = {
+        level: _evaluate_level(
+            level, agg, thresholds if frozen is None else frozen.get(level, {}), alpha
+        )
+        for level, agg in level_scores(
+            labels, scores, slide_ids, patient_ids, slide_how, patient_how, topk
+        ).items()
+    }
     return SplitEvaluation(
         n=int(labels.size),
         n_pos=int(labels.sum()),
@@ -300,7 +303,8 @@ def evaluate_split(
         decision_curve=decision_curve(labels, scores),
         roc=roc,
         pr=pr,
-        patient=patient,
+        patient=levels.get("patient"),
+        slide=levels.get("slide"),
         labels=labels,
         scores=scores,
     )
