@@ -66,7 +66,7 @@ demo-slides: $(STAMP) ## 20 embedded whole-slide TIFFs -> her2exp-tile -> her2ex
 	rm -rf outputs/demo_slides
 	$(PY) -m her2exp.slides.synthetic outputs/demo_slides/slides --n-slides 20
 	$(VENV)/bin/her2exp-tile slide_table=outputs/demo_slides/slides/slides.csv out=outputs/demo_slides/tiles tiles.mpp=0.5 tiles.size=128 tiles.workers=2
-	$(VENV)/bin/her2exp-train data=slides data.path=$(CURDIR)/outputs/demo_slides/tiles/tiles.parquet model=resnet10t data.image_size=64 data.num_workers=2 trainer.epochs=4 hydra.run.dir=outputs/demo_slides/run $(ARGS)
+	$(VENV)/bin/her2exp-train data=slides data.path=$(CURDIR)/outputs/demo_slides/tiles/tiles.parquet model=resnet10t data.image_size=64 data.num_workers=2 trainer.epochs=4 evaluation.decision_level=slide hydra.run.dir=outputs/demo_slides/run $(ARGS)
 
 ddp: $(STAMP) ## the 2-process CPU DDP example (torchrun, gloo)
 	$(VENV)/bin/torchrun --nproc_per_node=2 -m her2exp.train experiment=smoke model.name=test_convnext trainer.epochs=3 $(ARGS)

@@ -143,6 +143,8 @@ def test_ddp_on_slides_scores_every_val_and_test_tile_exactly_once(slides_run, t
         assert len(keys) == tiles["slide_id"].isin(slides).sum()  # no tile left out
         assert preds["prob_her2_pos"].between(0, 1).all()
         seen[split] = {pid for pid in preds["patient_id"]}
+        by_slide = pd.read_csv(reports / f"predictions_slides_{split}.csv")  # slide level
+        assert sorted(by_slide["slide_id"]) == sorted(slides)
     assert not seen["val"] & seen["test"]
     assert "starting 2 workers" in slides_run.stdout
 
@@ -166,6 +168,14 @@ def test_predict_on_a_tile_manifest_gives_the_runs_scores_and_heatmaps(
     maps = sorted((tmp_path / "preds_heatmaps").iterdir())
     assert [p.stem for p in maps] == sorted(preds["slide_id"].unique())
     assert Image.open(maps[0]).size[0] > 400
+    # At the slide level: the manifest's slide ids group the tiles, one call per slide.
+    level = [*args[:2], f"out={tmp_path / 'by_slide.csv'}", "decision_level=slide"]
+    main(compose("predict", [*level, f"heatmaps={tmp_path / 'maps2'}"]))
+    slides = pd.read_csv(tmp_path / "by_slide.slides.csv")
+    assert sorted(slides["slide_id"]) == sorted(preds["slide_id"].unique())
+    mean = preds.groupby("slide_id")["prob_her2_pos"].mean()  # the run's slide_aggregation
+    got = slides.set_index("slide_id").loc[mean.index, "prob_her2_pos"]
+    np.testing.assert_allclose(got, mean, rtol=1e-9)
     with pytest.raises(SystemExit):  # an earlier run's heatmaps are kept
         main(
             compose(
