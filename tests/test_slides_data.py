@@ -229,3 +229,26 @@ def test_slide_paths_hold_from_any_working_directory(tiled_slides, tmp_path, mon
     monkeypatch.chdir(tmp_path.parent)
     bundle = data.build(slides_cfg(moved / "tiles.parquet").data, seed=0)
     assert bundle.patches.read_many(np.arange(3)).shape == (3, 128, 128, 3)
+
+
+def test_eval_on_a_tiled_cohort_reports_tiles_slides_and_patients(
+    slides_run, tiled_slides, tmp_path
+):
+    """her2exp-eval's library path on the tile manifest as an external cohort: every tile
+    scored once, at the run's frozen thresholds, with the slide and patient levels beside."""
+    from her2exp import evaluation
+    from her2exp.checkpoint import load as load_checkpoint
+
+    _, _, out = tiled_slides
+    best = slides_run.run_dir / "checkpoints" / "best.pt"
+    cfg = compose("eval", ["tracking.backend=off", f"checkpoint={best}", "data=slides"])
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path)
+        cfg.data.path = str(out / "tiles.parquet")
+    result = evaluation.evaluate_cohort(cfg)
+    ev = result["evaluation"]
+    tiles = pd.read_parquet(out / "tiles.parquet")
+    assert ev.n == len(tiles) and ev.slide.n == 6 and ev.patient.n == 6
+    frozen = load_checkpoint(best)["thresholds"]
+    assert ev.thresholds == pytest.approx(frozen["tile"])
+    assert (tmp_path / "reports" / "predictions_slides_external.csv").is_file()
