@@ -15,7 +15,8 @@ from conftest import BIN
 from her2exp.cli import common
 
 # (console script, a bad command line): unknown key, wrong type, malformed, unknown option,
-# an old-style flag, a sweep whose first job does not compose.
+# an old-style flag, a sweep whose first job does not compose. Each installed script once, as a
+# process: what only a process shows (its exit status, all it writes on stderr, its cwd).
 BAD = [
     ("her2exp-eval", ["foo=1"]),
     ("her2exp-predict", ["batch_size=abc"]),
@@ -27,13 +28,17 @@ BAD = [
     ("her2exp-rerun", ["-m", "run_id=x", "output_dir=[a,b"]),
     ("her2exp-tile", ["slide_table=/nonexistent/slides.csv", "out={out}/tiles"]),
     ("her2exp-train", ["trainer.epochs=abc"]),
-    ("her2exp-train", ["trainer.no_such_key=1"]),
-    ("her2exp-train", ["-m", "trainer.epochs=1,abc"]),
+]
+# The further mistakes of a script already started above: the same main() in this process (the
+# path from sys.argv to the one line is the same; an interpreter start each cost seconds).
+BAD_IN_PROCESS = [
+    ("train", ["trainer.no_such_key=1"]),
+    ("train", ["-m", "trainer.epochs=1,abc"]),
     # issue 15: values out of range, an unwritable run directory ({out}: outside the cwd)
-    ("her2exp-train", ["trainer.min_lr_ratio=-1", "hydra.run.dir={out}/a"]),
-    ("her2exp-train", ["loss.label_smoothing=1.5", "hydra.run.dir={out}/b"]),
-    ("her2exp-train", ["hydra.run.dir=/proc/her2exp/run"]),
-    ("her2exp-eval", ["run_id=x", "evaluation.n_boot=-1", "hydra.run.dir={out}/c"]),
+    ("train", ["trainer.min_lr_ratio=-1", "hydra.run.dir={out}/a"]),
+    ("train", ["loss.label_smoothing=1.5", "hydra.run.dir={out}/b"]),
+    ("train", ["hydra.run.dir=/proc/her2exp/run"]),
+    ("eval", ["run_id=x", "evaluation.n_boot=-1", "hydra.run.dir={out}/c"]),
 ]
 
 
@@ -61,6 +66,23 @@ def test_console_scripts_report_a_bad_override_in_one_line(tmp_path: Path) -> No
         assert len(lines) == 1 and lines[0].startswith("her2exp: "), (name, err)
         assert "Traceback" not in err and "HYDRA_FULL_ERROR" not in err, (name, err)
     assert not any(tmp_path.iterdir()), "a failed command left files behind"
+
+
+@pytest.mark.parametrize(("module", "argv"), BAD_IN_PROCESS)
+def test_more_bad_command_lines_are_one_line_with_exit_2(
+    module: str, argv: list[str], tmp_path: Path, monkeypatch, capsys
+) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    code, err = run_main(
+        module, [a.format(out=tmp_path / "runs") for a in argv], monkeypatch, capsys
+    )
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("her2exp: "), err
+    assert "Traceback" not in err and "HYDRA_FULL_ERROR" not in err, err
+    assert not any(cwd.iterdir()), "a failed command left files behind"
 
 
 def run_main(module: str, argv: list[str], monkeypatch, capsys) -> tuple[int | None, str]:

@@ -130,6 +130,8 @@ def test_in_process_launch_multirun(tmp_path: Path) -> None:
             *COMMON,
             "trainer.epochs=1",
             "trainer.nproc_per_node=2",
+            "tracking.log_model=false",  # the MLflow model is test_tracking's; seconds per job
+            "tracking.log_checkpoint=false",
             "loss=ce,focal",
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
         ],
