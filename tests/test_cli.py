@@ -102,7 +102,11 @@ def run_main(module: str, argv: list[str], monkeypatch, capsys) -> tuple[int | N
         ("compare", ["foo=1"], "her2exp: Could not override 'foo': Key 'foo' not in"),
         ("compare", ["sweep"], "her2exp: Error parsing override 'sweep'"),
         ("predict", ["batch_size=abc"], "could not be converted to Integer"),
-        ("prepare", ["data=nope"], "Available options in 'data': folder, manifest, synthetic"),
+        (
+            "prepare",
+            ["data=nope"],
+            "Available options in 'data': folder, manifest, slides, synthetic",
+        ),
         ("predict", ["-m", "batch_size=abc,1"], "Error merging override batch_size=abc"),
         ("server", ["--port", "5000"], "unrecognized arguments: --port"),
         ("predict", ["input=/nonexistent"], "her2exp: configuration error: input=/nonexistent"),
