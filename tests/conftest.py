@@ -61,7 +61,8 @@ class SmokeRun:
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
     cwd = tmp_path_factory.mktemp("smoke")
     run_dir = cwd / "run"
-    proc = run_cli(["experiment=smoke", f"hydra.run.dir={run_dir}"], cwd=cwd)
+    args = ["experiment=smoke", "tracking.log_model=true", f"hydra.run.dir={run_dir}"]
+    proc = run_cli(args, cwd=cwd)
     assert proc.returncode == 0, f"smoke run failed:\n{proc.stdout}\n{proc.stderr}"
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("her2exp: MLflow run "))
     run_id = line.split()[3]
@@ -103,7 +104,7 @@ def slides_run(tiled_slides, tmp_path_factory: pytest.TempPathFactory) -> SmokeR
     run_dir = cwd / "run"
     args = ["experiment=smoke", "data=slides", f"data.path={tiles / 'tiles.parquet'}"]
     args += ["data.image_size=32", "data.num_workers=0", "trainer.nproc_per_node=2"]
-    args += ["trainer.epochs=1"]
+    args += ["trainer.epochs=1", "tracking.log_checkpoint=false"]
     proc = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=cwd)
     assert proc.returncode == 0, f"slides run failed:\n{proc.stdout}\n{proc.stderr}"
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("her2exp: MLflow run "))

@@ -403,7 +403,14 @@ def test_mlflow_server_lost_and_back_mid_run_then_synced(
     run_dir = tmp_path / "run"
     points = "train:2:0,train:3:0,train:4:0"
     la = Launch(
-        tmp_path, [*COMMON, f"tracking.uri={server.url}", f"hydra.run.dir={run_dir}"], points
+        tmp_path,
+        [
+            *COMMON,
+            f"tracking.uri={server.url}",
+            "tracking.log_model=true",
+            f"hydra.run.dir={run_dir}",
+        ],
+        points,
     )
     la.wait_paused("train:2:0")
     server.stop()

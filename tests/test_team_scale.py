@@ -132,20 +132,21 @@ def test_training_through_the_postgres_backed_server(
         assert cur.fetchone() == ("FINISHED",)
 
 
-def test_four_concurrent_joblib_jobs_log_into_the_server(
+def test_concurrent_joblib_jobs_log_into_the_server(
     team_server: TeamServer, tmp_path: Path
 ) -> None:
     experiment = f"joblib-{tmp_path.name}"
     start = time.monotonic()
     proc = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SWEEP,
-                    "loss=ce,focal", "trainer.lr=1e-3,3e-3", f"tracking.uri={team_server.url}",
+                    "loss=ce,focal", f"tracking.uri={team_server.url}",
                     f"tracking.experiment={experiment}",
                     f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)  # fmt: skip
     seconds = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    children = _check_sweep(team_server.url, experiment, n_jobs=4, epochs=2)
+    # Two jobs at once already write the same experiment concurrently through the server.
+    children = _check_sweep(team_server.url, experiment, n_jobs=2, epochs=2)
     assert _overlapped(children), "joblib ran the jobs one after another"
-    print(f"4-job concurrent sweep (joblib, n_jobs=2) into PostgreSQL: {seconds:.1f} s")
+    print(f"2-job concurrent sweep (joblib, n_jobs=2) into PostgreSQL: {seconds:.1f} s")
 
 
 def test_two_concurrent_joblib_jobs_share_one_sqlite_store(tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ def http_run(mlflow_server: str, tmp_path_factory: pytest.TempPathFactory):
 
     cwd = tmp_path_factory.mktemp("http")
     proc = run_cli(["experiment=smoke", f"tracking.uri={mlflow_server}",
-                    f"hydra.run.dir={cwd / 'run'}"], cwd)  # fmt: skip
+                    "tracking.log_model=true", f"hydra.run.dir={cwd / 'run'}"], cwd)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_id = next(ln.split()[3] for ln in proc.stdout.splitlines()
                   if ln.startswith("her2exp: MLflow run "))  # fmt: skip
