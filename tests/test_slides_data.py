@@ -100,7 +100,7 @@ def test_every_unusable_slide_is_named_before_training(tiled_slides, tmp_path: P
     assert "slide P0001-S0: slide " in err and "not a slide OpenSlide can open" in err
     assert "slide P0002-S0: slide " in err and "no such file" in err
     assert "slide P0003-S0:" in err and "outside its 1024x768 px" in err
-    assert "slide P0004-S0: label '7'" in err
+    assert "slide P0004-S0: label 7: 0 (HER2-) or 1 (HER2+) allowed" in err
     assert "data.on_bad_file=skip" in lines[0]
 
 

@@ -199,9 +199,14 @@ def slide_problems(frame: pd.DataFrame, assume_mpp: float | None) -> dict[str, s
     for slide_id, rows in frame.groupby("slide_id"):
         if rows["slide_path"].nunique() > 1:
             problems[str(slide_id)] = "one slide id names more than one file"
-        if "label" in rows and set(rows["label"].astype(str)) - {"0", "1"}:
-            bad = sorted(set(rows["label"].astype(str)) - {"0", "1"})
-            problems[str(slide_id)] = f"label {bad[0]!r}: 0 (HER2-) or 1 (HER2+) allowed"
+        if "label" in rows:
+            # 1.0 from a CSV with gaps is 1; empty, text and other numbers are not labels.
+            value = pd.to_numeric(rows["label"], errors="coerce")
+            wrong = ~value.isin([0, 1])
+            if wrong.any():
+                shown = rows["label"][wrong].iloc[0]
+                what = "an empty label" if pd.isna(shown) else f"label {shown}"
+                problems[str(slide_id)] = f"{what}: 0 (HER2-) or 1 (HER2+) allowed"
     return problems
 
 
@@ -242,7 +247,7 @@ def load(cfg: DictConfig, seed: int, cohort: bool = False) -> LoadedSlides:
     bad = slide_problems(frame, assume_mpp)
     file_problems = [(f"slide {sid}", why) for sid, why in sorted(bad.items())]
     good = frame[~frame["slide_id"].astype(str).isin(bad)].reset_index(drop=True)
-    good["label"] = good["label"].astype(np.int64)
+    good["label"] = pd.to_numeric(good["label"]).astype(np.int64)
     good["slide_id"] = good["slide_id"].astype(str)
     good["patient_id"] = good["patient_id"].astype(str)
     filled = good["split"] != ""
