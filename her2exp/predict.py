@@ -93,12 +93,7 @@ def predict_folder(opts: Any) -> Predictions:
             "tiles can be grouped into slides and patients"
         )
     cfg = run.cfg
-    stain = run_stain(run, 0)  # refused when a Macenko run lost its fitted reference
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(run, device)
-    model.eval()
-    # The one input path of training and evaluation: stain (here on the CPU), then mean/std.
-    preprocess = Preprocess(device, tuple(cfg.data.mean), tuple(cfg.data.std))
+    model, stain, preprocess = _scorer(run)
 
     rows, errors = [], []
     for start in range(0, len(files), opts.batch_size):
@@ -112,11 +107,7 @@ def predict_folder(opts: Any) -> Predictions:
         if not batch:
             continue
         x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
-        if stain is not None:
-            x = stain(x, False)
-        with torch.no_grad():
-            probs = torch.softmax(model(preprocess(x)).float(), 1)[:, 1].cpu()
-        for path, p in zip(paths, probs.tolist(), strict=True):
+        for path, p in zip(paths, _probs(model, stain, preprocess, x), strict=True):
             rows.append({"path": str(path), "prob_her2_pos": p})
     tiles = pd.DataFrame(rows, columns=["path", "prob_her2_pos"])
     return call(run, level, thresholds, tiles, groups, errors)
@@ -158,7 +149,8 @@ def call(
 
 
 def _scorer(run: TrainedRun) -> tuple[Any, Any, Preprocess]:
-    """The run's model, stain pipeline and input path, as training scored."""
+    """The run's model, stain pipeline (here on the CPU) and input path (stain, then
+    mean/std): the one input path of training and evaluation."""
     stain = run_stain(run, 0)  # refused when a Macenko run lost its fitted reference
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(run, device)

@@ -27,13 +27,13 @@ import argparse
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from omegaconf import OmegaConf
 
+from her2exp.bench.stain import _time_rounds
 from her2exp.slides.reader import Slide
 from her2exp.slides.synthetic import (
     render_slide,
@@ -111,20 +111,6 @@ def from_memory(image: np.ndarray, choice, coords, size: int = TILE_SIZE) -> lis
     return [np.array(resize_tile(image[y : y + step, x : x + step], size)) for x, y in coords]
 
 
-def _median_seconds(methods: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each method, interleaved over rounds after one warm-up, so
-    load from other processes hits all of them alike."""
-    for fn in methods.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(rounds):
-        for name, fn in methods.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def tile_rates(
     image: np.ndarray, folder: Path, rounds: int, compression: str = "jpeg"
 ) -> list[TileRate]:
@@ -137,7 +123,7 @@ def tile_rates(
         for reader in READERS:
             with Slide(path, reader=reader) as slide:
                 choice, coords = tissue_tiles(slide)
-                seconds = _median_seconds(
+                seconds = _time_rounds(
                     {
                         "slide": lambda s=slide, c=choice, xy=coords: from_slide(s, c, xy),
                         "memory": lambda c=choice, xy=coords: from_memory(image, c, xy),

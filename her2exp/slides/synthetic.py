@@ -81,6 +81,21 @@ def pyramid(image: np.ndarray, tile: int, factor: int = 2) -> list[np.ndarray]:
     return levels
 
 
+def _level_tags(k: int, level_mpp: float, tile: int, compression: str) -> dict:
+    """One pyramid level's TIFF tags: tiled RGB, its resolution (what OpenSlide reports as
+    mpp), a reduced-resolution image from level 1 on (top-level IFDs, as OpenSlide reads)."""
+    per_cm = 1e4 / level_mpp
+    return {
+        "tile": (tile, tile),
+        "compression": compression,
+        "photometric": "rgb",
+        "resolution": (per_cm, per_cm),
+        "resolutionunit": "CENTIMETER",
+        "subfiletype": 0 if k == 0 else 1,
+        "metadata": None,
+    }
+
+
 def write_slide(
     path: str | Path,
     image: np.ndarray,
@@ -101,17 +116,7 @@ def write_slide(
     buffer = io.BytesIO()  # the embedded slides are a few MB; then one atomic write
     with tifffile.TiffWriter(buffer) as tif:
         for k, level in enumerate(levels):
-            per_cm = 1e4 / (mpp * factor**k)
-            tif.write(
-                level,
-                tile=(tile, tile),
-                compression=compression,
-                photometric="rgb",
-                resolution=(per_cm, per_cm),
-                resolutionunit="CENTIMETER",
-                subfiletype=0 if k == 0 else 1,
-                metadata=None,
-            )
+            tif.write(level, **_level_tags(k, mpp * factor**k, tile, compression))
     return atomic_write(path, buffer.getvalue())
 
 
@@ -150,18 +155,11 @@ def write_repeated_slide(
         handle = tifffile.FileHandle(fh, mode="wb", name=Path(path).name)  # fh.name is an fd
         with tifffile.TiffWriter(handle, bigtiff=True) as tif:
             for k, ((height, width), level) in enumerate(zip(dims, blocks, strict=True)):
-                per_cm = 1e4 / (mpp * 2**k)
                 tif.write(
                     tiles(level, height, width),
                     shape=(height, width, 3),
                     dtype=np.uint8,
-                    tile=(tile, tile),
-                    compression=compression,
-                    photometric="rgb",
-                    resolution=(per_cm, per_cm),
-                    resolutionunit="CENTIMETER",
-                    subfiletype=0 if k == 0 else 1,
-                    metadata=None,
+                    **_level_tags(k, mpp * 2**k, tile, compression),
                 )
 
     return atomic_write(path, write)
