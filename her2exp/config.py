@@ -245,7 +245,17 @@ def validate_loss(loss: Any) -> None:
 class SplitConfig:
     train: float = ranged(0.7, gt=0, lt=1)
     val: float = ranged(0.15, gt=0, lt=1)
+    # Not used under cross-validation (folds set): fold k is the test split, and validation takes
+    # val / (train + val) of the other patients.
     test: float = ranged(0.15, gt=0, lt=1)
+    # Cross-validation (her2exp/data/splits.py): K folds, fold k the test split of this run
+    # (`-m data.split.folds=5 'data.split.fold=range(5)'`); by patient (stratified, grouped) or
+    # by site (leave-one-site-out: K = the number of sites).
+    folds: int | None = ranged(None, ge=2)
+    fold: int | None = ranged(None, ge=0)
+    by: str = "patient"
+    # A manifest's own split column is refused under CV unless this says to ignore it.
+    ignore_column: bool = False
 
 
 @dataclass
@@ -291,6 +301,28 @@ class DataConfig:
     # null: the run's `seed`. Fix them in a seed sweep so only the initialisation varies.
     data_seed: int | None = ranged(None, ge=0, le=SEED_MAX)  # renders the embedded data set
     split_seed: int | None = ranged(None, ge=0, le=SEED_MAX)  # assigns patients to train/val/test
+
+
+SPLIT_BY_CHOICES = ("patient", "site")
+
+
+def _validate_folds(sp: Any) -> None:
+    """data.split.folds/fold/by: a fold needs its folds and lies in [0, folds); by=site is CV."""
+    if sp.by not in SPLIT_BY_CHOICES:
+        _fail("data.split.by", sp.by, f"one of {', '.join(SPLIT_BY_CHOICES)}")
+    if sp.folds is None:
+        if sp.fold is not None:
+            _fail("data.split.fold", sp.fold, "null unless data.split.folds is set (>= 2)")
+        if sp.by == "site":
+            _fail("data.split.by", sp.by, "patient unless data.split.folds is set (one per site)")
+        return
+    if sp.fold is None or not 0 <= sp.fold < sp.folds:
+        _fail(
+            "data.split.fold",
+            sp.fold,
+            f"an integer in [0, {sp.folds}) with data.split.folds={sp.folds} "
+            f"(a sweep: 'data.split.fold=range({sp.folds})')",
+        )
 
 
 def validate_data(d: Any, m: Any) -> None:
@@ -353,6 +385,7 @@ def validate_data(d: Any, m: Any) -> None:
             dict(zip(("train", "val", "test"), fractions, strict=True)),
             "three fractions > 0 that sum to 1",
         )
+    _validate_folds(d.split)
     for key in ("mean", "std"):
         v = d[key]
         if v is not None and (len(v) != 3 or (key == "std" and min(v) <= 0)):

@@ -111,8 +111,7 @@ def build(cfg: DictConfig, seed: int) -> DataBundle:
         return _from_files(sources.load(cfg, split_seed), cfg)
     bundle = build_cohort(cfg, data_seed)
     manifest = bundle.manifest
-    fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
-    manifest["split"] = splits.assign(manifest, fractions, split_seed)
+    manifest["split"] = splits.split_column(manifest, cfg.split, split_seed)
     splits.check(manifest)
     return DataBundle(manifest, bundle.patches, _fingerprint(cfg, data_seed, manifest))
 
@@ -172,6 +171,10 @@ def _fingerprint(cfg: DictConfig, seed: int, manifest: pd.DataFrame) -> str:
     # The seeds enter as the generator's seed and through the manifest's split column.
     for key in ("mean", "std", "data_seed", "split_seed"):
         generator_cfg.pop(key, None)
+    # The CV settings enter through the split column only, so runs without folds keep the
+    # fingerprint they had before cross-validation existed.
+    for key in ("folds", "fold", "by", "ignore_column"):
+        generator_cfg.get("split", {}).pop(key, None)
     digest = hashlib.sha256()
     digest.update(json.dumps({"generator": generator_cfg, "seed": seed}, sort_keys=True).encode())
     digest.update(pd.util.hash_pandas_object(manifest, index=True).to_numpy().tobytes())

@@ -397,6 +397,19 @@ def read_manifest(path: Path) -> pd.DataFrame:
     return frame.map(_cell) if len(frame) else frame.astype(str)
 
 
+def cv_ignores_column(cfg: DictConfig, where: str) -> bool:
+    """A filled split column under cross-validation: refused, or ignored when
+    `data.split.ignore_column=true` (the folds then split the patients)."""
+    if not splits.is_cv(cfg.split):
+        return False
+    if not cfg.split.get("ignore_column", False):
+        raise splits.FoldError(
+            f"{where} has its own split column, which data.split.folds would override: empty "
+            "it, or set data.split.ignore_column=true"
+        )
+    return True
+
+
 def _scan_manifest(cfg: DictConfig, cohort: bool) -> _Scan:
     if not cfg.path:
         raise DataValidationError("data=manifest", [("data.path", "not set: data.path=FILE.csv")])
@@ -423,6 +436,7 @@ def _scan_manifest(cfg: DictConfig, cohort: bool) -> _Scan:
 
     base = path.resolve().parent
     explicit = not cohort and "split" in frame.columns and (frame["split"] != "").any()
+    explicit = explicit and not cv_ignores_column(cfg, where)
     has_patient = "patient_id" in frame.columns
     records: list[dict[str, Any]] = []
     problems: dict[int, list[str]] = {}
@@ -673,8 +687,7 @@ def load(
     if cohort:
         good["split"] = "cohort"
     elif not scan.explicit_split and len(good):
-        fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
-        good["split"] = splits.assign(good, fractions, seed).to_numpy()
+        good["split"] = splits.split_column(good, cfg.split, seed).to_numpy()
     structural = mixed + _structural_problems(good, scan.explicit_split, cohort)
 
     if cfg.on_bad_file == "skip":

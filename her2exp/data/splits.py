@@ -6,6 +6,8 @@ inflates AUC. Stratification is by patient status so each split keeps the HER2+ 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
@@ -35,6 +37,98 @@ def assign(frame: pd.DataFrame, fractions: tuple[float, float, float], seed: int
         for i, pid in enumerate(ids):
             split_of[pid] = "train" if i < n_train else "val" if i < n_train + n_val else "test"
     return frame["patient_id"].map(split_of).rename("split")
+
+
+class FoldError(ValueError):
+    """Cross-validation settings this data set cannot meet (one line, naming the values)."""
+
+
+def is_cv(split_cfg: Any) -> bool:
+    """Whether `data.split` asks for cross-validation (data.split.folds set)."""
+    return split_cfg.get("folds") is not None
+
+
+def split_column(frame: pd.DataFrame, split_cfg: Any, seed: int) -> pd.Series:
+    """The `split` column every source assigns: today's fractions, or fold k of K under CV."""
+    fractions = (split_cfg.train, split_cfg.val, split_cfg.test)
+    if not is_cv(split_cfg):
+        return assign(frame, fractions, seed)
+    return assign_fold(
+        frame, fractions, seed, int(split_cfg.folds), int(split_cfg.fold), str(split_cfg.by)
+    )
+
+
+def assign_fold(
+    frame: pd.DataFrame,
+    fractions: tuple[float, float, float],
+    seed: int,
+    folds: int,
+    fold: int,
+    by: str = "patient",
+) -> pd.Series:
+    """A `split` column for fold `fold` of `folds`: its patients are the test split.
+
+    by="patient": scikit-learn's StratifiedGroupKFold over patients (y = patient status,
+    shuffled by `seed`). by="site": leave-one-site-out, fold k holds the k-th site (sorted) out.
+    Validation is carved from the other patients, grouped and stratified, taking
+    val / (train + val) of them; the test fraction is not used.
+    """
+    patients = frame.groupby("patient_id", sort=True)["label"].max()
+    if by == "site":
+        test_ids = _site_fold(frame, folds, fold)
+    else:
+        test_ids = _patient_fold(patients, seed, folds, fold)
+    rest = patients[~patients.index.isin(test_ids)]
+    val_fraction = fractions[1] / (fractions[0] + fractions[1])
+    rng = np.random.default_rng(seed)
+    split_of = dict.fromkeys(test_ids, "test")
+    for status in sorted(rest.unique()):
+        ids = rest.index[rest == status].to_numpy().copy()
+        rng.shuffle(ids)
+        n_val = int(round(val_fraction * len(ids)))
+        if len(ids) >= 2:
+            n_val = min(max(n_val, 1), len(ids) - 1)
+        split_of.update({pid: "val" if i < n_val else "train" for i, pid in enumerate(ids)})
+    return frame["patient_id"].map(split_of).rename("split")
+
+
+def _patient_fold(patients: pd.Series, seed: int, folds: int, fold: int) -> np.ndarray:
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    counts = patients.value_counts()
+    for cls, name in ((0, "HER2-"), (1, "HER2+")):
+        if int(counts.get(cls, 0)) < folds:
+            raise FoldError(
+                f"data.split.folds={folds} is more than the {int(counts.get(cls, 0))} {name} "
+                f"patients: every test fold needs one of each class (fewer folds or more patients)"
+            )
+    cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    ids = patients.index.to_numpy()
+    status = patients.to_numpy()
+    _, test = list(cv.split(ids, status, groups=ids))[fold]
+    return ids[test]
+
+
+def _site_fold(frame: pd.DataFrame, folds: int, fold: int) -> np.ndarray:
+    sites_of = frame.groupby("patient_id", sort=True)["site"].unique()
+    spanning = [str(p) for p, s in sites_of.items() if len(s) > 1]
+    if spanning:
+        raise FoldError(
+            f"data.split.by=site: patients at more than one site cannot be held out with a "
+            f"site: {', '.join(spanning[:5])}"
+        )
+    sites = sorted(str(s) for s in frame["site"].unique())
+    if len(sites) < 2:
+        raise FoldError(
+            f"data.split.by=site needs at least two sites: the data has one ({sites[0]!r})"
+        )
+    if folds != len(sites):
+        raise FoldError(
+            f"data.split.folds={folds} with data.split.by=site: must equal the {len(sites)} "
+            f"sites ({', '.join(sites)})"
+        )
+    site = sites_of.map(lambda s: str(s[0]))
+    return site.index[site == sites[fold]].to_numpy()
 
 
 def problems(frame: pd.DataFrame, hint: str = "") -> list[str]:

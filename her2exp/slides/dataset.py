@@ -250,6 +250,8 @@ def load(cfg: DictConfig, seed: int, cohort: bool = False) -> LoadedSlides:
     good["label"] = pd.to_numeric(good["label"]).astype(np.int64)
     good["slide_id"] = good["slide_id"].astype(str)
     good["patient_id"] = good["patient_id"].astype(str)
+    if not cohort and (good["split"] != "").any() and cv_ignores_column(cfg, where):
+        good["split"] = ""
     filled = good["split"] != ""
     explicit = bool(len(good)) and bool(filled.all())
     structural: list[tuple[str, str]] = []
@@ -261,8 +263,7 @@ def load(cfg: DictConfig, seed: int, cohort: bool = False) -> LoadedSlides:
     if cohort:
         good["split"] = "cohort"
     elif not explicit and len(good):
-        fractions = (cfg.split.train, cfg.split.val, cfg.split.test)
-        good["split"] = splits.assign(good, fractions, seed).to_numpy()
+        good["split"] = splits.split_column(good, cfg.split, seed).to_numpy()
     if not structural:
         structural = _structural_problems(good.assign(display=good["slide_id"]), explicit, cohort)
     if cfg.on_bad_file == "skip":

@@ -114,6 +114,15 @@ def command_line() -> str:
     return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
+def cv_tags(cfg: DictConfig) -> dict[str, str]:
+    """`cv.fold`, `cv.folds`, `cv.by` of a cross-validation child (none outside CV), so a
+    search finds the folds of one sweep without parsing params."""
+    split = cfg.get("data", {}).get("split", {})
+    if split.get("folds") is None:
+        return {}
+    return {"cv.fold": str(split.fold), "cv.folds": str(split.folds), "cv.by": str(split.by)}
+
+
 def run_tags(
     cfg: DictConfig,
     device: torch.device,
@@ -141,4 +150,5 @@ def run_tags(
         **{f"weights.{k}": str(v) for k, v in (weights or {"source": "random init"}).items()},
     }
     tags["mlflow.source.git.commit"] = tags["git_commit"]  # what the MLflow UI shows
+    tags.update(cv_tags(cfg))
     return tags
