@@ -120,6 +120,26 @@ def plot_roc_ci(path: Path, evaluations: dict[str, Any], level: str = "tile") ->
     return _save(fig, path)
 
 
+def plot_roc_folds(path: Path, curves: dict[str, tuple[Any, Any]]) -> Path:
+    """A cross-validation's ROC curves in one figure: each fold's (thin) and the pooled
+    out-of-fold one (the last entry, thick). `curves` maps a legend label to (fpr, tpr)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), dpi=120)
+    for i, (label, (fpr, tpr)) in enumerate(curves.items()):
+        last = i == len(curves) - 1
+        ax.plot(fpr, tpr, lw=2.5 if last else 1.0, alpha=1.0 if last else 0.7, label=label,
+                color="black" if last else None)  # fmt: skip
+    ax.plot([0, 1], [0, 1], ":", color="grey", lw=1)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_xlabel("1 - specificity (HER2- called HER2+)")
+    ax.set_ylabel("sensitivity (HER2+ recall)")
+    ax.set_title("tile-level ROC of each fold's test split and the pooled out-of-fold", fontsize=9)
+    ax.legend(loc="lower right", fontsize=6)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_precision_recall(path: Path, evaluations: dict[str, SplitEvaluation]) -> Path:
     """Precision-recall per split with its average precision and the prevalence baseline."""
     plt = _pyplot()
@@ -302,6 +322,18 @@ def _thresholds_from_validation(
     return True, f"thresholds {source} ({levels} level), used unchanged on every split"
 
 
+def checklist_item(name: str, passed: bool | None, evidence: str) -> dict[str, str]:
+    """One checklist row: PASS, FAIL or n/a (None: not applicable) with its evidence."""
+    status = "n/a" if passed is None else ("PASS" if passed else "FAIL")
+    return {"item": name, "status": status, "evidence": evidence}
+
+
+def checklist_table(checklist: list[dict[str, str]]) -> list[str]:
+    """The checklist as markdown table lines (summary.md, the sweep parent's summaries)."""
+    lines = ["| item | status | evidence |", "|---|---|---|"]
+    return lines + [f"| {c['item']} | {c['status']} | {c['evidence']} |" for c in checklist]
+
+
 def _checklist(
     evaluations: dict[str, SplitEvaluation],
     header: dict[str, Any],
@@ -314,9 +346,7 @@ def _checklist(
         "youden" if val is None or "youden" in val.thresholds else next(iter(val.thresholds))
     )
 
-    def item(name: str, passed: bool | None, evidence: str) -> dict[str, str]:
-        status = "n/a" if passed is None else ("PASS" if passed else "FAIL")
-        return {"item": name, "status": status, "evidence": evidence}
+    item = checklist_item
 
     level = header.get("decision_level") or "tile"
 
@@ -474,13 +504,7 @@ def _clinical_markdown(
     ]
     for name, ev in evaluations.items():
         lines += _split_section(name, ev, decision)
-    lines += [
-        "## Clinical Evaluation Checklist",
-        "",
-        "| item | status | evidence |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {c['item']} | {c['status']} | {c['evidence']} |" for c in checklist]
+    lines += ["## Clinical Evaluation Checklist", "", *checklist_table(checklist)]
     lines += ["", "## Figures", ""]
     lines += [f"- `{p.name}`" for p in figures]
     lines.append("")

@@ -30,7 +30,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from her2exp.data import splits
-from her2exp.data.sources import SKIPPED_COLUMNS, DataValidationError, _structural_problems
+from her2exp.data.sources import (
+    SKIPPED_COLUMNS,
+    DataValidationError,
+    _structural_problems,
+    cv_ignores_column,
+)
 from her2exp.slides.reader import Slide, SlideError
 from her2exp.slides.tiling import read_tile
 

@@ -17,6 +17,7 @@ from her2exp.tracking.audit import command_line, git_info
 from her2exp.tracking.store import experiment_id, with_retries
 
 if TYPE_CHECKING:
+    from her2exp.crossval import SweepResult
     from her2exp.tracking.mlflow_tracker import MlflowTracker
 
 log = logging.getLogger(__name__)
@@ -98,8 +99,12 @@ class MlflowSweepCallback(Callback):
         log.info("MLflow sweep parent run %s", run.info.run_id)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        """Sum up the children on the parent: job counts, the best val AUC and its run."""
+        """Sum up the children on the parent: job counts, the best val AUC and its run; for a
+        cross-validation or repeat sweep also the pooled or spread results (`her2exp.crossval`),
+        written under `<sweep_dir>/cv/` even with tracking=off (there is no parent then)."""
+        sweep_dir = Path(str(config.hydra.sweep.dir))
         if self.tracker is None or self.tracker.run_id is None:
+            _sweep_results(sweep_dir, {})
             return
         tracker, client = self.tracker, self.tracker.client
         children = client.search_runs(
@@ -112,6 +117,34 @@ class MlflowSweepCallback(Callback):
             best = max(scored, key=lambda r: r.data.metrics["best_val_auc"])
             tracker.log_metrics({"best_val_auc": best.data.metrics["best_val_auc"]})
             tracker.set_tags({"best_child_run_id": best.info.run_id})
+        run_ids = {
+            r.data.tags["sweep.job_num"]: r.info.run_id
+            for r in children
+            if "sweep.job_num" in r.data.tags
+        }
+        result = _sweep_results(sweep_dir, run_ids)
+        if result is not None:
+            tracker.log_metrics(result.metrics)
+            tracker.set_tags(result.tags)
+            for path in result.files:
+                tracker.log_artifact(path, "cv")
         failed = len(scored) < len(children)
         tracker.end("FAILED" if failed or not children else "FINISHED")
         os.environ.pop(SWEEP_ENV["parent_run_id"], None)
+
+
+def _sweep_results(sweep_dir: Path, run_ids: dict[str, str]) -> SweepResult | None:
+    """crossval.summarise, its failure logged with its traceback and tagged (the children's
+    results are safe on disk; a summary can be made again from them)."""
+    from her2exp import crossval
+
+    try:
+        result = crossval.summarise(sweep_dir, run_ids)
+    except Exception as exc:  # noqa: BLE001 - the sweep is done; do not lose the parent's end
+        log.exception("sweep summary of %s failed", sweep_dir)
+        return crossval.SweepResult("error", tags={"sweep.summary_error": str(exc)[:500]})
+    if result.warnings:
+        result.tags["sweep.warnings"] = " | ".join(result.warnings)[:5000]
+    if result.out_dir is not None:
+        log.info("sweep %s (%s): results in %s", sweep_dir, result.kind, result.out_dir)
+    return result
