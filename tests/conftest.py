@@ -110,3 +110,34 @@ def slides_run(tiled_slides, tmp_path_factory: pytest.TempPathFactory) -> SmokeR
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("her2exp: MLflow run "))
     uri = f"sqlite:///{cwd}/mlflow.db"
     return SmokeRun(cwd, run_dir, uri, line.split()[3], proc.stdout, proc.stderr)
+
+
+@dataclass
+class SweepRun:
+    parent_run_id: str
+    uri: str
+    sweep_dir: Path
+    child_run_ids: list[str]
+
+
+@pytest.fixture(scope="session")
+def cv_sweep(tmp_path_factory: pytest.TempPathFactory) -> SweepRun:
+    """One real 3-fold CLI multirun of experiment=smoke (one epoch a fold, checkpoints logged)
+    into a SQLite store: the CV parent's pooled results and the ensemble tests read it."""
+    import mlflow
+
+    cwd = tmp_path_factory.mktemp("cv_sweep")
+    sweep_dir = cwd / "sweep"
+    args = ["-m", "experiment=smoke", "data.split.folds=3", "data.split.fold=range(3)"]
+    args += ["tracking.log_checkpoint=true", "trainer.epochs=1", f"hydra.sweep.dir={sweep_dir}"]
+    proc = run_cli(args, cwd=cwd, timeout=900)
+    assert proc.returncode == 0, f"cv sweep failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    uri = f"sqlite:///{cwd}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("her2exp")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.sweep = 'parent'")
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    ordered = sorted(children, key=lambda r: int(r.data.tags["sweep.job_num"]))
+    return SweepRun(parent.info.run_id, uri, sweep_dir, [r.info.run_id for r in ordered])
