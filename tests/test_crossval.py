@@ -36,9 +36,7 @@ def patients_frame(n_neg: int = 20, n_pos: int = 10, sites: tuple[str, ...] = ("
 
 
 def folds_of(frame: pd.DataFrame, k: int, by: str = "patient", seed: int = 7) -> list[pd.Series]:
-    return [
-        splits.assign_fold(frame, (0.7, 0.15, 0.15), seed, k, fold, by) for fold in range(k)
-    ]
+    return [splits.assign_fold(frame, (0.7, 0.15, 0.15), seed, k, fold, by) for fold in range(k)]
 
 
 @pytest.mark.parametrize("k", [2, 3, 5])
@@ -149,11 +147,11 @@ def test_a_tile_manifest_split_column_is_refused_under_cv_unless_ignored(
     tiles = pd.read_parquet(out / "tiles.parquet").assign(split="train")
     path = tmp_path / "tiles.parquet"
     tiles.to_parquet(path)
-    over = ["data=slides", f"data.path={path}", "data.split.folds=2", "data.split.fold=0"]
+    over = ["data=slides", f"data.path={path}", "data.split.folds=3", "data.split.fold=0"]
     with pytest.raises(splits.FoldError, match="has its own split column"):
         data.build(compose_train(over).data, seed=0)
     bundle = data.build(compose_train([*over, "data.split.ignore_column=true"]).data, seed=0)
-    expected = splits.assign_fold(bundle.manifest, (0.7, 0.15, 0.15), 0, 2, 0)
+    expected = splits.assign_fold(bundle.manifest, (0.7, 0.15, 0.15), 0, 3, 0)
     assert bundle.manifest["split"].equals(expected)
 
 

@@ -248,6 +248,8 @@ def load(cfg: DictConfig, seed: int, cohort: bool = False) -> LoadedSlides:
     path = Path(cfg.path)
     where = f"data.path={path}"
     frame = read_tiles(path)
+    if not cohort and (frame["split"] != "").any() and cv_ignores_column(cfg, where):
+        frame["split"] = ""  # refused before any slide is opened, or replaced by the folds
     assume_mpp = tiling_settings(path).get("assume_mpp")
     bad = slide_problems(frame, assume_mpp)
     file_problems = [(f"slide {sid}", why) for sid, why in sorted(bad.items())]
@@ -255,8 +257,6 @@ def load(cfg: DictConfig, seed: int, cohort: bool = False) -> LoadedSlides:
     good["label"] = pd.to_numeric(good["label"]).astype(np.int64)
     good["slide_id"] = good["slide_id"].astype(str)
     good["patient_id"] = good["patient_id"].astype(str)
-    if not cohort and (good["split"] != "").any() and cv_ignores_column(cfg, where):
-        good["split"] = ""
     filled = good["split"] != ""
     explicit = bool(len(good)) and bool(filled.all())
     structural: list[tuple[str, str]] = []
