@@ -400,7 +400,7 @@ def read_manifest(path: Path) -> pd.DataFrame:
 def cv_ignores_column(cfg: DictConfig, where: str) -> bool:
     """A filled split column under cross-validation: refused, or ignored when
     `data.split.ignore_column=true` (the folds then split the patients)."""
-    if not splits.is_cv(cfg.split):
+    if not splits.is_cv(cfg.get("split")):
         return False
     if not cfg.split.get("ignore_column", False):
         raise splits.FoldError(

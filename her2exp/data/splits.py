@@ -45,7 +45,7 @@ class FoldError(ValueError):
 
 def is_cv(split_cfg: Any) -> bool:
     """Whether `data.split` asks for cross-validation (data.split.folds set)."""
-    return split_cfg.get("folds") is not None
+    return split_cfg is not None and split_cfg.get("folds") is not None
 
 
 def split_column(frame: pd.DataFrame, split_cfg: Any, seed: int) -> pd.Series:
