@@ -29,6 +29,7 @@ The speed of the intervals is measured by ``make bench`` (:mod:`her2exp.bench.ci
 from her2exp.metrics.evaluation import (
     LevelEvaluation,
     PatientEvaluation,
+    SiteEvaluation,
     SplitEvaluation,
     evaluate_split,
     misclassified,
@@ -88,6 +89,7 @@ __all__ = [
     "PrCurve",
     "Promise",
     "RocCurve",
+    "SiteEvaluation",
     "SplitEvaluation",
     "aggregate_by_group",
     "aggregate_by_patient",

@@ -111,7 +111,11 @@ def effective_n(groups: np.ndarray | None, labels: np.ndarray) -> float:
     if groups is None:
         return float(pos.sum())
     _, counts = np.unique(np.asarray(groups).ravel()[pos], return_counts=True)
-    return float(counts.sum() ** 2 / np.square(counts.astype(np.float64)).sum()) if counts.size else 0.0
+    return (
+        float(counts.sum() ** 2 / np.square(counts.astype(np.float64)).sum())
+        if counts.size
+        else 0.0
+    )
 
 
 def lcb_name(target: float) -> str:
@@ -244,7 +248,11 @@ def choose_threshold(
     if name == "youden":
         return youden_threshold(labels, scores)
     match = _NAMED.fullmatch(name)
-    bad_lcb = match is not None and match["lcb"] and (match["kind"] != "sens" or match["percent"] == "100")
+    bad_lcb = (
+        match is not None
+        and match["lcb"]
+        and (match["kind"] != "sens" or match["percent"] == "100")
+    )
     if match is None or bad_lcb or not 0 < int(match["percent"]) <= 100:
         raise ValueError(
             f"unknown operating point {name!r}: expected youden, sensNN, sensNN_lcb or pNN"
