@@ -498,6 +498,8 @@ class EvaluationConfig:
     thresholds, chosen on validation at that level, are the headline and what predict calls."""
 
     target_sensitivity: float = ranged(0.90, gt=0, lt=1)
+    # sens{N}_lcb: the one-sided confidence of the lower bound on validation sensitivity.
+    lcb_confidence: float = ranged(0.95, gt=0, lt=1)
     n_boot: int = ranged(1000, ge=0, allowed="0 (DeLong CI only) or a number of resamples")
     slide_aggregation: str = "mean"  # mean | max | topk_mean of the slide's tile scores
     patient_aggregation: str = "mean"  # mean | max | topk_mean of the patient's tile scores
@@ -516,7 +518,8 @@ def validate_evaluation(e: Any) -> None:
             _fail(f"evaluation.{level}_aggregation", how, ", ".join(AGGREGATION_CHOICES))
     if e.decision_level not in LEVEL_CHOICES:
         _fail("evaluation.decision_level", e.decision_level, ", ".join(LEVEL_CHOICES))
-    points = ("youden", f"sens{int(round(e.target_sensitivity * 100))}", "p50")
+    sens = f"sens{int(round(e.target_sensitivity * 100))}"
+    points = ("youden", sens, f"{sens}_lcb", "p50")
     if e.operating_point not in points:
         _fail("evaluation.operating_point", e.operating_point, f"one of {', '.join(points)}")
 

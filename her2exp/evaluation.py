@@ -68,6 +68,7 @@ def evaluate_scored(
         slide_how=ecfg.slide_aggregation,
         topk=ecfg.topk,
         level_thresholds=levels,
+        site_ids=_ids(s.rows, "site"),
     )
 
 
@@ -135,6 +136,8 @@ def report_cohorts(
         **header,
         "decision_level": ecfg.decision_level,
         "operating_point": ecfg.operating_point,
+        "target_sensitivity": float(ecfg.target_sensitivity),
+        "lcb_confidence": float(ecfg.get("lcb_confidence", 0.95)),
         "aggregation": {
             "slide": ecfg.slide_aggregation,
             "patient": ecfg.patient_aggregation,
@@ -203,6 +206,18 @@ def format_table(ev: metrics.SplitEvaluation, title: str, decision_level: str = 
             f"AUC {ci(a.auc, a.low, a.high)} (DeLong 95% CI)"
         )
         lines += _table_rows(reports_, ci)
+    for site in ev.sites.values():
+        s = site.evaluation
+        cells = [
+            f"{name} sens {r.sensitivity:.3f} spec {r.specificity:.3f}"
+            for name, r in s.level_reports(decision_level).items()
+        ]
+        at_level = s.levels().get(decision_level)
+        area = s.auc if at_level is None else at_level.auc
+        lines.append(
+            f" site {site.site} ({decision_level} level): AUC {ci(area.auc, area.low, area.high)}"
+            f"  {'  '.join(cells)}" + (f"  ({site.note})" if site.note else "")
+        )
     return "\n".join(lines)
 
 

@@ -112,6 +112,7 @@ def choose_thresholds(
         ecfg.slide_aggregation,
         ecfg.patient_aggregation,
         ecfg.topk,
+        ecfg.get("lcb_confidence", 0.95),
     )
 
 

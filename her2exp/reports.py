@@ -20,7 +20,9 @@ from her2exp.metrics import (
     SplitEvaluation,
     as_level_thresholds,
     choose_threshold,
+    level_groups,
     misclassified,
+    promise,
     to_jsonable,
 )
 
@@ -271,6 +273,11 @@ def _val_level_scores(val: SplitEvaluation, level: str) -> tuple[Any, Any] | Non
     return None if ev is None else (ev.scores.labels, ev.scores.scores)
 
 
+def _val_level_groups(val: SplitEvaluation, level: str) -> Any:
+    """The patient of each unit of `level` on val (what the promised point's bound counts)."""
+    return level_groups(level, val.slide_ids, val.patient_ids)
+
+
 def _thresholds_from_validation(
     evaluations: dict[str, SplitEvaluation], header: dict[str, Any]
 ) -> tuple[bool | None, str]:
@@ -291,11 +298,15 @@ def _thresholds_from_validation(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # one class: choose_threshold falls back to 0.5
+                confidence = float(header.get("lcb_confidence") or 0.95)
                 for level in LEVELS:
                     pair = _val_level_scores(val, level)
                     names = val.level_reports(level)
+                    groups = _val_level_groups(val, level)
                     if pair is not None and names:
-                        chosen[level] = {n: choose_threshold(n, *pair) for n in names}
+                        chosen[level] = {
+                            n: choose_threshold(n, *pair, groups, confidence) for n in names
+                        }
         except ValueError as exc:
             return None, f"cannot re-derive the val thresholds: {exc}"
         source = "chosen on val"
@@ -439,7 +450,79 @@ def _split_section(name: str, ev: SplitEvaluation, decision_level: str = "tile")
             lines += [*_report_table(p.reports), ""]
         else:
             lines += [f"No thresholds were frozen at the {p.level} level (an older run).", ""]
-    return lines
+    return lines + _site_section(name, ev)
+
+
+def _site_section(name: str, ev: SplitEvaluation) -> list[str]:
+    """Per site, at the pooled frozen thresholds: AUC (DeLong) and sensitivity / specificity
+    (Wilson) at each level and operating point. Empty with one site."""
+    if not ev.sites:
+        return []
+    ops = list(ev.reports)
+    lines = [
+        f"### {name}: per site (the pooled frozen thresholds)",
+        "",
+        "| site | level | n (HER2+) | AUC | "
+        + " | ".join(f"{op} sensitivity / specificity" for op in ops)
+        + " | note |",
+        "|---|---|---|---|" + "---|" * len(ops) + "---|",
+    ]
+    for site in ev.sites.values():
+        s = site.evaluation
+        entries = [("tile", s.n, s.n_pos, s.auc, s.reports)]
+        entries += [(lv.level, lv.n, lv.n_pos, lv.auc, lv.reports) for lv in s.levels().values()]
+        for level, n, n_pos, a, reports_ in entries:
+            cells = []
+            for op in ops:
+                r = reports_.get(op)
+                cells.append(
+                    "n/a"
+                    if r is None
+                    else f"{_ci(r.sensitivity, r.sensitivity_low, r.sensitivity_high)} / "
+                    f"{_ci(r.specificity, r.specificity_low, r.specificity_high)}"
+                )
+            lines.append(
+                f"| {site.site} | {level} | {n} ({n_pos}) | {_ci(a.auc, a.low, a.high)} | "
+                + " | ".join(cells)
+                + f" | {site.note} |"
+            )
+    return [*lines, ""]
+
+
+def _promise_section(val: SplitEvaluation | None, header: dict[str, Any]) -> list[str]:
+    """What validation can promise at each level: its positives (the effective number at the
+    tile and slide levels, patients counted once), the number the promise needs, and whether
+    the promised point's bound reaches the target at all."""
+    target, confidence = header.get("target_sensitivity"), header.get("lcb_confidence")
+    if val is None or val.labels is None or target is None or confidence is None:
+        return []
+    name = f"sens{int(round(float(target) * 100))}_lcb"
+    if name not in val.reports:
+        return []
+    lines = [
+        f"## Promised sensitivity (`{name}`)",
+        "",
+        f"`{name}` is the highest threshold whose one-sided {float(confidence):.0%} lower bound "
+        f"on validation sensitivity (Clopper-Pearson) reaches {float(target):.2f}. Tiles and "
+        "slides of one patient are correlated: their bound uses the effective number of "
+        "positives, (sum n_i)^2 / sum n_i^2 over the positive patients' counts n_i. When the "
+        "bound cannot reach the target, the threshold catching every validation positive is "
+        "frozen instead (and the promise is not made).",
+        "",
+        "| level | validation HER2+ | effective n | needed (no miss) | best bound | promise |",
+        "|---|---|---|---|---|---|",
+    ]
+    for level in LEVELS:
+        pair = _val_level_scores(val, level)
+        if pair is None or name not in val.level_reports(level):
+            continue
+        p = promise(pair[0], float(target), float(confidence), _val_level_groups(val, level))
+        verdict = "can be made" if p.feasible else "cannot be made: too few positives"
+        lines.append(
+            f"| {level} | {p.n_pos} | {p.n_eff:.1f} | {p.needed} | {_fmt(p.best_bound)} | "
+            f"{verdict} |"
+        )
+    return [*lines, ""]
 
 
 def _report_table(reports: dict[str, Any]) -> list[str]:
@@ -504,6 +587,7 @@ def _clinical_markdown(
     ]
     for name, ev in evaluations.items():
         lines += _split_section(name, ev, decision)
+    lines += _promise_section(val, header)
     lines += ["## Clinical Evaluation Checklist", "", *checklist_table(checklist)]
     lines += ["", "## Figures", ""]
     lines += [f"- `{p.name}`" for p in figures]

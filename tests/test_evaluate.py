@@ -61,7 +61,7 @@ def test_best_checkpoint_holds_the_frozen_thresholds(smoke_run: SmokeRun) -> Non
     assert state["thresholds"] == best["thresholds"]  # JSON keeps every float digit
     assert set(state["thresholds"]) == {"tile", "slide", "patient"}
     for level in state["thresholds"].values():
-        assert set(level) == {"youden", "sens90", "p50"}
+        assert set(level) == {"youden", "sens90", "sens90_lcb", "p50"}
 
 
 def test_external_eval_is_a_linked_mlflow_run_with_a_report(smoke_run, external_eval) -> None:

@@ -5,6 +5,7 @@ headline (her2exp/metrics/levels.py, evaluation.py, final.py, predict.py)."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -74,14 +75,20 @@ def test_a_slide_id_shared_by_two_patients_is_named() -> None:
 
 def test_thresholds_at_each_level_are_operating_points_on_that_levels_aggregates() -> None:
     df = cohort(60, seed=1)
-    chosen = metrics.operating_points_by_level(
-        df["label"], df["prob"], df["slide_id"], df["patient_id"], 0.9, "topk_mean", "max", 4
-    )
+    with pytest.warns(UserWarning, match="patient level of validation: sens90_lcb cannot"):
+        chosen = metrics.operating_points_by_level(
+            df["label"], df["prob"], df["slide_id"], df["patient_id"], 0.9, "topk_mean", "max", 4
+        )
     slides = metrics.aggregate_by_group(df["slide_id"], df["label"], df["prob"], "topk_mean", 4)
     patients = metrics.aggregate_by_group(df["patient_id"], df["label"], df["prob"], "max")
-    assert chosen["tile"] == metrics.operating_points(df["label"], df["prob"], 0.9)
-    assert chosen["slide"] == metrics.operating_points(slides.labels, slides.scores, 0.9)
-    assert chosen["patient"] == metrics.operating_points(patients.labels, patients.scores, 0.9)
+    # The promised point's bound counts the patients behind the tiles and slides.
+    slide_owner = metrics.level_groups("slide", df["slide_id"], df["patient_id"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # too few positives for the promise: warned above
+        tile = metrics.operating_points(df["label"], df["prob"], 0.9, 0.95, df["patient_id"])
+        slide = metrics.operating_points(slides.labels, slides.scores, 0.9, 0.95, slide_owner)
+        patient = metrics.operating_points(patients.labels, patients.scores, 0.9)
+    assert (chosen["tile"], chosen["slide"], chosen["patient"]) == (tile, slide, patient)
     assert chosen["slide"]["youden"] != chosen["tile"]["youden"]  # a level of its own
 
 

@@ -209,7 +209,7 @@ def test_sensitivity_targeted_threshold_matches_brute_force() -> None:
 def test_operating_points_names_and_values() -> None:
     labels, scores = _binormal(300, seed=6)
     ops = metrics.operating_points(labels, scores, target_sensitivity=0.95)
-    assert list(ops) == ["youden", "sens95", "p50"]
+    assert list(ops) == ["youden", "sens95", "sens95_lcb", "p50"]
     assert ops["youden"] == metrics.youden_threshold(labels, scores)
     assert ops["sens95"] == metrics.threshold_for_sensitivity(labels, scores, 0.95)
     assert ops["p50"] == 0.5

@@ -15,7 +15,7 @@ to use:
 - :mod:`~her2exp.metrics.ranking`: AUC, DeLong and stratified-bootstrap CIs, ROC and PR curves.
 - :mod:`~her2exp.metrics.proportions`: the Wilson interval of a rate.
 - :mod:`~her2exp.metrics.operating_points`: thresholds chosen on validation (Youden, a target
-  sensitivity) and :class:`BinaryReport`, the rates at a frozen threshold.
+  sensitivity, a target the one-sided lower bound reaches) and :class:`BinaryReport`, the rates at a frozen threshold.
 - :mod:`~her2exp.metrics.probabilities`: calibration (Brier, ECE, reliability) and decision
   curves.
 - :mod:`~her2exp.metrics.levels`: tile scores aggregated per slide and patient (mean, max,
@@ -29,6 +29,7 @@ The speed of the intervals is measured by ``make bench`` (:mod:`her2exp.bench.ci
 from her2exp.metrics.evaluation import (
     LevelEvaluation,
     PatientEvaluation,
+    SiteEvaluation,
     SplitEvaluation,
     evaluate_split,
     misclassified,
@@ -42,15 +43,23 @@ from her2exp.metrics.levels import (
     aggregate_by_group,
     aggregate_by_patient,
     as_level_thresholds,
+    level_groups,
     level_scores,
     operating_points_by_level,
 )
 from her2exp.metrics.operating_points import (
     BinaryReport,
+    Promise,
     at_threshold,
     choose_threshold,
+    effective_n,
+    lcb_name,
     operating_points,
+    positives_needed,
+    promise,
+    sensitivity_lcb,
     threshold_for_sensitivity,
+    threshold_for_sensitivity_lcb,
     youden_threshold,
 )
 from her2exp.metrics.probabilities import Calibration, DecisionCurve, calibration, decision_curve
@@ -78,7 +87,9 @@ __all__ = [
     "PatientEvaluation",
     "PatientScores",
     "PrCurve",
+    "Promise",
     "RocCurve",
+    "SiteEvaluation",
     "SplitEvaluation",
     "aggregate_by_group",
     "aggregate_by_patient",
@@ -90,14 +101,21 @@ __all__ = [
     "calibration",
     "choose_threshold",
     "decision_curve",
+    "effective_n",
     "evaluate_split",
+    "lcb_name",
+    "level_groups",
     "level_scores",
     "misclassified",
     "operating_points",
     "operating_points_by_level",
+    "positives_needed",
     "pr_curve",
+    "promise",
     "roc_with_band",
+    "sensitivity_lcb",
     "threshold_for_sensitivity",
+    "threshold_for_sensitivity_lcb",
     "to_jsonable",
     "wilson_interval",
     "youden_threshold",

@@ -36,6 +36,7 @@ from her2exp.metrics.ranking import (
 
 __all__ = [
     "LevelEvaluation",
+    "SiteEvaluation",
     "PatientEvaluation",
     "PatientScores",
     "SplitEvaluation",
@@ -155,6 +156,10 @@ class SplitEvaluation:
     slide: LevelEvaluation | None = None
     labels: np.ndarray | None = field(default=None, repr=False, compare=False)
     scores: np.ndarray | None = field(default=None, repr=False, compare=False)
+    # The patient and slide of each tile (the promised point's bound and re-derivation).
+    patient_ids: np.ndarray | None = field(default=None, repr=False, compare=False)
+    slide_ids: np.ndarray | None = field(default=None, repr=False, compare=False)
+    sites: dict[str, SiteEvaluation] = field(default_factory=dict)
 
     def as_flat_dict(self, prefix: str = "") -> dict[str, float]:
         """Scalar metrics named ``{prefix}auc``, ``{prefix}youden_sensitivity_low``, ...
@@ -180,6 +185,8 @@ class SplitEvaluation:
             out[f"{prefix}average_precision"] = self.pr.average_precision
         for level in self.levels().values():
             out.update(level.as_flat_dict(f"{prefix}{level.level}_"))
+        for site in self.sites.values():
+            out.update(site.as_flat_dict(prefix))
         return {k: float(v) for k, v in out.items()}
 
     def levels(self) -> dict[str, LevelEvaluation]:
@@ -208,6 +215,61 @@ class SplitEvaluation:
             "average_precision": ap,
             "slide": None if self.slide is None else self.slide.to_dict(),
             "patient": None if self.patient is None else self.patient.to_dict(),
+            "sites": {k: v.to_dict() for k, v in self.sites.items()},
+        }
+
+
+#: The per-site metrics kept in MLflow: the pooled split has the full set.
+SITE_METRICS = ("sensitivity", "specificity")
+
+
+@dataclass(frozen=True)
+class SiteEvaluation:
+    """One site's part of a split, scored at the pooled split's frozen thresholds (never
+    re-tuned per site). ``note`` says why a number is missing (one class at this site)."""
+
+    site: str
+    evaluation: SplitEvaluation
+    note: str = ""
+
+    @property
+    def metric_name(self) -> str:
+        """The site as an MLflow name part: [A-Za-z0-9._-] kept, the rest `_` plus a hash."""
+        from her2exp.fileio import safe_name
+
+        return safe_name(self.site)
+
+    def as_flat_dict(self, prefix: str = "") -> dict[str, float]:
+        """``{prefix}site_<name>_auc`` (``_low``, ``_high``, ``n``, ``n_pos``) and, per frozen
+        operating point, ``..._<op>_sensitivity`` / ``_specificity`` with their Wilson bounds;
+        the slide and patient levels as ``{prefix}site_<name>_patient_auc`` and so on."""
+        ev, base = self.evaluation, f"{prefix}site_{self.metric_name}_"
+        out: dict[str, float] = {}
+        entries = [("", ev.n, ev.n_pos, ev.auc, ev.reports)]
+        entries += [
+            (f"{lv.level}_", lv.n, lv.n_pos, lv.auc, lv.reports) for lv in ev.levels().values()
+        ]
+        for infix, n, n_pos, area, reports in entries:
+            p = f"{base}{infix}"
+            out.update({f"{p}n": n, f"{p}n_pos": n_pos, f"{p}auc": area.auc})
+            out.update({f"{p}auc_low": area.low, f"{p}auc_high": area.high})
+            for op, rep in reports.items():
+                for key in SITE_METRICS:
+                    for suffix in ("", "_low", "_high"):
+                        out[f"{p}{op}_{key}{suffix}"] = getattr(rep, f"{key}{suffix}")
+        return {k: float(v) for k, v in out.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        ev = self.evaluation
+        return {
+            "site": self.site,
+            "note": self.note,
+            "n": ev.n,
+            "n_pos": ev.n_pos,
+            "auc": _dataclass_dict(ev.auc),
+            "reports": {k: _dataclass_dict(v) for k, v in ev.reports.items()},
+            "slide": None if ev.slide is None else ev.slide.to_dict(),
+            "patient": None if ev.patient is None else ev.patient.to_dict(),
         }
 
 
@@ -249,6 +311,7 @@ def evaluate_split(
     slide_how: str = "mean",
     topk: int = 8,
     level_thresholds: dict[str, dict[str, float]] | None = None,
+    site_ids: np.ndarray | None = None,
 ) -> SplitEvaluation:
     """The one evaluation path: AUC + CIs, reports at each frozen threshold, calibration, DCA.
 
@@ -263,7 +326,8 @@ def evaluate_split(
     given, must equal ``thresholds``). Without ``level_thresholds`` the levels are scored at
     ``thresholds`` (what direct callers got before levels); a level missing from a given
     ``level_thresholds`` gets its AUC and no reports. A split with one class warns once and
-    reports NaN AUCs.
+    reports NaN AUCs. With ``site_ids`` of more than one site, each site is also evaluated at
+    the same frozen thresholds (:class:`SiteEvaluation`, in ``sites``).
     """
     labels, scores = check_scores(labels, scores)
     if labels.size == 0:
@@ -307,4 +371,58 @@ def evaluate_split(
         slide=levels.get("slide"),
         labels=labels,
         scores=scores,
+        patient_ids=None if patient_ids is None else np.asarray(patient_ids).ravel(),
+        slide_ids=None if slide_ids is None else np.asarray(slide_ids).ravel(),
+        sites=evaluate_sites(
+            site_ids,
+            labels,
+            scores,
+            thresholds,
+            dict(
+                patient_ids=patient_ids,
+                alpha=alpha,
+                patient_how=patient_how,
+                calibration_bins=calibration_bins,
+                slide_ids=slide_ids,
+                slide_how=slide_how,
+                topk=topk,
+                level_thresholds=level_thresholds,
+            ),
+        ),
     )
+
+
+def evaluate_sites(
+    site_ids: np.ndarray | None,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    thresholds: dict[str, float],
+    options: dict[str, Any],
+) -> dict[str, SiteEvaluation]:
+    """:func:`evaluate_split` of each site's rows at the pooled frozen thresholds (no
+    bootstrap); nothing with one site. A site with one class gets NaN AUCs and a note, not a
+    warning per metric."""
+    if site_ids is None:
+        return {}
+    sites = np.asarray(site_ids).astype(str).ravel()
+    if sites.shape != labels.shape:
+        raise ValueError(f"{sites.size} site ids but {labels.size} labels")
+    names = np.unique(sites)
+    if names.size < 2:
+        return {}
+    out: dict[str, SiteEvaluation] = {}
+    for name in names:
+        keep = sites == name
+        part = {
+            k: (np.asarray(v).ravel()[keep] if k.endswith("_ids") and v is not None else v)
+            for k, v in options.items()
+        }
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ev = evaluate_split(labels[keep], scores[keep], thresholds, **part)
+        n_pos = int(labels[keep].sum())
+        note = ""
+        if n_pos in (0, int(keep.sum())):
+            note = f"one class ({'HER2+' if n_pos else 'HER2-'} only): AUC and one rate undefined"
+        out[str(name)] = SiteEvaluation(str(name), ev, note)
+    return out

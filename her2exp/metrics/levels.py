@@ -28,6 +28,7 @@ __all__ = [
     "aggregate_by_group",
     "aggregate_by_patient",
     "as_level_thresholds",
+    "level_groups",
     "level_scores",
     "operating_points_by_level",
 ]
@@ -156,11 +157,12 @@ def operating_points_by_level(
     slide_how: str = "mean",
     patient_how: str = "mean",
     topk: int = 8,
+    confidence: float = 0.95,
 ) -> dict[str, dict[str, float]]:
     """:func:`operating_points` on validation at every level: tile scores, slide aggregates,
     patient aggregates. One class at a level warns (naming it) and falls back to 0.5, as at the
     tile level; since a slide or patient has one label, a level has one class exactly when the
-    tiles have."""
+    tiles have. The promised point's bound counts patients (:func:`level_groups`)."""
     levels = {"tile": check_scores(labels, scores)}
     for level, agg in level_scores(
         labels, scores, slide_ids, patient_ids, slide_how, patient_how, topk
@@ -168,12 +170,31 @@ def operating_points_by_level(
         levels[level] = (agg.labels, agg.scores)
     out: dict[str, dict[str, float]] = {}
     for level, (lab, sc) in levels.items():
+        groups = level_groups(level, slide_ids, patient_ids)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            out[level] = operating_points(lab, sc, target_sensitivity)
+            out[level] = operating_points(lab, sc, target_sensitivity, confidence, groups)
         for w in dict.fromkeys(str(c.message) for c in caught):
             warnings.warn(f"{level} level of validation: {w}", stacklevel=2)
     return out
+
+
+def level_groups(
+    level: str, slide_ids: np.ndarray | None, patient_ids: np.ndarray | None
+) -> np.ndarray | None:
+    """The patient of each unit of ``level`` (tiles: the tile's; slides, in sorted slide id
+    order: the slide's), so that a bound on sensitivity counts correlated units as the patients
+    they come from; None at the patient level or without patient ids (each unit is its own)."""
+    if patient_ids is None or level == "patient":
+        return None
+    patients = np.asarray(patient_ids).astype(str).ravel()
+    if level == "tile":
+        return patients
+    if slide_ids is None:
+        return None
+    slides = np.asarray(slide_ids).astype(str).ravel()
+    _, first = np.unique(slides, return_index=True)
+    return patients[first]
 
 
 def as_level_thresholds(frozen: Mapping[str, Any]) -> dict[str, dict[str, float]]:

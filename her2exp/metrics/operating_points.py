@@ -12,6 +12,7 @@ import math
 import re
 import warnings
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import confusion_matrix, roc_curve
@@ -22,10 +23,17 @@ from her2exp.metrics.ranking import auc
 
 __all__ = [
     "BinaryReport",
+    "Promise",
     "at_threshold",
     "choose_threshold",
+    "effective_n",
+    "lcb_name",
     "operating_points",
+    "positives_needed",
+    "promise",
+    "sensitivity_lcb",
     "threshold_for_sensitivity",
+    "threshold_for_sensitivity_lcb",
     "youden_threshold",
 ]
 
@@ -70,40 +78,192 @@ def threshold_for_sensitivity(
     return float(thresholds[best])
 
 
-def operating_points(
-    val_labels: np.ndarray, val_scores: np.ndarray, target_sensitivity: float = 0.90
-) -> dict[str, float]:
-    """The thresholds to freeze, all chosen on validation: Youden, sensitivity >= target, 0.5.
+# -- a sensitivity one can promise: a one-sided lower confidence bound on validation --------------
 
-    Keys: "youden", f"sens{round(100 * target)}" (e.g. "sens90") and "p50".
+
+def sensitivity_lcb(tp: np.ndarray | float, n: np.ndarray | float, confidence: float) -> Any:
+    """One-sided Clopper-Pearson lower bound on a sensitivity: ``tp`` caught of ``n`` positives.
+
+    The exact binomial bound, ``Beta(1 - confidence; tp, n - tp + 1)`` (0 when nothing is caught);
+    the value scipy's ``binomtest(tp, n).proportion_ci(2 * confidence - 1, "exact").low`` gives.
+    ``tp`` and ``n`` may be real (an effective sample size) and arrays.
+    """
+    from scipy.stats import beta
+
+    tp, n = np.asarray(tp, dtype=np.float64), np.asarray(n, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        low = beta.ppf(1.0 - confidence, np.maximum(tp, 1e-300), n - tp + 1.0)
+    low = np.where(tp > 0, low, 0.0)
+    return float(low) if low.ndim == 0 else low
+
+
+def positives_needed(target: float, confidence: float) -> int:
+    """The fewest positives whose bound can reach ``target``: all caught, ``target**n <= 1 -
+    confidence``, i.e. ``ceil(log(1 - confidence) / log(target))`` (29 for 0.90 at 95%)."""
+    return int(math.ceil(math.log(1.0 - confidence) / math.log(target) - 1e-12))
+
+
+def effective_n(groups: np.ndarray | None, labels: np.ndarray) -> float:
+    """How many independent positives the positive tiles are worth: ``(sum n_i)^2 / sum n_i^2``
+    over the positive patients' tile counts ``n_i`` (Kish's design effect with an intra-patient
+    correlation of 1). Without groups every positive counts once."""
+    pos = np.asarray(labels).ravel() == 1
+    if groups is None:
+        return float(pos.sum())
+    _, counts = np.unique(np.asarray(groups).ravel()[pos], return_counts=True)
+    return (
+        float(counts.sum() ** 2 / np.square(counts.astype(np.float64)).sum())
+        if counts.size
+        else 0.0
+    )
+
+
+def lcb_name(target: float) -> str:
+    """The name of the promised operating point: "sens90_lcb" for a target of 0.90."""
+    return f"sens{int(round(target * 100))}_lcb"
+
+
+@dataclass(frozen=True)
+class Promise:
+    """Can this validation split promise ``target`` at ``confidence``? ``n_pos`` positives,
+    worth ``n_eff`` independent ones; ``needed`` with no miss; ``best_bound`` when every
+    positive is caught."""
+
+    n_pos: int
+    n_eff: float
+    needed: int
+    best_bound: float
+    target: float
+    confidence: float
+
+    @property
+    def feasible(self) -> bool:
+        return self.best_bound >= self.target - 1e-12
+
+
+def promise(
+    labels: np.ndarray,
+    target: float,
+    confidence: float,
+    groups: np.ndarray | None = None,
+) -> Promise:
+    """What a validation split can promise (see :func:`threshold_for_sensitivity_lcb`)."""
+    labels = np.asarray(labels).ravel()
+    n_eff = effective_n(groups, labels)
+    return Promise(
+        n_pos=int((labels == 1).sum()),
+        n_eff=n_eff,
+        needed=positives_needed(target, confidence),
+        best_bound=sensitivity_lcb(n_eff, n_eff, confidence) if n_eff > 0 else 0.0,
+        target=float(target),
+        confidence=float(confidence),
+    )
+
+
+def threshold_for_sensitivity_lcb(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    target: float = 0.90,
+    confidence: float = 0.95,
+    groups: np.ndarray | None = None,
+) -> float:
+    """Highest threshold t (HER2+ when score >= t) whose one-sided ``confidence`` lower bound on
+    sensitivity reaches ``target``: a sensitivity promised for new cases, not only met on val.
+
+    Clopper-Pearson on the caught positives. With ``groups`` (the patient of each tile) the
+    tiles of a patient are not independent, so the bound uses the effective sample size
+    :func:`effective_n` (the sensitivity times ``n_eff`` caught out of ``n_eff``): with one tile
+    per patient it is the plain bound. When even catching every positive cannot reach the
+    target (too few positives: :func:`positives_needed`), it warns with the numbers and falls
+    back to the threshold that catches every validation positive (the lowest positive score,
+    the largest bound the split can give). One class: 0.5 with a warning, as elsewhere.
+    """
+    labels, scores = check_scores(labels, scores)
+    if not 0.0 < target < 1.0 or not 0.0 < confidence < 1.0:
+        raise ValueError(f"target and confidence must be in (0, 1); got {target}, {confidence}")
+    if not has_two_classes(labels, "a sensitivity-bound threshold"):
+        return 0.5
+    pos = np.sort(scores[labels == 1])[::-1]  # highest first
+    candidates = np.unique(pos)[::-1]
+    caught = np.searchsorted(-pos, -candidates, side="right")  # positives with score >= t
+    check = promise(labels, target, confidence, groups)
+    bounds = sensitivity_lcb(caught / pos.size * check.n_eff, check.n_eff, confidence)
+    ok = np.flatnonzero(bounds >= target - 1e-12)
+    if ok.size == 0:
+        warnings.warn(
+            f"{lcb_name(target)} cannot be promised: {check.n_pos} HER2+ (effective "
+            f"{check.n_eff:.1f}) give a {confidence:.0%} lower bound of at most "
+            f"{check.best_bound:.3f} < {target}; it needs >= {check.needed} positives with no "
+            f"miss. Falling back to the lowest positive score {float(pos[-1]):.4g} (every "
+            "validation positive caught)",
+            stacklevel=2,
+        )
+        return float(pos[-1])
+    return float(candidates[ok[0]])
+
+
+def operating_points(
+    val_labels: np.ndarray,
+    val_scores: np.ndarray,
+    target_sensitivity: float = 0.90,
+    confidence: float = 0.95,
+    groups: np.ndarray | None = None,
+) -> dict[str, float]:
+    """The thresholds to freeze, all chosen on validation: Youden, sensitivity >= target, its
+    promised version (lower ``confidence`` bound >= target; ``groups``: the patient of each
+    tile at the tile level) and 0.5.
+
+    Keys: "youden", f"sens{round(100 * target)}" (e.g. "sens90"), "sens90_lcb" and "p50".
     """
     name = f"sens{int(round(target_sensitivity * 100))}"
     return {
         "youden": youden_threshold(val_labels, val_scores),
         name: threshold_for_sensitivity(val_labels, val_scores, target_sensitivity),
+        lcb_name(target_sensitivity): threshold_for_sensitivity_lcb(
+            val_labels, val_scores, target_sensitivity, confidence, groups
+        ),
         "p50": 0.5,
     }
 
 
-_NAMED = re.compile(r"(?P<kind>sens|p)(?P<percent>\d{1,3})")
+_NAMED = re.compile(r"(?P<kind>sens|p)(?P<percent>\d{1,3})(?P<lcb>_lcb)?")
 
 
-def choose_threshold(name: str, labels: np.ndarray, scores: np.ndarray) -> float:
+def choose_threshold(
+    name: str,
+    labels: np.ndarray,
+    scores: np.ndarray,
+    groups: np.ndarray | None = None,
+    confidence: float = 0.95,
+) -> float:
     """The threshold the operating point called ``name`` picks on this split.
 
     The inverse of :func:`operating_points`' naming: "youden" -> :func:`youden_threshold`,
-    "sensNN" -> :func:`threshold_for_sensitivity` with target NN/100, "pNN" -> NN/100. Used to
-    check that thresholds applied to a test split are those its validation split chooses. A
-    target that is not a whole percent (0.925 is named "sens92") re-derives at the named one.
+    "sensNN" -> :func:`threshold_for_sensitivity` with target NN/100, "sensNN_lcb" ->
+    :func:`threshold_for_sensitivity_lcb` (``groups``, ``confidence`` as chosen), "pNN" ->
+    NN/100. Used to check that thresholds applied to a test split are those its validation
+    split chooses. A target that is not a whole percent (0.925 is named "sens92") re-derives at
+    the named one.
     """
     if name == "youden":
         return youden_threshold(labels, scores)
     match = _NAMED.fullmatch(name)
-    if match is None or not 0 < int(match["percent"]) <= 100:
-        raise ValueError(f"unknown operating point {name!r}: expected youden, sensNN or pNN")
+    bad_lcb = (
+        match is not None
+        and match["lcb"]
+        and (match["kind"] != "sens" or match["percent"] == "100")
+    )
+    if match is None or bad_lcb or not 0 < int(match["percent"]) <= 100:
+        raise ValueError(
+            f"unknown operating point {name!r}: expected youden, sensNN, sensNN_lcb or pNN"
+        )
     percent = int(match["percent"]) / 100
     if match["kind"] == "p":
         return percent
+    if match["lcb"]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the choice on val warned already
+            return threshold_for_sensitivity_lcb(labels, scores, percent, confidence, groups)
     return threshold_for_sensitivity(labels, scores, percent)
 
 
