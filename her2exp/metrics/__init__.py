@@ -16,8 +16,8 @@ to use:
 - :mod:`~her2exp.metrics.proportions`: the Wilson interval of a rate.
 - :mod:`~her2exp.metrics.operating_points`: thresholds chosen on validation (Youden, a target
   sensitivity) and :class:`BinaryReport`, the rates at a frozen threshold.
-- :mod:`~her2exp.metrics.probabilities`: calibration (Brier, ECE, reliability) and decision
-  curves.
+- :mod:`~her2exp.metrics.probabilities`: calibration (Brier, ECE, reliability), temperature
+  scaling (fit on validation, apply downstream) and decision curves.
 - :mod:`~her2exp.metrics.levels`: tile scores aggregated per slide and patient (mean, max,
   topk_mean), operating points chosen at each level, thresholds keyed by level.
 - :mod:`~her2exp.metrics.evaluation`: :func:`evaluate_split`, the single entry point the
@@ -53,7 +53,16 @@ from her2exp.metrics.operating_points import (
     threshold_for_sensitivity,
     youden_threshold,
 )
-from her2exp.metrics.probabilities import Calibration, DecisionCurve, calibration, decision_curve
+from her2exp.metrics.probabilities import (
+    Calibration,
+    DecisionCurve,
+    apply_calibration,
+    apply_temperature,
+    calibration,
+    decision_curve,
+    fit_temperature,
+    temperature_nll,
+)
 from her2exp.metrics.proportions import wilson_interval
 from her2exp.metrics.ranking import (
     AucCI,
@@ -82,6 +91,8 @@ __all__ = [
     "SplitEvaluation",
     "aggregate_by_group",
     "aggregate_by_patient",
+    "apply_calibration",
+    "apply_temperature",
     "as_level_thresholds",
     "at_threshold",
     "auc",
@@ -91,12 +102,14 @@ __all__ = [
     "choose_threshold",
     "decision_curve",
     "evaluate_split",
+    "fit_temperature",
     "level_scores",
     "misclassified",
     "operating_points",
     "operating_points_by_level",
     "pr_curve",
     "roc_with_band",
+    "temperature_nll",
     "threshold_for_sensitivity",
     "to_jsonable",
     "wilson_interval",
