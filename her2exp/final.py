@@ -44,7 +44,8 @@ def final_evaluation(
     calibration = fit_calibration(cfg.evaluation, val, test)
     bundle = parts.bundle
     thresholds = choose_thresholds(cfg.evaluation, bundle, val.labels, val.probs)
-    drift = youden_drift(thresholds["tile"]["youden"], threshold)
+    same_scoring = tta == "none" and calibration["method"] == "none"
+    drift = youden_drift(thresholds["tile"]["youden"], threshold, same_scoring)
     out: dict[str, Any] = {
         "thresholds": thresholds,
         "decision_level": cfg.evaluation.decision_level,
@@ -147,12 +148,22 @@ def choose_thresholds(
 YOUDEN_DRIFT_WARNING = 1e-9
 
 
-def youden_drift(recomputed: float, during_training: float) -> float:
+def youden_drift(recomputed: float, during_training: float, same_scoring: bool = True) -> float:
     """How far the Youden threshold of the final rescoring lies from the one the best epoch
     chose. The rescored value is the one frozen (it matches the scores reported); a drift is a
-    warning and a metric for the audit, never a finished run thrown away."""
+    warning and a metric for the audit, never a finished run thrown away. With TTA or a
+    calibration (`same_scoring` false) the final scores differ from the epoch's one view by
+    design: the difference is recorded, not warned about."""
     drift = abs(recomputed - during_training)
-    if drift > YOUDEN_DRIFT_WARNING:
+    if drift > YOUDEN_DRIFT_WARNING and not same_scoring:
+        log.info(
+            "the Youden threshold of the final scoring (evaluation.tta, evaluation.calibration) "
+            "is %.10g, the best epoch's one-view threshold %.10g; %.10g is frozen",
+            recomputed,
+            during_training,
+            recomputed,
+        )
+    elif drift > YOUDEN_DRIFT_WARNING:
         log.warning(
             "the Youden threshold of the final rescoring, %.10g, differs from the best "
             "epoch's, %.10g, by %.3g (numerical drift of the kernels); %.10g is frozen",

@@ -166,11 +166,15 @@ def calibrated_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
-def _eval(run_dir: Path, out: Path, *extra: str) -> dict:
+def _eval_cfg(run_dir: Path, out: Path, *extra: str):
     cfg = compose("eval", ["tracking=off", f"checkpoint={run_dir}/checkpoints/best.pt", *extra])
     with open_dict(cfg):
         cfg.output_dir = str(out)
-    return evaluation.evaluate_cohort(cfg)
+    return cfg
+
+
+def _eval(run_dir: Path, out: Path, *extra: str) -> dict:
+    return evaluation.evaluate_cohort(_eval_cfg(run_dir, out, *extra))
 
 
 def test_a_calibrated_d4_run_freezes_its_temperature_and_eval_reproduces_it(
@@ -200,10 +204,15 @@ def test_a_calibrated_d4_run_freezes_its_temperature_and_eval_reproduces_it(
     assert again["settings"].tta == "d4"
     redo = pd.read_csv(tmp_path / "a" / "reports" / "predictions_test.csv")
     np.testing.assert_allclose(redo["prob_her2_pos"], test["prob_her2_pos"], rtol=0, atol=1e-7)
-    # One view instead of eight really scores differently; the frozen calibration is not optional.
-    one_view = _eval(calibrated_run, tmp_path / "b", "split=test", "evaluation.tta=none")
-    assert one_view["settings"].tta == "none"
-    single = pd.read_csv(tmp_path / "b" / "reports" / "predictions_test.csv")["prob_her2_pos"]
-    assert np.abs(single.to_numpy() - test["prob_her2_pos"].to_numpy()).max() > 1e-4
+    # One view instead of eight really scores differently (evaluation.score, what eval and the
+    # ensemble call); the frozen calibration is not optional.
+    run, settings, cohort = evaluation.prepare_evaluation(
+        _eval_cfg(calibrated_run, tmp_path / "b", "split=test", "evaluation.tta=none")
+    )
+    assert settings.tta == "none"
+    scorer = evaluation.build_scorer(run, None, cohort.seed, settings.tta)
+    single = evaluation.score(scorer, cohort.bundle, "test", cohort.data_cfg, cohort.seed)
+    np.testing.assert_allclose(single.probs, metrics.apply_temperature(single.uncalibrated, t))
+    assert np.abs(single.probs - test["prob_her2_pos"].to_numpy()).max() > 1e-4
     with pytest.raises(ConfigError, match="froze its thresholds on temperature calibrated"):
         _eval(calibrated_run, tmp_path / "c", "split=test", "evaluation.calibration=none")
