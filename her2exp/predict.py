@@ -12,6 +12,7 @@ are still scored.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from her2exp.evaluation import (
     run_stain,
 )
 from her2exp.fileio import safe_name
+
+log = logging.getLogger("her2exp")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -168,6 +171,8 @@ def _scorer(run: TrainedRun, tta: str | None = None) -> Scoring:
     model = load_model(run, device)
     model.eval()
     preprocess = Preprocess(device, tuple(run.cfg.data.mean), tuple(run.cfg.data.std))
+    if tta and tta != run.tta:
+        log.warning("tta=%s: %s chose its thresholds on tta=%s scores", tta, run.source, run.tta)
     return Scoring(model, stain, preprocess, tta or run.tta, run.calibration)
 
 

@@ -54,9 +54,7 @@ def test_d4_tta_is_the_mean_of_the_eight_views_scored_one_by_one() -> None:
     arr = x.numpy()
     views = [np.rot90(arr, k, axes=(2, 3)) for k in range(4)]
     views += [v[..., ::-1] for v in views]
-    one_by_one = [
-        engine.score(model, loader(torch.from_numpy(v.copy())), pre).probs for v in views
-    ]
+    one_by_one = [engine.score(model, loader(torch.from_numpy(v.copy())), pre).probs for v in views]
     assert len({tuple(np.round(p, 6)) for p in one_by_one}) == 8  # the views really differ
     expected = np.mean(one_by_one, axis=0)
     d4 = engine.score(model, loader(x), pre, tta="d4")
