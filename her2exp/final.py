@@ -38,7 +38,7 @@ def final_evaluation(
     """Score val and test with the best weights (already loaded), with the run's TTA views
     and calibration (fitted on val, then frozen like the thresholds, which are chosen on the
     calibrated val scores), and report them."""
-    tta = cfg.evaluation.tta
+    tta = cfg.evaluation.get("tta", "none")
     val = validator.score(parts.loaders["val"], tta)
     test = validator.score(parts.loaders["test"], tta)
     calibration = fit_calibration(cfg.evaluation, val, test)
@@ -110,7 +110,7 @@ def fit_calibration(ecfg: DictConfig, val: Scores, test: Scores) -> dict[str, An
     mean with TTA) by NLL and applied to val and test in place, keeping the model's own in
     `.uncalibrated` for the before/after report. Every rank fits the same T on the same
     gathered scores. Returns what best.pt stores as `state["calibration"]`."""
-    if ecfg.calibration == "none":
+    if ecfg.get("calibration", "none") == "none":
         return {"method": "none"}
     t = metrics.fit_temperature(val.labels, val.probs)
     for s in (val, test):
@@ -234,7 +234,7 @@ def log_model(
                 "topk": int(e.topk),
             },
             "calibration": dict(calibration or {"method": "none"}),
-            "tta": e.tta,
+            "tta": e.get("tta", "none"),
             "class_names": ["HER2-", "HER2+"],
             "output": "logits; softmax column 1 is P(HER2+)",
             "image_size": size,
