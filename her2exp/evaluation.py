@@ -5,7 +5,8 @@ reports and MLflow entries. The end-of-training test evaluation and `her2exp-eva
 so a run's test table and a later re-evaluation of the same checkpoint on the same data can never
 disagree. `evaluate_cohort` is her2exp-eval's library part: it loads a trained run, scores a new
 cohort or the run's own val/test split with the run's own settings (evaluation, AMP, stain
-reference) unless the eval command overrides them, and reports through `report_cohorts`.
+reference, TTA views) unless the eval command overrides them, with the temperature frozen in
+best.pt always applied (`score`), and reports through `report_cohorts`.
 (engine.score is the scoring pass alone; metrics.evaluate_split the metrics of one split.)
 """
 
