@@ -214,3 +214,7 @@ def test_a_calibrated_d4_run_freezes_its_temperature_and_eval_reproduces_it(
     assert np.abs(single.probs - test["prob_her2_pos"].to_numpy()).max() > 1e-4
     with pytest.raises(ConfigError, match="froze its thresholds on temperature calibrated"):
         _eval(calibrated_run, tmp_path / "c", "split=test", "evaluation.calibration=none")
+    with pytest.raises(ConfigError, match="evaluation.tta='d8' is not allowed: null"):
+        evaluation.prepare_evaluation(
+            _eval_cfg(calibrated_run, tmp_path / "d", "evaluation.tta=d8")
+        )
