@@ -507,6 +507,17 @@ class EvaluationConfig:
     decision_level: str = "tile"  # tile | slide | patient
     operating_point: str = "youden"
     gallery_max: int = ranged(32, ge=0)
+    # Final evaluation, eval and predict (per-epoch validation stays one view): none | d4, the
+    # mean HER2+ probability over the 8 rotations and flips of each patch.
+    tta: str = "none"
+    # none | temperature: one T fitted on validation by NLL, frozen in best.pt like the
+    # thresholds (which are then chosen on the calibrated probabilities) and applied downstream.
+    calibration: str = "none"
+
+
+#: evaluation.tta and evaluation.calibration (engine.tta_views, metrics.fit_temperature).
+TTA_CHOICES = ("none", "d4")
+CALIBRATION_CHOICES = ("none", "temperature")
 
 
 def validate_evaluation(e: Any) -> None:
@@ -522,6 +533,10 @@ def validate_evaluation(e: Any) -> None:
     points = ("youden", sens, f"{sens}_lcb", "p50")
     if e.operating_point not in points:
         _fail("evaluation.operating_point", e.operating_point, f"one of {', '.join(points)}")
+    if e.tta not in TTA_CHOICES:
+        _fail("evaluation.tta", e.tta, f"one of {', '.join(TTA_CHOICES)}")
+    if e.calibration not in CALIBRATION_CHOICES:
+        _fail("evaluation.calibration", e.calibration, f"one of {', '.join(CALIBRATION_CHOICES)}")
 
 
 @dataclass
@@ -597,6 +612,12 @@ def validate_combinations(cfg: Any) -> None:
                 st.name,
                 f"none or macenko with model.cache_features=true ({why}; stain normalisation "
                 "is deterministic and is applied before caching)",
+            )
+        if cfg.evaluation.tta != "none":
+            _fail(
+                "evaluation.tta",
+                cfg.evaluation.tta,
+                "none with model.cache_features=true (the cache holds one view of each patch)",
             )
 
 

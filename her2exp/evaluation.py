@@ -5,7 +5,8 @@ reports and MLflow entries. The end-of-training test evaluation and `her2exp-eva
 so a run's test table and a later re-evaluation of the same checkpoint on the same data can never
 disagree. `evaluate_cohort` is her2exp-eval's library part: it loads a trained run, scores a new
 cohort or the run's own val/test split with the run's own settings (evaluation, AMP, stain
-reference) unless the eval command overrides them, and reports through `report_cohorts`.
+reference, TTA views) unless the eval command overrides them, with the temperature frozen in
+best.pt always applied (`score`), and reports through `report_cohorts`.
 (engine.score is the scoring pass alone; metrics.evaluate_split the metrics of one split.)
 """
 
@@ -42,6 +43,9 @@ class ScoredSplit:
     probs: np.ndarray
     # uint8 (N, H, W, 3) for the error galleries: a RowView reads only the patches shown
     images: np.ndarray | RowView | None = None
+    # The model's own probabilities where `probs` are temperature-scaled (the before/after
+    # calibration report); None: `probs` are the model's own.
+    uncalibrated: np.ndarray | None = None
 
     @property
     def labels(self) -> np.ndarray:
@@ -121,12 +125,20 @@ def report_cohorts(
     header: dict[str, Any],
     seed: int,
     gallery_splits: tuple[str, ...] = ("test", "external"),
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, metrics.SplitEvaluation]:
     """Metrics at the frozen `thresholds` (keyed by level; a flat dict is the tile level) for
-    every split -> reports -> MLflow (rank 0 only). `ecfg.decision_level` is the headline."""
+    every split -> reports -> MLflow (rank 0 only). `ecfg.decision_level` is the headline.
+    `calibration`: the run's frozen one; its Brier and ECE before (`*_uncalibrated`) and after
+    are reported for every split that kept its `uncalibrated` scores."""
     levels = metrics.as_level_thresholds(thresholds)
     tile = levels["tile"]
     evaluations = {s.name: evaluate_scored(s, levels, ecfg, seed) for s in splits}
+    before = {
+        s.name: metrics.calibration(s.labels, s.uncalibrated)
+        for s in splits
+        if s.uncalibrated is not None
+    }
     galleries = {
         s.name: (s.images, s.labels, s.probs, tile[ecfg.operating_point])
         for s in splits
@@ -144,16 +156,27 @@ def report_cohorts(
             "topk": int(ecfg.topk),
         },
         "thresholds": levels,
+        "tta": ecfg.get("tta", "none"),
+        "calibration": {
+            **(calibration or {"method": "none"}),
+            "uncalibrated": {k: {"brier": c.brier, "ece": c.ece} for k, c in before.items()},
+        },
     }
     written = reports.write_clinical_report(
-        report_dir, evaluations, galleries, header, max_gallery=ecfg.gallery_max
+        report_dir, evaluations, galleries, header, max_gallery=ecfg.gallery_max, before=before
     )
     for s in splits:
         written += _write_predictions(report_dir, s, evaluations[s.name], tile)
     remove_stale_reports(report_dir, written)
     flat: dict[str, float] = {}
     for name, ev in evaluations.items():
-        flat.update(ev.as_flat_dict(f"{'final_val' if name == 'val' else name}_"))
+        prefix = f"{'final_val' if name == 'val' else name}_"
+        flat.update(ev.as_flat_dict(prefix))
+        if name in before:
+            flat[f"{prefix}brier_uncalibrated"] = before[name].brier
+            flat[f"{prefix}ece_uncalibrated"] = before[name].ece
+    if (calibration or {}).get("method") == "temperature":
+        flat["calibration_temperature"] = float(calibration["temperature"])
     for level, values in levels.items():
         infix = "" if level == "tile" else f"{level}_"
         flat.update({f"threshold_{infix}{k}_val": v for k, v in values.items()})
@@ -320,6 +343,17 @@ class TrainedRun:
     decision_level: str = "tile"  # the run's own; an eval command may choose another level
 
     @property
+    def calibration(self) -> dict[str, Any]:
+        """The calibration frozen on val (best.pt `state["calibration"]`); an old checkpoint
+        without the key was never calibrated."""
+        return dict(self.state.get("calibration") or {"method": "none"})
+
+    @property
+    def tta(self) -> str:
+        """The run's own evaluation.tta (none for a run from before TTA)."""
+        return str(OmegaConf.select(self.cfg, "evaluation.tta", default=None) or "none")
+
+    @property
     def thresholds(self) -> dict[str, float]:
         """The decision level's frozen thresholds (what predict calls and eval headlines)."""
         return level_thresholds(self, self.decision_level)
@@ -353,6 +387,28 @@ def load_run(ecfg: Any) -> TrainedRun:
         cfg, "evaluation.decision_level", default="tile"
     )
     return TrainedRun(state, source_run, cfg, levels, what, str(run_level))
+
+
+def check_frozen_scoring(run: TrainedRun, evaluation: DictConfig) -> None:
+    """The calibration is frozen with the thresholds (they apply to calibrated scores), so an
+    eval override that differs from it is refused; another TTA setting than the run's is
+    allowed but warned about (its thresholds were chosen on the run's own views)."""
+    frozen = run.calibration["method"]
+    if evaluation.calibration != frozen:
+        raise ConfigError(
+            f"evaluation.calibration={evaluation.calibration}: {run.source} froze its "
+            f"thresholds on {frozen} calibrated scores (a temperature is fitted on validation "
+            f"in training only); leave it unset (or give {frozen})"
+        )
+    if evaluation.tta != run.tta:
+        log.warning(
+            "evaluation.tta=%s: %s chose its thresholds on tta=%s scores; they are applied to "
+            "tta=%s scores here",
+            evaluation.tta,
+            run.source,
+            run.tta,
+            evaluation.tta,
+        )
 
 
 def check_frozen_aggregation(run: TrainedRun, evaluation: DictConfig) -> None:
@@ -414,11 +470,14 @@ class Scorer:
     autocast_dtype: torch.dtype | None
     stain: Any  # stain pipeline run in the loader workers, or None
     amp: str  # the trainer.amp setting used
+    tta: str = "none"  # the views scored (engine.tta_views)
+    calibration: dict[str, Any] | None = None  # frozen on val: applied to every score
 
 
-def build_scorer(run: TrainedRun, amp: str | None, seed: int) -> Scorer:
+def build_scorer(run: TrainedRun, amp: str | None, seed: int, tta: str | None = None) -> Scorer:
     """Model + engine.Preprocess as training scored: `amp` null means the run's own trainer.amp, which
-    resolves as in training (fp32 on the CPU, bf16/fp16 autocast on CUDA)."""
+    resolves as in training (fp32 on the CPU, bf16/fp16 autocast on CUDA); `tta` null the
+    run's own evaluation.tta; the run's frozen calibration always."""
     from her2exp.engine import Preprocess
     from her2exp.trainer import resolve_amp
 
@@ -436,11 +495,14 @@ def build_scorer(run: TrainedRun, amp: str | None, seed: int) -> Scorer:
         channels_last=bool(cfg.model.get("channels_last", False)),
         stain=stain.to(device) if on_device else None,  # the run's own fitted reference
     )
-    return Scorer(model, device, preprocess, dtype, None if on_device else stain, amp)
+    stain = None if on_device else stain
+    return Scorer(model, device, preprocess, dtype, stain, amp, tta or run.tta, run.calibration)
 
 
 def score(scorer: Scorer, bundle: Any, split: str | None, data_cfg: DictConfig, seed: int) -> Any:
-    """engine.score over one split of `bundle` (None: all of it), stain placed as in training."""
+    """engine.score over one split of `bundle` (None: all of it), stain placed as in training,
+    the scorer's TTA views averaged and its frozen calibration applied (`.uncalibrated` keeps
+    the model's own probabilities)."""
     from her2exp import data
     from her2exp.engine import score as score_pass
     from her2exp.stain.pipeline import StainCollate
@@ -448,7 +510,13 @@ def score(scorer: Scorer, bundle: Any, split: str | None, data_cfg: DictConfig, 
     dataset = data.make_dataset(bundle, split, data_cfg, seed)
     collate = None if scorer.stain is None else StainCollate(scorer.stain, False, dataset)
     loader = data.eval_loader(dataset, data_cfg, scorer.device, collate_fn=collate)
-    return score_pass(scorer.model, loader, scorer.preprocess, scorer.autocast_dtype)
+    scores = score_pass(
+        scorer.model, loader, scorer.preprocess, scorer.autocast_dtype, tta=scorer.tta
+    )
+    if (scorer.calibration or {}).get("method", "none") != "none":
+        scores.uncalibrated = scores.probs
+        scores.probs = metrics.apply_calibration(scores.probs, scorer.calibration)
+    return scores
 
 
 @dataclass
@@ -500,7 +568,8 @@ def score_cohort(scorer: Scorer, cohort: Cohort) -> ScoredSplit:
         rows = bundle.manifest.iloc[idx].reset_index(names="row")
     from her2exp.data import RowView
 
-    return ScoredSplit(cohort.name, rows, scores.probs, RowView(bundle.patches, idx))
+    view = RowView(bundle.patches, idx)
+    return ScoredSplit(cohort.name, rows, scores.probs, view, scores.uncalibrated)
 
 
 def prepare_evaluation(ecfg: DictConfig) -> tuple[TrainedRun, DictConfig, Cohort]:
@@ -515,6 +584,7 @@ def prepare_evaluation(ecfg: DictConfig) -> tuple[TrainedRun, DictConfig, Cohort
     run = load_run(ecfg)
     evaluation = resolve_evaluation(run.cfg.get("evaluation"), ecfg.evaluation)
     check_frozen_aggregation(run, evaluation)
+    check_frozen_scoring(run, evaluation)
     run.decision_level = evaluation.decision_level
     if evaluation.operating_point not in run.thresholds:
         raise ConfigError(
@@ -530,7 +600,7 @@ def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
     `split=val|test`); one MLflow run linked to the source run by `source_run_id`, connected
     before scoring and opened only once the scores exist."""
     run, evaluation, cohort = prepare_evaluation(ecfg)
-    scorer = build_scorer(run, ecfg.trainer.amp, ecfg.seed)
+    scorer = build_scorer(run, ecfg.trainer.amp, ecfg.seed, evaluation.tta)
     tracker = tracking.build(ecfg.tracking, True)
     split = score_cohort(scorer, cohort)
     bundle = cohort.bundle
@@ -544,6 +614,7 @@ def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
             "cohort": split.name,
             "eval_split": ecfg.split or "none",
             "amp": scorer.amp,
+            "tta": scorer.tta,
             "data_fingerprint": bundle.fingerprint,
             **tracking.git_info(),
             **tracking.environment_tags(scorer.device),
@@ -567,6 +638,7 @@ def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
             header,
             cohort.seed,
             gallery_splits=(split.name,),
+            calibration=run.calibration,
         )
         status = "FINISHED"
         return {

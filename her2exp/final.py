@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from her2exp import checkpoint, metrics, tracking
 from her2exp.builders import DataParts
+from her2exp.engine import Scores
 from her2exp.evaluation import ScoredSplit, report_cohorts
 from her2exp.trainer import Validator
 
@@ -34,24 +35,30 @@ def final_evaluation(
     summary: dict[str, Any],
     is_main: bool,
 ) -> dict[str, Any]:
-    """Score val and test with the best weights (already loaded) and report them."""
-    val = validator.score(parts.loaders["val"])
-    test = validator.score(parts.loaders["test"])
+    """Score val and test with the best weights (already loaded), with the run's TTA views
+    and calibration (fitted on val, then frozen like the thresholds, which are chosen on the
+    calibrated val scores), and report them."""
+    tta = cfg.evaluation.get("tta", "none")
+    val = validator.score(parts.loaders["val"], tta)
+    test = validator.score(parts.loaders["test"], tta)
+    calibration = fit_calibration(cfg.evaluation, val, test)
     bundle = parts.bundle
     thresholds = choose_thresholds(cfg.evaluation, bundle, val.labels, val.probs)
-    drift = youden_drift(thresholds["tile"]["youden"], threshold)
+    same_scoring = tta == "none" and calibration["method"] == "none"
+    drift = youden_drift(thresholds["tile"]["youden"], threshold, same_scoring)
     out: dict[str, Any] = {
         "thresholds": thresholds,
         "decision_level": cfg.evaluation.decision_level,
         "threshold_youden_val": thresholds["tile"]["youden"],
         "youden_threshold_drift": drift,
+        "calibration": calibration,
     }
     if not is_main:
         return out
     scored = []
     for name, s in (("val", val), ("test", test)):
         rows = bundle.manifest.iloc[bundle.indices(name)].reset_index(names="row")
-        split = ScoredSplit(name, rows, s.probs, bundle.view(name))
+        split = ScoredSplit(name, rows, s.probs, bundle.view(name), s.uncalibrated)
         if not np.array_equal(split.labels, s.labels):
             raise RuntimeError("gathered scores are not in dataset order")
         scored.append(split)
@@ -64,7 +71,14 @@ def final_evaluation(
         "test_loss": test.loss,
     }
     evs = report_cohorts(
-        scored, thresholds, cfg.evaluation, run_dir / "reports", tracker, header, cfg.seed
+        scored,
+        thresholds,
+        cfg.evaluation,
+        run_dir / "reports",
+        tracker,
+        header,
+        cfg.seed,
+        calibration=calibration,
     )
     tracker.log_metrics(
         {
@@ -76,11 +90,11 @@ def final_evaluation(
         }
     )
     best_ckpt = freeze_into_checkpoint(
-        run_dir, thresholds, parts.stain, cfg.evaluation.decision_level
+        run_dir, thresholds, parts.stain, cfg.evaluation.decision_level, calibration
     )
     log_run_files(cfg, run_dir, tracker, best_ckpt)
     if cfg.tracking.get("log_model", True):
-        log_model(cfg, model, tracker, thresholds)
+        log_model(cfg, model, tracker, thresholds, calibration)
     out.update(
         {
             "val_evaluation": evs["val"],
@@ -89,6 +103,20 @@ def final_evaluation(
         }
     )
     return out
+
+
+def fit_calibration(ecfg: DictConfig, val: Scores, test: Scores) -> dict[str, Any]:
+    """`evaluation.calibration=temperature`: one T fitted on the val probabilities (the TTA
+    mean with TTA) by NLL and applied to val and test in place, keeping the model's own in
+    `.uncalibrated` for the before/after report. Every rank fits the same T on the same
+    gathered scores. Returns what best.pt stores as `state["calibration"]`."""
+    if ecfg.get("calibration", "none") == "none":
+        return {"method": "none"}
+    t = metrics.fit_temperature(val.labels, val.probs)
+    for s in (val, test):
+        s.uncalibrated, s.probs = s.probs, metrics.apply_temperature(s.probs, t)
+    log.info("temperature scaling: T = %.4f fitted on validation by NLL", t)
+    return {"method": "temperature", "temperature": t}
 
 
 def choose_thresholds(
@@ -121,12 +149,22 @@ def choose_thresholds(
 YOUDEN_DRIFT_WARNING = 1e-9
 
 
-def youden_drift(recomputed: float, during_training: float) -> float:
+def youden_drift(recomputed: float, during_training: float, same_scoring: bool = True) -> float:
     """How far the Youden threshold of the final rescoring lies from the one the best epoch
     chose. The rescored value is the one frozen (it matches the scores reported); a drift is a
-    warning and a metric for the audit, never a finished run thrown away."""
+    warning and a metric for the audit, never a finished run thrown away. With TTA or a
+    calibration (`same_scoring` false) the final scores differ from the epoch's one view by
+    design: the difference is recorded, not warned about."""
     drift = abs(recomputed - during_training)
-    if drift > YOUDEN_DRIFT_WARNING:
+    if drift > YOUDEN_DRIFT_WARNING and not same_scoring:
+        log.info(
+            "the Youden threshold of the final scoring (evaluation.tta, evaluation.calibration) "
+            "is %.10g, the best epoch's one-view threshold %.10g; %.10g is frozen",
+            recomputed,
+            during_training,
+            recomputed,
+        )
+    elif drift > YOUDEN_DRIFT_WARNING:
         log.warning(
             "the Youden threshold of the final rescoring, %.10g, differs from the best "
             "epoch's, %.10g, by %.3g (numerical drift of the kernels); %.10g is frozen",
@@ -143,14 +181,16 @@ def freeze_into_checkpoint(
     thresholds: dict[str, dict[str, float]],
     stain: Any,
     decision_level: str = "tile",
+    calibration: dict[str, Any] | None = None,
 ) -> Path:
-    """The operating points keyed by level, the decision level (and the stain reference) go
-    into best.pt, which evaluations load."""
+    """The operating points keyed by level, the decision level, the calibration (and the
+    stain reference) go into best.pt, which evaluations load."""
     best_ckpt = run_dir / "checkpoints" / "best.pt"
     if best_ckpt.is_file():
         state = checkpoint.load(best_ckpt)
         state["thresholds"] = thresholds
         state["decision_level"] = decision_level
+        state["calibration"] = dict(calibration or {"method": "none"})
         state["stain"] = None if stain is None else stain.state_dict()
         checkpoint.save(state, best_ckpt)
     return best_ckpt
@@ -172,11 +212,14 @@ def log_model(
     model: Any,
     tracker: tracking.Tracker,
     thresholds: dict[str, dict[str, float]],
+    calibration: dict[str, Any] | None = None,
 ) -> None:
     """The MLflow model (normalised float patches in, two logits out) with its contract:
     `thresholds` are the decision level's (a server calls with those, after aggregating the
     tile scores as `aggregation` says when the level is slide or patient);
-    `thresholds_by_level` holds every level's."""
+    `thresholds_by_level` holds every level's. The thresholds apply to calibrated scores: a
+    server divides the logit difference by `calibration.temperature` first (and averages the
+    `tta` views when it is d4)."""
     size = cfg.data.image_size
     e = cfg.evaluation
     tracker.log_model(
@@ -191,6 +234,8 @@ def log_model(
                 "patient": e.patient_aggregation,
                 "topk": int(e.topk),
             },
+            "calibration": dict(calibration or {"method": "none"}),
+            "tta": e.get("tta", "none"),
             "class_names": ["HER2-", "HER2+"],
             "output": "logits; softmax column 1 is P(HER2+)",
             "image_size": size,

@@ -12,6 +12,7 @@ are still scored.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from omegaconf import OmegaConf
 from her2exp import metrics
 from her2exp.config import ConfigError
 from her2exp.data.sources import read_patch  # decoded exactly as in training
-from her2exp.engine import Preprocess
+from her2exp.engine import Preprocess, mean_probability, view_logits
 from her2exp.evaluation import (
     TrainedRun,
     level_table,
@@ -35,6 +36,8 @@ from her2exp.evaluation import (
     run_stain,
 )
 from her2exp.fileio import safe_name
+
+log = logging.getLogger("her2exp")
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
@@ -93,7 +96,7 @@ def predict_folder(opts: Any) -> Predictions:
             "tiles can be grouped into slides and patients"
         )
     cfg = run.cfg
-    model, stain, preprocess = _scorer(run)
+    scoring = _scorer(run, opts.get("tta"))
 
     rows, errors = [], []
     for start in range(0, len(files), opts.batch_size):
@@ -107,7 +110,7 @@ def predict_folder(opts: Any) -> Predictions:
         if not batch:
             continue
         x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
-        for path, p in zip(paths, _probs(model, stain, preprocess, x), strict=True):
+        for path, p in zip(paths, _probs(scoring, x), strict=True):
             rows.append({"path": str(path), "prob_her2_pos": p})
     tiles = pd.DataFrame(rows, columns=["path", "prob_her2_pos"])
     return call(run, level, thresholds, tiles, groups, errors)
@@ -148,21 +151,40 @@ def call(
     return Predictions(tiles, errors, level, table)
 
 
-def _scorer(run: TrainedRun) -> tuple[Any, Any, Preprocess]:
-    """The run's model, stain pipeline (here on the CPU) and input path (stain, then
-    mean/std): the one input path of training and evaluation."""
+@dataclass(frozen=True)
+class Scoring:
+    """How predict scores a batch: the run's model, stain pipeline (here on the CPU), input
+    path (stain, then mean/std), TTA views and frozen calibration, as evaluation scores."""
+
+    model: Any
+    stain: Any
+    preprocess: Preprocess
+    tta: str = "none"
+    calibration: dict[str, Any] | None = None
+
+
+def _scorer(run: TrainedRun, tta: str | None = None) -> Scoring:
+    """The run's Scoring; `tta` null: the run's own evaluation.tta (its thresholds were chosen
+    on those views)."""
     stain = run_stain(run, 0)  # refused when a Macenko run lost its fitted reference
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(run, device)
     model.eval()
-    return model, stain, Preprocess(device, tuple(run.cfg.data.mean), tuple(run.cfg.data.std))
+    preprocess = Preprocess(device, tuple(run.cfg.data.mean), tuple(run.cfg.data.std))
+    if tta and tta != run.tta:
+        log.warning("tta=%s: %s chose its thresholds on tta=%s scores", tta, run.source, run.tta)
+    return Scoring(model, stain, preprocess, tta or run.tta, run.calibration)
 
 
-def _probs(model: Any, stain: Any, preprocess: Preprocess, x: torch.Tensor) -> list[float]:
-    if stain is not None:
-        x = stain(x, False)
+def _probs(scoring: Scoring, x: torch.Tensor) -> list[float]:
+    """P(HER2+) of a uint8 batch: the mean over the TTA views (engine.view_logits, the loop
+    eval shares), then the run's calibration (the thresholds apply to calibrated scores)."""
+    if scoring.stain is not None:
+        x = scoring.stain(x, False)
     with torch.no_grad():
-        return torch.softmax(model(preprocess(x)).float(), 1)[:, 1].cpu().tolist()
+        logits = view_logits(scoring.model, scoring.preprocess(x), scoring.tta)
+        probs = mean_probability(logits).cpu().numpy().astype(np.float64)
+    return metrics.apply_calibration(probs, scoring.calibration).tolist()
 
 
 def predict_slides(opts: Any, heatmap_dir: Path) -> Predictions:
@@ -192,10 +214,10 @@ def predict_slides(opts: Any, heatmap_dir: Path) -> Predictions:
         batch_size=opts.batch_size,
         num_workers=opts.num_workers,
     )
-    model, stain, preprocess = _scorer(run)
+    scoring = _scorer(run, opts.get("tta"))
     probs: list[float] = []
     for x, _, _ in loader:
-        probs += _probs(model, stain, preprocess, x)
+        probs += _probs(scoring, x)
     keep = ["slide_id", "patient_id", "label", "site", "split", "slide_path", "x", "y"]
     table = tiles[[c for c in keep if c in tiles] + ["level", "read_size"]].copy()
     table["slide_id"] = table["slide_id"].astype(str)

@@ -17,6 +17,7 @@ import numpy as np
 from her2exp.fileio import atomic_write, atomic_write_text, safe_name
 from her2exp.metrics import (
     LEVELS,
+    Calibration,
     SplitEvaluation,
     as_level_thresholds,
     choose_threshold,
@@ -196,19 +197,39 @@ def plot_confusion_matrices(path: Path, evaluation: SplitEvaluation, title: str)
     return _save(fig, path)
 
 
-def plot_reliability(path: Path, evaluations: dict[str, SplitEvaluation]) -> Path:
-    """Reliability diagram: observed HER2+ fraction vs mean predicted probability per bin."""
+def plot_reliability(
+    path: Path,
+    evaluations: dict[str, SplitEvaluation],
+    before: dict[str, Calibration] | None = None,
+) -> Path:
+    """Reliability diagram: observed HER2+ fraction vs mean predicted probability per bin;
+    with a recalibrated run, each split's curve before (`before`, dashed) and after."""
     plt = _pyplot()
+    before = before or {}
     fig, ax = plt.subplots(figsize=(5.0, 5.0), dpi=120)
     ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="perfect calibration")
-    for name, ev in evaluations.items():
+    for i, (name, ev) in enumerate(evaluations.items()):
+        colour = f"C{i}"
+        if name in before:
+            b = before[name]
+            ax.plot(
+                b.prob_pred,
+                b.prob_true,
+                "x--",
+                ms=4,
+                color=colour,
+                alpha=0.6,
+                label=f"{name} uncalibrated Brier {b.brier:.3f}, ECE {b.ece:.3f}",
+            )
         c = ev.calibration
+        after = " calibrated" if name in before else ""
         ax.plot(
             c.prob_pred,
             c.prob_true,
             "o-",
             ms=4,
-            label=f"{name} Brier {c.brier:.3f}, ECE {c.ece:.3f} ({c.n_bins} bins)",
+            color=colour,
+            label=f"{name}{after} Brier {c.brier:.3f}, ECE {c.ece:.3f} ({c.n_bins} bins)",
         )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
@@ -580,6 +601,7 @@ def _clinical_markdown(
             pairs = ", ".join(f"`{k}` = {v:.4f}" for k, v in values.items())
             lines.append(f"- {level}{mark}: {pairs}")
         lines.append("")
+    lines += _scoring_paragraph(header, evaluations)
     lines += [
         "Intervals are 95%: DeLong for AUC, Wilson for sensitivity, specificity, PPV, NPV and "
         "accuracy.",
@@ -593,6 +615,42 @@ def _clinical_markdown(
     lines += [f"- `{p.name}`" for p in figures]
     lines.append("")
     return "\n".join(lines)
+
+
+def _scoring_paragraph(
+    header: dict[str, Any], evaluations: dict[str, SplitEvaluation]
+) -> list[str]:
+    """What the scores are: TTA views and the recalibration, with Brier/ECE before and after."""
+    lines = []
+    if header.get("tta") == "d4":
+        lines += [
+            "Test-time augmentation: each patch's P(HER2+) is the mean over its 8 rotations and "
+            "flips (D4), in this evaluation and on validation where the thresholds were chosen "
+            "(per-epoch validation during training scored one view).",
+            "",
+        ]
+    cal = header.get("calibration") or {}
+    if cal.get("method") != "temperature":
+        return lines
+    lines += [
+        f"Recalibration: temperature scaling, T = {cal['temperature']:.4f}, fitted on "
+        "validation by NLL and frozen with the thresholds (which were chosen on the calibrated "
+        "validation scores). Patch AUC is unchanged by it (a monotone map); slide and patient "
+        "scores are means of calibrated tile probabilities, so those levels may move.",
+        "",
+    ]
+    shown = cal.get("uncalibrated") or {}
+    if shown:
+        lines += ["| split | Brier before | Brier after | ECE before | ECE after |"]
+        lines += ["|---|---|---|---|---|"]
+        for name, b in shown.items():
+            a = evaluations[name].calibration
+            lines.append(
+                f"| {name} | {_fmt(b['brier'], 4)} | {_fmt(a.brier, 4)} | "
+                f"{_fmt(b['ece'], 4)} | {_fmt(a.ece, 4)} |"
+            )
+        lines.append("")
+    return lines
 
 
 def _plot_galleries(
@@ -650,6 +708,7 @@ def write_clinical_report(
     galleries: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]] | None = None,
     header: dict[str, Any] | None = None,
     max_gallery: int = 32,
+    before: dict[str, Calibration] | None = None,
 ) -> list[Path]:
     """Write every figure, summary.md and best.json for one run; returns the paths written.
 
@@ -659,7 +718,9 @@ def write_clinical_report(
     and false positives (highest score first) are drawn. ``header`` is recorded verbatim (model,
     best_epoch, seed, git_commit, data_fingerprint, operating_point: the threshold name the
     checklist judges, default "youden"; decision_level: the level it judges, default "tile";
-    thresholds: those frozen, keyed by level).
+    thresholds: those frozen, keyed by level; calibration: the frozen one, with each split's
+    Brier and ECE before it). ``before[split]``: its calibration before temperature scaling,
+    drawn beside the calibrated curve.
     """
     report_dir = Path(report_dir)
     header = dict(header or {})
@@ -670,7 +731,7 @@ def write_clinical_report(
         plot_roc_ci(report_dir / "roc.png", evaluations),
         *_plot_level_rocs(report_dir, evaluations),
         plot_precision_recall(report_dir / "precision_recall.png", evaluations),
-        plot_reliability(report_dir / "reliability.png", evaluations),
+        plot_reliability(report_dir / "reliability.png", evaluations, before),
         plot_decision_curves(report_dir / "decision_curve.png", evaluations),
     ]
     for name, ev in evaluations.items():

@@ -283,11 +283,13 @@ class Validator:
         self.model, self.criterion, self.preprocess = model, criterion, preprocess
         self.autocast_dtype, self.dctx = autocast_dtype, dctx
 
-    def score(self, loader: torch.utils.data.DataLoader) -> Scores:
+    def score(self, loader: torch.utils.data.DataLoader, tta: str = "none") -> Scores:
         """BatchNorm running stats drift apart between ranks during training, so rank 0's are
-        broadcast first: every rank scores its shard with identical weights."""
+        broadcast first: every rank scores its shard with identical weights. `tta`: the views
+        (engine.tta_views); the per-epoch validation scores one, the final evaluation the
+        run's evaluation.tta."""
         distributed.broadcast_module_state(self.model)
-        local = score(self.model, loader, self.preprocess, self.autocast_dtype, self.criterion)
+        local = score(self.model, loader, self.preprocess, self.autocast_dtype, self.criterion, tta)
         if not self.dctx.is_distributed:
             return local
         loss_sum, n = distributed.all_reduce_sum([local.loss_sum, local.n], self.dctx.device)

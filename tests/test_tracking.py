@@ -107,6 +107,9 @@ def test_logged_mlflow_model_scores_a_batch(http_run, mlflow_server: str) -> Non
         "patient",
     }
     assert meta["thresholds"] == meta["thresholds_by_level"]["tile"]
+    assert (
+        meta["calibration"] == {"method": "none"} and meta["tta"] == "none"
+    )  # what a server applies
     logits = np.asarray(model.predict(np.zeros((3, 3, 32, 32), dtype=np.float32)))
     assert logits.shape == (3, 2) and np.isfinite(logits).all()
 

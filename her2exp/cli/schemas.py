@@ -20,8 +20,10 @@ from her2exp.cli.common import UserError
 from her2exp.config import (
     AGGREGATION_CHOICES,
     AMP_CHOICES,
+    CALIBRATION_CHOICES,
     LEVEL_CHOICES,
     SEED_MAX,
+    TTA_CHOICES,
     ConfigError,
     DataConfig,
     SplitConfig,
@@ -70,6 +72,8 @@ class EvaluationOverrides:
     decision_level: str | None = None
     operating_point: str | None = None
     gallery_max: int | None = ranged(None, ge=0)
+    tta: str | None = None  # none | d4; the run's thresholds were chosen on its own setting
+    calibration: str | None = None  # frozen in best.pt: only the run's own is accepted
 
 
 @dataclass
@@ -112,6 +116,8 @@ def check_eval(cfg: Any) -> None:
         "slide_aggregation": AGGREGATION_CHOICES,
         "patient_aggregation": AGGREGATION_CHOICES,
         "decision_level": LEVEL_CHOICES,
+        "tta": TTA_CHOICES,
+        "calibration": CALIBRATION_CHOICES,
     }
     for key, allowed in choices.items():
         if e[key] is not None and e[key] not in allowed:
@@ -137,6 +143,7 @@ class PredictCommand:
     # the decision level is slide or patient (then <out>.slides.csv / .patients.csv too)
     groups: str | None = None
     decision_level: str | None = None  # null: the run's own
+    tta: str | None = None  # null: the run's own evaluation.tta | none | d4 (8 views a patch)
     tracking: UriConfig = field(default_factory=UriConfig)
 
 
@@ -179,6 +186,8 @@ def check_predict(cfg: Any) -> None:
     _one_source(cfg)
     if cfg.decision_level is not None and cfg.decision_level not in LEVEL_CHOICES:
         _fail("decision_level", cfg.decision_level, f"null or {', '.join(LEVEL_CHOICES)}")
+    if cfg.tta is not None and cfg.tta not in TTA_CHOICES:
+        _fail("tta", cfg.tta, f"null (the run's own) or {', '.join(TTA_CHOICES)}")
     if cfg.groups is not None and not Path(cfg.groups).is_file():
         raise ConfigError(f"groups={cfg.groups}: no such file")
     out = predict_out(cfg)

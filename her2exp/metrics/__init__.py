@@ -16,8 +16,8 @@ to use:
 - :mod:`~her2exp.metrics.proportions`: the Wilson interval of a rate.
 - :mod:`~her2exp.metrics.operating_points`: thresholds chosen on validation (Youden, a target
   sensitivity, a target the one-sided lower bound reaches) and :class:`BinaryReport`, the rates at a frozen threshold.
-- :mod:`~her2exp.metrics.probabilities`: calibration (Brier, ECE, reliability) and decision
-  curves.
+- :mod:`~her2exp.metrics.probabilities`: calibration (Brier, ECE, reliability), temperature
+  scaling (fit on validation, apply downstream) and decision curves.
 - :mod:`~her2exp.metrics.levels`: tile scores aggregated per slide and patient (mean, max,
   topk_mean), operating points chosen at each level, thresholds keyed by level.
 - :mod:`~her2exp.metrics.evaluation`: :func:`evaluate_split`, the single entry point the
@@ -62,7 +62,16 @@ from her2exp.metrics.operating_points import (
     threshold_for_sensitivity_lcb,
     youden_threshold,
 )
-from her2exp.metrics.probabilities import Calibration, DecisionCurve, calibration, decision_curve
+from her2exp.metrics.probabilities import (
+    Calibration,
+    DecisionCurve,
+    apply_calibration,
+    apply_temperature,
+    calibration,
+    decision_curve,
+    fit_temperature,
+    temperature_nll,
+)
 from her2exp.metrics.proportions import wilson_interval
 from her2exp.metrics.ranking import (
     AucCI,
@@ -93,6 +102,8 @@ __all__ = [
     "SplitEvaluation",
     "aggregate_by_group",
     "aggregate_by_patient",
+    "apply_calibration",
+    "apply_temperature",
     "as_level_thresholds",
     "at_threshold",
     "auc",
@@ -105,6 +116,7 @@ __all__ = [
     "evaluate_split",
     "lcb_name",
     "level_groups",
+    "fit_temperature",
     "level_scores",
     "misclassified",
     "operating_points",
@@ -114,6 +126,7 @@ __all__ = [
     "promise",
     "roc_with_band",
     "sensitivity_lcb",
+    "temperature_nll",
     "threshold_for_sensitivity",
     "threshold_for_sensitivity_lcb",
     "to_jsonable",

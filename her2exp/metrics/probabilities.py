@@ -1,5 +1,6 @@
 """Metrics of the HER2+ probabilities themselves, not only of their ranking: calibration (Brier
-score, expected calibration error, reliability curve) and decision-curve analysis.
+score, expected calibration error, reliability curve), temperature scaling (fitted on validation
+by NLL, applied downstream) and decision-curve analysis.
 
 Unlike AUC these change under a monotone transform of the scores, so both need probabilities in
 [0, 1] (softmax or sigmoid outputs, not logits) and a non-empty split; anything else raises
@@ -9,15 +10,31 @@ shadowed by the :func:`calibration` function the package re-exports.)
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import expit, logit
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import brier_score_loss
 
 from her2exp.metrics._validation import check_probabilities, check_scores
 
-__all__ = ["Calibration", "DecisionCurve", "calibration", "decision_curve"]
+__all__ = [
+    "Calibration",
+    "DecisionCurve",
+    "apply_calibration",
+    "apply_temperature",
+    "calibration",
+    "decision_curve",
+    "fit_temperature",
+    "temperature_nll",
+]
+
+log = logging.getLogger("her2exp")
 
 
 @dataclass(frozen=True)
@@ -63,6 +80,71 @@ def calibration(labels: np.ndarray, scores: np.ndarray, n_bins: int = 10) -> Cal
     ece = float(np.sum(count / labels.size * np.abs(prob_true - prob_pred)))
     brier = float(brier_score_loss(labels, scores, pos_label=1))
     return Calibration(brier, ece, n_bins, edges, prob_true, prob_pred, count)
+
+
+#: The temperatures fit_temperature searches (log-uniformly between them): far beyond any a
+#: trained network needs, and bounded so that a degenerate validation split cannot run away.
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+#: |logit| of the fit's scores is capped here: a float32 softmax says nothing beyond ~16.6
+#: (1 - p rounds to 0), and an infinite logit on the wrong side would make every T's NLL infinite.
+_LOGIT_CAP = 16.6
+
+
+def temperature_nll(labels: np.ndarray, scores: np.ndarray, temperature: float) -> float:
+    """Mean binary NLL of sigmoid(logit(p) / T): log(1 + exp(-(2y - 1) z / T)), stable."""
+    labels, scores = check_scores(labels, scores)
+    check_probabilities(scores, "temperature scaling")
+    z = np.clip(logit(scores), -_LOGIT_CAP, _LOGIT_CAP)
+    sign = 2.0 * labels - 1.0
+    return float(np.mean(np.logaddexp(0.0, -sign * z / temperature)))
+
+
+def fit_temperature(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The temperature T minimising the validation NLL of p_T = sigmoid(logit(p) / T).
+
+    For a 2-class softmax, logit(P(HER2+)) is the difference of the two logits, so this is
+    exactly temperature scaling of the logits (Guo et al. 2017, ICML, "On calibration of modern
+    neural networks"). One parameter, monotone: AUC and the ranking are unchanged. Searched on
+    log T (bounded Brent, scipy's minimize_scalar); T = 1 is kept when nothing beats it. A
+    split with one class cannot inform a calibration: T = 1 with a warning.
+    """
+    labels, scores = check_scores(labels, scores)
+    check_probabilities(scores, "temperature scaling")
+    if labels.size == 0:
+        raise ValueError("temperature scaling of an empty split is undefined")
+    if np.unique(labels).size < 2:
+        log.warning("validation holds one class only: no temperature fitted (T = 1)")
+        return 1.0
+    lo, hi = (math.log(b) for b in TEMPERATURE_BOUNDS)
+    found = minimize_scalar(
+        lambda s: temperature_nll(labels, scores, math.exp(s)),
+        bounds=(lo, hi),
+        method="bounded",
+        options={"xatol": 1e-6},
+    )
+    t = float(math.exp(found.x))
+    return t if temperature_nll(labels, scores, t) < temperature_nll(labels, scores, 1.0) else 1.0
+
+
+def apply_temperature(scores: np.ndarray, temperature: float) -> np.ndarray:
+    """sigmoid(logit(p) / T), strictly monotone (0 and 1 stay 0 and 1: nothing is clipped, so
+    no two scores become tied and the patch AUC is exactly unchanged)."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive number; got {temperature}")
+    scores = np.asarray(scores, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return expit(logit(scores) / temperature)
+
+
+def apply_calibration(scores: np.ndarray, frozen: dict[str, Any] | None) -> np.ndarray:
+    """A run's frozen calibration (best.pt `state["calibration"]`) applied to its scores;
+    None or {"method": "none"} (and a checkpoint from before the key) leaves them as they are."""
+    method = (frozen or {}).get("method", "none")
+    if method == "none":
+        return np.asarray(scores, dtype=np.float64)
+    if method == "temperature":
+        return apply_temperature(scores, float(frozen["temperature"]))
+    raise ValueError(f"calibration method {method!r}: none or temperature")
 
 
 @dataclass(frozen=True)
