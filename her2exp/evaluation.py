@@ -46,6 +46,7 @@ class ScoredSplit:
     # The model's own probabilities where `probs` are temperature-scaled (the before/after
     # calibration report); None: `probs` are the model's own.
     uncalibrated: np.ndarray | None = None
+    member_sd: np.ndarray | None = None  # an ensemble's per-patch sd across its members
 
     @property
     def labels(self) -> np.ndarray:
@@ -103,6 +104,8 @@ def _write_predictions(
     """predictions_<split>.csv (tiles) and predictions_{slides,patients}_<split>.csv."""
     rows = s.rows.copy()
     rows["prob_her2_pos"] = s.probs
+    if s.member_sd is not None:
+        rows["member_sd"] = s.member_sd
     for name, t in tile.items():
         rows[f"called_her2_pos_{name}"] = (s.probs >= t).astype(int)
     name = safe_name(s.name)
@@ -126,11 +129,13 @@ def report_cohorts(
     seed: int,
     gallery_splits: tuple[str, ...] = ("test", "external"),
     calibration: dict[str, Any] | None = None,
+    extra_reports: list[Path] | None = None,
 ) -> dict[str, metrics.SplitEvaluation]:
     """Metrics at the frozen `thresholds` (keyed by level; a flat dict is the tile level) for
     every split -> reports -> MLflow (rank 0 only). `ecfg.decision_level` is the headline.
     `calibration`: the run's frozen one; its Brier and ECE before (`*_uncalibrated`) and after
-    are reported for every split that kept its `uncalibrated` scores."""
+    are reported for every split that kept its `uncalibrated` scores. `extra_reports`: files
+    the caller wrote into `report_dir` (kept, uploaded with the rest)."""
     levels = metrics.as_level_thresholds(thresholds)
     tile = levels["tile"]
     evaluations = {s.name: evaluate_scored(s, levels, ecfg, seed) for s in splits}
@@ -167,6 +172,7 @@ def report_cohorts(
     )
     for s in splits:
         written += _write_predictions(report_dir, s, evaluations[s.name], tile)
+    written += list(extra_reports or [])
     remove_stale_reports(report_dir, written)
     flat: dict[str, float] = {}
     for name, ev in evaluations.items():
@@ -193,6 +199,7 @@ PER_SPLIT_REPORTS = (
     "roc_*.png",
     "false_negatives_*.png",
     "false_positives_*.png",
+    "most_uncertain_*.png",
 )
 
 
@@ -273,6 +280,8 @@ def one_line(message: str, shown: int = 5) -> str:
 
 def describe_source(source: Any) -> str:
     """How the command line named the trained run, for messages."""
+    if source.get("sweep_run_id"):
+        return f"sweep_run_id={source.sweep_run_id!r}"
     return f"checkpoint={source.checkpoint}" if source.checkpoint else f"run_id={source.run_id!r}"
 
 
@@ -310,8 +319,9 @@ def _download_best(run_id: str, uri: str) -> dict[str, Any]:
 
 def load_source(source: Any) -> tuple[dict[str, Any], str | None]:
     """best.pt of a run (`run_id` in `tracking.uri`) or a `checkpoint` path: (state, run id)."""
-    if bool(source.run_id) == bool(source.checkpoint):
-        raise ConfigError("give exactly one of run_id=<MLflow run id> or checkpoint=<best.pt path>")
+    from her2exp.cli.schemas import check_one_source
+
+    check_one_source(source)
     if source.checkpoint:
         if not Path(source.checkpoint).is_file():
             raise ConfigError(f"checkpoint={source.checkpoint}: no such file")
@@ -598,7 +608,14 @@ def prepare_evaluation(ecfg: DictConfig) -> tuple[TrainedRun, DictConfig, Cohort
 def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
     """Score a trained run at its frozen thresholds (a new cohort, or its own split with
     `split=val|test`); one MLflow run linked to the source run by `source_run_id`, connected
-    before scoring and opened only once the scores exist."""
+    before scoring and opened only once the scores exist. `sweep_run_id`: the sweep's members
+    as one ensemble (her2exp/ensemble.py)."""
+    if ecfg.get("sweep_run_id"):
+        from her2exp.cli.schemas import check_eval
+        from her2exp.ensemble import evaluate_sweep
+
+        check_eval(ecfg)
+        return evaluate_sweep(ecfg)
     run, evaluation, cohort = prepare_evaluation(ecfg)
     scorer = build_scorer(run, ecfg.trainer.amp, ecfg.seed, evaluation.tta)
     tracker = tracking.build(ecfg.tracking, True)

@@ -84,7 +84,7 @@ def predict_folder(opts: Any) -> Predictions:
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ConfigError(f"input={root} holds no {', '.join(sorted(IMAGE_SUFFIXES))} files")
-    run = load_run(opts)  # refused without the thresholds frozen on val: no fallback of ours
+    run, members = load_runs(opts)  # refused without frozen thresholds: no fallback of ours
     level = opts.get("decision_level") or run.decision_level
     thresholds = level_thresholds(run, level)  # refused when the run never froze this level
     groups = None
@@ -96,7 +96,7 @@ def predict_folder(opts: Any) -> Predictions:
             "tiles can be grouped into slides and patients"
         )
     cfg = run.cfg
-    scoring = _scorer(run, opts.get("tta"))
+    scorers = [_scorer(m, opts.get("tta")) for m in members]
 
     rows, errors = [], []
     for start in range(0, len(files), opts.batch_size):
@@ -110,9 +110,11 @@ def predict_folder(opts: Any) -> Predictions:
         if not batch:
             continue
         x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
-        for path, p in zip(paths, _probs(scoring, x), strict=True):
-            rows.append({"path": str(path), "prob_her2_pos": p})
-    tiles = pd.DataFrame(rows, columns=["path", "prob_her2_pos"])
+        mean, sd = _member_probs(scorers, x)
+        for path, p, d in zip(paths, mean, sd, strict=True):
+            rows.append({"path": str(path), "prob_her2_pos": p, "member_sd": d})
+    columns = ["path", "prob_her2_pos", *(["member_sd"] if opts.get("sweep_run_id") else [])]
+    tiles = pd.DataFrame(rows, columns=["path", "prob_her2_pos", "member_sd"])[columns]
     return call(run, level, thresholds, tiles, groups, errors)
 
 
@@ -176,6 +178,26 @@ def _scorer(run: TrainedRun, tta: str | None = None) -> Scoring:
     return Scoring(model, stain, preprocess, tta or run.tta, run.calibration)
 
 
+def load_runs(opts: Any) -> tuple[TrainedRun, list[TrainedRun]]:
+    """(the run whose thresholds call the tiles, the runs that score them): one run, or with
+    `sweep_run_id` the ensemble (her2exp/ensemble.py) and its members."""
+    if not opts.get("sweep_run_id"):
+        run = load_run(opts)
+        return run, [run]
+    from her2exp.ensemble import load_ensemble
+
+    ens = load_ensemble(opts.sweep_run_id, opts.tracking.uri)
+    return ens.run, ens.members
+
+
+def _member_probs(scorers: list[Scoring], x: torch.Tensor) -> tuple[Any, Any]:
+    """(mean, sd) over the members' probabilities of one batch (one member: its own, sd 0)."""
+    from her2exp.ensemble import member_stats
+
+    mean, sd = member_stats([np.asarray(_probs(s, x)) for s in scorers])
+    return mean.tolist(), sd.tolist()
+
+
 def _probs(scoring: Scoring, x: torch.Tensor) -> list[float]:
     """P(HER2+) of a uint8 batch: the mean over the TTA views (engine.view_logits, the loop
     eval shares), then the run's calibration (the thresholds apply to calibrated scores)."""
@@ -198,7 +220,7 @@ def predict_slides(opts: Any, heatmap_dir: Path) -> Predictions:
     from her2exp.slides import dataset
 
     path = Path(opts.input)
-    run = load_run(opts)
+    run, members = load_runs(opts)
     level = opts.get("decision_level") or run.decision_level
     thresholds = level_thresholds(run, level)  # refused when the run never froze this level
     tiles = dataset.read_tiles(path, labelled=False)
@@ -214,15 +236,20 @@ def predict_slides(opts: Any, heatmap_dir: Path) -> Predictions:
         batch_size=opts.batch_size,
         num_workers=opts.num_workers,
     )
-    scoring = _scorer(run, opts.get("tta"))
+    scorers = [_scorer(m, opts.get("tta")) for m in members]
     probs: list[float] = []
+    sds: list[float] = []
     for x, _, _ in loader:
-        probs += _probs(scoring, x)
+        mean, sd = _member_probs(scorers, x)
+        probs += mean
+        sds += sd
     keep = ["slide_id", "patient_id", "label", "site", "split", "slide_path", "x", "y"]
     table = tiles[[c for c in keep if c in tiles] + ["level", "read_size"]].copy()
     table["slide_id"] = table["slide_id"].astype(str)
     table["patient_id"] = table["patient_id"].astype(str)
     table["prob_her2_pos"] = probs
+    if opts.get("sweep_run_id"):
+        table["member_sd"] = sds
     result = call(run, level, thresholds, table, None, errors)
     _heatmaps(run, result.tiles.assign(reader=tiles["reader"]), heatmap_dir, mpp)
     return result

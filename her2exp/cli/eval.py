@@ -3,6 +3,7 @@
     her2exp-eval run_id=<MLflow run id> 'data.sites=[external]'     # a new cohort
     her2exp-eval checkpoint=.../best.pt data=folder data.root=/path/site2
     her2exp-eval run_id=<MLflow run id> split=test                  # the run's own test split
+    her2exp-eval sweep_run_id=<sweep parent run id> 'data.sites=[external]'   # an ensemble
 
 The run's evaluation settings (decision level, operating point, aggregations, bootstrap, ...) and its
 trainer.amp stand unless given here (`evaluation.n_boot=2000`, `trainer.amp=off`).
@@ -28,7 +29,11 @@ def main(cfg: DictConfig) -> float:
     out = evaluate_cohort(cfg)
     ev = out["evaluation"]
     s = out["settings"]
-    title = f"{out['cohort']} (frozen thresholds from the training run)"
+    ens = out.get("ensemble")
+    source = (
+        f"the ensemble's: {ens.chosen_on}" if ens else "frozen thresholds from the training run"
+    )
+    title = f"{out['cohort']} ({source})"
     print(format_table(ev, title, s.decision_level))
     print(
         f"her2exp: decision level {s.decision_level}, operating point {s.operating_point}, "

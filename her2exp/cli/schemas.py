@@ -51,10 +51,25 @@ class UriConfig:
     uri: str | None = DEFAULT_URI
 
 
+#: The keys that name what a command evaluates or predicts with: exactly one is given.
+SOURCES = ("run_id", "checkpoint", "sweep_run_id")
+
+
+def check_one_source(source: Any) -> None:
+    """Exactly one of run_id / checkpoint / sweep_run_id (a command without sweep_run_id, or a
+    member's own load, has that key absent)."""
+    given = [k for k in SOURCES if source.get(k)]
+    if len(given) != 1:
+        got = f" (got {' and '.join(given)})" if given else ""
+        raise ConfigError(
+            "give exactly one of run_id=<MLflow run id>, checkpoint=<best.pt path> or "
+            f"sweep_run_id=<MLflow run id of a sweep's parent>{got}"
+        )
+
+
 def _one_source(cfg: Any) -> None:
-    """Exactly one of run_id / checkpoint, and the checkpoint must exist."""
-    if bool(cfg.run_id) == bool(cfg.checkpoint):
-        raise ConfigError("give exactly one of run_id=<MLflow run id> or checkpoint=<best.pt path>")
+    """Exactly one of run_id / checkpoint / sweep_run_id, and the checkpoint must exist."""
+    check_one_source(cfg)
     if cfg.checkpoint and not Path(cfg.checkpoint).is_file():
         raise ConfigError(f"checkpoint={cfg.checkpoint}: no such file")
 
@@ -90,6 +105,7 @@ class EvalCommand:
 
     run_id: str | None = None
     checkpoint: str | None = None
+    sweep_run_id: str | None = None  # a sweep's parent run: its finished children as an ensemble
     split: str | None = None  # null: the cohort `data` describes | val | test: the run's own
     cohort_name: str | None = None  # null: "external", or the split's name
     # A different seed from training (42) for a new cohort: new patients, not re-rendered ones.
@@ -131,6 +147,7 @@ class PredictCommand:
 
     checkpoint: str | None = None
     run_id: str | None = None
+    sweep_run_id: str | None = None  # a sweep's parent run: its finished children as an ensemble
     input: str | None = None  # a folder of patches (searched recursively), or a tiles.parquet
     out: str = "predictions.csv"
     # Slides (input= a tile manifest of her2exp-tile): one PNG per slide; null: <out>_heatmaps/.
