@@ -121,9 +121,9 @@ def ensemble_thresholds(
     )
 
 
-def _children(parent_run_id: str, uri: str) -> list[Any]:
-    """The parent's FINISHED child runs in job order; an unknown parent, or one without a
-    finished child, is refused in one line."""
+def _children(parent_run_id: str, uri: str) -> tuple[Any, list[Any]]:
+    """(an MLflow client, the parent's FINISHED child runs in job order); an unknown parent,
+    or one without a finished child, is refused in one line."""
     import mlflow
 
     resolved = tracking.require_store(uri, lookup=True)
@@ -141,7 +141,8 @@ def _children(parent_run_id: str, uri: str) -> list[Any]:
             f"sweep_run_id={parent_run_id!r}: no FINISHED child run in {uri} ({len(runs)} "
             "child runs in all): not a sweep's parent run, or none of its jobs finished"
         )
-    return sorted(done, key=lambda r: (int(r.data.tags.get("sweep.job_num", 0)), r.info.run_id))
+    order = sorted(done, key=lambda r: (int(r.data.tags.get("sweep.job_num", 0)), r.info.run_id))
+    return client, order
 
 
 def _member(child_id: str, parent_run_id: str, uri: str) -> TrainedRun:
@@ -155,16 +156,19 @@ def _member(child_id: str, parent_run_id: str, uri: str) -> TrainedRun:
     return run
 
 
-def _table(child_id: str, artifact: str, parent_run_id: str, uri: str) -> pd.DataFrame:
+def _table(client: Any, child_id: str, artifact: str, parent_run_id: str) -> pd.DataFrame:
     """A child's predictions table (the artifact `artifact`), a missing one naming the member."""
+    import mlflow
+
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory(prefix="her2exp-ensemble-") as tmp:
         try:
-            _, local = tracking.download_from_run(
-                uri, child_id, artifact, tmp, "trained before runs logged their predictions"
-            )
-        except ConfigError as exc:
-            raise ConfigError(f"sweep_run_id={parent_run_id!r}: member {exc}") from exc
+            local = client.download_artifacts(child_id, artifact, tmp)
+        except (mlflow.exceptions.MlflowException, OSError) as exc:
+            raise ConfigError(
+                f"sweep_run_id={parent_run_id!r}: member run_id={child_id!r} has no {artifact} "
+                "artifact (trained before runs logged their predictions)"
+            ) from exc
         return pd.read_csv(local)
 
 
@@ -197,12 +201,13 @@ def check_members(members: list[TrainedRun]) -> DictConfig:
 def load_ensemble(parent_run_id: str, uri: str, overrides: Any = None) -> Ensemble:
     """The sweep's members (checked alike) and the ensemble's thresholds, chosen per level on
     the pooled out-of-fold predictions (cv) or the mean validation probabilities (repeat)."""
-    children = _children(parent_run_id, uri)
-    members = [_member(c.info.run_id, parent_run_id, uri) for c in children]
+    client, children = _children(parent_run_id, uri)
+    ids = [c.info.run_id for c in children]
+    members = [_member(c, parent_run_id, uri) for c in ids]
     own = check_members(members)
     evaluation = resolve_evaluation(own, overrides or OmegaConf.create({}))
     kind = sweep_kind([dict(c.data.params) for c in children])
-    tables = [_table(m, TABLE[kind], parent_run_id, uri) for m in [c.info.run_id for c in children]]
+    tables = [_table(client, c, TABLE[kind], parent_run_id) for c in ids]
     levels = ensemble_thresholds(kind, tables, evaluation)
     first = members[0]
     run = TrainedRun(

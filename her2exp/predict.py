@@ -7,7 +7,8 @@ grouped by `groups=` (path, slide_id, patient_id), their scores aggregated as th
 aggregated them, the group called at that level's thresholds, and each tile row carries its
 group's call; the per-slide or per-patient table comes back beside the tiles. Files that cannot
 be decoded are listed (stderr and the `.errors.csv` beside the output) and skipped; the rest
-are still scored.
+are still scored. `sweep_run_id=`: a sweep's members as one ensemble (her2exp/ensemble.py),
+each scored through `_scorer`/`_probs`, their mean called and their sd in column `member_sd`.
 """
 
 from __future__ import annotations

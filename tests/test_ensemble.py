@@ -10,14 +10,16 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
 from conftest import SweepRun
-from her2exp import ensemble, evaluation, metrics
+from her2exp import ensemble, evaluation, metrics, predict
 from her2exp.cli.common import compose
 from her2exp.config import ConfigError
 from her2exp.data import synthetic
+from her2exp.data.sources import read_patch
 from her2exp.predict import predict_folder, predict_slides
 
 EXTERNAL = ["data.n_patients=8", "data.patches_per_patient=6", "evaluation.n_boot=0"]
@@ -106,12 +108,16 @@ def test_the_ensemble_is_the_mean_of_its_members_scored_one_by_one(
     ens = sweep_eval["ensemble"]
     assert sorted(ens.member_ids) == sorted(cv_sweep.child_run_ids)
     got = pd.read_csv(Path(sweep_eval["report_dir"]) / "predictions_external.csv")
+    cfg = eval_cfg([f"tracking.uri={cv_sweep.uri}"], tmp_path)
     alone = []
-    for i, child in enumerate(ens.member_ids):
-        cfg = eval_cfg([f"run_id={child}", f"tracking.uri={cv_sweep.uri}"], tmp_path / str(i))
-        out = evaluation.evaluate_cohort(cfg)
-        alone.append(pd.read_csv(Path(out["report_dir"]) / "predictions_external.csv"))
-    probs = np.stack([a["prob_her2_pos"].to_numpy() for a in alone])
+    for child in cv_sweep.child_run_ids:  # each loaded and scored on its own, as run_id= does
+        with open_dict(cfg):
+            cfg.run_id = child
+        run = evaluation.load_run(cfg)
+        scorer = evaluation.build_scorer(run, None, cfg.seed)
+        alone.append(evaluation.score_cohort(scorer, evaluation.load_cohort(cfg, run)).probs)
+    order = [cv_sweep.child_run_ids.index(m) for m in ens.member_ids]
+    probs = np.stack(alone)[order]
     assert len(got) == probs.shape[1] and probs.shape[0] == len(cv_sweep.child_run_ids) >= 2
     np.testing.assert_allclose(got["prob_her2_pos"], probs.mean(0), rtol=0, atol=1e-6)
     np.testing.assert_allclose(got["member_sd"], probs.std(0), rtol=0, atol=1e-6)
@@ -209,15 +215,15 @@ def test_predict_with_sweep_run_id_scores_folders_and_tiles_with_the_members_mea
         Image.fromarray(img).save(folder / f"p{i}.png")
     sweep = [f"sweep_run_id={cv_sweep.parent_run_id}"]
     got = predict_folder(predict_cfg([*sweep, f"input={folder}"], cv_sweep.uri)).tiles
-    alone = [
-        predict_folder(predict_cfg([f"run_id={c}", f"input={folder}"], cv_sweep.uri)).tiles
-        for c in sweep_eval["ensemble"].member_ids
-    ]
-    probs = np.stack([a["prob_her2_pos"].to_numpy() for a in alone])
+    ens = sweep_eval["ensemble"]  # the same members, loaded by the eval: scored one by one
+    size = ens.run.cfg.data.image_size
+    x = torch.stack([torch.from_numpy(read_patch(p, size)) for p in got["path"]]).permute(
+        0, 3, 1, 2
+    )
+    probs = np.stack([predict._probs(*predict._scorer(m), x.contiguous()) for m in ens.members])
     np.testing.assert_allclose(got["prob_her2_pos"], probs.mean(0), rtol=0, atol=1e-6)
     np.testing.assert_allclose(got["member_sd"], probs.std(0), rtol=0, atol=1e-6)
-    assert "member_sd" not in alone[0]
-    for name, t in sweep_eval["ensemble"].run.levels["tile"].items():
+    for name, t in ens.run.levels["tile"].items():
         assert np.array_equal(got[f"called_her2_pos_{name}"], got["prob_her2_pos"] >= t)
     _, _, tiles = tiled_slides
     opts = predict_cfg([*sweep, f"input={tiles / 'tiles.parquet'}"], cv_sweep.uri)

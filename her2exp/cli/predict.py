@@ -5,12 +5,15 @@
     her2exp-predict run_id=<id> input=DIR/tiles.parquet out=preds.csv   # slides: + heatmaps
 
     her2exp-predict run_id=<id> input=/path/tiles groups=tiles.csv   # decision level slide/patient
+    her2exp-predict sweep_run_id=<sweep parent run id> input=/path/patches  # an ensemble
 
 With a run whose decision level is slide or patient (or decision_level=...), `groups=` (a CSV:
 path, slide_id, patient_id) groups the tiles; the per-slide or per-patient table is written
 beside `out` (<out>.slides.csv, <out>.patients.csv). Files that cannot be decoded are listed
 (stderr and `<out>.errors.csv`) and skipped; without any, an `<out>.errors.csv` left by an
-earlier run is removed, so the two files always agree. An existing `out` table is replaced only
+earlier run is removed, so the two files always agree. With `sweep_run_id=` the sweep's finished
+children score as one ensemble (their mean, at the ensemble's thresholds; column `member_sd`: the
+sd across members). An existing `out` table is replaced only
 with `overwrite=true`.
 """
 
