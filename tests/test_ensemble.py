@@ -138,6 +138,11 @@ def test_the_ensemble_thresholds_come_from_the_members_own_tables(
         pd.read_csv(cv_sweep.sweep_dir / job[m] / ensemble.TABLE[ens.kind]) for m in ens.member_ids
     ]
     assert ens.run.levels == ensemble.ensemble_thresholds(ens.kind, tables, sweep_eval["settings"])
+    assert ens.kind == "cv"  # the session's sweep is 3-fold CV: pooled out-of-fold predictions
+    oof = pd.read_csv(cv_sweep.sweep_dir / "cv" / "oof_predictions.csv")  # the parent's own
+    again = ensemble.ensemble_thresholds("cv", [oof], sweep_eval["settings"])
+    for level, values in ens.run.levels.items():
+        assert values == pytest.approx(again[level], abs=1e-12)
     summary = (Path(sweep_eval["report_dir"]) / "summary.md").read_text()
     k = len(cv_sweep.child_run_ids)
     assert ensemble.CHOSEN_ON[ens.kind].format(k=k) in summary
