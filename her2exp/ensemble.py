@@ -118,6 +118,7 @@ def ensemble_thresholds(
         ecfg.slide_aggregation,
         ecfg.patient_aggregation,
         ecfg.topk,
+        ecfg.get("lcb_confidence", 0.95),
     )
 
 
