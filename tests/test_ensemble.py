@@ -4,6 +4,7 @@ ensemble's thresholds on hand-built tables of both kinds of sweep."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import mlflow
@@ -230,8 +231,13 @@ def test_predict_with_sweep_run_id_scores_folders_and_tiles_with_the_members_mea
     np.testing.assert_allclose(got["member_sd"], probs.std(0), rtol=0, atol=1e-6)
     for name, t in ens.run.levels["tile"].items():
         assert np.array_equal(got[f"called_her2_pos_{name}"], got["prob_her2_pos"] >= t)
-    _, _, tiles = tiled_slides
-    opts = predict_cfg([*sweep, f"input={tiles / 'tiles.parquet'}"], cv_sweep.uri)
+    _, _, tiles = tiled_slides  # one slide of them (absolute slide paths), for time
+    manifest = pd.read_parquet(tiles / "tiles.parquet")
+    one = tmp_path / "one_slide" / "tiles.parquet"
+    one.parent.mkdir()
+    manifest[manifest["slide_id"] == manifest["slide_id"].iloc[0]].to_parquet(one)
+    shutil.copy(tiles / "tiling.json", one.parent)
+    opts = predict_cfg([*sweep, f"input={one}"], cv_sweep.uri)
     result = predict_slides(opts, tmp_path / "maps")
     assert len(result.tiles) > 0 and result.tiles["member_sd"].ge(0).all()
     assert len(list((tmp_path / "maps").glob("*.png"))) == result.tiles["slide_id"].nunique()
