@@ -29,6 +29,7 @@ from her2exp.evaluation import (
     ScoredSplit,
     TrainedRun,
     build_scorer,
+    check_frozen_scoring,
     load_cohort,
     load_run,
     report_cohorts,
@@ -242,6 +243,13 @@ def plot_most_uncertain(report_dir: Path, split: ScoredSplit, max_images: int) -
     )
 
 
+def _calibration(run: TrainedRun) -> str:
+    """A member's frozen calibration, for the report (each member applies its own)."""
+    c = run.calibration
+    t = f" T={c['temperature']:.4f}" if "temperature" in c else ""
+    return f"{run.source_run}: {c['method']}{t}"
+
+
 def evaluate_sweep(ecfg: DictConfig) -> dict[str, Any]:
     """her2exp-eval sweep_run_id=: the members' mean probability on a cohort, at the ensemble's
     thresholds, reported through report_cohorts into one MLflow eval run."""
@@ -259,9 +267,12 @@ def evaluate_sweep(ecfg: DictConfig) -> dict[str, Any]:
             f"evaluation.operating_point={evaluation.operating_point!r}: the ensemble chose "
             f"{', '.join(ens.run.thresholds)}"
         )
+    for member in ens.members:  # each member's own frozen temperature; another TTA warned
+        check_frozen_scoring(member, evaluation)
     cohort = load_cohort(ecfg, ens.members[0])  # the contract all members share
     scored = [
-        score_cohort(build_scorer(m, ecfg.trainer.amp, ecfg.seed), cohort) for m in ens.members
+        score_cohort(build_scorer(m, ecfg.trainer.amp, ecfg.seed, evaluation.tta), cohort)
+        for m in ens.members
     ]
     mean, sd = member_stats([s.probs for s in scored])
     split = ScoredSplit(scored[0].name, scored[0].rows, mean, scored[0].images, member_sd=sd)
@@ -298,6 +309,8 @@ def _report_sweep(
             "source_sweep_run_id": ens.parent_run_id,
             "ensemble_members": ", ".join(ens.member_ids),
             "ensemble_thresholds": ens.chosen_on,
+            "member_calibration": "; ".join(_calibration(m) for m in ens.members),
+            "tta": evaluation.tta,
             "git_commit": git["git_commit"],
             "data_fingerprint": cohort.bundle.fingerprint,
         }

@@ -226,7 +226,7 @@ def test_predict_with_sweep_run_id_scores_folders_and_tiles_with_the_members_mea
     x = torch.stack([torch.from_numpy(read_patch(p, size)) for p in got["path"]]).permute(
         0, 3, 1, 2
     )
-    probs = np.stack([predict._probs(*predict._scorer(m), x.contiguous()) for m in ens.members])
+    probs = np.stack([predict._probs(predict._scorer(m), x.contiguous()) for m in ens.members])
     np.testing.assert_allclose(got["prob_her2_pos"], probs.mean(0), rtol=0, atol=1e-6)
     np.testing.assert_allclose(got["member_sd"], probs.std(0), rtol=0, atol=1e-6)
     for name, t in ens.run.levels["tile"].items():
