@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, REPO, compose_train, run_cli
+from conftest import BIN, REPO, compose_train, mlflow_store, run_cli
 from her2exp import checkpoint
 from her2exp import train as train_mod
 from her2exp.config import ConfigError
@@ -138,6 +138,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "tracking.log_model=false",
     ]
     obs: dict = {"run_dir": run_dir, "uri": f"sqlite:///{cwd}/mlflow.db"}
+    mlflow_store(cwd / "mlflow.db")
 
     def mlflow_status() -> tuple[str, dict]:
         import mlflow
@@ -334,6 +335,8 @@ class MlflowServer:
 
     def start(self, timeout: float = 120) -> None:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        if not (self.root / "server.db").exists():
+            mlflow_store(self.root / "server.db")
         self.proc = subprocess.Popen(
             [
                 str(BIN / "mlflow"),
