@@ -25,7 +25,7 @@ train: $(STAMP) ## train on the embedded data (CPU, one MLflow run in ./mlflow.d
 test: $(STAMP) ## the whole test suite (what CI runs)
 	$(PY) -m pytest -q --durations=25
 
-test-slow: $(STAMP) ## long soak tests
+test-slow: $(STAMP) ## long soak tests, and tests whose claim `make test` proves elsewhere
 	$(PY) -m pytest -q -m slow
 
 $(VENV)/.bench-installed: $(STAMP)

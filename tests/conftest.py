@@ -12,9 +12,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+# One intra-op thread per process, set before torch is imported here or in any subprocess the
+# tests start (her2exp-train, torchrun, the in-process elastic launch, mlflow server): the suite
+# runs on 2 cores, often with 2 DDP workers, and PyTorch's default (one thread per core, per
+# process) oversubscribes them; the toy models gain nothing from a second thread. torchrun alone
+# already sets this for its workers. A value the caller exported is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
@@ -31,6 +38,31 @@ def compose_train(overrides: list[str] | None = None, output_dir: Path | None = 
         with open_dict(cfg):
             cfg.output_dir = str(output_dir)
     return cfg
+
+
+_STORE_TEMPLATE: list[Path] = []  # one empty MLflow SQLite store per session, made on first use
+
+
+def mlflow_store(path: Path) -> Path:
+    """Put an empty MLflow SQLite store at `path` (absent), copied from one made per session.
+
+    Why: a new store runs all of MLflow's schema migrations (5-15 s on the test machine); a copy
+    is the same database at the same schema head, as the run would have created it. Only for
+    tests whose claim is not the store's creation (those let the command create it).
+    """
+    import shutil
+    import tempfile
+
+    if not _STORE_TEMPLATE:
+        import mlflow
+
+        template = Path(tempfile.mkdtemp(prefix="her2exp-store-")) / "mlflow.db"
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+        _STORE_TEMPLATE.append(template)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert not path.exists(), f"{path} exists: mlflow_store only makes a new store"
+    shutil.copyfile(_STORE_TEMPLATE[0], path)
+    return path
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -105,6 +137,7 @@ def slides_run(tiled_slides, tmp_path_factory: pytest.TempPathFactory) -> SmokeR
     args = ["experiment=smoke", "data=slides", f"data.path={tiles / 'tiles.parquet'}"]
     args += ["data.image_size=32", "data.num_workers=0", "trainer.nproc_per_node=2"]
     args += ["trainer.epochs=1", "tracking.log_checkpoint=false"]
+    mlflow_store(cwd / "mlflow.db")
     proc = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=cwd)
     assert proc.returncode == 0, f"slides run failed:\n{proc.stdout}\n{proc.stderr}"
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("her2exp: MLflow run "))

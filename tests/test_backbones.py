@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from safetensors.torch import save_file
 
-from conftest import compose_train, run_cli
+from conftest import compose_train, mlflow_store, run_cli
 from her2exp import checkpoint, data, distributed, features, models
 from her2exp import train as train_mod
 from her2exp.config import ConfigError, validate
@@ -431,6 +431,7 @@ def test_cli_cached_probe_records_the_weights_and_evaluates(resnet_file, tmp_pat
     weights = tmp_path / "backbone.pth"
     weights.write_bytes(resnet_file.read_bytes())
     run_dir = tmp_path / "run"
+    mlflow_store(tmp_path / "mlflow.db")
     proc = run_cli(
         [
             "experiment=smoke",

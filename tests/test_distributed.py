@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import BIN, REPO, compose_train
+from conftest import BIN, REPO, compose_train, mlflow_store
 from her2exp import checkpoint
 from her2exp import train as train_mod
 
@@ -41,6 +41,7 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
     cwd = tmp_path_factory.mktemp("ddp")
+    mlflow_store(cwd / "mlflow.db")
     proc = torchrun(
         [*COMMON, "tracking.uri=sqlite:///mlflow.db"], cwd, env={"HER2EXP_TEST_SKEW_S": "1.5"}
     )
@@ -82,7 +83,11 @@ def test_one_run_dir_per_rank_logs_and_one_mlflow_run(ddp) -> None:
     assert tags["world_size"] == "2" and tags["backend"] == "gloo"
 
 
+@pytest.mark.slow
 def test_resume_under_torchrun_equals_uninterrupted(ddp, tmp_path: Path) -> None:
+    """In `make test-slow` only: test_torchrun_restarts_a_killed_worker_and_every_rank_resumes
+    proves the same (a torchrun job resumed from epoch 1's last.pt, with every rank's RNG state,
+    ends with the uninterrupted run's numbers), through torchrun's own restart."""
     _, cwd = ddp
     (ref_dir,) = run_dirs(cwd)
     import json
@@ -120,9 +125,12 @@ def test_failure_on_one_rank_ends_the_job_promptly(tmp_path: Path) -> None:
 
 
 def test_in_process_launch_multirun(tmp_path: Path) -> None:
-    """`her2exp-train -m trainer.nproc_per_node=2 ...`: two jobs, each one 2-process DDP run."""
+    """`her2exp-train -m trainer.nproc_per_node=2 ...`: two jobs, each one 2-process DDP run, the
+    children of one parent run; the jobs compile the model before and after DDP (the two orders
+    test_compile_and_ddp_in_either_order runs in `make test-slow`)."""
     import mlflow
 
+    mlflow_store(tmp_path / "mlflow.db")
     proc = subprocess.run(
         [
             str(BIN / "her2exp-train"),
@@ -132,7 +140,9 @@ def test_in_process_launch_multirun(tmp_path: Path) -> None:
             "trainer.nproc_per_node=2",
             "tracking.log_model=false",  # the MLflow model is test_tracking's; seconds per job
             "tracking.log_checkpoint=false",
-            "loss=ce,focal",
+            "model.compile=true",
+            "model.compile_backend=aot_eager",
+            "model.compile_before_ddp=true,false",
             f"hydra.sweep.dir={tmp_path / 'sweep'}",
         ],
         cwd=tmp_path,
@@ -150,13 +160,22 @@ def test_in_process_launch_multirun(tmp_path: Path) -> None:
     parents = [r for r in runs if r.data.tags.get("sweep") == "parent"]
     runs = [r for r in runs if r.data.tags.get("sweep") != "parent"]
     assert len(parents) == 1  # the sweep's parent run; the workers' runs are its children
-    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in runs)
-    assert sorted(r.data.params["loss.name"] for r in runs) == ["ce", "focal"]
+    (parent,) = parents
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in runs)
+    assert sorted(r.data.tags["sweep.job_num"] for r in runs) == ["0", "1"]
+    assert sorted(r.data.params["model.compile_before_ddp"] for r in runs) == ["False", "True"]
+    assert all("model.compile_before_ddp=" in r.data.tags["sweep.job_overrides"] for r in runs)
     assert all(r.data.tags["world_size"] == "2" for r in runs)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics["best_val_auc"] == max(r.data.metrics["best_val_auc"] for r in runs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("before", ["true", "false"])
 def test_compile_and_ddp_in_either_order(tmp_path: Path, before: str) -> None:
+    """In `make test-slow` only: test_in_process_launch_multirun's two jobs train with the model
+    compiled before and after DDP (2 workers each) and check both finish; this is the same
+    under torchrun."""
     proc = torchrun(
         [
             *COMMON,
@@ -191,6 +210,7 @@ def test_torchrun_restarts_a_killed_worker_and_every_rank_resumes(ddp, tmp_path:
     (ref_dir,) = run_dirs(cwd)
     ref = json.loads((ref_dir / "reports" / "best.json").read_text())
     run_dir, marker = tmp_path / "run", tmp_path / "pause"
+    mlflow_store(tmp_path / "mlflow.db")
     cmd = [
         str(BIN / "torchrun"),
         "--standalone",
@@ -230,3 +250,5 @@ def test_torchrun_restarts_a_killed_worker_and_every_rank_resumes(ddp, tmp_path:
     assert run.data.tags["torchelastic_restart_count"] == "1" and run.data.tags["attempts"] == "2"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_auc"))
     assert steps == [1, 2]
+    state = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    assert state["epoch"] == 2 and len(state["rng_per_rank"]) == 2  # every rank's RNG state

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, CONF, run_cli
+from conftest import BIN, CONF, mlflow_store, run_cli
 from her2exp.distributed import free_port
 from her2exp.server import PostgresUnavailable, _pg_bin, wait_http
 
@@ -167,7 +167,7 @@ def test_submitit_local_jobs_each_run_ddp(tmp_path: Path) -> None:
     count, job numbers, each child's history); concurrent jobs are the joblib tests' and several
     DDP jobs in one sweep test_distributed's in-process multirun.
     """
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = f"sqlite:///{mlflow_store(tmp_path / 'mlflow.db')}"
     proc = run_cli(["-m", "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=15",
                     "experiment=smoke", "model.name=test_convnext", "trainer.epochs=1",
                     "trainer.nproc_per_node=2", "tracking.log_model=false",
@@ -211,6 +211,7 @@ def test_slurm_launcher_config_composes_and_validates(tmp_path: Path) -> None:
 
 def test_two_torchrun_nodes_meet_through_c10d_and_train_one_model(tmp_path: Path) -> None:
     port = free_port()
+    mlflow_store(tmp_path / "mlflow.db")
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     args = [str(BIN / "torchrun"), "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
             f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=her2exp-{port}",

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import BIN, SmokeRun, run_cli
+from conftest import BIN, SmokeRun, mlflow_store, run_cli
 
 
 def _free_port() -> int:
@@ -27,6 +27,7 @@ def _free_port() -> int:
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("server")
     port = _free_port()
+    mlflow_store(root / "server.db")
     proc = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root}/server.db",
@@ -123,9 +124,15 @@ def test_unreachable_tracking_server_fails_before_training(tmp_path: Path) -> No
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_grid_sweep_is_a_parent_with_children(tmp_path: Path) -> None:
+    """In `make test-slow` only: test_distributed's test_in_process_launch_multirun checks the
+    same of a grid sweep (children's job numbers, params and overrides, the parent FINISHED with
+    the best child's val AUC, each job's best.json), and test_optuna_sweep_and_compare a sweep
+    of single-process children."""
     import mlflow
 
+    mlflow_store(tmp_path / "mlflow.db")
     proc = run_cli(["-m", "experiment=smoke", "trainer.epochs=1", "tracking.log_model=false",
                     "loss=ce,focal", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -148,6 +155,7 @@ def test_optuna_sweep_and_compare(tmp_path: Path) -> None:
     import mlflow
 
     # Two trials: enough for a best value to pick and a table to sort.
+    mlflow_store(tmp_path / "mlflow.db")
     proc = run_cli(["-m", "hydra/sweeper=her2_optuna", "hydra.sweeper.n_trials=2",
                     "experiment=smoke", "loss=focal", "trainer.epochs=1",
                     "tracking.log_model=false", "tracking.log_checkpoint=false",
