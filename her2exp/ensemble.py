@@ -21,18 +21,20 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from her2exp import metrics, reports, tracking
 from her2exp.config import ConfigError
 from her2exp.evaluation import (
+    EvalRecord,
     ScoredSplit,
     TrainedRun,
     build_scorer,
     check_frozen_scoring,
     load_cohort,
     load_run,
-    report_cohorts,
+    record_eval,
     resolve_evaluation,
     score_cohort,
 )
@@ -282,61 +284,38 @@ def evaluate_sweep(ecfg: DictConfig) -> dict[str, Any]:
 def _report_sweep(
     ecfg: DictConfig, ens: Ensemble, evaluation: DictConfig, cohort: Any, split: ScoredSplit
 ) -> dict[str, Any]:
-    """One MLflow eval run (tags source_sweep_run_id, ensemble_members), report_cohorts, the
-    uncertainty gallery and the mean member sd."""
+    """One MLflow eval run (tags source_sweep_run_id, ensemble_members) through the eval's own
+    `record_eval`, with the uncertainty gallery and the mean member sd."""
     tracker = tracking.build(ecfg.tracking, True)
-    report_dir = Path(ecfg.output_dir) / "reports"
-    status = "FAILED"
-    try:
-        git = tracking.git_info()
-        tags = {
-            "task_name": "eval",
-            "source_sweep_run_id": ens.parent_run_id,
-            "ensemble_members": ",".join(ens.member_ids),
-            "ensemble_kind": ens.kind,
-            "ensemble_thresholds": ens.chosen_on,
-            "cohort": split.name,
-            "eval_split": "none",
-            "data_fingerprint": cohort.bundle.fingerprint,
-            **git,
-        }
-        logged = ecfg.copy()
-        with open_dict(logged):  # MLflow params: ensemble.n_members, ensemble.thresholds
-            logged.ensemble = {"n_members": len(ens.members), "thresholds": ens.chosen_on}
-        tracker.start(logged, tags)
-        header = {
-            "model": ens.run.cfg.model.name,
-            "source_sweep_run_id": ens.parent_run_id,
-            "ensemble_members": ", ".join(ens.member_ids),
-            "ensemble_thresholds": ens.chosen_on,
-            "member_calibration": "; ".join(_calibration(m) for m in ens.members),
-            "tta": evaluation.tta,
-            "git_commit": git["git_commit"],
-            "data_fingerprint": cohort.bundle.fingerprint,
-        }
-        report_dir.mkdir(parents=True, exist_ok=True)
-        gallery = plot_most_uncertain(report_dir, split, evaluation.gallery_max)
-        evs = report_cohorts(
-            [split],
-            ens.run.levels,
-            evaluation,
-            report_dir,
-            tracker,
-            header,
-            cohort.seed,
-            gallery_splits=(split.name,),
-            extra_reports=[gallery],
-        )
+    tags = {
+        "task_name": "eval",
+        "source_sweep_run_id": ens.parent_run_id,
+        "ensemble_members": ",".join(ens.member_ids),
+        "ensemble_kind": ens.kind,
+        "ensemble_thresholds": ens.chosen_on,
+        "cohort": split.name,
+        "eval_split": "none",
+        "tta": evaluation.tta,
+        "data_fingerprint": cohort.bundle.fingerprint,
+    }
+    logged = ecfg.copy()
+    with open_dict(logged):  # MLflow params: ensemble.n_members, ensemble.thresholds
+        logged.ensemble = {"n_members": len(ens.members), "thresholds": ens.chosen_on}
+    header = {
+        "model": ens.run.cfg.model.name,
+        "source_sweep_run_id": ens.parent_run_id,
+        "ensemble_members": ", ".join(ens.member_ids),
+        "ensemble_thresholds": ens.chosen_on,
+        "member_calibration": "; ".join(_calibration(m) for m in ens.members),
+        "tta": evaluation.tta,
+        "data_fingerprint": cohort.bundle.fingerprint,
+    }
+
+    def gallery(report_dir: Path) -> list[Path]:
         tracker.log_metrics({f"{split.name}_member_sd_mean": float(np.mean(split.member_sd))})
-        status = "FINISHED"
-        return {
-            "evaluation": evs[split.name],
-            "cohort": split.name,
-            "settings": evaluation,
-            "mlflow_run_id": tracker.run_id,
-            "tracking_uri": tracker.uri,
-            "report_dir": str(report_dir),
-            "ensemble": ens,
-        }
-    finally:
-        tracker.end(status)
+        return [plot_most_uncertain(report_dir, split, evaluation.gallery_max)]
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    record = EvalRecord(logged, tags, header, device, gallery)
+    out = record_eval(tracker, record, split, ens.run.levels, evaluation, cohort.seed)
+    return {**out, "ensemble": ens}

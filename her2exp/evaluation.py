@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -621,41 +622,73 @@ def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
     tracker = tracking.build(ecfg.tracking, True)
     split = score_cohort(scorer, cohort)
     bundle = cohort.bundle
+    source = ecfg.checkpoint or f"runs:/{run.source_run}/checkpoints/best.pt"
+    tags = {
+        "task_name": "eval",
+        "source_run_id": run.source_run or "none",
+        "source_checkpoint": str(source),
+        "cohort": split.name,
+        "eval_split": ecfg.split or "none",
+        "amp": scorer.amp,
+        "tta": scorer.tta,
+        "data_fingerprint": bundle.fingerprint,
+    }
+    header = {
+        "model": run.cfg.model.name,
+        "source_run_id": run.source_run,
+        "seed": run.cfg.seed,
+        "data_fingerprint": bundle.fingerprint,
+        "best_epoch": run.state.get("epoch"),
+    }
+    record = EvalRecord(ecfg, tags, header, scorer.device)
+    return record_eval(tracker, record, split, run.levels, evaluation, cohort.seed, run.calibration)
+
+
+@dataclass
+class EvalRecord:
+    """What an eval's MLflow run is opened with: the config logged as params, its tags and the
+    summary.md header (git and environment tags are added by `record_eval`)."""
+
+    logged: DictConfig
+    tags: dict[str, Any]
+    header: dict[str, Any]
+    device: torch.device
+    #: Report files drawn into the report folder before report_cohorts (kept, uploaded).
+    extra_reports: Callable[[Path], list[Path]] | None = None
+
+
+def record_eval(
+    tracker: tracking.Tracker,
+    record: EvalRecord,
+    split: ScoredSplit,
+    levels: dict[str, dict[str, float]],
+    evaluation: DictConfig,
+    seed: int,
+    calibration: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One eval MLflow run, opened only once the scores exist: the audit tags, report_cohorts
+    at the frozen `levels`, FINISHED or FAILED. Shared by a run's eval and an ensemble's."""
     status = "FAILED"
     try:
-        source = ecfg.checkpoint or f"runs:/{run.source_run}/checkpoints/best.pt"
-        tags = {
-            "task_name": "eval",
-            "source_run_id": run.source_run or "none",
-            "source_checkpoint": str(source),
-            "cohort": split.name,
-            "eval_split": ecfg.split or "none",
-            "amp": scorer.amp,
-            "tta": scorer.tta,
-            "data_fingerprint": bundle.fingerprint,
-            **tracking.git_info(),
-            **tracking.environment_tags(scorer.device),
-        }
-        tracker.start(ecfg, tags)
-        header = {
-            "model": run.cfg.model.name,
-            "source_run_id": run.source_run,
-            "seed": run.cfg.seed,
-            "git_commit": tags["git_commit"],
-            "data_fingerprint": bundle.fingerprint,
-            "best_epoch": run.state.get("epoch"),
-        }
-        report_dir = Path(ecfg.output_dir) / "reports"
+        git = tracking.git_info()
+        tracker.start(
+            record.logged, {**record.tags, **git, **tracking.environment_tags(record.device)}
+        )
+        report_dir = Path(record.logged.output_dir) / "reports"
+        report_dir.mkdir(parents=True, exist_ok=True)
+        extra = record.extra_reports(report_dir) if record.extra_reports else []
+        header = {**record.header, "git_commit": git["git_commit"]}
         evs = report_cohorts(
             [split],
-            run.levels,
+            levels,
             evaluation,
             report_dir,
             tracker,
             header,
-            cohort.seed,
+            seed,
             gallery_splits=(split.name,),
-            calibration=run.calibration,
+            calibration=calibration,
+            extra_reports=extra,
         )
         status = "FINISHED"
         return {

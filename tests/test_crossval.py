@@ -304,4 +304,10 @@ def test_the_cv_parent_run_holds_the_pooled_results(cv_sweep: SweepRun) -> None:
     summary = (local / "cv_summary.md").read_text()
     assert "# her2exp cross-validation: 3 folds by patient" in summary
     assert "## Clinical Evaluation Checklist (pooled)" in summary
+    # The checklist judges the pooled out-of-fold results, not any one fold's.
+    auc_ok = "PASS" if metrics["cv_auc"] >= 0.95 else "FAIL"
+    assert f"| {auc_ok} | AUC {metrics['cv_auc']:.3f} |" in summary
+    sens = metrics["cv_sensitivity_youden"]
+    sens_ok = "PASS" if sens >= 0.90 else "FAIL"
+    assert f"| {sens_ok} | sensitivity {sens:.3f} at each fold's own `youden`" in summary
     assert (cv_sweep.sweep_dir / "cv" / "cv_summary.md").read_text() == summary
