@@ -476,9 +476,12 @@ def test_cli_cached_probe_records_the_weights_and_evaluates(resnet_file, tmp_pat
     assert state.model.cache_features is True and list(state.data.mean) == [0.5, 0.5, 0.5]
 
 
+@pytest.mark.slow
 def test_ddp_cached_probe_matches_one_process(tmp_path: Path) -> None:
     """Two gloo workers embed half of the images each, with rank 0's (random-init) backbone,
-    and train the same head as one process does."""
+    and train the same head as one process does. In `make test-slow` only:
+    test_cached_features_train_the_same_head_as_uncached proves the cached head equals the
+    uncached one and test_ddp_matches_single_process DDP's equality with one process."""
     import json
 
     args = ["model.finetune=frozen", "model.cache_features=true", "data.augment=false"]

@@ -132,9 +132,13 @@ def test_training_through_the_postgres_backed_server(
         assert cur.fetchone() == ("FINISHED",)
 
 
+@pytest.mark.slow
 def test_concurrent_joblib_jobs_log_into_the_server(
     team_server: TeamServer, tmp_path: Path
 ) -> None:
+    """In `make test-slow` only: test_two_concurrent_joblib_jobs_share_one_sqlite_store proves
+    two concurrent joblib jobs logging under one parent, and
+    test_training_through_the_postgres_backed_server a run logging through this server."""
     experiment = f"joblib-{tmp_path.name}"
     start = time.monotonic()
     proc = run_cli(["-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", *SWEEP,
