@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from her2exp import metrics, reports, tracking
+from her2exp import reports, tracking
 from her2exp.config import ConfigError
 from her2exp.evaluation import (
     EvalRecord,
@@ -37,6 +37,7 @@ from her2exp.evaluation import (
     record_eval,
     resolve_evaluation,
     score_cohort,
+    thresholds_on_rows,
 )
 from her2exp.fileio import safe_name
 
@@ -109,20 +110,7 @@ def ensemble_thresholds(
     else:
         raise ValueError(f"kind={kind!r}: cv or repeat")
 
-    def column(name: str) -> np.ndarray | None:
-        return ids[name].astype(str).to_numpy() if name in ids else None
-
-    return metrics.operating_points_by_level(
-        labels,
-        probs,
-        column("slide_id"),
-        column("patient_id"),
-        ecfg.target_sensitivity,
-        ecfg.slide_aggregation,
-        ecfg.patient_aggregation,
-        ecfg.topk,
-        ecfg.get("lcb_confidence", 0.95),
-    )
+    return thresholds_on_rows(ecfg, ids, labels, probs)
 
 
 def _children(parent_run_id: str, uri: str) -> tuple[Any, list[Any]]:

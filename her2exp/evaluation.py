@@ -58,6 +58,25 @@ def _ids(rows: pd.DataFrame, column: str) -> np.ndarray | None:
     return rows[column].astype(str).to_numpy() if column in rows else None
 
 
+def thresholds_on_rows(
+    ecfg: DictConfig, rows: pd.DataFrame, labels: np.ndarray, probs: np.ndarray
+) -> dict[str, dict[str, float]]:
+    """Operating points chosen at the tile, slide and patient level on scored `rows` (their
+    slide and patient ids group the tiles, aggregated as `ecfg` says): a run's validation split
+    (final.choose_thresholds) or an ensemble's pooled tables (ensemble.ensemble_thresholds)."""
+    return metrics.operating_points_by_level(
+        labels,
+        probs,
+        _ids(rows, "slide_id"),
+        _ids(rows, "patient_id"),
+        ecfg.target_sensitivity,
+        ecfg.slide_aggregation,
+        ecfg.patient_aggregation,
+        ecfg.topk,
+        ecfg.get("lcb_confidence", 0.95),
+    )
+
+
 def evaluate_scored(
     s: ScoredSplit, levels: dict[str, dict[str, float]], ecfg: DictConfig, seed: int
 ) -> metrics.SplitEvaluation:

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from her2exp import checkpoint, metrics, tracking
 from her2exp.builders import DataParts
 from her2exp.engine import Scores
-from her2exp.evaluation import ScoredSplit, report_cohorts
+from her2exp.evaluation import ScoredSplit, report_cohorts, thresholds_on_rows
 from her2exp.trainer import Validator
 
 log = logging.getLogger("her2exp")
@@ -128,20 +128,7 @@ def choose_thresholds(
     if not np.array_equal(rows["label"].to_numpy(), labels):
         raise RuntimeError("gathered val scores are not in dataset order")
 
-    def ids(column: str) -> np.ndarray | None:
-        return rows[column].astype(str).to_numpy() if column in rows else None
-
-    return metrics.operating_points_by_level(
-        labels,
-        probs,
-        ids("slide_id"),
-        ids("patient_id"),
-        ecfg.target_sensitivity,
-        ecfg.slide_aggregation,
-        ecfg.patient_aggregation,
-        ecfg.topk,
-        ecfg.get("lcb_confidence", 0.95),
-    )
+    return thresholds_on_rows(ecfg, rows, labels, probs)
 
 
 #: Rescoring the same weights on the same val split moves scores only by rounding: cuDNN and
