@@ -482,6 +482,50 @@ def check_tile(cfg: Any) -> None:
         raise UserError(str(exc)) from None
 
 
+# -- her2exp-export ------------------------------------------------------------------------------
+@dataclass
+class ExportCommand:
+    """`her2exp-export`: a trained run as an ONNX or TorchScript graph (uint8 patches in,
+    P(HER2+) out), checked against PyTorch and logged to the run (her2exp/export.py)."""
+
+    run_id: str | None = None
+    checkpoint: str | None = None
+    format: str = "onnx"  # onnx | torchscript
+    out: str | None = None  # null: <run dir>/export/model.onnx (model.ts)
+    overwrite: bool = False  # replace an existing export file
+    tta: str | None = None  # null: the run's own evaluation.tta, folded into the graph
+    opset: int = ranged(18, ge=13, le=23)  # ONNX opset (onnx only)
+    onnx_exporter: str = "legacy"  # legacy (TorchScript-based, fast) | dynamo (torch.export)
+    check_patches: int = ranged(256, ge=1)  # test patches the export is checked on
+    log: bool = True  # add the file, tags and metric to the run's MLflow run
+    tracking: UriConfig = field(default_factory=UriConfig)
+
+
+def check_export(cfg: Any) -> None:
+    """Values, one source, then the user's file: an existing export is replaced only with
+    overwrite=true (the default out= under the run directory is checked once the run is
+    loaded, her2exp.export.export_run)."""
+    from her2exp.export import FORMATS, ONNX_EXPORTERS
+
+    check_ranges(cfg, ExportCommand)
+    if cfg.format not in FORMATS:
+        _fail("format", cfg.format, ", ".join(FORMATS))
+    if cfg.onnx_exporter not in ONNX_EXPORTERS:
+        _fail("onnx_exporter", cfg.onnx_exporter, ", ".join(ONNX_EXPORTERS))
+    if cfg.tta is not None and cfg.tta not in TTA_CHOICES:
+        _fail("tta", cfg.tta, f"null (the run's own) or {', '.join(TTA_CHOICES)}")
+    _one_source(cfg)
+    if cfg.out is not None:
+        out = Path(cfg.out)
+        if out.is_dir():
+            raise UserError(f"out={out} is a folder: give the export's file name (model.onnx)")
+        if out.exists() and not cfg.overwrite:
+            raise UserError(
+                f"out={out} exists (an earlier export): overwrite=true to replace it, or "
+                "another out="
+            )
+
+
 SCHEMAS: dict[str, type] = {
     "eval": EvalCommand,
     "predict": PredictCommand,
@@ -492,6 +536,7 @@ SCHEMAS: dict[str, type] = {
     "sync": SyncCommand,
     "rerun": RerunCommand,
     "tile": TileCommand,
+    "export": ExportCommand,
 }
 
 
@@ -515,6 +560,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "sync": check_sync,
     "rerun": check_rerun,
     "tile": check_tile,
+    "export": check_export,
 }
 
 
