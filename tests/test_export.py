@@ -34,6 +34,7 @@ class Exports:
     onnx: Path
     torchscript: Path
     stdout: str
+    patches: torch.Tensor  # 7 of the run's test patches (ex.check_patches)
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +56,13 @@ def exports(smoke_run, tmp_path_factory) -> Exports:
             sys.stdout = stdout
     source = OmegaConf.create({"checkpoint": str(smoke_run.run_dir / "checkpoints/best.pt")})
     run = load_run(OmegaConf.merge(source, {"run_id": None, "tracking": {"uri": None}}))
-    return Exports(run, paths["onnx"], paths["torchscript"], capture.getvalue())
+    x = ex.check_patches(run, 7)
+    return Exports(run, paths["onnx"], paths["torchscript"], capture.getvalue(), x)
 
 
 def test_both_exports_match_pytorch_on_real_patches_at_any_batch(exports: Exports) -> None:
     run = exports.run
-    x = ex.check_patches(run, 7)  # the run's own test patches, preprocessed as in training
+    x = exports.patches  # the run's own test patches, preprocessed as in training
     assert x.dtype == torch.uint8 and x.shape == (7, 3, 32, 32)
     model = ex.build_graph(run).model
     ref = ex.reference_probs(run, model, x, "none")
@@ -108,7 +110,7 @@ def test_d4_views_and_a_temperature_are_folded_in_as_her2exp_scores(exports: Exp
     folded temperature the check refuses the file."""
     import copy
 
-    x = ex.check_patches(exports.run, 6)
+    x = exports.patches[:6]
     views = engine.tta_views(x, "d4")
     assert all(torch.equal(a, b) for a, b in zip(views, ex.d4_views(x), strict=True))
     run = copy.copy(exports.run)
@@ -118,34 +120,65 @@ def test_d4_views_and_a_temperature_are_folded_in_as_her2exp_scores(exports: Exp
     blob = ex.onnx_bytes(graph, x[:2], 18, "legacy", meta)
     ref = ex.reference_probs(run, graph.model, x, "d4")
     assert ex.checked(blob, "onnx", x, ref, run.source) <= 1e-4
-    unfolded = ex.ProbabilityGraph(graph.model, run.cfg.data.mean, run.cfg.data.std, "d4")
+    # Against the uncalibrated scores (the temperature not applied) the same file is refused.
+    uncalibrated = ex.reference_probs(exports.run, graph.model, x, "d4")
     with pytest.raises(ex.ExportCheckError, match=r"differs from her2exp's scoring by .*written"):
-        ex.checked(ex.torchscript_bytes(unfolded, x[:2], meta), "torchscript", x, ref, "run")
+        ex.checked(blob, "onnx", x, uncalibrated, run.source)
 
 
-def run_main(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    from her2exp.cli.export import main
-
-    monkeypatch.setattr(sys, "argv", ["her2exp-export", *argv])
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
-    with pytest.raises(SystemExit) as info:
-        main()
-    return int(info.value.code), capsys.readouterr().err
-
-
-def test_refusals_are_one_line(exports: Exports, smoke_run, tmp_path, monkeypatch, capsys) -> None:
+def test_refusals_are_one_line(exports: Exports, smoke_run, monkeypatch, capsys) -> None:
+    """Through the command's own checks (validate-only entry), and the command itself for a run
+    the store does not hold (the one-line convention: tests/test_cli.py)."""
     ckpt = smoke_run.run_dir / "checkpoints" / "best.pt"
-    store = [f"tracking.uri={smoke_run.uri}"]
     cases = [
         ([f"checkpoint={ckpt}", "format=tflite"], "format='tflite' is not allowed: onnx, "),
-        (["run_id=0123456789abcdef", *store], "run_id='0123456789abcdef' not found in"),
         (["format=onnx"], "give exactly one of run_id="),
         ([f"checkpoint={ckpt}", f"out={exports.onnx}"], "exists (an earlier export): overwrite"),
+        ([f"checkpoint={ckpt}", "opset=12"], "opset=12 is not allowed"),
     ]
     for argv, expected in cases:
-        code, err = run_main(argv, monkeypatch, capsys)
-        assert code == 2 and err.count("\n") == 1 and expected in err, (argv, err)
-        assert err.startswith("her2exp: ")
-    with pytest.raises(ConfigError, match="opset=12 is not allowed"):
-        schemas.validate_only("export", [f"checkpoint={ckpt}", "opset=12"])
-    assert not any(tmp_path.iterdir())
+        with pytest.raises(ConfigError) as info:
+            schemas.validate_only("export", argv)
+        assert expected in str(info.value) and "\n" not in str(info.value)
+    monkeypatch.setattr(
+        sys, "argv", ["her2exp-export", "run_id=0123abc", f"tracking.uri={smoke_run.uri}"]
+    )
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    from her2exp.cli.export import main
+
+    with pytest.raises(SystemExit) as code:
+        main()
+    err = capsys.readouterr().err
+    assert code.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("her2exp: ") and "run_id='0123abc' not found in" in err
+
+
+def test_the_export_bench_times_the_same_graph_in_both_runtimes(exports: Exports) -> None:
+    """Speed is `make bench`'s; here: the figures are what was measured, on agreeing outputs."""
+    from her2exp.bench import export as bench
+
+    graph = ex.build_graph(exports.run)
+    r = bench.rate(graph, 32, 2, rounds=1, min_seconds=0.01, threads=1)
+    assert (r.size, r.batch, r.threads) == (32, 2, 1)
+    assert r.max_abs_diff <= 1e-5 and r.torch_per_second > 0 and r.onnxruntime_per_second > 0
+    assert r.ratio == pytest.approx(r.onnxruntime_per_second / r.torch_per_second)
+    assert f"ratio {r.ratio:.3f}" in bench.format_line(r)
+
+
+def test_the_serve_bench_request_bodies_carry_the_patches(exports: Exports) -> None:
+    import base64
+
+    from PIL import Image
+
+    from her2exp.bench import serve
+
+    patches = exports.patches.permute(0, 2, 3, 1).numpy()[:3]  # (N, H, W, 3) as a client has
+    rows = serve.png_body(patches)["dataframe_split"]["data"]
+    decoded = [np.asarray(Image.open(io.BytesIO(base64.b64decode(r[0])))) for r in rows]
+    assert np.array_equal(np.stack(decoded), patches)
+    mean, std = list(exports.run.cfg.data.mean), list(exports.run.cfg.data.std)
+    tensor = np.asarray(serve.tensor_body(patches, mean, std)["inputs"], dtype=np.float32)
+    expected = engine.Preprocess(torch.device("cpu"), tuple(mean), tuple(std))(
+        torch.from_numpy(patches).permute(0, 3, 1, 2)
+    )
+    assert np.allclose(tensor, expected.numpy(), atol=1e-5)

@@ -8,6 +8,10 @@
   torch-staintools.
 - :mod:`her2exp.bench.slides`: one worker's tiles/s read from slides (OpenSlide, tiffslide) vs
   the same tiles from memory; `her2exp-tile`'s slides/min on a 20,000 px slide.
+- :mod:`her2exp.bench.export`: ONNX Runtime vs PyTorch CPU inference of the graph
+  `her2exp-export` writes (resnet18, random weights; 64 and 224 px, batch 1 and 32).
+- :mod:`her2exp.bench.serve`: served patches/s and p50/p95 latency under `mlflow models serve`
+  (a tiny run trained per patch size; 64 and 224 px, batch 1 and 32).
 - :mod:`her2exp.bench.gpu_check`: `make gpu-check`, the CUDA-only tests and ``--cuda``.
 
 Speed is measured here, never asserted by the tests (they check what each bench computes).
@@ -57,4 +61,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("bench: stain normalisation, 256 patches of 128 px (her2exp.bench.stain)")
     out["stain"] = stain.main([])
     out["slides"] = slides.main([])
+    from her2exp.bench import export, serve
+
+    out["export"] = export.main([])
+    out["serve"] = serve.main([])
     return out
