@@ -236,30 +236,35 @@ def torchscript_bytes(graph: nn.Module, sample: torch.Tensor, meta: dict[str, An
     return buf.getvalue()
 
 
-def run_file(blob: bytes, fmt: str, x: torch.Tensor) -> np.ndarray:
-    """P(HER2+) of the exported bytes on uint8 `x`: onnxruntime's CPU provider, or the
-    TorchScript module loaded back."""
+def loaded(blob: bytes, fmt: str) -> Any:
+    """The exported bytes as a callable on uint8 NCHW tensors returning P(HER2+) (numpy):
+    onnxruntime's CPU provider, or the TorchScript module loaded back."""
     if fmt == "onnx":
         import onnxruntime as ort
 
         session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
-        return session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-    with warnings.catch_warnings(), torch.no_grad():
+        return lambda x: session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
         module = torch.jit.load(io.BytesIO(blob), map_location="cpu")
-        return module(x).numpy()
+
+    def run(x: torch.Tensor) -> np.ndarray:
+        with torch.no_grad():
+            return module(x).numpy()
+
+    return run
 
 
 def compare(blob: bytes, fmt: str, x: torch.Tensor, reference: np.ndarray) -> float:
     """The largest |exported - reference| over `x` in one batch and its first patch alone (the
     batch axis really is dynamic); NaN anywhere counts as infinitely far."""
-    outs = [(run_file(blob, fmt, x), reference), (run_file(blob, fmt, x[:1]), reference[:1])]
+    run = loaded(blob, fmt)
     worst = 0.0
-    for out, ref in outs:
-        out = np.asarray(out, dtype=np.float64).reshape(-1)
-        if out.shape != ref.shape or not np.isfinite(out).all():
+    for n in (len(x), 1):
+        out = np.asarray(run(x[:n]), dtype=np.float64).reshape(-1)
+        if out.shape != reference[:n].shape or not np.isfinite(out).all():
             return float("inf")
-        worst = max(worst, float(np.abs(out - ref).max()))
+        worst = max(worst, float(np.abs(out - reference[:n]).max()))
     return worst
 
 
