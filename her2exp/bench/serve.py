@@ -77,14 +77,17 @@ def tensor_body(patches: np.ndarray, mean: list[float], std: list[float]) -> dic
     return {"inputs": x.transpose(0, 3, 1, 2).tolist()}
 
 
-def input_form(model_uri: str) -> tuple[str, dict[str, Any]]:
-    """("tensor" when the logged signature takes a float tensor, else "png"; the metadata)."""
+def input_form(run_id: str, tracking_uri: str) -> tuple[str, dict[str, Any]]:
+    """("tensor" when the run's logged signature takes a float tensor, else "png"; the model's
+    metadata), read from its MLmodel file in the run's own store."""
     import mlflow
 
-    info = mlflow.models.get_model_info(model_uri)
-    sig = info.signature
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    with tempfile.TemporaryDirectory(prefix="her2exp-bench-serve-") as tmp:
+        model = mlflow.models.Model.load(client.download_artifacts(run_id, "model/MLmodel", tmp))
+    sig = model.signature
     tensor = sig is not None and sig.inputs.is_tensor_spec()
-    return ("tensor" if tensor else "png"), dict(info.metadata or {})
+    return ("tensor" if tensor else "png"), dict(model.metadata or {})
 
 
 def _free_port() -> int:
@@ -196,11 +199,12 @@ def patches_at(size: int, n: int) -> np.ndarray:
 
 
 def bench_model(
-    model_uri: str, tracking_uri: str, sizes: list[int], batches: list[int], requests: int
+    run_id: str, tracking_uri: str, sizes: list[int], batches: list[int], requests: int
 ) -> list[ServeRate]:
-    """Serve one model and time every (size, batch) it takes: a tensor model its own size only
-    (its input is not resized), a raw-patch model every size."""
-    form, meta = input_form(model_uri)
+    """Serve one run's model and time every (size, batch) it takes: a tensor model its own
+    size only (its input is not resized), a raw-patch model every size."""
+    form, meta = input_form(run_id, tracking_uri)
+    model_uri = f"runs:/{run_id}/model"
     if form == "tensor":
         sizes = [s for s in sizes if s == int(meta["image_size"])]
     found = []
@@ -238,14 +242,12 @@ def main(argv: list[str] | None = None) -> list[ServeRate]:
     )
     found: list[ServeRate] = []
     if args.run_id:
-        uri = f"runs:/{args.run_id}/model"
-        found = bench_model(uri, args.tracking_uri, args.sizes, args.batches, args.requests)
+        found = bench_model(args.run_id, args.tracking_uri, args.sizes, args.batches, args.requests)
     else:
         with tempfile.TemporaryDirectory(prefix="her2exp-bench-serve-") as tmp:
             for size in args.sizes:
                 run_id, store = train_tiny(Path(tmp), size)
-                uri = f"runs:/{run_id}/model"
-                found += bench_model(uri, store, [size], args.batches, args.requests)
+                found += bench_model(run_id, store, [size], args.batches, args.requests)
     for r in found:
         print(format_line(r))
     return found
