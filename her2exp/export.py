@@ -118,6 +118,17 @@ def temperature_of(run: TrainedRun) -> float | None:
     return float(cal["temperature"]) if cal.get("method") == "temperature" else None
 
 
+def stain_note(run: TrainedRun) -> str | None:
+    """The warning for a run that normalised stain: its graph does not, a client must."""
+    stain = str(OmegaConf.select(run.cfg, "stain.name", default="none") or "none")
+    if stain not in ("macenko", "macenko_jitter"):
+        return None
+    return (
+        f"{run.source} normalised stain ({stain}): the exported graph does not (Macenko has "
+        "no ONNX operator); normalise each patch to the run's reference before it"
+    )
+
+
 def build_graph(run: TrainedRun, tta: str | None = None) -> ProbabilityGraph:
     """The run's network on the CPU inside its ProbabilityGraph (`tta` null: the run's own)."""
     model = load_model(run, torch.device("cpu"))
@@ -380,14 +391,9 @@ def export_run(opts: DictConfig) -> Exported:
     tta = opts.tta or run.tta
     if tta != run.tta:
         log.warning("tta=%s: %s chose its thresholds on tta=%s scores", tta, run.source, run.tta)
-    notes = []
-    stain = str(OmegaConf.select(run.cfg, "stain.name", default="none") or "none")
-    if stain in ("macenko", "macenko_jitter"):
-        notes.append(
-            f"{run.source} normalised stain ({stain}): the exported graph does not (Macenko has "
-            "no ONNX operator); apply the run's reference to each patch before it"
-        )
-        log.warning(notes[-1])
+    notes = [note] if (note := stain_note(run)) else []
+    for line in notes:
+        log.warning(line)
     graph = build_graph(run, tta)
     x = check_patches(run, int(opts.check_patches))
     size = int(run.cfg.data.image_size)

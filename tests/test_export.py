@@ -183,3 +183,24 @@ def test_the_serve_bench_request_bodies_carry_the_patches(exports: Exports) -> N
         torch.from_numpy(patches).permute(0, 3, 1, 2)
     )
     assert np.allclose(tensor, expected.numpy(), atol=1e-5)
+
+
+def test_a_macenko_run_is_checked_on_normalised_patches_and_warned_about(
+    exports: Exports,
+) -> None:
+    """The graph leaves stain out: its check inputs are the run's patches normalised to its
+    fitted reference (the smoke run's weights, a reference fitted here on its test patches)."""
+    import copy
+
+    from conftest import compose_train
+    from her2exp.stain import pipeline
+
+    assert ex.stain_note(exports.run) is None
+    run = copy.copy(exports.run)
+    run.cfg = OmegaConf.merge(run.cfg, {"stain": compose_train(["stain=macenko"]).stain})
+    normalizer = pipeline._normalizer(run.cfg.stain).fit(exports.patches)
+    run.state = {**run.state, "stain": {"normalizer": normalizer.state_dict()}}
+    x = ex.check_patches(run, 7)
+    expected, _ = normalizer.normalize(exports.patches)
+    assert torch.equal(x, expected) and not torch.equal(x, exports.patches)
+    assert "normalised stain (macenko)" in ex.stain_note(run)

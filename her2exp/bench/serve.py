@@ -79,15 +79,15 @@ def tensor_body(patches: np.ndarray, mean: list[float], std: list[float]) -> dic
 
 def input_form(run_id: str, tracking_uri: str) -> tuple[str, dict[str, Any]]:
     """("tensor" when the run's logged signature takes a float tensor, else "png"; the model's
-    metadata), read from its MLmodel file in the run's own store."""
+    metadata), read from its MLmodel in the run's own store (this bench process's tracking
+    URI becomes that store, as the server's does)."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    with tempfile.TemporaryDirectory(prefix="her2exp-bench-serve-") as tmp:
-        model = mlflow.models.Model.load(client.download_artifacts(run_id, "model/MLmodel", tmp))
-    sig = model.signature
+    mlflow.set_tracking_uri(tracking_uri)
+    info = mlflow.models.get_model_info(f"runs:/{run_id}/model")
+    sig = info.signature
     tensor = sig is not None and sig.inputs.is_tensor_spec()
-    return ("tensor" if tensor else "png"), dict(model.metadata or {})
+    return ("tensor" if tensor else "png"), dict(info.metadata or {})
 
 
 def _free_port() -> int:
