@@ -216,6 +216,7 @@ def bench_model(
                 body = png_body(x) if form == "png" else tensor_body(x, meta["mean"], meta["std"])
                 r = request_loop(port, json.dumps(body).encode(), batch, requests)
                 r.size, r.form = size, form
+                print(format_line(r), flush=True)  # a 224 px tensor batch takes a while
                 found.append(r)
     return found
 
@@ -248,8 +249,6 @@ def main(argv: list[str] | None = None) -> list[ServeRate]:
             for size in args.sizes:
                 run_id, store = train_tiny(Path(tmp), size)
                 found += bench_model(run_id, store, [size], args.batches, args.requests)
-    for r in found:
-        print(format_line(r))
     return found
 
 
