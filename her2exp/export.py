@@ -20,6 +20,7 @@ preprocessing contract travel inside the file (ONNX metadata_props / TorchScript
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -195,6 +196,25 @@ def file_metadata(run: TrainedRun, fmt: str, tta: str, image_size: int) -> dict[
     }
 
 
+def quiet(fn: Any) -> Any:
+    """`fn` with its progress prints and onnxscript's optimizer log lines (dozens of lines per
+    export on the command's stdout) held back; warnings and errors still show."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        loggers = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx")]
+        levels = [lg.level for lg in loggers]
+        try:
+            for lg in loggers:
+                lg.setLevel(logging.WARNING)
+            with contextlib.redirect_stdout(io.StringIO()):
+                return fn(*args, **kwargs)
+        finally:
+            for lg, level in zip(loggers, levels, strict=True):
+                lg.setLevel(level)
+
+    return call
+
+
 def onnx_bytes(
     graph: nn.Module, sample: torch.Tensor, opset: int, exporter: str, meta: dict[str, Any]
 ) -> bytes:
@@ -208,7 +228,7 @@ def onnx_bytes(
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
         if exporter == "dynamo":
             batch = torch.export.Dim("batch", min=1)
-            torch.onnx.export(
+            quiet(torch.onnx.export)(
                 graph,
                 (sample,),
                 buf,
@@ -385,7 +405,9 @@ def export_run(opts: DictConfig) -> Exported:
     if out.is_dir():
         raise ConfigError(f"out={out} is a folder: give the export's file name ({FORMATS[fmt]})")
     if out.exists() and not opts.overwrite:
-        raise ConfigError(
+        from her2exp.cli.common import UserError  # the message check_export gives out= too
+
+        raise UserError(
             f"out={out} exists (an earlier export): overwrite=true to replace it, or another out="
         )
     tta = opts.tta or run.tta
