@@ -507,6 +507,10 @@ class EvaluationConfig:
     decision_level: str = "tile"  # tile | slide | patient
     operating_point: str = "youden"
     gallery_max: int = ranged(32, ge=0)
+    # The PNG figures of a report (ROCs, PR, reliability, decision curve, confusion matrices,
+    # galleries): ~6 s of matplotlib per run. Off in experiment=smoke (the tests); the numbers,
+    # summary.md, best.json and predictions are written either way.
+    figures: bool = True
     # Final evaluation, eval and predict (per-epoch validation stays one view): none | d4, the
     # mean HER2+ probability over the 8 rotations and flips of each patch.
     tta: str = "none"

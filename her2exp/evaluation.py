@@ -188,7 +188,13 @@ def report_cohorts(
         },
     }
     written = reports.write_clinical_report(
-        report_dir, evaluations, galleries, header, max_gallery=ecfg.gallery_max, before=before
+        report_dir,
+        evaluations,
+        galleries,
+        header,
+        max_gallery=ecfg.gallery_max,
+        before=before,
+        figures=ecfg.get("figures", True),
     )
     for s in splits:
         written += _write_predictions(report_dir, s, evaluations[s.name], tile)

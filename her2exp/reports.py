@@ -379,7 +379,7 @@ def _checklist(
     )
 
     item = checklist_item
-
+    off = "" if header.get("figures", True) else "figures off (evaluation.figures=false)"
     level = header.get("decision_level") or "tile"
 
     def at_op(ev: SplitEvaluation | None, field: str) -> float:
@@ -409,7 +409,7 @@ def _checklist(
         item(
             "False-negative analysis present",
             galleries_written,
-            "false-negative gallery written" if galleries_written else "no gallery given",
+            "false-negative gallery written" if galleries_written else off or "no gallery given",
         ),
         item(
             "Threshold tuned on validation and documented",
@@ -418,7 +418,7 @@ def _checklist(
         item(
             "Decision curve analysis present",
             decision_curve_written,
-            "decision_curve.png" if decision_curve_written else "missing",
+            "decision_curve.png" if decision_curve_written else off or "missing",
         ),
         item(
             "External cohort evaluated",
@@ -709,6 +709,7 @@ def write_clinical_report(
     header: dict[str, Any] | None = None,
     max_gallery: int = 32,
     before: dict[str, Calibration] | None = None,
+    figures: bool = True,
 ) -> list[Path]:
     """Write every figure, summary.md and best.json for one run; returns the paths written.
 
@@ -720,13 +721,42 @@ def write_clinical_report(
     checklist judges, default "youden"; decision_level: the level it judges, default "tile";
     thresholds: those frozen, keyed by level; calibration: the frozen one, with each split's
     Brier and ECE before it). ``before[split]``: its calibration before temperature scaling,
-    drawn beside the calibrated curve.
+    drawn beside the calibrated curve. ``figures=False`` (evaluation.figures): no PNG, and the
+    checklist says the gallery and decision curve were not drawn.
     """
     report_dir = Path(report_dir)
     header = dict(header or {})
     galleries = galleries or {}
     if not evaluations:
         raise ValueError("no evaluations to report")
+    paths = _figures(report_dir, evaluations, galleries, max_gallery, before) if figures else []
+    if not figures:
+        header["figures"] = False  # recorded in best.json; the checklist names it
+    checklist = _checklist(evaluations, header, bool(paths and galleries), bool(paths))
+    flat: dict[str, Any] = {}
+    for name, ev in evaluations.items():
+        flat.update(ev.as_flat_dict(f"{name}_"))
+    summary_path = atomic_write_text(
+        report_dir / "summary.md", _clinical_markdown(evaluations, header, checklist, paths)
+    )
+    best = {
+        **header,
+        **flat,
+        "checklist": checklist,
+        "splits": {name: ev.to_dict() for name, ev in evaluations.items()},
+        "figures": [p.name for p in paths],
+    }
+    best_path = write_best_json(report_dir / "best.json", best)
+    return [*paths, summary_path, best_path]
+
+
+def _figures(
+    report_dir: Path,
+    evaluations: dict[str, SplitEvaluation],
+    galleries: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]],
+    max_gallery: int,
+    before: dict[str, Calibration] | None,
+) -> list[Path]:
     figures = [
         plot_roc_ci(report_dir / "roc.png", evaluations),
         *_plot_level_rocs(report_dir, evaluations),
@@ -740,21 +770,4 @@ def write_clinical_report(
                 report_dir / f"confusion_{safe_name(name)}.png", ev, _split_title(name)
             )
         )
-    figures += _plot_galleries(report_dir, galleries, max_gallery)
-    fn_written = bool(galleries)
-    checklist = _checklist(evaluations, header, fn_written, True)
-    flat: dict[str, Any] = {}
-    for name, ev in evaluations.items():
-        flat.update(ev.as_flat_dict(f"{name}_"))
-    summary_path = atomic_write_text(
-        report_dir / "summary.md", _clinical_markdown(evaluations, header, checklist, figures)
-    )
-    best = {
-        **header,
-        **flat,
-        "checklist": checklist,
-        "splits": {name: ev.to_dict() for name, ev in evaluations.items()},
-        "figures": [p.name for p in figures],
-    }
-    best_path = write_best_json(report_dir / "best.json", best)
-    return [*figures, summary_path, best_path]
+    return figures + _plot_galleries(report_dir, galleries, max_gallery)
