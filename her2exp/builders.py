@@ -159,6 +159,8 @@ def build_data(cfg: DictConfig, dctx: DistContext) -> DataParts:
     exact-once shards), and the criterion weighted on the training labels."""
     try:
         bundle = data.build(cfg.data, cfg.seed)
+    except data.splits.FoldError as exc:  # names its own data.split.* keys
+        raise ConfigError(str(exc)) from exc
     except ValueError as exc:
         raise ConfigError(f"data: {exc}") from exc
     try:
