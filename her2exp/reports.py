@@ -602,6 +602,7 @@ def _clinical_markdown(
             lines.append(f"- {level}{mark}: {pairs}")
         lines.append("")
     lines += _scoring_paragraph(header, evaluations)
+    lines += _bag_paragraph(header)
     lines += [
         "Intervals are 95%: DeLong for AUC, Wilson for sensitivity, specificity, PPV, NPV and "
         "accuracy.",
@@ -615,6 +616,19 @@ def _clinical_markdown(
     lines += [f"- `{p.name}`" for p in figures]
     lines.append("")
     return "\n".join(lines)
+
+
+def _bag_paragraph(header: dict[str, Any]) -> list[str]:
+    """A MIL run's unit: the "tile level" of its tables is the bag (one per patient or slide)."""
+    mil = header.get("mil")
+    if not mil:
+        return []
+    return [
+        f"Attention MIL (`mil={mil['name']}`): each unit scored is a **bag** of tile "
+        f'embeddings, one per {mil["bag_by"]}. The tables\' first level ("tile level", n = '
+        f"bags) is that {mil['bag_by']} level; per-tile attention is in `attention_<split>.csv`.",
+        "",
+    ]
 
 
 def _scoring_paragraph(

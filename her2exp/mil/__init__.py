@@ -1,0 +1,1 @@
+"""Attention MIL over bags of cached tile embeddings (`mil=...`; docs/architecture.md, "Bags")."""
