@@ -433,13 +433,17 @@ def _checklist(
     ]
 
 
-def _split_section(name: str, ev: SplitEvaluation, decision_level: str = "tile") -> list[str]:
+def _split_section(
+    name: str, ev: SplitEvaluation, decision_level: str = "tile", bags: str | None = None
+) -> list[str]:
+    """`bags`: a MIL run's bag_by (its first level is the bag, not the tile)."""
     a = ev.auc
     mark = " **(decision level)**" if decision_level == "tile" else ""
+    unit = f"Bag level (one bag per {bags}){mark}: n = {ev.n} bags" if bags else ""
     lines = [
         f"## {_split_title(name)}",
         "",
-        f"Tile level{mark}: n = {ev.n} patches, HER2+ = {ev.n_pos}. "
+        (unit or f"Tile level{mark}: n = {ev.n} patches") + f", HER2+ = {ev.n_pos}. "
         f"AUC {_ci(a.auc, a.low, a.high)} (95% CI, DeLong)"
         + (
             f"; bootstrap {_fmt(ev.auc_bootstrap.low)}-{_fmt(ev.auc_bootstrap.high)}"
@@ -608,8 +612,9 @@ def _clinical_markdown(
         "accuracy.",
         "",
     ]
+    bags = (header.get("mil") or {}).get("bag_by")
     for name, ev in evaluations.items():
-        lines += _split_section(name, ev, decision)
+        lines += _split_section(name, ev, decision, bags)
     lines += _promise_section(val, header)
     lines += ["## Clinical Evaluation Checklist", "", *checklist_table(checklist)]
     lines += ["", "## Figures", ""]

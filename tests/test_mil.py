@@ -67,7 +67,9 @@ def test_mil_run_reports_bags_at_thresholds_frozen_on_val_bags(mil_run: Path) ->
     assert (bundle.manifest.loc[att["row"], "patient_id"].to_numpy() == att["bag_id"]).all()
     np.testing.assert_allclose(att.groupby("bag_id")["attention"].sum(), 1.0, rtol=1e-5)
     summary = (mil_run / "reports" / "summary.md").read_text()
-    assert "each unit scored is a **bag**" in summary and "patient level" in summary
+    assert (
+        "each unit scored is a **bag**" in summary and "Bag level (one bag per patient)" in summary
+    )
     assert not list((mil_run / "reports").glob("false_negatives_*.png"))  # no patch galleries
 
 
@@ -181,3 +183,14 @@ def test_bags_group_pad_and_refuse_mixed_labels() -> None:
         mil_bags.group_bags(rows.assign(label=[1, 0, 1, 1, 1]), "patient")
     with pytest.raises(ValueError, match="no slide_id column"):
         mil_bags.group_bags(rows, "slide")
+    tiles = rows.assign(row=[10, 11, 12, 13, 14], slide_id="S", x=[0, 1, 2, 3, 4], y=0)
+    table = mil_bags.attention_table(tiles, bags, np.array([0.2, 0.3, 0.5, 0.4, 0.6]))
+    assert list(table.columns) == ["bag_id", "row", "attention", "slide_id", "patient_id", "x", "y"]
+    assert table["row"].tolist() == [10, 12, 14, 11, 13] and table["x"].tolist() == [0, 2, 4, 1, 3]
+    assert mil_bags.bag_rows(tiles, bags).columns.tolist() == [
+        "bag_id",
+        "label",
+        "patient_id",
+        "site",
+        "n_tiles",
+    ]
