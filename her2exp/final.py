@@ -63,29 +63,7 @@ def final_evaluation(
     weights = bag_attention(parts, model, validator)  # a collective: on every rank
     if not is_main:
         return out
-    scored, extra = [], []
-    for name, s in (("val", val), ("test", test)):
-        rows = split_rows(bundle, name)
-        if parts.bags is None:
-            split = ScoredSplit(name, rows, s.probs, bundle.view(name), s.uncalibrated)
-        else:
-            split = ScoredSplit(
-                name, bag_rows(rows, parts.bags[name]), s.probs, None, s.uncalibrated
-            )
-            op = thresholds["tile"][cfg.evaluation.operating_point]
-            extra += write_attention(
-                run_dir / "reports",
-                name,
-                rows,
-                parts.bags[name],
-                weights[name],
-                scored_bags(split.rows, s.probs, op),
-                bundle.view(name),
-                bundle.manifest if cfg.data.source == "slides" else None,
-            )
-        if not np.array_equal(split.labels, s.labels):
-            raise RuntimeError("gathered scores are not in dataset order")
-        scored.append(split)
+    scored, extra = scored_splits(cfg, parts, (val, test), thresholds, weights, run_dir)
     git = tracking.git_info()
     header = {
         **summary,
@@ -120,8 +98,10 @@ def final_evaluation(
         run_dir, thresholds, parts.stain, cfg.evaluation.decision_level, calibration
     )
     log_run_files(cfg, run_dir, tracker, best_ckpt)
-    if cfg.tracking.get("log_model", True) and parts.bags is None:  # a bag model takes bags
+    if cfg.tracking.get("log_model", True) and parts.bags is None:
         log_model(cfg, model, tracker, thresholds, calibration)
+    elif cfg.tracking.get("log_model", True):  # its signature is one image batch, not bags
+        log.info("mil=%s: no MLflow model logged (best.pt is the model)", cfg.mil.name)
     out.update(
         {
             "val_evaluation": evs["val"],
@@ -130,6 +110,43 @@ def final_evaluation(
         }
     )
     return out
+
+
+def scored_splits(
+    cfg: DictConfig,
+    parts: DataParts,
+    scores: tuple[Scores, Scores],
+    thresholds: dict[str, dict[str, float]],
+    weights: dict[str, np.ndarray],
+    run_dir: Path,
+) -> tuple[list[ScoredSplit], list[Path]]:
+    """val and test as report_cohorts takes them: tile rows with their patches, or one row per
+    bag with the bags' attention files written beside (returned as extra reports)."""
+    bundle = parts.bundle
+    scored, extra = [], []
+    for name, s in zip(("val", "test"), scores, strict=True):
+        rows = split_rows(bundle, name)
+        if parts.bags is None:
+            split = ScoredSplit(name, rows, s.probs, bundle.view(name), s.uncalibrated)
+        else:
+            split = ScoredSplit(
+                name, bag_rows(rows, parts.bags[name]), s.probs, None, s.uncalibrated
+            )
+            op = thresholds["tile"][cfg.evaluation.operating_point]
+            extra += write_attention(
+                run_dir / "reports",
+                name,
+                rows,
+                parts.bags[name],
+                weights[name],
+                scored_bags(split.rows, s.probs, op),
+                bundle.view(),  # [i]: manifest row i, as the attention table's `row`
+                bundle.manifest if cfg.data.source == "slides" else None,
+            )
+        if not np.array_equal(split.labels, s.labels):
+            raise RuntimeError("gathered scores are not in dataset order")
+        scored.append(split)
+    return scored, extra
 
 
 def split_rows(bundle: Any, name: str) -> pd.DataFrame:

@@ -112,10 +112,10 @@ def score_cohort_bags(scorer: Any, cohort: Any, run: Any, operating_point: str) 
         bags = group_bags(rows, bag_by(run.cfg))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    view = RowView(bundle.patches, idx)
+    view = bundle.view()  # [i]: manifest row i, as the attention table's `row`
     embedded = features.embed(
         scorer.model,
-        view,
+        RowView(bundle.patches, idx),
         scorer.preprocess,
         scorer.stain,
         int(cohort.data_cfg.eval_batch_size),
