@@ -110,6 +110,14 @@ def test_eval_and_predict_score_bags(mil_run: Path, tmp_path: Path) -> None:
     got, want = _preds(out, "test"), _preds(mil_run, "test")
     np.testing.assert_allclose(got["prob_her2_pos"], want["prob_her2_pos"], atol=1e-5)
     assert (out / "reports" / "attention_test.csv").is_file()
+    # a new cohort: its tiles embedded by the run's frozen backbone, one row per patient bag
+    new = ["data.n_patients=6", "data.patches_per_patient=3", "data.data_seed=9"]
+    ecfg = compose("eval", [f"checkpoint={ckpt}", "tracking=off", *new])
+    with open_dict(ecfg):
+        ecfg.output_dir = str(tmp_path / "cohort")
+    assert evaluation.evaluate_cohort(ecfg)["evaluation"].n == 6
+    att = pd.read_csv(tmp_path / "cohort" / "reports" / "attention_external.csv")
+    assert len(att) == 18 and att["bag_id"].nunique() == 6
     # predict on a folder of the test patches, grouped into patients by groups=
     from her2exp.predict import predict_folder
 
