@@ -3,6 +3,8 @@ change a bag's score. Pure torch on toy bags, no training CLI."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +15,7 @@ from her2exp.config import ConfigError
 from her2exp.mil.heads import build_head, masked_softmax
 
 D = 16
+REPO = Path(__file__).resolve().parent.parent
 
 
 def head_cfg(name: str, **kw):
@@ -42,7 +45,7 @@ def test_abmil_attends_to_the_one_instance_that_carries_the_signal() -> None:
     gen = torch.Generator().manual_seed(0)
     head = build_head(head_cfg("abmil"), D)
     opt = torch.optim.AdamW(head.parameters(), lr=3e-3)
-    for _ in range(200):
+    for _ in range(150):
         x, mask, labels, _ = toy_bags(32, gen)
         logits, _ = head(x, mask)
         loss = torch.nn.functional.cross_entropy(logits, labels)
@@ -144,6 +147,21 @@ def test_masked_softmax_gives_padding_exactly_zero_even_under_extreme_scores() -
     weights = masked_softmax(scores, mask)
     assert weights[0].tolist() == [0.0, 0.0, 1.0]
     assert weights[1].tolist() == [0.5, 0.0, 0.5]
+
+
+@pytest.mark.skipif(
+    not (REPO / "conf" / "mil" / "abmil.yaml").is_file(), reason="the mil group is not merged yet"
+)
+@pytest.mark.parametrize("name", ["mean_pool", "max_pool", "abmil"])
+def test_each_mil_config_builds_its_head_over_the_backbones_embedding(name) -> None:
+    from conftest import compose_train
+
+    cfg = compose_train([f"mil={name}"])
+    head = build_head(cfg.mil, 1536)
+    assert head.kind == name and head.project[0].in_features == 1536
+    assert head.project[0].out_features == cfg.mil.hidden
+    logits, attention = head(torch.randn(2, 5, 1536), torch.ones(2, 5, dtype=torch.bool))
+    assert logits.shape == (2, 2) and attention.shape == (2, 5)
 
 
 def test_an_unknown_head_is_refused_naming_the_allowed_ones() -> None:

@@ -13,6 +13,7 @@ from PIL import Image
 from her2exp.data.datasets import RowView
 from her2exp.mil.outputs import (
     RELATIVE,
+    _where,
     attention_gallery,
     attention_heatmaps,
     extremes,
@@ -57,6 +58,7 @@ def test_gallery_shows_the_k_highest_and_lowest_tiles_of_each_misclassified_bag(
     manifest: pd.DataFrame, tmp_path: Path
 ) -> None:
     attention = synthetic_attention(manifest, "patient_id")
+    attention[["slide_id", "x", "y"]] = manifest[["slide_id", "x", "y"]].to_numpy()
     bags = bag_table(manifest, "patient_id")
     view = RowView(dataset.SlideTiles(manifest, 32), np.arange(len(manifest)))
     written = attention_gallery(attention, bags, view, tmp_path, k=2)
@@ -67,6 +69,12 @@ def test_gallery_shows_the_k_highest_and_lowest_tiles_of_each_misclassified_bag(
         with Image.open(path) as png:
             assert png.format == "PNG" and png.size == (340, 430)  # 2 columns x 2 rows
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)
+
+
+def test_a_gallery_tile_is_named_by_row_slide_and_coordinates_when_known() -> None:
+    full = pd.DataFrame({"row": [7], "attention": [0.5], "slide_id": ["S1"], "x": [256], "y": [0]})
+    assert _where(next(full.itertuples())) == "#7 S1 (256, 0)"
+    assert _where(next(full[["row", "attention"]].itertuples())) == "#7"
 
 
 def test_extremes_are_the_top_and_bottom_k_and_never_share_a_tile() -> None:

@@ -62,6 +62,16 @@ def extremes(tiles: pd.DataFrame, k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     return top, rest.tail(k).iloc[::-1]
 
 
+def _where(tile: Any) -> str:
+    """Where a tile is, as far as the attention table says: manifest row, slide, x, y."""
+    text = f"#{int(tile.row)}"
+    if getattr(tile, "slide_id", None) is not None:
+        text += f" {tile.slide_id}"
+    if getattr(tile, "x", None) is not None and getattr(tile, "y", None) is not None:
+        text += f" ({int(tile.x)}, {int(tile.y)})"
+    return text
+
+
 def _plot_bag(
     path: Path, bag: pd.Series, top: pd.DataFrame, low: pd.DataFrame, view: Any, k: int
 ) -> Path:
@@ -85,7 +95,7 @@ def _plot_bag(
         )
         for ax, tile in zip(axes[line], tiles.itertuples(index=False), strict=False):
             ax.imshow(np.asarray(view[int(tile.row)], dtype=np.uint8))
-            ax.set_title(f"a={tile.attention:.3g}\n#{int(tile.row)}", fontsize=7)
+            ax.set_title(f"a={tile.attention:.3g}\n{_where(tile)}", fontsize=6)
     kind = str(bag["error"]).replace("_", " ")
     fig.suptitle(
         f"{kind}: bag {bag['bag_id']} (label {int(bag['label'])}, P(HER2+)="
