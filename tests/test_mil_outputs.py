@@ -98,6 +98,8 @@ def test_misclassified_bags_are_the_most_confident_errors_first() -> None:
     assert errors["bag_id"].tolist() == ["b", "a", "e", "d"]
     assert errors["error"].tolist() == ["false_negative"] * 2 + ["false_positive"] * 2
     assert misclassified_bags(bags, max_bags=1)["bag_id"].tolist() == ["b", "e"]
+    unlabelled = bags.assign(label=[1, None, 1, 0, None, 0])
+    assert misclassified_bags(unlabelled)["bag_id"].tolist() == ["a", "d"]
     with pytest.raises(ValueError, match="lacks column.*called"):
         misclassified_bags(bags.drop(columns="called"))
 

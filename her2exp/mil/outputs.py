@@ -39,6 +39,7 @@ def misclassified_bags(bags: pd.DataFrame, max_bags: int | None = None) -> pd.Da
     """False negatives (most confident first: lowest P(HER2+)), then false positives (highest
     first), each with `error` = "false_negative" | "false_positive"; at most `max_bags` of each."""
     _require(bags, BAG_COLUMNS, "the bag table")
+    bags = bags[bags["label"].notna()]  # a cohort predicted without labels has no errors
     label, called = bags["label"].astype(int), bags["called"].astype(int)
     fn = bags[(label == 1) & (called == 0)].sort_values("prob_her2_pos", kind="stable")
     fp = bags[(label == 0) & (called == 1)].sort_values(
