@@ -167,3 +167,15 @@ def test_each_mil_config_builds_its_head_over_the_backbones_embedding(name) -> N
 def test_an_unknown_head_is_refused_naming_the_allowed_ones() -> None:
     with pytest.raises(ConfigError, match=r"mil.name='none'.*mean_pool, max_pool, abmil"):
         build_head(head_cfg("none"), D)
+
+
+@pytest.mark.parametrize("name", ["abmil", "mean_pool", "max_pool"])
+def test_under_bf16_autocast_the_weights_stay_float32_and_padding_stays_out(name) -> None:
+    torch.manual_seed(0)
+    head = build_head(head_cfg(name), D).eval()
+    x, mask, _, _ = toy_bags(4, torch.Generator().manual_seed(5), low=2, high=10)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, attention = head(x, mask)
+    assert attention.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert torch.allclose(attention.sum(dim=1), torch.ones(4), atol=1e-6)
+    assert (attention[~mask] == 0).all()
