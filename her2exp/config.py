@@ -574,7 +574,9 @@ def validate_probe(p: Any, cfg: Any) -> None:
         _fail("model.head", head, "knn with probe=knn (the protocol is the kNN head)")
     if p.name == "linear" and head != "linear":
         _fail("model.head", head, "linear with probe=linear")
-    mil = OmegaConf.select(cfg, "mil.name", default="none") if isinstance(cfg, DictConfig) else "none"
+    mil = (
+        OmegaConf.select(cfg, "mil.name", default="none") if isinstance(cfg, DictConfig) else "none"
+    )
     if p.name == "abmil" and mil != "abmil":
         _fail("mil.name", mil, "abmil with probe=abmil (the protocol is patient-level ABMIL)")
 

@@ -176,3 +176,10 @@ def cv_sweep(tmp_path_factory: pytest.TempPathFactory) -> SweepRun:
     )
     ordered = sorted(children, key=lambda r: int(r.data.tags["sweep.job_num"]))
     return SweepRun(parent.info.run_id, uri, sweep_dir, [r.info.run_id for r in ordered])
+
+
+@pytest.fixture(scope="session")
+def feature_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One feature cache for the session (`model.feature_cache_dir=`): runs of one backbone on
+    one data set embed each image once, whichever test trains first."""
+    return tmp_path_factory.mktemp("feature_cache")
