@@ -58,10 +58,10 @@ def leaderboard(experiment: str, sweep: str, uri: str) -> pd.DataFrame:
     if sweep == "all":
         raise ConfigError("sweep=all: a leaderboard is one sweep's; give latest or a parent run id")
     runs = _search(experiment, uri)
-    parent = parent_run(runs, sweep, experiment) if not runs.empty else sweep
+    parent = parent_run(runs, sweep, experiment)
     import mlflow
 
-    row = runs[runs["run_id"] == parent] if not runs.empty else runs
+    row = runs[runs["run_id"] == parent] if "run_id" in runs else runs
     kind = row["tags.sweep.kind"].iloc[0] if "tags.sweep.kind" in row and len(row) else None
     try:
         with tempfile.TemporaryDirectory() as tmp:
