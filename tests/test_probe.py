@@ -171,11 +171,10 @@ class ProbeSweep:
 
 @pytest.fixture(scope="module")
 def probe_sweep(tmp_path_factory: pytest.TempPathFactory, feature_cache_dir: Path) -> ProbeSweep:
-    """`her2exp-train -m experiment=fm_probe probe=linear,knn probe.n_runs=1` on smoke-sized
-    data: 2 jobs of one backbone (random test_resnet weights saved once, as a foundation model's
-    file is, so every job embeds with the same backbone) into a SQLite store. One seed each: a
-    job costs ~10 s of reports, and the mean +- sd over seeds is proven on child folders above
-    (test_the_leaderboard_is_the_mean_and_sd_of_each_groups_own_runs)."""
+    """`her2exp-train -m experiment=fm_probe probe=linear,knn probe.n_runs=2` on smoke-sized
+    data (report figures off: a job is ~4 s): one backbone (random test_resnet weights saved
+    once, as a foundation model's file is, so every seed embeds with the same backbone) x
+    protocol x 2 seeds into a SQLite store."""
     import timm
 
     cwd = tmp_path_factory.mktemp("probe_sweep")
@@ -188,7 +187,7 @@ def probe_sweep(tmp_path_factory: pytest.TempPathFactory, feature_cache_dir: Pat
         "-m",
         "experiment=fm_probe",
         f"probe={','.join(PROTOCOLS)}",
-        "probe.n_runs=1",
+        "probe.n_runs=2",
         "probe.k=5",
     ]
     args += [*SMOKE, f"model.weights={weights}", f"model.feature_cache_dir={feature_cache_dir}"]
@@ -235,7 +234,7 @@ def test_the_knn_run_scores_what_scikit_learn_scores(probe_sweep: ProbeSweep) ->
 
 
 def test_the_linear_probe_trains_its_head_on_a_frozen_backbone(probe_sweep: ProbeSweep) -> None:
-    run_dir = children(probe_sweep)[("linear", 0)]
+    run_dir = children(probe_sweep)[("linear", 1)]
     last = checkpoint.load(run_dir / "checkpoints" / "last.pt")
     saved = torch.load(probe_sweep.weights, weights_only=True)
     for name, tensor in saved.items():  # the backbone is the file, untouched by training
@@ -259,22 +258,23 @@ def test_the_sweep_parent_holds_the_leaderboard_compare_prints(
     kids = client.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
-    assert len(kids) == len(PROTOCOLS)
+    assert len(kids) == 2 * len(PROTOCOLS)
     computed = sorted(int(r.data.metrics["features_computed"]) for r in kids)
     assert computed[-2] == 0 < computed[-1]  # one backbone file, one data set: embedded once
-    # Each protocol's row from its child's own patient table (one seed: no sd).
+    # Each protocol's mean and sd over its two seeds, from the children's own tables.
     board = pd.read_csv(probe_sweep.sweep_dir / "cv" / "leaderboard.csv")
-    assert sorted(board["protocol"]) == sorted(PROTOCOLS) and set(board["n_runs"]) == {1}
+    assert sorted(board["protocol"]) == sorted(PROTOCOLS) and set(board["n_runs"]) == {2}
     for _, row in board.iterrows():
-        run = children(probe_sweep)[(row["protocol"], 0)]
-        table = pd.read_csv(run / "reports" / crossval.LEVEL_FILES[row["level"]])
-        assert row["test_auc_mean"] == pytest.approx(
-            roc_auc_score(table["label"], table["prob_her2_pos"])
-        )
-        assert np.isnan(row["test_auc_sd"])
+        runs = [children(probe_sweep)[(row["protocol"], seed)] for seed in (0, 1)]
+        tables = [pd.read_csv(r / "reports" / crossval.LEVEL_FILES[row["level"]]) for r in runs]
+        aucs = [roc_auc_score(t["label"], t["prob_her2_pos"]) for t in tables]
+        assert row["test_auc_mean"] == pytest.approx(np.mean(aucs))
+        assert row["test_auc_sd"] == pytest.approx(np.std(aucs, ddof=1))
         assert row["level"] == "patient" or row["protocol"] == "abmil"
         key = f"leaderboard_test_resnet_{row['protocol']}_test_auc_mean"
         assert parent.data.metrics[key] == pytest.approx(row["test_auc_mean"])
+    knn = board[board["protocol"] == "knn"].iloc[0]
+    assert knn["test_auc_sd"] == 0  # no training: the seeds agree on a fixed backbone
     out = tmp_path / "leaderboard.csv"
     monkeypatch.chdir(probe_sweep.cwd)  # the store's artifacts are relative to it
     argv = ["her2exp-compare", "leaderboard=true", f"tracking.uri={probe_sweep.uri}", f"out={out}"]
@@ -282,7 +282,7 @@ def test_the_sweep_parent_holds_the_leaderboard_compare_prints(
     main()
     printed = capsys.readouterr().out
     assert (
-        "test_resnet | knn | patient | 1 |" in printed
+        "test_resnet | knn | patient | 2 |" in printed
         and f"leaderboard of {len(PROTOCOLS)}" in printed
     )
     pd.testing.assert_frame_equal(pd.read_csv(out), board)
