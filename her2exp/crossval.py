@@ -555,8 +555,12 @@ def _summarise_leaderboard(children: list[Child], result: SweepResult) -> None:
     result.files.append(atomic_write_text(out / "leaderboard.csv", table.to_csv(index=False)))
     result.files.append(atomic_write_text(out / "leaderboard_runs.csv", runs.to_csv(index=False)))
     result.files.append(atomic_write_text(out / "leaderboard.md", leaderboard_markdown(table)))
+    labels = list(zip(table["backbone"], table["protocol"], strict=True))
     for i, row in table.iterrows():
-        name = safe_name(f"{row['backbone']}_{row['protocol']}")
+        label = f"{row['backbone']}_{row['protocol']}"
+        if labels.count((row["backbone"], row["protocol"])) > 1:  # e.g. two weights files
+            label += f"_{row['group']}"
+        name = safe_name(label)
         for key in ("test_auc_mean", "test_auc_sd", "test_auc_ci_low", "test_auc_ci_high"):
             result.metrics[f"leaderboard_{name}_{key}"] = float(row[key])
         if i == 0:
