@@ -206,9 +206,12 @@ def children(sweep: ProbeSweep) -> dict[tuple[str, int], Path]:
     return out
 
 
-def test_the_knn_run_scores_what_scikit_learn_scores(probe_sweep: ProbeSweep) -> None:
+def test_the_knn_run_scores_what_scikit_learn_scores(
+    probe_sweep: ProbeSweep, tmp_path: Path
+) -> None:
     """The run's recorded test probabilities are sklearn's KNeighborsClassifier fitted on the
-    run's training embeddings (re-embedded here from its data and backbone file)."""
+    run's training embeddings (re-embedded here from its data and backbone file), and
+    her2exp-eval of its best.pt gives them again, with the same frozen calls."""
     from her2exp import data, evaluation, features
     from her2exp.engine import Preprocess
 
@@ -228,8 +231,23 @@ def test_the_knn_run_scores_what_scikit_learn_scores(probe_sweep: ProbeSweep) ->
     expected = knn_probs(emb["train"], bundle.labels("train"), emb["test"], 5)
     recorded = pd.read_csv(run_dir / "reports" / "predictions_test.csv")["prob_her2_pos"]
     np.testing.assert_allclose(recorded.to_numpy(), expected, rtol=0, atol=1e-6)
-    # What her2exp-eval loads (load_run, load_model) scores the same: the bank is in best.pt.
-    np.testing.assert_allclose(head_probs(model.head, emb["test"]), expected, rtol=0, atol=1e-6)
+    # her2exp-eval from best.pt alone (backbone and bank in it) repeats the run's test table.
+    from omegaconf import open_dict
+
+    from her2exp.cli.common import compose
+
+    best = run_dir / "checkpoints" / "best.pt"
+    ecfg = compose("eval", ["tracking=off", f"checkpoint={best}", "split=test"])
+    with open_dict(ecfg):
+        ecfg.output_dir = str(tmp_path)
+        ecfg.evaluation.figures = False
+    evaluation.evaluate_cohort(ecfg)
+    again = pd.read_csv(tmp_path / "reports" / "predictions_test.csv")
+    np.testing.assert_array_equal(again["prob_her2_pos"].to_numpy(), recorded.to_numpy())
+    calls = [c for c in again.columns if c.startswith("called_")]
+    assert calls and again[calls].equals(
+        pd.read_csv(run_dir / "reports" / "predictions_test.csv")[calls]
+    )
     assert len(np.unique(expected)) > 2
 
 
