@@ -134,21 +134,22 @@ def repeat_groups(children: list[Child]) -> list[list[Child]]:
 
 def sweep_kind(children: list[Child]) -> str:
     """`cv` when the children differ in data.split.fold, `repeat` when they differ in the seeds
-    only, `leaderboard` when they fall into several groups that differ in the seeds only within
-    (e.g. backbone x probe x seed) and one group at least repeats (or every child is a probe
-    run: `probe.n_runs=1`), else `plain` (a grid or an optimiser: today's best-of summary only)."""
+    only, `leaderboard` when every child is a probe run (`probe.name` set: experiment=fm_probe)
+    or when they fall into several groups that differ in the seeds only within and one group at
+    least repeats (backbone x seed), else `plain` (a grid or an optimiser: today's best-of
+    summary only)."""
     if len(children) < 2:
         return "plain"
     if len({c.fold for c in children}) > 1:
         return "cv"
+    if all(str(c.cfg.get("probe.name") or "none") != "none" for c in children):
+        return "leaderboard"  # a probe sweep, even of one backbone x protocol
     keys = set().union(*(c.cfg for c in children)) - set(JOB_KEYS)
     differing = {k for k in keys if len({repr(c.cfg.get(k)) for c in children}) > 1}
     if differing and differing <= set(SEED_KEYS):
         return "repeat"
     groups = repeat_groups(children)
-    probes = all(str(c.cfg.get("probe.name") or "none") != "none" for c in children)
-    repeated = max(map(len, groups)) > 1
-    return "leaderboard" if len(groups) > 1 and (repeated or probes) else "plain"
+    return "leaderboard" if len(groups) > 1 and max(map(len, groups)) > 1 else "plain"
 
 
 def operating_points(children: list[Child], level: str) -> list[str]:

@@ -157,6 +157,15 @@ def test_the_leaderboard_is_the_mean_and_sd_of_each_groups_own_runs(tmp_path: Pa
     assert "| uni | knn | patient | 2 |" in (tmp_path / "cv" / "leaderboard.md").read_text()
 
 
+def test_a_probe_sweep_of_one_group_is_a_one_row_leaderboard(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    for seed in (0, 1, 2):
+        write_probe_child(tmp_path, seed, "uni", "linear", seed, rng)
+    assert crossval.summarise(tmp_path).kind == "leaderboard"
+    board = pd.read_csv(tmp_path / "cv" / "leaderboard.csv")
+    assert len(board) == 1 and board["n_runs"].item() == 3 and board["group"].isna().all()
+
+
 # --- one real CLI multirun ----------------------------------------------------------------------
 
 
