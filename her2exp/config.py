@@ -579,6 +579,8 @@ def validate_probe(p: Any, cfg: Any) -> None:
     )
     if p.name == "abmil" and mil != "abmil":
         _fail("mil.name", mil, "abmil with probe=abmil (the protocol is patient-level ABMIL)")
+    if p.name in ("linear", "knn") and mil != "none":
+        _fail("mil.name", mil, f"none with probe={p.name} (bags: probe=abmil)")
 
 
 @dataclass
