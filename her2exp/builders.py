@@ -130,6 +130,8 @@ class WrappedModel:
 
 def wrap_model(cfg: DictConfig, model: models.Her2Classifier, dctx: DistContext) -> WrappedModel:
     """DDP (and torch.compile, before or after it). Cached features: only the head trains."""
+    if cfg.model.cache_features and not any(p.requires_grad for p in model.head.parameters()):
+        return WrappedModel(model, model.head, model.head, None)  # the kNN probe: nothing trains
     if cfg.model.cache_features:
         train_model, no_sync = distributed.wrap_ddp(model.head, dctx)
         return WrappedModel(model, train_model, model.head, no_sync)

@@ -30,7 +30,7 @@ EQUIVOCAL_CHOICES = ("exclude", "positive", "negative")
 PATIENT_LABEL_CHOICES = ("error", "max", "majority")
 VERIFY_CHOICES = ("header", "full")
 FINETUNE_CHOICES = ("full", "frozen", "last_n_blocks")
-HEAD_CHOICES = ("linear", "mlp")
+HEAD_CHOICES = ("linear", "mlp", "knn")
 EMBEDDING_CHOICES = ("pooled", "cls_mean")
 AGGREGATION_CHOICES = ("mean", "max", "topk_mean")  # metrics.AGGREGATIONS
 LEVEL_CHOICES = ("tile", "slide", "patient")  # metrics.LEVELS
@@ -178,8 +178,9 @@ class ModelConfig:
     # values with a _target_ are built by hydra.utils.instantiate (e.g. Virchow2's mlp_layer).
     kwargs: dict[str, Any] = field(default_factory=dict)
     embedding: str = "pooled"  # pooled: timm's global_pool | cls_mean: class token + mean patch
-    head: str = "linear"  # linear | mlp (timm.layers.Mlp, head_hidden_dim wide)
+    head: str = "linear"  # linear | mlp (timm.layers.Mlp, head_hidden_dim wide) | knn (probe)
     head_hidden_dim: int = ranged(256, ge=1)
+    knn_k: int = ranged(20, ge=1)  # head=knn: neighbours voting (probe=knn sets ${probe.k})
     finetune: str = "full"  # full | frozen (linear probe) | last_n_blocks
     n_last_blocks: int = ranged(
         1, ge=1
@@ -215,6 +216,13 @@ def validate_model(m: Any) -> None:
     for key in ("num_classes", "pretrained", "pretrained_cfg", "checkpoint_path"):
         if key in m.kwargs:
             _fail(f"model.kwargs.{key}", m.kwargs[key], f"not set here (her2exp sets {key})")
+    if m.head == "knn" and not m.cache_features:
+        _fail(
+            "model.head",
+            m.head,
+            "linear or mlp unless model.cache_features=true (the kNN head is fitted on the "
+            "cached training embeddings; probe=knn sets both)",
+        )
     if m.cache_features and m.finetune != "frozen":
         _fail(
             "model.cache_features",
@@ -584,6 +592,36 @@ def validate_mil(mil: Any, cfg: Any) -> None:
             f"{' or '.join(levels)} with mil={mil.name} data.bag_by={d.bag_by} (a bag is "
             f"scored as a whole: there are no tile scores to decide on)",
         )
+PROBE_CHOICES = ("none", "linear", "knn", "abmil")
+
+
+@dataclass
+class ProbeConfig:
+    """A probing protocol of a frozen backbone on cached features (`probe=linear|knn|abmil`,
+    experiment=fm_probe; her2exp/probe.py): the group files set the head, this records which
+    protocol a run is, so a sweep's leaderboard can group its children by it."""
+
+    name: str = "none"  # none | linear | knn | abmil
+    k: int = ranged(20, ge=1)  # probe=knn: neighbours (cosine similarity), model.knn_k
+    n_runs: int = ranged(5, ge=1)  # seeds per backbone x protocol in an fm_probe multirun
+
+
+def validate_probe(p: Any, cfg: Any) -> None:
+    """probe.*: the protocol matches the head (and MIL) its group file set."""
+    if p.name not in PROBE_CHOICES:
+        _fail("probe.name", p.name, f"one of {', '.join(PROBE_CHOICES)}")
+    head = cfg.model.head
+    if p.name == "knn" and head != "knn":
+        _fail("model.head", head, "knn with probe=knn (the protocol is the kNN head)")
+    if p.name == "linear" and head != "linear":
+        _fail("model.head", head, "linear with probe=linear")
+    mil = (
+        OmegaConf.select(cfg, "mil.name", default="none") if isinstance(cfg, DictConfig) else "none"
+    )
+    if p.name == "abmil" and mil != "abmil":
+        _fail("mil.name", mil, "abmil with probe=abmil (the protocol is patient-level ABMIL)")
+    if p.name in ("linear", "knn") and mil != "none":
+        _fail("mil.name", mil, f"none with probe={p.name} (bags: probe=abmil)")
 
 
 @dataclass
@@ -596,6 +634,7 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     mil: MilConfig = field(default_factory=MilConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     seed: int = ranged(42, ge=0, le=SEED_MAX)
     task_name: str = "train"
     output_dir: str = MISSING
@@ -641,6 +680,7 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
     validate_tracking(cfg.tracking)
     validate_combinations(cfg)
     validate_mil(cfg.mil, cfg)
+    validate_probe(cfg.probe, cfg)
 
 
 def validate_combinations(cfg: Any) -> None:

@@ -236,6 +236,7 @@ class CompareCommand:
     sweep: str = "latest"  # latest | all | <parent run id>
     out: str = "compare.csv"
     tracking: UriConfig = field(default_factory=UriConfig)
+    leaderboard: bool = False  # the sweep parent's backbone x protocol leaderboard instead
 
 
 def check_compare(cfg: Any) -> None:
