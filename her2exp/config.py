@@ -592,6 +592,8 @@ def validate_mil(mil: Any, cfg: Any) -> None:
             f"{' or '.join(levels)} with mil={mil.name} data.bag_by={d.bag_by} (a bag is "
             f"scored as a whole: there are no tile scores to decide on)",
         )
+
+
 PROBE_CHOICES = ("none", "linear", "knn", "abmil")
 
 
