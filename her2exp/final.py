@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from her2exp import checkpoint, metrics, tracking
+from her2exp import checkpoint, metrics, model_card, tracking
 from her2exp.builders import DataParts
 from her2exp.engine import Scores
 from her2exp.evaluation import ScoredSplit, report_cohorts, thresholds_on_rows
@@ -80,6 +80,7 @@ def final_evaluation(
         cfg.seed,
         calibration=calibration,
     )
+    model_card.write_model_card(cfg, run_dir / "reports", bundle.manifest, tracker)
     tracker.log_metrics(
         {
             "best_epoch": summary["best_epoch"],
