@@ -46,6 +46,8 @@ NOT_FOR = (
 def data_counts(manifest: Any) -> list[dict[str, Any]]:
     """One row per (split, site): patients, slides, patches and how many of each are HER2+."""
     m = manifest.assign(site=manifest["site"] if "site" in manifest else "(none)")
+    if "patient_id" not in m:  # each patch its own patient (a folder without patient_regex)
+        m = m.assign(patient_id=range(len(m)))
     rows = []
     for (split, site), part in m.groupby(["split", "site"], sort=True):
         pos = part[part["label"] == 1]
