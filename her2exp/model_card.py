@@ -326,18 +326,20 @@ def _results_section(name: str, split: dict[str, Any], e: dict[str, Any]) -> lis
         op, level = e["operating_point"], e["decision_level"]
         lines += [
             "",
-            f"Per site at the pooled frozen `{op}` ({level} level):",
+            f"Per site, at each level's pooled frozen `{op}` (never re-tuned per site):",
             "",
-            "| site | n (HER2+) | AUC | sensitivity | specificity | note |",
-            "|---|---|---|---|---|---|",
+            "| site | level | n (HER2+) | AUC | sensitivity | specificity | note |",
+            "|---|---|---|---|---|---|---|",
         ]
         for site, s in sites.items():
-            at = s if level == "tile" else (s.get(level) or {})
-            r = (at.get("reports") or {}).get(op) or {}
-            lines.append(
-                f"| {site} | {at.get('n')} ({at.get('n_pos')}) | {_auc(at.get('auc'))} | "
-                f"{_ci(r, 'sensitivity')} | {_ci(r, 'specificity')} | {s.get('note') or ''} |"
-            )
+            for lv, at in _levels(s):
+                r = (at.get("reports") or {}).get(op) or {}
+                mark = " (decision)" if lv == level else ""
+                lines.append(
+                    f"| {site} | {lv}{mark} | {at.get('n')} ({at.get('n_pos')}) | "
+                    f"{_auc(at.get('auc'))} | {_ci(r, 'sensitivity')} | {_ci(r, 'specificity')} "
+                    f"| {s.get('note') or ''} |"
+                )
     return [*lines, ""]
 
 

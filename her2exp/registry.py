@@ -8,7 +8,7 @@ decision point (`evaluation.operating_point` at `evaluation.decision_level`, the
 `test_[<level>_]<op>_sensitivity` that evaluation logged) must reach the run's
 `evaluation.target_sensitivity`. A version that fails is refused in one line unless
 `force=true`, which is recorded on the version (`her2exp.promoted_with_force`, the reason).
-What was checked is tagged on the version either way; a refusal changes nothing.
+What was checked is tagged on the version when the alias is set; a refusal changes nothing.
 `import mlflow` happens only when a store is opened.
 """
 

@@ -53,10 +53,14 @@ def test_the_runs_card_is_logged_and_holds_what_the_run_recorded(smoke_run: Smok
         for op, r in at["reports"].items():
             cells = f"| {op} | {r['threshold']:.4f} | {_ci(r, 'sensitivity')} | "
             assert cells + f"{_ci(r, 'specificity')} |" in card, (level, op)
-    op = best["operating_point"]
+    op, decision = best["operating_point"], best["decision_level"]
     for site, s in test["sites"].items():
-        row = next(ln for ln in card.splitlines() if ln.startswith(f"| {site} | {s['n']} ("))
-        assert (_ci(s["reports"][op], "specificity")) in row
+        for level in ("tile", "slide", "patient"):
+            at = s if level == "tile" else s[level]
+            mark = " (decision)" if level == decision else ""
+            start = f"| {site} | {level}{mark} | {at['n']} ({at['n_pos']}) | "
+            row = next(ln for ln in card.splitlines() if ln.startswith(start))
+            assert _ci(at["reports"][op], "specificity") in row, (site, level)
 
     assert f"her2exp-rerun run_id={smoke_run.run_id} tracking.uri=" in card
     assert "her2exp-train experiment=smoke tracking.log_model=true" in card
