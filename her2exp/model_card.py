@@ -87,10 +87,13 @@ def recipe(cfg: DictConfig) -> dict[str, Any]:
         or m.get("hub_id")
         or ("timm pretrained" if m.pretrained else "random init")
     )
+    mil = cfg.get("mil")
+    bags = "none" if mil is None or mil.name == "none" else f"{mil.name} over {d.get('bag_by')}s"
     return {
         "model": m.name,
         "weights": str(weights),
         "head": m.get("head"),
+        "MIL head (bags)": bags,
         "finetune": m.get("finetune"),
         "cached features": bool(m.get("cache_features", False)),
         "epochs": f"{int(t.epochs)} (early stop patience {t.get('early_stop_patience')})",
@@ -106,13 +109,13 @@ def recipe(cfg: DictConfig) -> dict[str, Any]:
         "mean / std": f"{list(d.mean)} / {list(d.std)}",
         "amp": t.get("amp"),
         "seed": int(cfg.seed),
-        "split seed": cfg.data.get("split_seed")
-        if cfg.data.get("split_seed") is not None
-        else int(cfg.seed),
-        "data seed": cfg.data.get("data_seed")
-        if cfg.data.get("data_seed") is not None
-        else int(cfg.seed),
+        "split seed": int(_or(d.get("split_seed"), cfg.seed)),  # null: the run's seed
+        "data seed": int(_or(d.get("data_seed"), cfg.seed)),
     }
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def _decision_report(split: dict[str, Any] | None, level: str, op: str) -> dict[str, Any] | None:
