@@ -63,7 +63,7 @@ def test_the_runs_card_is_logged_and_holds_what_the_run_recorded(smoke_run: Smok
             assert _ci(at["reports"][op], "specificity") in row, (site, level)
 
     assert f"her2exp-rerun run_id={smoke_run.run_id} tracking.uri=" in card
-    assert "her2exp-train experiment=smoke tracking.log_model=true" in card
+    assert f"her2exp-train {run.data.tags['overrides']}\n" in card  # the command line's own
     assert f"| git commit | {best['git_commit']} " in card
 
 
