@@ -677,7 +677,10 @@ def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
     }
     if extra is not None:
         header["mil"] = {"name": run.cfg.mil.name, "bag_by": run.cfg.data.bag_by}
-    record = EvalRecord(ecfg, tags, header, scorer.device, extra)
+    from her2exp import model_card
+
+    card = model_card.eval_card(run, ecfg)  # the run's card with this cohort added
+    record = EvalRecord(ecfg, tags, header, scorer.device, extra, after_reports=card)
     return record_eval(tracker, record, split, run.levels, evaluation, cohort.seed, run.calibration)
 
 
@@ -692,6 +695,8 @@ class EvalRecord:
     device: torch.device
     #: Report files drawn into the report folder before report_cohorts (kept, uploaded).
     extra_reports: Callable[[Path], list[Path]] | None = None
+    #: Files drawn after it from what it wrote (the model card), uploaded under reports/.
+    after_reports: Callable[[Path], list[Path]] | None = None
 
 
 def record_eval(
@@ -727,6 +732,8 @@ def record_eval(
             calibration=calibration,
             extra_reports=extra,
         )
+        for path in record.after_reports(report_dir) if record.after_reports else []:
+            tracker.log_artifact(path, "reports")
         status = "FINISHED"
         return {
             "evaluation": evs[split.name],

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from her2exp import checkpoint, distributed, metrics, tracking
+from her2exp import checkpoint, distributed, metrics, model_card, tracking
 from her2exp.builders import DataParts
 from her2exp.engine import Scores
 from her2exp.evaluation import ScoredSplit, report_cohorts, thresholds_on_rows
@@ -85,6 +85,7 @@ def final_evaluation(
         calibration=calibration,
         extra_reports=extra,
     )
+    model_card.write_model_card(cfg, run_dir / "reports", bundle.manifest, tracker)
     tracker.log_metrics(
         {
             "best_epoch": summary["best_epoch"],

@@ -39,6 +39,7 @@ from her2exp.evaluation import (
 from her2exp.fileio import safe_name
 from her2exp.mil.bags import mil_name
 from her2exp.mil.predict import check_bag_run, embed_batch, predict_bags
+from her2exp.registry import resolve_model_uri  # predict's contract (issue 20)
 
 log = logging.getLogger("her2exp")
 
@@ -196,8 +197,13 @@ def _scorer(run: TrainedRun, tta: str | None = None) -> Scoring:
 
 
 def load_runs(opts: Any) -> tuple[TrainedRun, list[TrainedRun]]:
-    """(the run whose thresholds call the tiles, the runs that score them): one run, or with
-    `sweep_run_id` the ensemble (her2exp/ensemble.py) and its members."""
+    """(the run whose thresholds call the tiles, the runs that score them): one run (`model_uri`:
+    the run its alias or version names), or with `sweep_run_id` the ensemble
+    (her2exp/ensemble.py) and its members."""
+    if opts.get("model_uri"):
+        run = load_run(by_model_uri(opts))
+        run.source = f"model_uri={opts.model_uri!r} (run {run.source_run})"
+        return run, [run]
     if not opts.get("sweep_run_id"):
         run = load_run(opts)
         return run, [run]
@@ -205,6 +211,13 @@ def load_runs(opts: Any) -> tuple[TrainedRun, list[TrainedRun]]:
 
     ens = load_ensemble(opts.sweep_run_id, opts.tracking.uri)
     return ens.run, ens.members
+
+
+def by_model_uri(opts: Any) -> Any:
+    """`opts` with `model_uri` (an alias, a version, runs:/ID/model) replaced by the run id it
+    names, for the load_run path (best.pt: thresholds, stain, calibration)."""
+    run_id = resolve_model_uri(opts.model_uri, opts.tracking.uri)
+    return OmegaConf.merge(opts, {"run_id": run_id, "model_uri": None})
 
 
 def _member_probs(scorers: list[Scoring], x: torch.Tensor) -> tuple[Any, Any]:
