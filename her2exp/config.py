@@ -522,6 +522,10 @@ class EvaluationConfig:
     # none | temperature: one T fitted on validation by NLL, frozen in best.pt like the
     # thresholds (which are then chosen on the calibrated probabilities) and applied downstream.
     calibration: str = "none"
+    # Grad-CAM (CNN) / token maps (ViT) over the false-negative and false-positive galleries
+    # (her2exp/explain.py). Off in experiment=smoke, and in a multirun unless its command line
+    # sets it (explain.resolve_sweep_default); skipped with model.cache_features=true.
+    explain: bool = True
 
 
 #: evaluation.tta and evaluation.calibration (engine.tta_views, metrics.fit_temperature).

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from her2exp import checkpoint, metrics, tracking
+from her2exp import checkpoint, explain, metrics, tracking
 from her2exp.builders import DataParts
 from her2exp.engine import Scores
 from her2exp.evaluation import ScoredSplit, report_cohorts, thresholds_on_rows
@@ -79,6 +79,7 @@ def final_evaluation(
         header,
         cfg.seed,
         calibration=calibration,
+        explainer=_explainer(cfg, parts, model),
     )
     tracker.log_metrics(
         {
@@ -103,6 +104,15 @@ def final_evaluation(
         }
     )
     return out
+
+
+def _explainer(cfg: DictConfig, parts: DataParts, model: Any) -> Any:
+    """evaluation.explain's maps of the run's model (None when off or not possible)."""
+    if not cfg.evaluation.get("explain", False):
+        return None
+    on_device = parts.preprocess.stain is not None
+    stain = None if on_device else parts.stain
+    return explain.build(model, parts.preprocess, bool(cfg.model.cache_features), stain)
 
 
 def fit_calibration(ecfg: DictConfig, val: Scores, test: Scores) -> dict[str, Any]:

@@ -692,6 +692,45 @@ def _plot_galleries(
     return figures
 
 
+def plot_explained_galleries(
+    report_dir: Path,
+    galleries: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]],
+    max_gallery: int,
+    explainer: Any,
+) -> list[Path]:
+    """The false-negative and false-positive galleries again, each patch under the map of where
+    the model saw HER2+ (`explain.Explainer`: Grad-CAM for CNNs, a token map for ViTs), as
+    `false_{negatives,positives}_<method>_<split>.png`; only the patches shown are explained."""
+    from her2exp.explain import overlay
+
+    figures = []
+    for name, (images, labels, scores, threshold) in galleries.items():
+        fn, fp = misclassified(labels, scores, threshold)
+        s = np.asarray(scores, dtype=np.float64)
+        for kind, idx, order in (("negatives", fn, "lowest"), ("positives", fp, "highest")):
+            shown = np.asarray(idx)[:max_gallery]
+            overlays: dict[int, np.ndarray] = {}
+            if shown.size:
+                patches = np.stack([images[int(i)] for i in shown])
+                heat = explainer(patches)
+                overlays = {
+                    int(i): overlay(p, m) for i, p, m in zip(shown, patches, heat, strict=True)
+                }
+            called = "HER2+ called HER2-" if kind == "negatives" else "HER2- called HER2+"
+            figures.append(
+                plot_error_gallery(
+                    report_dir / f"false_{kind}_{explainer.method}_{safe_name(name)}.png",
+                    overlays,
+                    s,
+                    idx,
+                    f"{name}: {called} at t={threshold:.3f}, {order} score first; "
+                    f"{explainer.method}: where it saw HER2+",
+                    max_gallery,
+                )
+            )
+    return figures
+
+
 def _plot_level_rocs(report_dir: Path, evaluations: dict[str, SplitEvaluation]) -> list[Path]:
     """roc_slide.png and roc_patient.png: each split's ROC at that level."""
     figures = []
@@ -709,6 +748,7 @@ def write_clinical_report(
     header: dict[str, Any] | None = None,
     max_gallery: int = 32,
     before: dict[str, Calibration] | None = None,
+    explainer: Any = None,
 ) -> list[Path]:
     """Write every figure, summary.md and best.json for one run; returns the paths written.
 
@@ -720,7 +760,8 @@ def write_clinical_report(
     checklist judges, default "youden"; decision_level: the level it judges, default "tile";
     thresholds: those frozen, keyed by level; calibration: the frozen one, with each split's
     Brier and ECE before it). ``before[split]``: its calibration before temperature scaling,
-    drawn beside the calibrated curve.
+    drawn beside the calibrated curve. ``explainer`` (`explain.Explainer`, or None): the
+    galleries drawn again under its maps (`plot_explained_galleries`).
     """
     report_dir = Path(report_dir)
     header = dict(header or {})
@@ -741,6 +782,8 @@ def write_clinical_report(
             )
         )
     figures += _plot_galleries(report_dir, galleries, max_gallery)
+    if explainer is not None:
+        figures += plot_explained_galleries(report_dir, galleries, max_gallery, explainer)
     fn_written = bool(galleries)
     checklist = _checklist(evaluations, header, fn_written, True)
     flat: dict[str, Any] = {}

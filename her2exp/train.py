@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from her2exp import builders, distributed, rundir, tracking
+from her2exp import builders, distributed, explain, rundir, tracking
 from her2exp.builders import DataParts, Runtime
 from her2exp.config import ConfigError, register_configs, validate
 from her2exp.final import final_evaluation
@@ -32,6 +32,7 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train, pick the best epoch on val AUC, score test at the val-chosen thresholds."""
+    explain.resolve_sweep_default(cfg)  # evaluation.explain: off in a sweep unless asked for
     runtime = builders.build_runtime(cfg)
     model = builders.build_model(cfg, runtime.dctx)  # resolves data.mean/std into cfg
     parts = builders.build_data(cfg, runtime.dctx)
