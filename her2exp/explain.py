@@ -97,26 +97,34 @@ def explainable(model: nn.Module) -> str | None:
 
 
 def layer_map(model: nn.Module, x: torch.Tensor, target: int = 1) -> torch.Tensor:
-    """(N, 1, h, w) ReLU'd Grad-CAM of the `target` logit at the feature map's own resolution
-    (a ViT: its patch grid) for the normalised batch `x` (N, 3, H, W)."""
+    """(N, 1, h, w) ReLU'd Grad-CAM at the feature map's own resolution (a ViT: its patch grid)
+    for the normalised batch `x` (N, 3, H, W), of the log-odds of class `target` against the
+    other (what P(HER2+) depends on, rather than one logit alone)."""
     from captum.attr import LayerGradCam
 
     wrapped = _Explained(model)
+
+    def log_odds(batch: torch.Tensor) -> torch.Tensor:
+        z = wrapped(batch)
+        if z.shape[1] != 2:
+            return z[:, target : target + 1]
+        return (z[:, target] - z[:, 1 - target]).unsqueeze(1)
+
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
             x = x.detach().float().requires_grad_(True)
-            cam = LayerGradCam(wrapped, wrapped.tap)
-            attr = cam.attribute(x, target=target, relu_attributions=True)
+            cam = LayerGradCam(log_odds, wrapped.tap)
+            attr = cam.attribute(x, target=0, relu_attributions=True)
     finally:
         wrapped.close()
         model.train(was_training)
     return attr.detach().float()
 
 
-def maps(model: nn.Module, x: torch.Tensor, target: int = 1) -> np.ndarray:
-    """(N, H, W) float32 in [0, 1]: `layer_map` upsampled to the input with captum's
+def maps(model: nn.Module, x: torch.Tensor, target: int = 1) -> tuple[np.ndarray, tuple[int, int]]:
+    """(N, H, W) float32 in [0, 1] and the (h, w) it was computed at: `layer_map` upsampled to the input with captum's
     `LayerAttribution.interpolate` (bilinear) and scaled by its maximum per image; all zero
     where nothing pointed to `target`."""
     from captum.attr import LayerAttribution
@@ -124,7 +132,8 @@ def maps(model: nn.Module, x: torch.Tensor, target: int = 1) -> np.ndarray:
     attr = layer_map(model, x, target)
     up = LayerAttribution.interpolate(attr, tuple(x.shape[-2:]), "bilinear").clamp_min(0)[:, 0]
     peak = up.flatten(1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-    return (up / peak[:, None, None]).clamp(0, 1).cpu().numpy().astype(np.float32)
+    heat = (up / peak[:, None, None]).clamp(0, 1).cpu().numpy().astype(np.float32)
+    return heat, (int(attr.shape[-2]), int(attr.shape[-1]))
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = ALPHA) -> np.ndarray:
@@ -146,11 +155,18 @@ class Explainer:
     model: nn.Module
     preprocess: Callable[..., torch.Tensor]
     stain: Callable[..., torch.Tensor] | None = None
+    grid: tuple[int, int] | None = None  # the resolution of the last maps, before upsampling
 
     @property
     def method(self) -> str:
         """The file-name tag of its figures: gradcam (CNN) or attention (ViT token map)."""
         return "attention" if is_vit(self.model.backbone) else "gradcam"
+
+    def describe(self) -> str:
+        """The figure's note: the method and the grid its maps have (a 1 x 1 grid says nothing
+        about where: a CNN's last stage on a small patch)."""
+        grid = "" if self.grid is None else f" at {self.grid[0]}x{self.grid[1]}"
+        return f"{self.method}{grid}: where it saw HER2+ (red) against HER2- (log-odds)"
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 -> (N, H, W) maps in [0, 1], in batches of BATCH."""
@@ -160,7 +176,8 @@ class Explainer:
             x = x.permute(0, 3, 1, 2).contiguous()
             if self.stain is not None:
                 x = self.stain(x, False)
-            out.append(maps(self.model, self.preprocess(x)))
+            heat, self.grid = maps(self.model, self.preprocess(x))
+            out.append(heat)
         h, w = images.shape[1:3]
         return np.concatenate(out) if out else np.zeros((0, h, w), np.float32)
 

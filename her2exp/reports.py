@@ -724,7 +724,7 @@ def plot_explained_galleries(
                     s,
                     idx,
                     f"{name}: {called} at t={threshold:.3f}, {order} score first; "
-                    f"{explainer.method}: where it saw HER2+",
+                    + explainer.describe(),
                     max_gallery,
                 )
             )

@@ -86,8 +86,8 @@ def _tiny_vit(**kwargs) -> nn.Module:
 
 
 def test_gradcam_highlights_the_region_the_output_depends_on() -> None:
-    """The map peaks on the planted square and is near 0 away from it; the HER2- logit (which
-    the square lowers) gives an empty ReLU'd map: the maps are class-specific."""
+    """The map peaks on the planted square and is near 0 away from it; the HER2- log-odds (which
+    the square lowers) give an empty ReLU'd map: the maps are class-specific."""
     model = _red_detector()
     images, masks = _planted(6)
     explainer = explain.Explainer(model, HALF)
@@ -99,7 +99,9 @@ def test_gradcam_highlights_the_region_the_output_depends_on() -> None:
         assert m[inside].mean() > 0.7
         far = ~binary_dilation(inside, iterations=5)  # beyond one 4 px feature cell of it
         assert m[far].max() < 0.05
-    negative = explain.maps(model, HALF(torch.from_numpy(images).permute(0, 3, 1, 2)), target=0)
+    assert explainer.grid == (SIZE // 4, SIZE // 4)
+    x = HALF(torch.from_numpy(images).permute(0, 3, 1, 2))
+    negative, _ = explain.maps(model, x, target=0)
     assert np.all(negative == 0)
 
 
@@ -139,6 +141,7 @@ def test_a_vit_map_has_the_patch_grid_upsampled_to_the_image(embedding: str) -> 
     assert explainer.method == "attention"
     heat = explainer(images)
     assert heat.shape == (3, SIZE, SIZE) and 0.0 <= heat.min() and heat.max() <= 1.0
+    assert explainer.grid == (4, 4) and "attention at 4x4" in explainer.describe()
     assert not vit.blocks[-1].norm1._forward_hooks
 
 
