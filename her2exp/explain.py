@@ -67,7 +67,13 @@ class _Explained(nn.Module):
             self._grid = patch_grid(self.backbone, x.shape[-2:])
             return self.model(x)
         feats = self.backbone.forward_features(x)
-        return self.model.head(self.backbone.forward_head(self.tap(feats)))
+        if feats.ndim != 4:
+            raise TypeError(f"forward_features gave {tuple(feats.shape)}, not a feature map")
+        if str(getattr(self.backbone, "output_fmt", "NCHW")).endswith("NHWC"):  # e.g. Swin
+            feats = self.tap(feats.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        else:
+            feats = self.tap(feats)
+        return self.model.head(self.backbone.forward_head(feats))
 
     def close(self) -> None:
         if self._hook is not None:
@@ -112,9 +118,9 @@ def layer_map(model: nn.Module, x: torch.Tensor, target: int = 1) -> torch.Tenso
 
     was_training = model.training
     model.eval()
-    try:
-        with torch.enable_grad():
-            x = x.detach().float().requires_grad_(True)
+    try:  # gradients even if a caller scores under inference_mode or no_grad
+        with torch.inference_mode(False), torch.enable_grad():
+            x = x.detach().float().clone().requires_grad_(True)
             cam = LayerGradCam(log_odds, wrapped.tap)
             attr = cam.attribute(x, target=0, relu_attributions=True)
     finally:

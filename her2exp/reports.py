@@ -783,7 +783,12 @@ def write_clinical_report(
         )
     figures += _plot_galleries(report_dir, galleries, max_gallery)
     if explainer is not None:
-        figures += plot_explained_galleries(report_dir, galleries, max_gallery, explainer)
+        try:  # an optional figure never costs a finished run its report
+            figures += plot_explained_galleries(report_dir, galleries, max_gallery, explainer)
+        except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+            warnings.warn(
+                f"evaluation.explain: no overlays ({type(exc).__name__}: {exc})", stacklevel=2
+            )
     fn_written = bool(galleries)
     checklist = _checklist(evaluations, header, fn_written, True)
     flat: dict[str, Any] = {}

@@ -32,7 +32,6 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train, pick the best epoch on val AUC, score test at the val-chosen thresholds."""
-    explain.resolve_sweep_default(cfg)  # evaluation.explain: off in a sweep unless asked for
     runtime = builders.build_runtime(cfg)
     model = builders.build_model(cfg, runtime.dctx)  # resolves data.mean/std into cfg
     parts = builders.build_data(cfg, runtime.dctx)
@@ -153,6 +152,9 @@ def _worker(container: dict[str, Any]) -> dict[str, Any]:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train in this process, under torchrun, or by starting `trainer.nproc_per_node` workers."""
+    # evaluation.explain: off in a sweep unless asked for; here, where Hydra's runtime config
+    # is (the workers started below have none), before the config is copied into them.
+    explain.resolve_sweep_default(cfg)
     n = cfg.trainer.nproc_per_node
     if n > 1 and not distributed.under_launcher():
         validate(cfg)  # fail in the parent, before any worker starts
