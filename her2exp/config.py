@@ -304,6 +304,8 @@ class DataConfig:
     # data=synthetic: the fraction of a HER2+ patient's patches that carry its HER2 expression,
     # the rest drawn like HER2- patches but keeping the label (a bag task); null: all of them.
     positive_patch_fraction: float | None = ranged(None, gt=0, le=1)
+    # mil != none: the bag of tiles one prediction is made for (her2exp/mil/bags.py).
+    bag_by: str = "patient"  # patient | slide
 
 
 SPLIT_BY_CHOICES = ("patient", "site")
@@ -516,6 +518,10 @@ class EvaluationConfig:
     decision_level: str = "tile"  # tile | slide | patient
     operating_point: str = "youden"
     gallery_max: int = ranged(32, ge=0)
+    # The PNG figures of a report (ROCs, PR, reliability, decision curve, confusion matrices,
+    # galleries): ~6 s of matplotlib per run. Off in experiment=smoke (the tests); the numbers,
+    # summary.md, best.json and predictions are written either way.
+    figures: bool = True
     # Final evaluation, eval and predict (per-epoch validation stays one view): none | d4, the
     # mean HER2+ probability over the 8 rotations and flips of each patch.
     tta: str = "none"
@@ -552,6 +558,47 @@ def validate_evaluation(e: Any) -> None:
         _fail("evaluation.calibration", e.calibration, f"one of {', '.join(CALIBRATION_CHOICES)}")
 
 
+MIL_CHOICES = ("none", "mean_pool", "max_pool", "abmil")
+BAG_BY_CHOICES = ("patient", "slide")
+
+
+@dataclass
+class MilConfig:
+    """A head over bags of cached tile embeddings (`mil=abmil`, ...; her2exp/mil/), one bag per
+    `data.bag_by`; `none` is the patch classifier. Named apart from `evaluation.*_aggregation`,
+    which aggregates patch scores after the fact."""
+
+    name: str = "none"  # none | mean_pool | max_pool | abmil
+    hidden: int = ranged(128, ge=1)  # the instance embedding's width in the head
+    attention_dim: int = ranged(128, ge=1)  # abmil: width of the attention network
+    dropout: float = ranged(0.25, ge=0, lt=1)
+    gated: bool = True  # abmil: gated attention (Ilse et al. 2018, eq. 9)
+    batch_size: int = ranged(8, ge=1)  # bags per optimizer step (global) and per scoring batch
+
+
+def validate_mil(mil: Any, cfg: Any) -> None:
+    """mil.*: the head, and what bags need of the other groups (the group files set them)."""
+    if mil.name not in MIL_CHOICES:
+        _fail("mil.name", mil.name, f"one of {', '.join(MIL_CHOICES)}")
+    d = cfg.data
+    if d.bag_by not in BAG_BY_CHOICES:
+        _fail("data.bag_by", d.bag_by, f"one of {', '.join(BAG_BY_CHOICES)}")
+    if mil.name == "none":
+        return
+    why = f"mil={mil.name} trains on bags of cached tile embeddings"
+    if not cfg.model.cache_features:
+        _fail("model.cache_features", False, f"true with mil={mil.name} ({why})")
+    levels = (d.bag_by, "patient") if d.bag_by == "slide" else (d.bag_by,)
+    e = cfg.evaluation
+    if e.decision_level not in levels:
+        _fail(
+            "evaluation.decision_level",
+            e.decision_level,
+            f"{' or '.join(levels)} with mil={mil.name} data.bag_by={d.bag_by} (a bag is "
+            f"scored as a whole: there are no tile scores to decide on)",
+        )
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -561,6 +608,7 @@ class TrainConfig:
     stain: StainConfig = field(default_factory=StainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    mil: MilConfig = field(default_factory=MilConfig)
     seed: int = ranged(42, ge=0, le=SEED_MAX)
     task_name: str = "train"
     output_dir: str = MISSING
@@ -605,6 +653,7 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
     validate_evaluation(cfg.evaluation)
     validate_tracking(cfg.tracking)
     validate_combinations(cfg)
+    validate_mil(cfg.mil, cfg)
 
 
 def validate_combinations(cfg: Any) -> None:

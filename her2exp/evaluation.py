@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from her2exp import checkpoint, metrics, reports, tracking
 from her2exp.config import ConfigError
 from her2exp.fileio import safe_name
+from her2exp.mil.bags import attach_head, mil_name
 
 if TYPE_CHECKING:
     from her2exp.data import RowView
@@ -197,6 +198,7 @@ def report_cohorts(
         header,
         max_gallery=ecfg.gallery_max,
         before=before,
+        figures=ecfg.get("figures", True),
         explainer=explainer,
     )
     for s in splits:
@@ -229,6 +231,7 @@ PER_SPLIT_REPORTS = (
     "false_negatives_*.png",
     "false_positives_*.png",
     "most_uncertain_*.png",
+    "attention_*.csv",
 )
 
 
@@ -476,6 +479,8 @@ def load_model(run: TrainedRun, device: torch.device) -> torch.nn.Module:
     from her2exp import models
 
     model = models.build(run.cfg.model, device, load_weights=False)  # best.pt holds them
+    if mil_name(run.cfg) != "none":
+        attach_head(model, run.cfg.mil)
     try:
         model.load_state_dict(run.state["model"])
     except (RuntimeError, KeyError, TypeError) as exc:
@@ -648,7 +653,13 @@ def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
     run, evaluation, cohort = prepare_evaluation(ecfg)
     scorer = build_scorer(run, ecfg.trainer.amp, ecfg.seed, evaluation.tta)
     tracker = tracking.build(ecfg.tracking, True)
-    split = score_cohort(scorer, cohort)
+    extra = None
+    if mil_name(run.cfg) != "none":  # bags: one row per bag, attention files beside
+        from her2exp.mil.report import score_cohort_bags
+
+        split, extra = score_cohort_bags(scorer, cohort, run, evaluation.operating_point)
+    else:
+        split = score_cohort(scorer, cohort)
     bundle = cohort.bundle
     source = ecfg.checkpoint or f"runs:/{run.source_run}/checkpoints/best.pt"
     tags = {
@@ -668,8 +679,10 @@ def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
         "data_fingerprint": bundle.fingerprint,
         "best_epoch": run.state.get("epoch"),
     }
-    record = EvalRecord(ecfg, tags, header, scorer.device)
-    if evaluation.get("explain", False):
+    if extra is not None:
+        header["mil"] = {"name": run.cfg.mil.name, "bag_by": run.cfg.data.bag_by}
+    record = EvalRecord(ecfg, tags, header, scorer.device, extra)
+    if evaluation.get("explain", False) and extra is None:  # bags have no patch galleries
         from her2exp import explain
 
         # Eval scores pixels through the whole model, a cached-feature run's too.

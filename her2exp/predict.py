@@ -37,6 +37,8 @@ from her2exp.evaluation import (
     run_stain,
 )
 from her2exp.fileio import safe_name
+from her2exp.mil.bags import mil_name
+from her2exp.mil.predict import check_bag_run, embed_batch, predict_bags
 
 log = logging.getLogger("her2exp")
 
@@ -97,9 +99,12 @@ def predict_folder(opts: Any) -> Predictions:
             "tiles can be grouped into slides and patients"
         )
     cfg = run.cfg
+    bags = mil_name(cfg) != "none"  # a MIL run: tiles embedded, then scored as bags
+    if bags:
+        check_bag_run(run, members, opts.get("tta"))
     scorers = [_scorer(m, opts.get("tta")) for m in members]
 
-    rows, errors = [], []
+    rows, errors, embedded = [], [], []
     for start in range(0, len(files), opts.batch_size):
         batch, paths = [], []
         for path in files[start : start + opts.batch_size]:
@@ -111,9 +116,20 @@ def predict_folder(opts: Any) -> Predictions:
         if not batch:
             continue
         x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+        if bags:
+            embedded.append(embed_batch(scorers[0], x))
+            rows += [{"path": str(path)} for path in paths]
+            continue
         mean, sd = _member_probs(scorers, x)
         for path, p, d in zip(paths, mean, sd, strict=True):
             rows.append({"path": str(path), "prob_her2_pos": p, "member_sd": d})
+    if bags:
+        tiles = pd.DataFrame(rows, columns=["path"])
+        found = groups.loc[[str(Path(p).resolve()) for p in tiles["path"]]]
+        tiles["slide_id"] = found["slide_id"].to_numpy()
+        tiles["patient_id"] = found["patient_id"].to_numpy()
+        features = torch.cat(embedded) if embedded else torch.zeros(0, 0)
+        return predict_bags(run, scorers[0], level, thresholds, tiles, features, errors)
     columns = ["path", "prob_her2_pos", *(["member_sd"] if opts.get("sweep_run_id") else [])]
     tiles = pd.DataFrame(rows, columns=["path", "prob_her2_pos", "member_sd"])[columns]
     return call(run, level, thresholds, tiles, groups, errors)
@@ -237,10 +253,17 @@ def predict_slides(opts: Any, heatmap_dir: Path) -> Predictions:
         batch_size=opts.batch_size,
         num_workers=opts.num_workers,
     )
+    bags = mil_name(run.cfg) != "none"  # a MIL run: tiles embedded, then scored as bags
+    if bags:
+        check_bag_run(run, members, opts.get("tta"))
     scorers = [_scorer(m, opts.get("tta")) for m in members]
     probs: list[float] = []
     sds: list[float] = []
+    embedded = []
     for x, _, _ in loader:
+        if bags:
+            embedded.append(embed_batch(scorers[0], x))
+            continue
         mean, sd = _member_probs(scorers, x)
         probs += mean
         sds += sd
@@ -248,6 +271,14 @@ def predict_slides(opts: Any, heatmap_dir: Path) -> Predictions:
     table = tiles[[c for c in keep if c in tiles] + ["level", "read_size"]].copy()
     table["slide_id"] = table["slide_id"].astype(str)
     table["patient_id"] = table["patient_id"].astype(str)
+    if bags:  # the tile heatmaps show tile scores; a bag's attention is in its own column
+        from her2exp.mil.outputs import attention_heatmaps
+
+        features = torch.cat(embedded)
+        result = predict_bags(run, scorers[0], level, thresholds, table, features, errors)
+        heatmap_dir.mkdir(parents=True, exist_ok=True)
+        attention_heatmaps(result.tiles, tiles, heatmap_dir)
+        return result
     table["prob_her2_pos"] = probs
     if opts.get("sweep_run_id"):
         table["member_sd"] = sds

@@ -170,7 +170,8 @@ def _fingerprint(cfg: DictConfig, seed: int, manifest: pd.DataFrame) -> str:
     """
     generator_cfg = OmegaConf.to_container(cfg, resolve=True)
     # The seeds enter as the generator's seed and through the manifest's split column.
-    for key in ("mean", "std", "data_seed", "split_seed"):
+    # bag_by groups rows into bags (mil): it does not change the data.
+    for key in ("mean", "std", "data_seed", "split_seed", "bag_by"):
         generator_cfg.pop(key, None)
     # Unset, the generator is today's: the fingerprint too.
     if generator_cfg.get("positive_patch_fraction") is None:
