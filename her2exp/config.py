@@ -309,6 +309,9 @@ class DataConfig:
     # null: the run's `seed`. Fix them in a seed sweep so only the initialisation varies.
     data_seed: int | None = ranged(None, ge=0, le=SEED_MAX)  # renders the embedded data set
     split_seed: int | None = ranged(None, ge=0, le=SEED_MAX)  # assigns patients to train/val/test
+    # data=synthetic: the fraction of a HER2+ patient's patches that carry its HER2 expression,
+    # the rest drawn like HER2- patches but keeping the label (a bag task); null: all of them.
+    positive_patch_fraction: float | None = ranged(None, gt=0, le=1)
     # mil != none: the bag of tiles one prediction is made for (her2exp/mil/bags.py).
     bag_by: str = "patient"  # patient | slide
 
@@ -357,6 +360,12 @@ def validate_data(d: Any, m: Any) -> None:
         )
     if d.on_bad_file not in ("error", "skip"):
         _fail("data.on_bad_file", d.on_bad_file, "error or skip")
+    if d.get("positive_patch_fraction") is not None and d.source != "synthetic":
+        _fail(
+            "data.positive_patch_fraction",
+            d.positive_patch_fraction,
+            "null unless data=synthetic (it shapes the embedded generator only)",
+        )
     if not d.cache and d.source == "synthetic":
         _fail(
             "data.cache",
@@ -527,6 +536,10 @@ class EvaluationConfig:
     # none | temperature: one T fitted on validation by NLL, frozen in best.pt like the
     # thresholds (which are then chosen on the calibrated probabilities) and applied downstream.
     calibration: str = "none"
+    # Grad-CAM (CNN) / token maps (ViT) over the false-negative and false-positive galleries
+    # (her2exp/explain.py). Off in experiment=smoke, and in a multirun unless its command line
+    # sets it (explain.resolve_sweep_default); skipped with model.cache_features=true.
+    explain: bool = True
 
 
 #: evaluation.tta and evaluation.calibration (engine.tta_views, metrics.fit_temperature).

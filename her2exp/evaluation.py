@@ -151,12 +151,14 @@ def report_cohorts(
     gallery_splits: tuple[str, ...] = ("test", "external"),
     calibration: dict[str, Any] | None = None,
     extra_reports: list[Path] | None = None,
+    explainer: Any = None,
 ) -> dict[str, metrics.SplitEvaluation]:
     """Metrics at the frozen `thresholds` (keyed by level; a flat dict is the tile level) for
     every split -> reports -> MLflow (rank 0 only). `ecfg.decision_level` is the headline.
     `calibration`: the run's frozen one; its Brier and ECE before (`*_uncalibrated`) and after
     are reported for every split that kept its `uncalibrated` scores. `extra_reports`: files
-    the caller wrote into `report_dir` (kept, uploaded with the rest)."""
+    the caller wrote into `report_dir` (kept, uploaded with the rest). `explainer`
+    (`explain.build`): the galleries drawn again under its maps when `ecfg.explain`."""
     levels = metrics.as_level_thresholds(thresholds)
     tile = levels["tile"]
     evaluations = {s.name: evaluate_scored(s, levels, ecfg, seed) for s in splits}
@@ -188,6 +190,7 @@ def report_cohorts(
             "uncalibrated": {k: {"brier": c.brier, "ece": c.ece} for k, c in before.items()},
         },
     }
+    explainer = explainer if ecfg.get("explain", False) else None
     written = reports.write_clinical_report(
         report_dir,
         evaluations,
@@ -196,6 +199,7 @@ def report_cohorts(
         max_gallery=ecfg.gallery_max,
         before=before,
         figures=ecfg.get("figures", True),
+        explainer=explainer,
     )
     for s in splits:
         written += _write_predictions(report_dir, s, evaluations[s.name], tile)
@@ -681,6 +685,11 @@ def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
 
     card = model_card.eval_card(run, ecfg)  # the run's card with this cohort added
     record = EvalRecord(ecfg, tags, header, scorer.device, extra, after_reports=card)
+    if evaluation.get("explain", False) and extra is None:  # bags have no patch galleries
+        from her2exp import explain
+
+        # Eval scores pixels through the whole model, a cached-feature run's too.
+        record.explainer = explain.build(scorer.model, scorer.preprocess, False, scorer.stain)
     return record_eval(tracker, record, split, run.levels, evaluation, cohort.seed, run.calibration)
 
 
@@ -697,6 +706,7 @@ class EvalRecord:
     extra_reports: Callable[[Path], list[Path]] | None = None
     #: Files drawn after it from what it wrote (the model card), uploaded under reports/.
     after_reports: Callable[[Path], list[Path]] | None = None
+    explainer: Any = None  # explain.Explainer of the scored model (evaluation.explain)
 
 
 def record_eval(
@@ -731,6 +741,7 @@ def record_eval(
             gallery_splits=(split.name,),
             calibration=calibration,
             extra_reports=extra,
+            explainer=record.explainer,
         )
         for path in record.after_reports(report_dir) if record.after_reports else []:
             tracker.log_artifact(path, "reports")

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from her2exp import checkpoint, distributed, metrics, model_card, tracking
+from her2exp import checkpoint, distributed, explain, metrics, model_card, tracking
 from her2exp.builders import DataParts
 from her2exp.engine import Scores
 from her2exp.evaluation import ScoredSplit, report_cohorts, thresholds_on_rows
@@ -84,6 +84,7 @@ def final_evaluation(
         cfg.seed,
         calibration=calibration,
         extra_reports=extra,
+        explainer=_explainer(cfg, parts, model),
     )
     model_card.write_model_card(cfg, run_dir / "reports", bundle.manifest, tracker)
     tracker.log_metrics(
@@ -111,6 +112,15 @@ def final_evaluation(
         }
     )
     return out
+
+
+def _explainer(cfg: DictConfig, parts: DataParts, model: Any) -> Any:
+    """evaluation.explain's maps of the run's model (None when off or not possible)."""
+    if not cfg.evaluation.get("explain", False):
+        return None
+    on_device = parts.preprocess.stain is not None
+    stain = None if on_device else parts.stain
+    return explain.build(model, parts.preprocess, bool(cfg.model.cache_features), stain)
 
 
 def scored_splits(

@@ -711,6 +711,45 @@ def _plot_galleries(
     return figures
 
 
+def plot_explained_galleries(
+    report_dir: Path,
+    galleries: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]],
+    max_gallery: int,
+    explainer: Any,
+) -> list[Path]:
+    """The false-negative and false-positive galleries again, each patch under the map of where
+    the model saw HER2+ (`explain.Explainer`: Grad-CAM for CNNs, a token map for ViTs), as
+    `false_{negatives,positives}_<method>_<split>.png`; only the patches shown are explained."""
+    from her2exp.explain import overlay
+
+    figures = []
+    for name, (images, labels, scores, threshold) in galleries.items():
+        fn, fp = misclassified(labels, scores, threshold)
+        s = np.asarray(scores, dtype=np.float64)
+        for kind, idx, order in (("negatives", fn, "lowest"), ("positives", fp, "highest")):
+            shown = np.asarray(idx)[:max_gallery]
+            overlays: dict[int, np.ndarray] = {}
+            if shown.size:
+                patches = np.stack([images[int(i)] for i in shown])
+                heat = explainer(patches)
+                overlays = {
+                    int(i): overlay(p, m) for i, p, m in zip(shown, patches, heat, strict=True)
+                }
+            called = "HER2+ called HER2-" if kind == "negatives" else "HER2- called HER2+"
+            figures.append(
+                plot_error_gallery(
+                    report_dir / f"false_{kind}_{explainer.method}_{safe_name(name)}.png",
+                    overlays,
+                    s,
+                    idx,
+                    f"{name}: {called} at t={threshold:.3f}, {order} score first; "
+                    + explainer.describe(),
+                    max_gallery,
+                )
+            )
+    return figures
+
+
 def _plot_level_rocs(report_dir: Path, evaluations: dict[str, SplitEvaluation]) -> list[Path]:
     """roc_slide.png and roc_patient.png: each split's ROC at that level."""
     figures = []
@@ -729,6 +768,7 @@ def write_clinical_report(
     max_gallery: int = 32,
     before: dict[str, Calibration] | None = None,
     figures: bool = True,
+    explainer: Any = None,
 ) -> list[Path]:
     """Write every figure, summary.md and best.json for one run; returns the paths written.
 
@@ -741,14 +781,20 @@ def write_clinical_report(
     thresholds: those frozen, keyed by level; calibration: the frozen one, with each split's
     Brier and ECE before it). ``before[split]``: its calibration before temperature scaling,
     drawn beside the calibrated curve. ``figures=False`` (evaluation.figures): no PNG, and the
-    checklist says the gallery and decision curve were not drawn.
+    checklist says the gallery and decision curve were not drawn. ``explainer``
+    (`explain.Explainer`, or None): the galleries drawn again under its maps
+    (`plot_explained_galleries`).
     """
     report_dir = Path(report_dir)
     header = dict(header or {})
     galleries = galleries or {}
     if not evaluations:
         raise ValueError("no evaluations to report")
-    paths = _figures(report_dir, evaluations, galleries, max_gallery, before) if figures else []
+    paths = (
+        _figures(report_dir, evaluations, galleries, max_gallery, before, explainer)
+        if figures
+        else []
+    )
     if not figures:
         header["figures"] = False  # recorded in best.json; the checklist names it
     checklist = _checklist(evaluations, header, bool(paths and galleries), bool(paths))
@@ -775,6 +821,7 @@ def _figures(
     galleries: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]],
     max_gallery: int,
     before: dict[str, Calibration] | None,
+    explainer: Any = None,
 ) -> list[Path]:
     figures = [
         plot_roc_ci(report_dir / "roc.png", evaluations),
@@ -789,4 +836,12 @@ def _figures(
                 report_dir / f"confusion_{safe_name(name)}.png", ev, _split_title(name)
             )
         )
-    return figures + _plot_galleries(report_dir, galleries, max_gallery)
+    figures += _plot_galleries(report_dir, galleries, max_gallery)
+    if explainer is not None:
+        try:  # an optional figure never costs a finished run its report
+            figures += plot_explained_galleries(report_dir, galleries, max_gallery, explainer)
+        except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+            warnings.warn(
+                f"evaluation.explain: no overlays ({type(exc).__name__}: {exc})", stacklevel=2
+            )
+    return figures

@@ -91,6 +91,7 @@ class EvaluationOverrides:
     gallery_max: int | None = ranged(None, ge=0)
     tta: str | None = None  # none | d4; the run's thresholds were chosen on its own setting
     calibration: str | None = None  # frozen in best.pt: only the run's own is accepted
+    explain: bool | None = None  # Grad-CAM / token maps over the galleries (her2exp/explain.py)
     figures: bool | None = None  # the report's PNG figures (a smoke run's own: off)
 
 

@@ -129,6 +129,7 @@ def build_cohort(cfg: DictConfig, seed: int) -> DataBundle:
         sites=list(cfg.sites),
         positive_fraction=cfg.positive_fraction,
         seed=seed,
+        positive_patch_fraction=cfg.get("positive_patch_fraction"),
     )
     manifest = data.frame.copy()
     manifest["split"] = "cohort"
@@ -172,6 +173,9 @@ def _fingerprint(cfg: DictConfig, seed: int, manifest: pd.DataFrame) -> str:
     # bag_by groups rows into bags (mil): it does not change the data.
     for key in ("mean", "std", "data_seed", "split_seed", "bag_by"):
         generator_cfg.pop(key, None)
+    # Unset, the generator is today's: the fingerprint too.
+    if generator_cfg.get("positive_patch_fraction") is None:
+        generator_cfg.pop("positive_patch_fraction", None)
     # The CV settings enter through the split column only, so runs without folds keep the
     # fingerprint they had before cross-validation existed.
     for key in ("folds", "fold", "by", "ignore_column"):
