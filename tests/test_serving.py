@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -203,3 +205,34 @@ def test_logged_model_has_a_signature_an_example_and_no_pickle(
     example = info.load_input_example(str(local))
     assert len(example["image"]) == 2 and isinstance(example["image"][0], str)
     assert "pickle" not in smoke_run.stderr.lower()
+
+
+def test_request_forms_give_one_batch_and_bad_cells_are_named() -> None:
+    """In process (no server): what MLflow hands the model, or a caller passes, becomes the
+    uint8 NCHW batch predict scores; base64 PNG and pixels of the same patch agree."""
+    from her2exp import serving
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, (2, 40, 40, 3), dtype=np.uint8)
+    png = [serving.encode_png(x) for x in a]
+    want = serving.patches(a, 32)
+    assert want.dtype == torch.uint8 and tuple(want.shape) == (2, 3, 32, 32)
+    for form in (
+        {"image": a},
+        {"image": png},  # in process MLflow makes this one row holding the list
+        pd.DataFrame({"image": png}),
+        pd.DataFrame({"image": [x.tolist() for x in a]}),
+        pd.DataFrame({"image": [x.astype(str) for x in a]}),  # numbers as text, as MLflow parses
+    ):
+        assert torch.equal(serving.patches(form, 32), want)
+    bad = {
+        "rows of unequal length": pd.DataFrame({"image": [[[[1, 2, 3]], [[1, 2]]]]}),
+        "value '-1' is not an integer": pd.DataFrame({"image": [np.full((2, 2, 3), "-1")]}),
+        "bool values": pd.DataFrame({"image": [np.ones((2, 2, 3), dtype=bool)]}),
+        "image 1: empty": pd.DataFrame({"image": [png[0], None]}),
+        "no column 'image'": pd.DataFrame({"pixels": png}),
+        "expected (N, H, W, 3)": a[0],
+    }
+    for problem, form in bad.items():
+        with pytest.raises(serving.RequestError, match=re.escape(problem)):
+            serving.patches(form, 32)
