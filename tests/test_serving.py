@@ -60,7 +60,7 @@ def server(smoke_run: SmokeRun, tmp_path_factory: pytest.TempPathFactory):
         proc = subprocess.Popen(
             [str(BIN / "mlflow"), "models", "serve", "-m", f"runs:/{smoke_run.run_id}/model",
              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=smoke_run.cwd,
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=log_path.parent,
             start_new_session=True,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
