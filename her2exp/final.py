@@ -101,7 +101,7 @@ def final_evaluation(
     )
     log_run_files(cfg, run_dir, tracker, best_ckpt)
     if cfg.tracking.get("log_model", True) and parts.bags is None:
-        log_model(cfg, model, tracker, thresholds, calibration)
+        log_model(cfg, model, tracker, thresholds, run_dir, calibration)
     elif cfg.tracking.get("log_model", True):  # its signature is one image batch, not bags
         log.info("mil=%s: no MLflow model logged (best.pt is the model)", cfg.mil.name)
     out.update(
@@ -269,35 +269,41 @@ def log_model(
     model: Any,
     tracker: tracking.Tracker,
     thresholds: dict[str, dict[str, float]],
+    run_dir: Path,
     calibration: dict[str, Any] | None = None,
 ) -> None:
-    """The MLflow model (normalised float patches in, two logits out) with its contract:
-    `thresholds` are the decision level's (a server calls with those, after aggregating the
-    tile scores as `aggregation` says when the level is slide or patient);
-    `thresholds_by_level` holds every level's. The thresholds apply to calibrated scores: a
-    server divides the logit difference by `calibration.temperature` first (and averages the
-    `tta` views when it is d4)."""
+    """The MLflow model (her2exp/serving.py): RGB patches in, `prob_her2_pos` and
+    `called_her2_pos` at the frozen tile-level `operating_point` out, with the run's resize,
+    stain reference, mean/std, TTA and temperature applied inside (from best.pt, its artifact).
+    The metadata keeps the contract of every level: `thresholds` are the decision level's (a
+    client aggregating tile scores into slides or patients calls with those, aggregated as
+    `aggregation` says); `thresholds_by_level` holds every level's."""
+    from her2exp import serving
+
     size = cfg.data.image_size
     e = cfg.evaluation
-    tracker.log_model(
-        model.eval(),
-        np.zeros((1, 3, size, size), dtype=np.float32),
-        {
-            "thresholds": thresholds[e.decision_level],
-            "thresholds_by_level": thresholds,
-            "decision_level": e.decision_level,
-            "aggregation": {
-                "slide": e.slide_aggregation,
-                "patient": e.patient_aggregation,
-                "topk": int(e.topk),
-            },
-            "calibration": dict(calibration or {"method": "none"}),
-            "tta": e.get("tta", "none"),
-            "class_names": ["HER2-", "HER2+"],
-            "output": "logits; softmax column 1 is P(HER2+)",
-            "image_size": size,
-            "mean": list(cfg.data.mean),
-            "std": list(cfg.data.std),
-            "backbone_weights": dict(getattr(model, "weights_info", {})),
+    metadata = {
+        "thresholds": thresholds[e.decision_level],
+        "thresholds_by_level": thresholds,
+        "decision_level": e.decision_level,
+        "operating_point": e.operating_point,
+        "aggregation": {
+            "slide": e.slide_aggregation,
+            "patient": e.patient_aggregation,
+            "topk": int(e.topk),
         },
-    )
+        "calibration": dict(calibration or {"method": "none"}),
+        "tta": e.get("tta", "none"),
+        "class_names": ["HER2-", "HER2+"],
+        "input": "column image: base64 PNG/JPEG or (H, W, 3) uint8 RGB lists, any size",
+        "output": "prob_her2_pos (calibrated P(HER2+)), called_her2_pos at the tile-level "
+        "operating_point (params.operating_point), threshold, operating_point",
+        "image_size": size,
+        "mean": list(cfg.data.mean),
+        "std": list(cfg.data.std),
+        "backbone_weights": dict(getattr(model, "weights_info", {})),
+    }
+    if not (run_dir / "checkpoints" / "best.pt").is_file():
+        log.warning("no %s: the MLflow model is not logged", run_dir / "checkpoints" / "best.pt")
+        return
+    tracker.log_model(serving.model_spec(run_dir, size, e.operating_point, metadata))

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from her2exp import metrics
 from her2exp.config import ConfigError
-from her2exp.data.sources import read_patch  # decoded exactly as in training
+from her2exp.data.sources import read_patch, resize_patch  # decoded as in training
 from her2exp.engine import Preprocess, mean_probability, view_logits
 from her2exp.evaluation import (
     TrainedRun,
@@ -116,7 +116,7 @@ def predict_folder(opts: Any) -> Predictions:
                 errors.append((str(path), f"{type(exc).__name__}: {exc}"))
         if not batch:
             continue
-        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+        x = prepare_patches(batch, cfg.data.image_size)
         if bags:
             embedded.append(embed_batch(scorers[0], x))
             rows += [{"path": str(path)} for path in paths]
@@ -134,6 +134,24 @@ def predict_folder(opts: Any) -> Predictions:
     columns = ["path", "prob_her2_pos", *(["member_sd"] if opts.get("sweep_run_id") else [])]
     tiles = pd.DataFrame(rows, columns=["path", "prob_her2_pos", "member_sd"])[columns]
     return call(run, level, thresholds, tiles, groups, errors)
+
+
+def prepare_patches(images: list[np.ndarray] | np.ndarray, image_size: int) -> torch.Tensor:
+    """RGB uint8 patches, each (H, W, 3) of any size, -> one uint8 NCHW batch at the run's
+    `image_size`: the resize training applies after decoding (sources.resize_patch), shared by
+    predict, the served MLflow model (her2exp/serving.py) and export's inputs. Stain, mean/std,
+    TTA and calibration follow in `_probs`."""
+    resized = []
+    for i, image in enumerate(images):
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(
+                f"patch {i}: {image.dtype} array of shape {image.shape}; expected uint8 (H, W, 3)"
+            )
+        resized.append(resize_patch(image, image_size))
+    if not resized:
+        raise ValueError("no patches")
+    return torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).contiguous()
 
 
 def call(
