@@ -23,6 +23,7 @@ from her2exp import checkpoint, data, distributed, features, losses, models, run
 from her2exp.config import ConfigError, validate
 from her2exp.distributed import DistContext
 from her2exp.engine import OptimizerUpdate, Preprocess, StepPolicy
+from her2exp.mil import bags as mil_bags
 from her2exp.seed import set_seed
 from her2exp.stain import pipeline as stain_pipeline
 from her2exp.stain.pipeline import StainCollate
@@ -94,6 +95,8 @@ def build_model(cfg: DictConfig, dctx: DistContext) -> models.Her2Classifier:
     cfg.data.mean = list(cfg.data.mean) if cfg.data.mean is not None else mean
     cfg.data.std = list(cfg.data.std) if cfg.data.std is not None else std
     check_input_size(model, cfg.data.image_size, cfg.model.name, dctx.device)
+    if mil_bags.mil_name(cfg) != "none":  # the bag head replaces the tile head (her2exp/mil)
+        mil_bags.attach_head(model, cfg.mil)
     return model
 
 
@@ -127,6 +130,8 @@ class WrappedModel:
 
 def wrap_model(cfg: DictConfig, model: models.Her2Classifier, dctx: DistContext) -> WrappedModel:
     """DDP (and torch.compile, before or after it). Cached features: only the head trains."""
+    if cfg.model.cache_features and not any(p.requires_grad for p in model.head.parameters()):
+        return WrappedModel(model, model.head, model.head, None)  # the kNN probe: nothing trains
     if cfg.model.cache_features:
         train_model, no_sync = distributed.wrap_ddp(model.head, dctx)
         return WrappedModel(model, train_model, model.head, no_sync)
@@ -152,6 +157,7 @@ class DataParts:
     preprocess: Preprocess
     cached: features.CachedFeatures | None = None
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    bags: dict[str, mil_bags.Bags] | None = None  # mil != none: each split's bags
 
 
 def build_data(cfg: DictConfig, dctx: DistContext) -> DataParts:
@@ -159,6 +165,8 @@ def build_data(cfg: DictConfig, dctx: DistContext) -> DataParts:
     exact-once shards), and the criterion weighted on the training labels."""
     try:
         bundle = data.build(cfg.data, cfg.seed)
+    except data.splits.FoldError as exc:  # names its own data.split.* keys
+        raise ConfigError(str(exc)) from exc
     except ValueError as exc:
         raise ConfigError(f"data: {exc}") from exc
     try:
@@ -190,7 +198,30 @@ def build_data(cfg: DictConfig, dctx: DistContext) -> DataParts:
         channels_last=cfg.model.channels_last and not cfg.model.cache_features,
         stain=stain if on_device and not cfg.model.cache_features else None,
     )
-    return DataParts(bundle, stain, loaders, criterion, preprocess, counts=bundle.counts())
+    parts = DataParts(bundle, stain, loaders, criterion, preprocess, counts=bundle.counts())
+    if mil_bags.mil_name(cfg) != "none":
+        form_bags(cfg, parts, dctx)
+    return parts
+
+
+def form_bags(cfg: DictConfig, parts: DataParts, dctx: DistContext) -> None:
+    """mil != none: every split's tiles grouped into bags by data.bag_by (refused now, before
+    any embedding, when the manifest cannot form them), and the criterion weighted on the
+    training bags' labels."""
+    if cfg.mil.batch_size % dctx.world_size:
+        raise ConfigError(
+            f"mil.batch_size={cfg.mil.batch_size} is the global number of bags per step and "
+            f"must divide by the world size {dctx.world_size}"
+        )
+    bundle, bags = parts.bundle, {}
+    for split in data.splits.SPLITS:
+        rows = bundle.manifest.iloc[bundle.indices(split)].reset_index(names="row")
+        try:
+            bags[split] = mil_bags.group_bags(rows, cfg.data.bag_by)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+    parts.bags = bags
+    parts.criterion = losses.build(cfg.loss, bags["train"].labels).to(dctx.device)
 
 
 def use_cached_features(
@@ -218,6 +249,10 @@ def use_cached_features(
             "feature_seconds": cached.seconds,
         }
     )
+    parts.cached = cached
+    if parts.bags is not None:
+        use_bags(cfg, parts, dctx)
+        return
     fcfg = features.loader_config(cfg.data)
     sets = {
         s: features.FeatureDataset(cached.features[s], parts.bundle.labels(s))
@@ -229,7 +264,24 @@ def use_cached_features(
         "val": data.eval_loader(sets["val"], fcfg, dctx.device, *shard),
         "test": data.eval_loader(sets["test"], fcfg, dctx.device, *shard),
     }
-    parts.cached = cached
+
+
+def use_bags(cfg: DictConfig, parts: DataParts, dctx: DistContext) -> None:
+    """Loaders over bags of the cached embeddings: train shuffled by the DistributedSampler,
+    val/test in exact-once shards, `mil.batch_size` bags a batch, padded with a mask."""
+    bcfg = OmegaConf.merge(
+        features.loader_config(cfg.data),
+        {"batch_size": cfg.mil.batch_size, "eval_batch_size": cfg.mil.batch_size},
+    )
+    sets = {
+        s: mil_bags.BagDataset(parts.cached.features[s], parts.bags[s]) for s in features.SPLITS
+    }
+    shard, collate = (dctx.rank, dctx.world_size), mil_bags.collate_bags
+    parts.loaders = {
+        "train": data.train_loader(sets["train"], bcfg, cfg.seed, *shard, dctx.device, collate),
+        "val": data.eval_loader(sets["val"], bcfg, dctx.device, *shard, collate),
+        "test": data.eval_loader(sets["test"], bcfg, dctx.device, *shard, collate),
+    }
 
 
 # -- tracking --------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ EQUIVOCAL_CHOICES = ("exclude", "positive", "negative")
 PATIENT_LABEL_CHOICES = ("error", "max", "majority")
 VERIFY_CHOICES = ("header", "full")
 FINETUNE_CHOICES = ("full", "frozen", "last_n_blocks")
-HEAD_CHOICES = ("linear", "mlp")
+HEAD_CHOICES = ("linear", "mlp", "knn")
 EMBEDDING_CHOICES = ("pooled", "cls_mean")
 AGGREGATION_CHOICES = ("mean", "max", "topk_mean")  # metrics.AGGREGATIONS
 LEVEL_CHOICES = ("tile", "slide", "patient")  # metrics.LEVELS
@@ -178,8 +178,9 @@ class ModelConfig:
     # values with a _target_ are built by hydra.utils.instantiate (e.g. Virchow2's mlp_layer).
     kwargs: dict[str, Any] = field(default_factory=dict)
     embedding: str = "pooled"  # pooled: timm's global_pool | cls_mean: class token + mean patch
-    head: str = "linear"  # linear | mlp (timm.layers.Mlp, head_hidden_dim wide)
+    head: str = "linear"  # linear | mlp (timm.layers.Mlp, head_hidden_dim wide) | knn (probe)
     head_hidden_dim: int = ranged(256, ge=1)
+    knn_k: int = ranged(20, ge=1)  # head=knn: neighbours voting (probe=knn sets ${probe.k})
     finetune: str = "full"  # full | frozen (linear probe) | last_n_blocks
     n_last_blocks: int = ranged(
         1, ge=1
@@ -215,6 +216,13 @@ def validate_model(m: Any) -> None:
     for key in ("num_classes", "pretrained", "pretrained_cfg", "checkpoint_path"):
         if key in m.kwargs:
             _fail(f"model.kwargs.{key}", m.kwargs[key], f"not set here (her2exp sets {key})")
+    if m.head == "knn" and not m.cache_features:
+        _fail(
+            "model.head",
+            m.head,
+            "linear or mlp unless model.cache_features=true (the kNN head is fitted on the "
+            "cached training embeddings; probe=knn sets both)",
+        )
     if m.cache_features and m.finetune != "frozen":
         _fail(
             "model.cache_features",
@@ -301,6 +309,11 @@ class DataConfig:
     # null: the run's `seed`. Fix them in a seed sweep so only the initialisation varies.
     data_seed: int | None = ranged(None, ge=0, le=SEED_MAX)  # renders the embedded data set
     split_seed: int | None = ranged(None, ge=0, le=SEED_MAX)  # assigns patients to train/val/test
+    # data=synthetic: the fraction of a HER2+ patient's patches that carry its HER2 expression,
+    # the rest drawn like HER2- patches but keeping the label (a bag task); null: all of them.
+    positive_patch_fraction: float | None = ranged(None, gt=0, le=1)
+    # mil != none: the bag of tiles one prediction is made for (her2exp/mil/bags.py).
+    bag_by: str = "patient"  # patient | slide
 
 
 SPLIT_BY_CHOICES = ("patient", "site")
@@ -347,6 +360,12 @@ def validate_data(d: Any, m: Any) -> None:
         )
     if d.on_bad_file not in ("error", "skip"):
         _fail("data.on_bad_file", d.on_bad_file, "error or skip")
+    if d.get("positive_patch_fraction") is not None and d.source != "synthetic":
+        _fail(
+            "data.positive_patch_fraction",
+            d.positive_patch_fraction,
+            "null unless data=synthetic (it shapes the embedded generator only)",
+        )
     if not d.cache and d.source == "synthetic":
         _fail(
             "data.cache",
@@ -507,12 +526,20 @@ class EvaluationConfig:
     decision_level: str = "tile"  # tile | slide | patient
     operating_point: str = "youden"
     gallery_max: int = ranged(32, ge=0)
+    # The PNG figures of a report (ROCs, PR, reliability, decision curve, confusion matrices,
+    # galleries): ~6 s of matplotlib per run. Off in experiment=smoke (the tests); the numbers,
+    # summary.md, best.json and predictions are written either way.
+    figures: bool = True
     # Final evaluation, eval and predict (per-epoch validation stays one view): none | d4, the
     # mean HER2+ probability over the 8 rotations and flips of each patch.
     tta: str = "none"
     # none | temperature: one T fitted on validation by NLL, frozen in best.pt like the
     # thresholds (which are then chosen on the calibrated probabilities) and applied downstream.
     calibration: str = "none"
+    # Grad-CAM (CNN) / token maps (ViT) over the false-negative and false-positive galleries
+    # (her2exp/explain.py). Off in experiment=smoke, and in a multirun unless its command line
+    # sets it (explain.resolve_sweep_default); skipped with model.cache_features=true.
+    explain: bool = True
 
 
 #: evaluation.tta and evaluation.calibration (engine.tta_views, metrics.fit_temperature).
@@ -539,6 +566,79 @@ def validate_evaluation(e: Any) -> None:
         _fail("evaluation.calibration", e.calibration, f"one of {', '.join(CALIBRATION_CHOICES)}")
 
 
+MIL_CHOICES = ("none", "mean_pool", "max_pool", "abmil")
+BAG_BY_CHOICES = ("patient", "slide")
+
+
+@dataclass
+class MilConfig:
+    """A head over bags of cached tile embeddings (`mil=abmil`, ...; her2exp/mil/), one bag per
+    `data.bag_by`; `none` is the patch classifier. Named apart from `evaluation.*_aggregation`,
+    which aggregates patch scores after the fact."""
+
+    name: str = "none"  # none | mean_pool | max_pool | abmil
+    hidden: int = ranged(128, ge=1)  # the instance embedding's width in the head
+    attention_dim: int = ranged(128, ge=1)  # abmil: width of the attention network
+    dropout: float = ranged(0.25, ge=0, lt=1)
+    gated: bool = True  # abmil: gated attention (Ilse et al. 2018, eq. 9)
+    batch_size: int = ranged(8, ge=1)  # bags per optimizer step (global) and per scoring batch
+
+
+def validate_mil(mil: Any, cfg: Any) -> None:
+    """mil.*: the head, and what bags need of the other groups (the group files set them)."""
+    if mil.name not in MIL_CHOICES:
+        _fail("mil.name", mil.name, f"one of {', '.join(MIL_CHOICES)}")
+    d = cfg.data
+    if d.bag_by not in BAG_BY_CHOICES:
+        _fail("data.bag_by", d.bag_by, f"one of {', '.join(BAG_BY_CHOICES)}")
+    if mil.name == "none":
+        return
+    why = f"mil={mil.name} trains on bags of cached tile embeddings"
+    if not cfg.model.cache_features:
+        _fail("model.cache_features", False, f"true with mil={mil.name} ({why})")
+    levels = (d.bag_by, "patient") if d.bag_by == "slide" else (d.bag_by,)
+    e = cfg.evaluation
+    if e.decision_level not in levels:
+        _fail(
+            "evaluation.decision_level",
+            e.decision_level,
+            f"{' or '.join(levels)} with mil={mil.name} data.bag_by={d.bag_by} (a bag is "
+            f"scored as a whole: there are no tile scores to decide on)",
+        )
+
+
+PROBE_CHOICES = ("none", "linear", "knn", "abmil")
+
+
+@dataclass
+class ProbeConfig:
+    """A probing protocol of a frozen backbone on cached features (`probe=linear|knn|abmil`,
+    experiment=fm_probe; her2exp/probe.py): the group files set the head, this records which
+    protocol a run is, so a sweep's leaderboard can group its children by it."""
+
+    name: str = "none"  # none | linear | knn | abmil
+    k: int = ranged(20, ge=1)  # probe=knn: neighbours (cosine similarity), model.knn_k
+    n_runs: int = ranged(5, ge=1)  # seeds per backbone x protocol in an fm_probe multirun
+
+
+def validate_probe(p: Any, cfg: Any) -> None:
+    """probe.*: the protocol matches the head (and MIL) its group file set."""
+    if p.name not in PROBE_CHOICES:
+        _fail("probe.name", p.name, f"one of {', '.join(PROBE_CHOICES)}")
+    head = cfg.model.head
+    if p.name == "knn" and head != "knn":
+        _fail("model.head", head, "knn with probe=knn (the protocol is the kNN head)")
+    if p.name == "linear" and head != "linear":
+        _fail("model.head", head, "linear with probe=linear")
+    mil = (
+        OmegaConf.select(cfg, "mil.name", default="none") if isinstance(cfg, DictConfig) else "none"
+    )
+    if p.name == "abmil" and mil != "abmil":
+        _fail("mil.name", mil, "abmil with probe=abmil (the protocol is patient-level ABMIL)")
+    if p.name in ("linear", "knn") and mil != "none":
+        _fail("mil.name", mil, f"none with probe={p.name} (bags: probe=abmil)")
+
+
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -548,6 +648,8 @@ class TrainConfig:
     stain: StainConfig = field(default_factory=StainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    mil: MilConfig = field(default_factory=MilConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     seed: int = ranged(42, ge=0, le=SEED_MAX)
     task_name: str = "train"
     output_dir: str = MISSING
@@ -592,6 +694,8 @@ def validate(cfg: DictConfig | TrainConfig) -> None:
     validate_evaluation(cfg.evaluation)
     validate_tracking(cfg.tracking)
     validate_combinations(cfg)
+    validate_mil(cfg.mil, cfg)
+    validate_probe(cfg.probe, cfg)
 
 
 def validate_combinations(cfg: Any) -> None:

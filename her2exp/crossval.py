@@ -1,5 +1,6 @@
 """The sweep parent's results: pooled out-of-fold predictions of a cross-validation sweep, the
-spread of a repeat sweep.
+spread of a repeat sweep, the leaderboard of a sweep whose groups are repeats (backbone x
+probe protocol x seed, experiment=fm_probe).
 
 Pure apart from reading the children's files on disk (`<sweep_dir>/<job_num>/reports/` and the
 resolved config): jobs may have run in parallel (joblib) or on other machines (submitit), so
@@ -26,7 +27,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from her2exp import reports
-from her2exp.fileio import atomic_write_text
+from her2exp.fileio import atomic_write_text, safe_name
 from her2exp.metrics.operating_points import binary_report
 from her2exp.metrics.ranking import auc, auc_ci_delong, roc_with_band
 from her2exp.tracking.audit import flatten
@@ -55,6 +56,7 @@ class Child:
     cfg: dict[str, Any]
     run_id: str
     tables: dict[str, pd.DataFrame]
+    overrides: list[str] = field(default_factory=list)  # the job's, from .hydra/overrides.yaml
 
     @property
     def fold(self) -> int | None:
@@ -71,7 +73,7 @@ class Child:
 class SweepResult:
     """What the parent records: the kind, metrics, tags, files written and warnings."""
 
-    kind: str  # cv | repeat | plain
+    kind: str  # cv | repeat | leaderboard | plain
     out_dir: Path | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
@@ -111,20 +113,43 @@ def load_children(sweep_dir: Path, run_ids: Mapping[str, str] | None = None) -> 
             if (run_dir / "reports" / name).is_file()
         }
         run_id = (run_ids or {}).get(run_dir.name) or _run_id_on_disk(run_dir)
-        children.append(Child(run_dir.name, run_dir, cfg, run_id, tables))
+        children.append(Child(run_dir.name, run_dir, cfg, run_id, tables, _overrides(run_dir)))
     return children
+
+
+def _overrides(run_dir: Path) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
+
+
+def repeat_groups(children: list[Child]) -> list[list[Child]]:
+    """The children grouped by everything but the seeds (and the job folder): each group is a
+    repeat of one setting, in the order of its first job."""
+    groups: dict[tuple, list[Child]] = {}
+    for c in children:
+        key = tuple(sorted((k, repr(v)) for k, v in c.cfg.items() if k not in SEED_KEYS + JOB_KEYS))
+        groups.setdefault(key, []).append(c)
+    return list(groups.values())
 
 
 def sweep_kind(children: list[Child]) -> str:
     """`cv` when the children differ in data.split.fold, `repeat` when they differ in the seeds
-    only, else `plain` (a grid or an optimiser: today's best-of summary only)."""
+    only, `leaderboard` when every child is a probe run (`probe.name` set: experiment=fm_probe)
+    or when they fall into several groups that differ in the seeds only within and one group at
+    least repeats (backbone x seed), else `plain` (a grid or an optimiser: today's best-of
+    summary only)."""
     if len(children) < 2:
         return "plain"
     if len({c.fold for c in children}) > 1:
         return "cv"
+    if all(str(c.cfg.get("probe.name") or "none") != "none" for c in children):
+        return "leaderboard"  # a probe sweep, even of one backbone x protocol
     keys = set().union(*(c.cfg for c in children)) - set(JOB_KEYS)
     differing = {k for k in keys if len({repr(c.cfg.get(k)) for c in children}) > 1}
-    return "repeat" if differing and differing <= set(SEED_KEYS) else "plain"
+    if differing and differing <= set(SEED_KEYS):
+        return "repeat"
+    groups = repeat_groups(children)
+    return "leaderboard" if len(groups) > 1 and max(map(len, groups)) > 1 else "plain"
 
 
 def operating_points(children: list[Child], level: str) -> list[str]:
@@ -212,7 +237,8 @@ def pooled_metrics(pooled: pd.DataFrame, level: str, ops: list[str]) -> dict[str
 def summarise(sweep_dir: Path, run_ids: Mapping[str, str] | None = None) -> SweepResult:
     """Read the finished jobs of a sweep and write the parent's results under
     `<sweep_dir>/cv/`: `oof_predictions*.csv`, `cv_summary.md` and `roc_folds.png` for a CV
-    sweep, `repeat_summary.md` for a repeat sweep; nothing for a plain one."""
+    sweep, `repeat_summary.md` for a repeat sweep, `leaderboard.csv`, `leaderboard_runs.csv`
+    and `leaderboard.md` for a leaderboard; nothing for a plain one."""
     sweep_dir = Path(sweep_dir)
     children = load_children(sweep_dir, run_ids) if sweep_dir.is_dir() else []
     kind = sweep_kind(children)
@@ -223,6 +249,8 @@ def summarise(sweep_dir: Path, run_ids: Mapping[str, str] | None = None) -> Swee
     result.out_dir.mkdir(parents=True, exist_ok=True)
     if kind == "cv":
         _summarise_cv(children, result)
+    elif kind == "leaderboard":
+        _summarise_leaderboard(children, result)
     else:
         _summarise_repeat(children, result)
     for line in result.warnings:
@@ -429,3 +457,141 @@ def repeat_markdown(
         spreads = " | ".join(_pm(metrics, p + k, "_mean", "_sd") for k in keys)
         lines += [f"| mean +- sd | | | {spreads} |", ""]
     return "\n".join(lines)
+
+
+# -- leaderboard -------------------------------------------------------------------------------
+#: leaderboard.csv's columns after the group's names; `auc_ci_*` is the mean of the runs' own
+#: DeLong bounds (see child_row).
+LEADERBOARD_RATES = ("auc", "sensitivity", "specificity")
+
+
+def _label(child: Child, axes: set[str]) -> tuple[str, str, str]:
+    """(backbone, protocol, group) of a child: the `model=` choice (else model.name), the
+    probe's name, and its overrides that vary across the sweep, seeds left out."""
+    own = {o.split("=", 1)[0].lstrip("+~"): o for o in child.overrides if "=" in o}
+    backbone = own["model"].split("=", 1)[1] if "model" in own else str(child.cfg["model.name"])
+    protocol = str(child.cfg.get("probe.name") or "none")
+    group = " ".join(own[k] for k in sorted(axes) if k in own)
+    return backbone, protocol, group
+
+
+def child_row(child: Child) -> dict[str, Any]:
+    """One child's test results at its decision level (tile when it has no such table): AUC with
+    its DeLong CI, sensitivity and specificity at its own frozen operating point."""
+    level, op = _decision([child])
+    level = level if level in child.tables else "tile"
+    table = child.tables[level]
+    labels = table["label"].to_numpy().astype(np.int64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ci = auc_ci_delong(labels, table["prob_her2_pos"].to_numpy(dtype=float))
+    ops = [op] if op in operating_points([child], level) else []
+    rates = child_rates(table, ops)
+    return {
+        "level": level,
+        "operating_point": op,
+        "job": child.job,
+        "run_id": child.run_id,
+        "seed": child.cfg.get("seed"),
+        "auc": rates["auc"],
+        "auc_low": ci.low,
+        "auc_high": ci.high,
+        "sensitivity": rates.get(f"sensitivity_{op}", math.nan),
+        "specificity": rates.get(f"specificity_{op}", math.nan),
+    }
+
+
+def leaderboard(children: list[Child]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(leaderboard, per-run table): one row per group (backbone x protocol) with the mean and
+    sample sd over its seeds of test AUC, sensitivity and specificity at the frozen point, and
+    the pooled AUC CI as the mean of the runs' DeLong bounds; best mean AUC first.
+
+    Why not DeLong on the seeds' pooled predictions: the split is held fixed, so every seed
+    scores the same test patients, and pooling would count each patient n_runs times (a CI
+    about sqrt(n_runs) too narrow). The mean bounds are one run's test-set uncertainty; the sd
+    is the seeds' (initialisation) spread beside it."""
+    groups = repeat_groups(children)
+    counts: dict[str, set[str]] = {}
+    for c in children:
+        for o in c.overrides:
+            key = o.split("=", 1)[0].lstrip("+~")
+            if "=" in o and key not in SEED_KEYS:
+                counts.setdefault(key, set()).add(o)
+    axes = {k for k, v in counts.items() if len(v) > 1}
+    rows, runs = [], []
+    for group in groups:
+        backbone, protocol, name = _label(group[0], axes)
+        per_child = [child_row(c) for c in group]
+        runs += [{"backbone": backbone, "protocol": protocol, **r} for r in per_child]
+        row: dict[str, Any] = {
+            "backbone": backbone,
+            "protocol": protocol,
+            "group": name,
+            "level": per_child[0]["level"],
+            "operating_point": per_child[0]["operating_point"],
+            "n_runs": len(group),
+        }
+        for rate in LEADERBOARD_RATES:
+            row[f"test_{rate}_mean"], row[f"test_{rate}_sd"] = mean_sd([r[rate] for r in per_child])
+        row["test_auc_ci_low"] = mean_sd([r["auc_low"] for r in per_child])[0]
+        row["test_auc_ci_high"] = mean_sd([r["auc_high"] for r in per_child])[0]
+        row["jobs"] = " ".join(r["job"] for r in per_child)
+        rows.append(row)
+    table = pd.DataFrame(rows).sort_values(
+        "test_auc_mean", ascending=False, na_position="last", kind="stable"
+    )
+    return table.reset_index(drop=True), pd.DataFrame(runs)
+
+
+def _summarise_leaderboard(children: list[Child], result: SweepResult) -> None:
+    out = result.out_dir
+    assert out is not None
+    seeds = sorted({c.split_seed for c in children})
+    if len(seeds) > 1:
+        result.warnings.append(
+            f"the split seed varies across children ({', '.join(map(str, seeds))}): the runs "
+            "of a group were tested on different patients; fix data.split_seed"
+        )
+    table, runs = leaderboard(children)
+    result.files.append(atomic_write_text(out / "leaderboard.csv", table.to_csv(index=False)))
+    result.files.append(atomic_write_text(out / "leaderboard_runs.csv", runs.to_csv(index=False)))
+    result.files.append(atomic_write_text(out / "leaderboard.md", leaderboard_markdown(table)))
+    labels = list(zip(table["backbone"], table["protocol"], strict=True))
+    for i, row in table.iterrows():
+        label = f"{row['backbone']}_{row['protocol']}"
+        if labels.count((row["backbone"], row["protocol"])) > 1:  # e.g. two weights files
+            label += f"_{row['group']}"
+        name = safe_name(label)
+        for key in ("test_auc_mean", "test_auc_sd", "test_auc_ci_low", "test_auc_ci_high"):
+            result.metrics[f"leaderboard_{name}_{key}"] = float(row[key])
+        if i == 0:
+            result.tags["leaderboard.best"] = f"{row['backbone']} {row['protocol']}"
+    result.metrics["leaderboard_n_groups"] = float(len(table))
+
+
+def leaderboard_markdown(table: pd.DataFrame) -> str:
+    """leaderboard.md: the table as her2exp-compare prints it."""
+    lines = [
+        f"# her2exp leaderboard: {len(table)} backbone x protocol groups",
+        "",
+        "Test results over each group's seeds (split held fixed) at its decision level and own "
+        "frozen operating point; sd is the sample sd; the CI is the mean of the runs' DeLong "
+        "95% bounds.",
+        "",
+        "| backbone | protocol | level | runs | AUC mean +- sd | AUC CI | sensitivity | "
+        "specificity |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for _, r in table.iterrows():
+        lines.append(
+            f"| {r['backbone']} | {r['protocol']} | {r['level']} | {r['n_runs']} | "
+            f"{format_pm(r, 'test_auc')} | [{reports._fmt(r['test_auc_ci_low'])}, "
+            f"{reports._fmt(r['test_auc_ci_high'])}] | {format_pm(r, 'test_sensitivity')} | "
+            f"{format_pm(r, 'test_specificity')} |"
+        )
+    return "\n".join([*lines, ""])
+
+
+def format_pm(row: Mapping[str, Any], key: str) -> str:
+    """'0.912 +- 0.013' from a leaderboard row's `<key>_mean` and `<key>_sd`."""
+    return f"{reports._fmt(row[key + '_mean'])} +- {reports._fmt(row[key + '_sd'])}"

@@ -40,6 +40,7 @@ from her2exp.evaluation import (
     thresholds_on_rows,
 )
 from her2exp.fileio import safe_name
+from her2exp.mil.bags import mil_name
 
 CV, REPEAT = "cv", "repeat"
 #: What each kind of sweep chooses the ensemble's thresholds on (summary.md, MLflow).
@@ -169,6 +170,8 @@ def check_members(members: list[TrainedRun]) -> DictConfig:
     evaluation settings); the first one that differs from member 0 is refused, named. Returns
     the shared evaluation settings."""
     first = members[0]
+    if any(mil_name(m.cfg) != "none" for m in members):
+        raise ConfigError("sweep_run_id=: an ensemble of mil runs is not supported; give run_id=")
     own = resolve_evaluation(first.cfg.get("evaluation"), OmegaConf.create({}))
     contract = {k: OmegaConf.to_container(first.cfg.data)[k] for k in ("image_size", "mean", "std")}
     for m in members[1:]:

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from her2exp import checkpoint, metrics, reports, tracking
 from her2exp.config import ConfigError
 from her2exp.fileio import safe_name
+from her2exp.mil.bags import attach_head, mil_name
 
 if TYPE_CHECKING:
     from her2exp.data import RowView
@@ -150,12 +151,14 @@ def report_cohorts(
     gallery_splits: tuple[str, ...] = ("test", "external"),
     calibration: dict[str, Any] | None = None,
     extra_reports: list[Path] | None = None,
+    explainer: Any = None,
 ) -> dict[str, metrics.SplitEvaluation]:
     """Metrics at the frozen `thresholds` (keyed by level; a flat dict is the tile level) for
     every split -> reports -> MLflow (rank 0 only). `ecfg.decision_level` is the headline.
     `calibration`: the run's frozen one; its Brier and ECE before (`*_uncalibrated`) and after
     are reported for every split that kept its `uncalibrated` scores. `extra_reports`: files
-    the caller wrote into `report_dir` (kept, uploaded with the rest)."""
+    the caller wrote into `report_dir` (kept, uploaded with the rest). `explainer`
+    (`explain.build`): the galleries drawn again under its maps when `ecfg.explain`."""
     levels = metrics.as_level_thresholds(thresholds)
     tile = levels["tile"]
     evaluations = {s.name: evaluate_scored(s, levels, ecfg, seed) for s in splits}
@@ -187,8 +190,16 @@ def report_cohorts(
             "uncalibrated": {k: {"brier": c.brier, "ece": c.ece} for k, c in before.items()},
         },
     }
+    explainer = explainer if ecfg.get("explain", False) else None
     written = reports.write_clinical_report(
-        report_dir, evaluations, galleries, header, max_gallery=ecfg.gallery_max, before=before
+        report_dir,
+        evaluations,
+        galleries,
+        header,
+        max_gallery=ecfg.gallery_max,
+        before=before,
+        figures=ecfg.get("figures", True),
+        explainer=explainer,
     )
     for s in splits:
         written += _write_predictions(report_dir, s, evaluations[s.name], tile)
@@ -220,6 +231,7 @@ PER_SPLIT_REPORTS = (
     "false_negatives_*.png",
     "false_positives_*.png",
     "most_uncertain_*.png",
+    "attention_*.csv",
 )
 
 
@@ -467,6 +479,8 @@ def load_model(run: TrainedRun, device: torch.device) -> torch.nn.Module:
     from her2exp import models
 
     model = models.build(run.cfg.model, device, load_weights=False)  # best.pt holds them
+    if mil_name(run.cfg) != "none":
+        attach_head(model, run.cfg.mil)
     try:
         model.load_state_dict(run.state["model"])
     except (RuntimeError, KeyError, TypeError) as exc:
@@ -639,7 +653,13 @@ def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
     run, evaluation, cohort = prepare_evaluation(ecfg)
     scorer = build_scorer(run, ecfg.trainer.amp, ecfg.seed, evaluation.tta)
     tracker = tracking.build(ecfg.tracking, True)
-    split = score_cohort(scorer, cohort)
+    extra = None
+    if mil_name(run.cfg) != "none":  # bags: one row per bag, attention files beside
+        from her2exp.mil.report import score_cohort_bags
+
+        split, extra = score_cohort_bags(scorer, cohort, run, evaluation.operating_point)
+    else:
+        split = score_cohort(scorer, cohort)
     bundle = cohort.bundle
     source = ecfg.checkpoint or f"runs:/{run.source_run}/checkpoints/best.pt"
     tags = {
@@ -659,7 +679,17 @@ def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
         "data_fingerprint": bundle.fingerprint,
         "best_epoch": run.state.get("epoch"),
     }
-    record = EvalRecord(ecfg, tags, header, scorer.device)
+    if extra is not None:
+        header["mil"] = {"name": run.cfg.mil.name, "bag_by": run.cfg.data.bag_by}
+    from her2exp import model_card
+
+    card = model_card.eval_card(run, ecfg)  # the run's card with this cohort added
+    record = EvalRecord(ecfg, tags, header, scorer.device, extra, after_reports=card)
+    if evaluation.get("explain", False) and extra is None:  # bags have no patch galleries
+        from her2exp import explain
+
+        # Eval scores pixels through the whole model, a cached-feature run's too.
+        record.explainer = explain.build(scorer.model, scorer.preprocess, False, scorer.stain)
     return record_eval(tracker, record, split, run.levels, evaluation, cohort.seed, run.calibration)
 
 
@@ -674,6 +704,9 @@ class EvalRecord:
     device: torch.device
     #: Report files drawn into the report folder before report_cohorts (kept, uploaded).
     extra_reports: Callable[[Path], list[Path]] | None = None
+    #: Files drawn after it from what it wrote (the model card), uploaded under reports/.
+    after_reports: Callable[[Path], list[Path]] | None = None
+    explainer: Any = None  # explain.Explainer of the scored model (evaluation.explain)
 
 
 def record_eval(
@@ -708,7 +741,10 @@ def record_eval(
             gallery_splits=(split.name,),
             calibration=calibration,
             extra_reports=extra,
+            explainer=record.explainer,
         )
+        for path in record.after_reports(report_dir) if record.after_reports else []:
+            tracker.log_artifact(path, "reports")
         status = "FINISHED"
         return {
             "evaluation": evs[split.name],

@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from her2exp import checkpoint, metrics, tracking
+from her2exp import checkpoint, distributed, explain, metrics, model_card, tracking
 from her2exp.builders import DataParts
 from her2exp.engine import Scores
 from her2exp.evaluation import ScoredSplit, report_cohorts, thresholds_on_rows
+from her2exp.mil.bags import bag_rows
+from her2exp.mil.report import gathered_attention, scored_bags, write_attention
 from her2exp.trainer import Validator
 
 log = logging.getLogger("her2exp")
@@ -43,7 +46,11 @@ def final_evaluation(
     test = validator.score(parts.loaders["test"], tta)
     calibration = fit_calibration(cfg.evaluation, val, test)
     bundle = parts.bundle
-    thresholds = choose_thresholds(cfg.evaluation, bundle, val.labels, val.probs)
+    if parts.bags is None:
+        thresholds = choose_thresholds(cfg.evaluation, bundle, val.labels, val.probs)
+    else:  # bags: chosen on the val bags (their level is data.bag_by), then frozen
+        bag_val = bag_rows(split_rows(bundle, "val"), parts.bags["val"])
+        thresholds = thresholds_on_rows(cfg.evaluation, bag_val, val.labels, val.probs)
     same_scoring = tta == "none" and calibration["method"] == "none"
     drift = youden_drift(thresholds["tile"]["youden"], threshold, same_scoring)
     out: dict[str, Any] = {
@@ -53,15 +60,10 @@ def final_evaluation(
         "youden_threshold_drift": drift,
         "calibration": calibration,
     }
+    weights = bag_attention(parts, model, validator)  # a collective: on every rank
     if not is_main:
         return out
-    scored = []
-    for name, s in (("val", val), ("test", test)):
-        rows = bundle.manifest.iloc[bundle.indices(name)].reset_index(names="row")
-        split = ScoredSplit(name, rows, s.probs, bundle.view(name), s.uncalibrated)
-        if not np.array_equal(split.labels, s.labels):
-            raise RuntimeError("gathered scores are not in dataset order")
-        scored.append(split)
+    scored, extra = scored_splits(cfg, parts, (val, test), thresholds, weights, run_dir)
     git = tracking.git_info()
     header = {
         **summary,
@@ -70,6 +72,8 @@ def final_evaluation(
         "git_dirty": git["git_dirty"],
         "test_loss": test.loss,
     }
+    if parts.bags is not None:
+        header["mil"] = {"name": cfg.mil.name, "bag_by": cfg.data.bag_by}
     evs = report_cohorts(
         scored,
         thresholds,
@@ -79,7 +83,10 @@ def final_evaluation(
         header,
         cfg.seed,
         calibration=calibration,
+        extra_reports=extra,
+        explainer=_explainer(cfg, parts, model),
     )
+    model_card.write_model_card(cfg, run_dir / "reports", bundle.manifest, tracker)
     tracker.log_metrics(
         {
             "best_epoch": summary["best_epoch"],
@@ -93,8 +100,10 @@ def final_evaluation(
         run_dir, thresholds, parts.stain, cfg.evaluation.decision_level, calibration
     )
     log_run_files(cfg, run_dir, tracker, best_ckpt)
-    if cfg.tracking.get("log_model", True):
-        log_model(cfg, model, tracker, thresholds, calibration)
+    if cfg.tracking.get("log_model", True) and parts.bags is None:
+        log_model(cfg, model, tracker, thresholds, run_dir, calibration)
+    elif cfg.tracking.get("log_model", True):  # its signature is one image batch, not bags
+        log.info("mil=%s: no MLflow model logged (best.pt is the model)", cfg.mil.name)
     out.update(
         {
             "val_evaluation": evs["val"],
@@ -103,6 +112,67 @@ def final_evaluation(
         }
     )
     return out
+
+
+def _explainer(cfg: DictConfig, parts: DataParts, model: Any) -> Any:
+    """evaluation.explain's maps of the run's model (None when off or not possible)."""
+    if not cfg.evaluation.get("explain", False):
+        return None
+    on_device = parts.preprocess.stain is not None
+    stain = None if on_device else parts.stain
+    return explain.build(model, parts.preprocess, bool(cfg.model.cache_features), stain)
+
+
+def scored_splits(
+    cfg: DictConfig,
+    parts: DataParts,
+    scores: tuple[Scores, Scores],
+    thresholds: dict[str, dict[str, float]],
+    weights: dict[str, np.ndarray],
+    run_dir: Path,
+) -> tuple[list[ScoredSplit], list[Path]]:
+    """val and test as report_cohorts takes them: tile rows with their patches, or one row per
+    bag with the bags' attention files written beside (returned as extra reports)."""
+    bundle = parts.bundle
+    scored, extra = [], []
+    for name, s in zip(("val", "test"), scores, strict=True):
+        rows = split_rows(bundle, name)
+        if parts.bags is None:
+            split = ScoredSplit(name, rows, s.probs, bundle.view(name), s.uncalibrated)
+        else:
+            split = ScoredSplit(
+                name, bag_rows(rows, parts.bags[name]), s.probs, None, s.uncalibrated
+            )
+            op = thresholds["tile"][cfg.evaluation.operating_point]
+            extra += write_attention(
+                run_dir / "reports",
+                name,
+                rows,
+                parts.bags[name],
+                weights[name],
+                scored_bags(split.rows, s.probs, op),
+                bundle.view(),  # [i]: manifest row i, as the attention table's `row`
+                bundle.manifest if cfg.data.source == "slides" else None,
+            )
+        if not np.array_equal(split.labels, s.labels):
+            raise RuntimeError("gathered scores are not in dataset order")
+        scored.append(split)
+    return scored, extra
+
+
+def split_rows(bundle: Any, name: str) -> pd.DataFrame:
+    """The manifest rows of one split in dataset order, with their manifest row as `row`."""
+    return bundle.manifest.iloc[bundle.indices(name)].reset_index(names="row")
+
+
+def bag_attention(parts: DataParts, model: Any, validator: Validator) -> dict[str, np.ndarray]:
+    """mil: every val and test bag's attention (each bag once, gathered); else nothing."""
+    if parts.bags is None:
+        return {}
+    distributed.broadcast_module_state(model.head)
+    return {
+        s: gathered_attention(model.head, parts.loaders[s], validator.dctx) for s in ("val", "test")
+    }
 
 
 def fit_calibration(ecfg: DictConfig, val: Scores, test: Scores) -> dict[str, Any]:
@@ -199,35 +269,41 @@ def log_model(
     model: Any,
     tracker: tracking.Tracker,
     thresholds: dict[str, dict[str, float]],
+    run_dir: Path,
     calibration: dict[str, Any] | None = None,
 ) -> None:
-    """The MLflow model (normalised float patches in, two logits out) with its contract:
-    `thresholds` are the decision level's (a server calls with those, after aggregating the
-    tile scores as `aggregation` says when the level is slide or patient);
-    `thresholds_by_level` holds every level's. The thresholds apply to calibrated scores: a
-    server divides the logit difference by `calibration.temperature` first (and averages the
-    `tta` views when it is d4)."""
+    """The MLflow model (her2exp/serving.py): RGB patches in, `prob_her2_pos` and
+    `called_her2_pos` at the frozen tile-level `operating_point` out, with the run's resize,
+    stain reference, mean/std, TTA and temperature applied inside (from best.pt, its artifact).
+    The metadata keeps the contract of every level: `thresholds` are the decision level's (a
+    client aggregating tile scores into slides or patients calls with those, aggregated as
+    `aggregation` says); `thresholds_by_level` holds every level's."""
+    from her2exp import serving
+
     size = cfg.data.image_size
     e = cfg.evaluation
-    tracker.log_model(
-        model.eval(),
-        np.zeros((1, 3, size, size), dtype=np.float32),
-        {
-            "thresholds": thresholds[e.decision_level],
-            "thresholds_by_level": thresholds,
-            "decision_level": e.decision_level,
-            "aggregation": {
-                "slide": e.slide_aggregation,
-                "patient": e.patient_aggregation,
-                "topk": int(e.topk),
-            },
-            "calibration": dict(calibration or {"method": "none"}),
-            "tta": e.get("tta", "none"),
-            "class_names": ["HER2-", "HER2+"],
-            "output": "logits; softmax column 1 is P(HER2+)",
-            "image_size": size,
-            "mean": list(cfg.data.mean),
-            "std": list(cfg.data.std),
-            "backbone_weights": dict(getattr(model, "weights_info", {})),
+    metadata = {
+        "thresholds": thresholds[e.decision_level],
+        "thresholds_by_level": thresholds,
+        "decision_level": e.decision_level,
+        "operating_point": e.operating_point,
+        "aggregation": {
+            "slide": e.slide_aggregation,
+            "patient": e.patient_aggregation,
+            "topk": int(e.topk),
         },
-    )
+        "calibration": dict(calibration or {"method": "none"}),
+        "tta": e.get("tta", "none"),
+        "class_names": ["HER2-", "HER2+"],
+        "input": "column image: base64 PNG/JPEG or (H, W, 3) uint8 RGB lists, any size",
+        "output": "prob_her2_pos (calibrated P(HER2+)), called_her2_pos at the tile-level "
+        "operating_point (params.operating_point), threshold, operating_point",
+        "image_size": size,
+        "mean": list(cfg.data.mean),
+        "std": list(cfg.data.std),
+        "backbone_weights": dict(getattr(model, "weights_info", {})),
+    }
+    if not (run_dir / "checkpoints" / "best.pt").is_file():
+        log.warning("no %s: the MLflow model is not logged", run_dir / "checkpoints" / "best.pt")
+        return
+    tracker.log_model(serving.model_spec(run_dir, size, e.operating_point, metadata))

@@ -107,6 +107,10 @@ def create_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _head(cfg: DictConfig, in_features: int) -> nn.Module:
+    if cfg.head == "knn":  # probe=knn: fitted on the cached training embeddings, not trained
+        from her2exp.probe import KNNHead
+
+        return KNNHead(in_features, cfg.get("knn_k", 20))
     if cfg.head == "mlp":
         return Mlp(in_features, cfg.head_hidden_dim, cfg.num_classes, drop=cfg.drop_rate)
     return nn.Sequential(nn.Dropout(cfg.drop_rate), nn.Linear(in_features, cfg.num_classes))

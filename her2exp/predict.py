@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from her2exp import metrics
 from her2exp.config import ConfigError
-from her2exp.data.sources import read_patch  # decoded exactly as in training
+from her2exp.data.sources import read_patch, resize_patch  # decoded as in training
 from her2exp.engine import Preprocess, mean_probability, view_logits
 from her2exp.evaluation import (
     TrainedRun,
@@ -37,6 +37,9 @@ from her2exp.evaluation import (
     run_stain,
 )
 from her2exp.fileio import safe_name
+from her2exp.mil.bags import mil_name
+from her2exp.mil.predict import check_bag_run, embed_batch, predict_bags
+from her2exp.registry import resolve_model_uri  # predict's contract (issue 20)
 
 log = logging.getLogger("her2exp")
 
@@ -97,9 +100,12 @@ def predict_folder(opts: Any) -> Predictions:
             "tiles can be grouped into slides and patients"
         )
     cfg = run.cfg
+    bags = mil_name(cfg) != "none"  # a MIL run: tiles embedded, then scored as bags
+    if bags:
+        check_bag_run(run, members, opts.get("tta"))
     scorers = [_scorer(m, opts.get("tta")) for m in members]
 
-    rows, errors = [], []
+    rows, errors, embedded = [], [], []
     for start in range(0, len(files), opts.batch_size):
         batch, paths = [], []
         for path in files[start : start + opts.batch_size]:
@@ -110,13 +116,42 @@ def predict_folder(opts: Any) -> Predictions:
                 errors.append((str(path), f"{type(exc).__name__}: {exc}"))
         if not batch:
             continue
-        x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+        x = prepare_patches(batch, cfg.data.image_size)
+        if bags:
+            embedded.append(embed_batch(scorers[0], x))
+            rows += [{"path": str(path)} for path in paths]
+            continue
         mean, sd = _member_probs(scorers, x)
         for path, p, d in zip(paths, mean, sd, strict=True):
             rows.append({"path": str(path), "prob_her2_pos": p, "member_sd": d})
+    if bags:
+        tiles = pd.DataFrame(rows, columns=["path"])
+        found = groups.loc[[str(Path(p).resolve()) for p in tiles["path"]]]
+        tiles["slide_id"] = found["slide_id"].to_numpy()
+        tiles["patient_id"] = found["patient_id"].to_numpy()
+        features = torch.cat(embedded) if embedded else torch.zeros(0, 0)
+        return predict_bags(run, scorers[0], level, thresholds, tiles, features, errors)
     columns = ["path", "prob_her2_pos", *(["member_sd"] if opts.get("sweep_run_id") else [])]
     tiles = pd.DataFrame(rows, columns=["path", "prob_her2_pos", "member_sd"])[columns]
     return call(run, level, thresholds, tiles, groups, errors)
+
+
+def prepare_patches(images: list[np.ndarray] | np.ndarray, image_size: int) -> torch.Tensor:
+    """RGB uint8 patches, each (H, W, 3) of any size, -> one uint8 NCHW batch at the run's
+    `image_size`: the resize training applies after decoding (sources.resize_patch), shared by
+    predict, the served MLflow model (her2exp/serving.py) and export's inputs. Stain, mean/std,
+    TTA and calibration follow in `_probs`."""
+    resized = []
+    for i, image in enumerate(images):
+        image = np.asarray(image)
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+            raise ValueError(
+                f"patch {i}: {image.dtype} array of shape {image.shape}; expected uint8 (H, W, 3)"
+            )
+        resized.append(resize_patch(image, image_size))
+    if not resized:
+        raise ValueError("no patches")
+    return torch.from_numpy(np.stack(resized)).permute(0, 3, 1, 2).contiguous()
 
 
 def call(
@@ -180,8 +215,13 @@ def _scorer(run: TrainedRun, tta: str | None = None) -> Scoring:
 
 
 def load_runs(opts: Any) -> tuple[TrainedRun, list[TrainedRun]]:
-    """(the run whose thresholds call the tiles, the runs that score them): one run, or with
-    `sweep_run_id` the ensemble (her2exp/ensemble.py) and its members."""
+    """(the run whose thresholds call the tiles, the runs that score them): one run (`model_uri`:
+    the run its alias or version names), or with `sweep_run_id` the ensemble
+    (her2exp/ensemble.py) and its members."""
+    if opts.get("model_uri"):
+        run = load_run(by_model_uri(opts))
+        run.source = f"model_uri={opts.model_uri!r} (run {run.source_run})"
+        return run, [run]
     if not opts.get("sweep_run_id"):
         run = load_run(opts)
         return run, [run]
@@ -189,6 +229,13 @@ def load_runs(opts: Any) -> tuple[TrainedRun, list[TrainedRun]]:
 
     ens = load_ensemble(opts.sweep_run_id, opts.tracking.uri)
     return ens.run, ens.members
+
+
+def by_model_uri(opts: Any) -> Any:
+    """`opts` with `model_uri` (an alias, a version, runs:/ID/model) replaced by the run id it
+    names, for the load_run path (best.pt: thresholds, stain, calibration)."""
+    run_id = resolve_model_uri(opts.model_uri, opts.tracking.uri)
+    return OmegaConf.merge(opts, {"run_id": run_id, "model_uri": None})
 
 
 def _member_probs(scorers: list[Scoring], x: torch.Tensor) -> tuple[Any, Any]:
@@ -237,10 +284,17 @@ def predict_slides(opts: Any, heatmap_dir: Path) -> Predictions:
         batch_size=opts.batch_size,
         num_workers=opts.num_workers,
     )
+    bags = mil_name(run.cfg) != "none"  # a MIL run: tiles embedded, then scored as bags
+    if bags:
+        check_bag_run(run, members, opts.get("tta"))
     scorers = [_scorer(m, opts.get("tta")) for m in members]
     probs: list[float] = []
     sds: list[float] = []
+    embedded = []
     for x, _, _ in loader:
+        if bags:
+            embedded.append(embed_batch(scorers[0], x))
+            continue
         mean, sd = _member_probs(scorers, x)
         probs += mean
         sds += sd
@@ -248,6 +302,14 @@ def predict_slides(opts: Any, heatmap_dir: Path) -> Predictions:
     table = tiles[[c for c in keep if c in tiles] + ["level", "read_size"]].copy()
     table["slide_id"] = table["slide_id"].astype(str)
     table["patient_id"] = table["patient_id"].astype(str)
+    if bags:  # the tile heatmaps show tile scores; a bag's attention is in its own column
+        from her2exp.mil.outputs import attention_heatmaps
+
+        features = torch.cat(embedded)
+        result = predict_bags(run, scorers[0], level, thresholds, table, features, errors)
+        heatmap_dir.mkdir(parents=True, exist_ok=True)
+        attention_heatmaps(result.tiles, tiles, heatmap_dir)
+        return result
     table["prob_her2_pos"] = probs
     if opts.get("sweep_run_id"):
         table["member_sd"] = sds

@@ -379,7 +379,7 @@ def _checklist(
     )
 
     item = checklist_item
-
+    off = "" if header.get("figures", True) else "figures off (evaluation.figures=false)"
     level = header.get("decision_level") or "tile"
 
     def at_op(ev: SplitEvaluation | None, field: str) -> float:
@@ -409,7 +409,7 @@ def _checklist(
         item(
             "False-negative analysis present",
             galleries_written,
-            "false-negative gallery written" if galleries_written else "no gallery given",
+            "false-negative gallery written" if galleries_written else off or "no gallery given",
         ),
         item(
             "Threshold tuned on validation and documented",
@@ -418,7 +418,7 @@ def _checklist(
         item(
             "Decision curve analysis present",
             decision_curve_written,
-            "decision_curve.png" if decision_curve_written else "missing",
+            "decision_curve.png" if decision_curve_written else off or "missing",
         ),
         item(
             "External cohort evaluated",
@@ -433,13 +433,17 @@ def _checklist(
     ]
 
 
-def _split_section(name: str, ev: SplitEvaluation, decision_level: str = "tile") -> list[str]:
+def _split_section(
+    name: str, ev: SplitEvaluation, decision_level: str = "tile", bags: str | None = None
+) -> list[str]:
+    """`bags`: a MIL run's bag_by (its first level is the bag, not the tile)."""
     a = ev.auc
     mark = " **(decision level)**" if decision_level == "tile" else ""
+    unit = f"Bag level (one bag per {bags}){mark}: n = {ev.n} bags" if bags else ""
     lines = [
         f"## {_split_title(name)}",
         "",
-        f"Tile level{mark}: n = {ev.n} patches, HER2+ = {ev.n_pos}. "
+        (unit or f"Tile level{mark}: n = {ev.n} patches") + f", HER2+ = {ev.n_pos}. "
         f"AUC {_ci(a.auc, a.low, a.high)} (95% CI, DeLong)"
         + (
             f"; bootstrap {_fmt(ev.auc_bootstrap.low)}-{_fmt(ev.auc_bootstrap.high)}"
@@ -602,19 +606,34 @@ def _clinical_markdown(
             lines.append(f"- {level}{mark}: {pairs}")
         lines.append("")
     lines += _scoring_paragraph(header, evaluations)
+    lines += _bag_paragraph(header)
     lines += [
         "Intervals are 95%: DeLong for AUC, Wilson for sensitivity, specificity, PPV, NPV and "
         "accuracy.",
         "",
     ]
+    bags = (header.get("mil") or {}).get("bag_by")
     for name, ev in evaluations.items():
-        lines += _split_section(name, ev, decision)
+        lines += _split_section(name, ev, decision, bags)
     lines += _promise_section(val, header)
     lines += ["## Clinical Evaluation Checklist", "", *checklist_table(checklist)]
     lines += ["", "## Figures", ""]
     lines += [f"- `{p.name}`" for p in figures]
     lines.append("")
     return "\n".join(lines)
+
+
+def _bag_paragraph(header: dict[str, Any]) -> list[str]:
+    """A MIL run's unit: the "tile level" of its tables is the bag (one per patient or slide)."""
+    mil = header.get("mil")
+    if not mil:
+        return []
+    return [
+        f"Attention MIL (`mil={mil['name']}`): each unit scored is a **bag** of tile "
+        f'embeddings, one per {mil["bag_by"]}. The tables\' first level ("tile level", n = '
+        f"bags) is that {mil['bag_by']} level; per-tile attention is in `attention_<split>.csv`.",
+        "",
+    ]
 
 
 def _scoring_paragraph(
@@ -692,6 +711,45 @@ def _plot_galleries(
     return figures
 
 
+def plot_explained_galleries(
+    report_dir: Path,
+    galleries: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]],
+    max_gallery: int,
+    explainer: Any,
+) -> list[Path]:
+    """The false-negative and false-positive galleries again, each patch under the map of where
+    the model saw HER2+ (`explain.Explainer`: Grad-CAM for CNNs, a token map for ViTs), as
+    `false_{negatives,positives}_<method>_<split>.png`; only the patches shown are explained."""
+    from her2exp.explain import overlay
+
+    figures = []
+    for name, (images, labels, scores, threshold) in galleries.items():
+        fn, fp = misclassified(labels, scores, threshold)
+        s = np.asarray(scores, dtype=np.float64)
+        for kind, idx, order in (("negatives", fn, "lowest"), ("positives", fp, "highest")):
+            shown = np.asarray(idx)[:max_gallery]
+            overlays: dict[int, np.ndarray] = {}
+            if shown.size:
+                patches = np.stack([images[int(i)] for i in shown])
+                heat = explainer(patches)
+                overlays = {
+                    int(i): overlay(p, m) for i, p, m in zip(shown, patches, heat, strict=True)
+                }
+            called = "HER2+ called HER2-" if kind == "negatives" else "HER2- called HER2+"
+            figures.append(
+                plot_error_gallery(
+                    report_dir / f"false_{kind}_{explainer.method}_{safe_name(name)}.png",
+                    overlays,
+                    s,
+                    idx,
+                    f"{name}: {called} at t={threshold:.3f}, {order} score first; "
+                    + explainer.describe(),
+                    max_gallery,
+                )
+            )
+    return figures
+
+
 def _plot_level_rocs(report_dir: Path, evaluations: dict[str, SplitEvaluation]) -> list[Path]:
     """roc_slide.png and roc_patient.png: each split's ROC at that level."""
     figures = []
@@ -709,6 +767,8 @@ def write_clinical_report(
     header: dict[str, Any] | None = None,
     max_gallery: int = 32,
     before: dict[str, Calibration] | None = None,
+    figures: bool = True,
+    explainer: Any = None,
 ) -> list[Path]:
     """Write every figure, summary.md and best.json for one run; returns the paths written.
 
@@ -720,13 +780,49 @@ def write_clinical_report(
     checklist judges, default "youden"; decision_level: the level it judges, default "tile";
     thresholds: those frozen, keyed by level; calibration: the frozen one, with each split's
     Brier and ECE before it). ``before[split]``: its calibration before temperature scaling,
-    drawn beside the calibrated curve.
+    drawn beside the calibrated curve. ``figures=False`` (evaluation.figures): no PNG, and the
+    checklist says the gallery and decision curve were not drawn. ``explainer``
+    (`explain.Explainer`, or None): the galleries drawn again under its maps
+    (`plot_explained_galleries`).
     """
     report_dir = Path(report_dir)
     header = dict(header or {})
     galleries = galleries or {}
     if not evaluations:
         raise ValueError("no evaluations to report")
+    paths = (
+        _figures(report_dir, evaluations, galleries, max_gallery, before, explainer)
+        if figures
+        else []
+    )
+    if not figures:
+        header["figures"] = False  # recorded in best.json; the checklist names it
+    checklist = _checklist(evaluations, header, bool(paths and galleries), bool(paths))
+    flat: dict[str, Any] = {}
+    for name, ev in evaluations.items():
+        flat.update(ev.as_flat_dict(f"{name}_"))
+    summary_path = atomic_write_text(
+        report_dir / "summary.md", _clinical_markdown(evaluations, header, checklist, paths)
+    )
+    best = {
+        **header,
+        **flat,
+        "checklist": checklist,
+        "splits": {name: ev.to_dict() for name, ev in evaluations.items()},
+        "figures": [p.name for p in paths],
+    }
+    best_path = write_best_json(report_dir / "best.json", best)
+    return [*paths, summary_path, best_path]
+
+
+def _figures(
+    report_dir: Path,
+    evaluations: dict[str, SplitEvaluation],
+    galleries: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, float]],
+    max_gallery: int,
+    before: dict[str, Calibration] | None,
+    explainer: Any = None,
+) -> list[Path]:
     figures = [
         plot_roc_ci(report_dir / "roc.png", evaluations),
         *_plot_level_rocs(report_dir, evaluations),
@@ -741,20 +837,11 @@ def write_clinical_report(
             )
         )
     figures += _plot_galleries(report_dir, galleries, max_gallery)
-    fn_written = bool(galleries)
-    checklist = _checklist(evaluations, header, fn_written, True)
-    flat: dict[str, Any] = {}
-    for name, ev in evaluations.items():
-        flat.update(ev.as_flat_dict(f"{name}_"))
-    summary_path = atomic_write_text(
-        report_dir / "summary.md", _clinical_markdown(evaluations, header, checklist, figures)
-    )
-    best = {
-        **header,
-        **flat,
-        "checklist": checklist,
-        "splits": {name: ev.to_dict() for name, ev in evaluations.items()},
-        "figures": [p.name for p in figures],
-    }
-    best_path = write_best_json(report_dir / "best.json", best)
-    return [*figures, summary_path, best_path]
+    if explainer is not None:
+        try:  # an optional figure never costs a finished run its report
+            figures += plot_explained_galleries(report_dir, galleries, max_gallery, explainer)
+        except (RuntimeError, ValueError, TypeError, AttributeError) as exc:
+            warnings.warn(
+                f"evaluation.explain: no overlays ({type(exc).__name__}: {exc})", stacklevel=2
+            )
+    return figures

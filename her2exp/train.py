@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from her2exp import builders, distributed, rundir, tracking
+from her2exp import builders, distributed, explain, probe, rundir, tracking
 from her2exp.builders import DataParts, Runtime
 from her2exp.config import ConfigError, register_configs, validate
 from her2exp.final import final_evaluation
@@ -48,7 +48,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if runtime.resume.path:
             trainer.resume_from(runtime.resume.path)
             tracker.log_history(trainer.history)  # the resumed run shows the whole curve
-        fit = trainer.fit()
+        fit = probe.fit_knn(trainer, parts) if cfg.model.head == "knn" else trainer.fit()
         summary = fit_summary(cfg, fit, parts, runtime, tracker)
         if fit.interrupted:
             status = "KILLED"
@@ -152,6 +152,9 @@ def _worker(container: dict[str, Any]) -> dict[str, Any]:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train in this process, under torchrun, or by starting `trainer.nproc_per_node` workers."""
+    # evaluation.explain: off in a sweep unless asked for; here, where Hydra's runtime config
+    # is (the workers started below have none), before the config is copied into them.
+    explain.resolve_sweep_default(cfg)
     n = cfg.trainer.nproc_per_node
     if n > 1 and not distributed.under_launcher():
         validate(cfg)  # fail in the parent, before any worker starts

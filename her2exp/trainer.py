@@ -96,7 +96,9 @@ def build_optimizer(
             group["lr"] = cfg.lr * group["lr_scale"]
     else:
         groups = param_groups_weight_decay(model, cfg.weight_decay, no_weight_decay_list=skip)
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    # Nothing to train (the kNN probe's head): one empty group keeps the schedule, checkpoints
+    # and resume on their one path.
+    optimizer = torch.optim.AdamW(groups or [{"params": []}], lr=cfg.lr)
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
     factor = functools.partial(
@@ -467,6 +469,12 @@ class Trainer:
                 log.warning("stopped by a signal after epoch %d (saved)", epoch)
                 break
         return self._result(epoch, stopped_early, interrupted)
+
+    def fit_closed_form(self, samples: int) -> FitResult:
+        """A head fitted without gradient steps (probe=knn, her2exp/probe.py): epoch 1 is its
+        fit, validated, recorded by early stopping, checkpointed and logged like a trained one."""
+        self._end_of_epoch(1, EpochStats(loss=math.nan, samples=samples, seconds=0.0))
+        return self._result(1, False, False)
 
     def _train_epoch(self, epoch: int) -> EpochStats:
         self.train_loader.sampler.set_epoch(epoch)

@@ -93,7 +93,9 @@ class SmokeRun:
 def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
     cwd = tmp_path_factory.mktemp("smoke")
     run_dir = cwd / "run"
-    args = ["experiment=smoke", "tracking.log_model=true", f"hydra.run.dir={run_dir}"]
+    # The one smoke run whose report draws its figures (the tests of figures read them).
+    args = ["experiment=smoke", "tracking.log_model=true", "evaluation.figures=true"]
+    args.append(f"hydra.run.dir={run_dir}")
     proc = run_cli(args, cwd=cwd)
     assert proc.returncode == 0, f"smoke run failed:\n{proc.stdout}\n{proc.stderr}"
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("her2exp: MLflow run "))
@@ -174,3 +176,10 @@ def cv_sweep(tmp_path_factory: pytest.TempPathFactory) -> SweepRun:
     )
     ordered = sorted(children, key=lambda r: int(r.data.tags["sweep.job_num"]))
     return SweepRun(parent.info.run_id, uri, sweep_dir, [r.info.run_id for r in ordered])
+
+
+@pytest.fixture(scope="session")
+def feature_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One feature cache for the session (`model.feature_cache_dir=`): a frozen backbone's tile
+    embeddings are computed once and reused by every test that trains on the same images."""
+    return tmp_path_factory.mktemp("feature_cache")

@@ -171,7 +171,13 @@ FOUNDATION = {
     "h_optimus_0": ("hf-hub:bioptimus/H-optimus-0", 1536, 1135, (0.707223, 0.578729, 0.703617)),
     "virchow2": ("hf-hub:paige-ai/Virchow2", 2560, 631, (0.485, 0.456, 0.406)),
     "prov_gigapath": ("hf_hub:prov-gigapath/prov-gigapath", 1536, 1135, (0.485, 0.456, 0.406)),
+    # issue 19: the newer backbones (parameters as each model card states them)
+    "uni2_h": ("hf-hub:MahmoodLab/UNI2-h", 1536, 681, (0.485, 0.456, 0.406)),
+    "h0_mini": ("hf-hub:bioptimus/H0-mini", 1536, 86, (0.707223, 0.578729, 0.703617)),
 }
+#: The model card's SwiGLU MLP (timm.layers.SwiGLUPacked) with SiLU, and the prefix tokens
+#: (class token + registers) of those that have registers.
+SWIGLU_PREFIX = {"virchow2": 5, "uni2_h": 9, "h0_mini": 5}
 
 
 @pytest.mark.parametrize("option", sorted(FOUNDATION))
@@ -185,21 +191,31 @@ def test_foundation_model_composes_and_its_architecture_builds(option: str) -> N
     kwargs = models.create_kwargs(cfg.model)
     assert kwargs["img_size"] == 224
     assert kwargs["init_values"] == 1e-5
-    if option == "virchow2":
+    if option in SWIGLU_PREFIX:
         assert kwargs["act_layer"] is torch.nn.SiLU
     with torch.device("meta"):
         model = models.build(cfg.model, torch.device("meta"))
         out = model(torch.zeros(2, 3, 224, 224))
         emb = model.embed(torch.zeros(2, 3, 224, 224))
     assert tuple(emb.shape) == (2, dim) and tuple(out.shape) == (2, 2)
-    if option == "virchow2":  # the model card's SwiGLU MLP (timm.layers.SwiGLUPacked) with SiLU
+    if option in SWIGLU_PREFIX:
         mlp = model.backbone.blocks[0].mlp
         assert isinstance(mlp, timm.layers.GluMlp) and isinstance(mlp.act, torch.nn.SiLU)
-        assert model.backbone.num_prefix_tokens == 5  # class token + 4 registers
+        assert model.backbone.num_prefix_tokens == SWIGLU_PREFIX[option]
     n = sum(p.numel() for p in model.backbone.parameters()) / 1e6
     assert n == pytest.approx(millions, rel=0.01)
     got_mean, _ = models.normalisation(model)
     assert got_mean == pytest.approx(mean)
+
+
+def test_h_optimus_1_is_h_optimus_0s_architecture_and_transform() -> None:
+    """The card: H-optimus-0's architecture and mean/std, so only the hub name differs (built
+    once above, as h_optimus_0)."""
+    one = OmegaConf.to_container(compose_train(["model=h_optimus_1"]).model)
+    zero = OmegaConf.to_container(compose_train(["model=h_optimus_0"]).model)
+    assert one.pop("hub_id") == "hf-hub:bioptimus/H-optimus-1"
+    zero.pop("hub_id")
+    assert one == zero
 
 
 def test_fixed_size_foundation_model_names_its_input_size() -> None:

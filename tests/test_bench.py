@@ -198,3 +198,32 @@ def test_slide_training_bench_trains_both_ways_on_the_same_tiles(tiled_slides, c
     out = slide_train.run(tiles, ["model=test_resnet", "data.image_size=32"], rounds=1)
     assert out["ratio"] == pytest.approx(out["slides"] / out["memory"]) and out["slides"] > 0
     assert "2 workers reading the slides vs the same tiles in memory" in capsys.readouterr().out
+
+
+def test_mil_bench_trains_each_head_on_every_bag_and_reads_the_shard_it_wrote(
+    tmp_path, capsys
+) -> None:
+    from her2exp.bench import mil as mil_bench
+
+    batches = list(mil_bench.synthetic_bags(10, 7, 32, 4, seed=3))
+    assert [len(x) for x, _, _ in batches] == [4, 4, 2]  # every bag once, a short last batch
+    for x, mask, labels in batches:
+        assert x.shape[1:] == (7, 32) and mask.all()
+        # A HER2+ bag has one tile shifted by 2 along the first 16 features.
+        shifted = (x[..., :16].mean(-1) > 1.0).sum(1)
+        assert torch.equal(shifted >= 1, labels.bool())
+    out = mil_bench.main(["--bags", "10", "--tiles", "7", "--dim", "32", "--read-features", "64"])
+    printed = capsys.readouterr().out
+    epochs = {r.head: r for r in out["epochs"]}
+    assert list(epochs) == ["mean_pool", "abmil"]
+    for r in epochs.values():
+        assert (r.bags, r.tiles, r.dim) == (10, 7, 32)
+        assert r.seconds > 0 and math.isfinite(r.first_loss) and math.isfinite(r.last_loss)
+        assert r.bags_per_second == pytest.approx(10 / r.seconds)
+        assert f"  {r.head}: {r.seconds:.2f} s ({r.compute_seconds:.2f} s compute)" in printed
+    ratio = epochs["abmil"].compute_seconds / epochs["mean_pool"].compute_seconds
+    assert f"abmil / mean_pool compute: {ratio:.2f}x" in printed
+    read = out["read"]
+    assert read.features == 64 and read.features_per_second == pytest.approx(64 / read.load_seconds)
+    assert read.megabytes * 1e6 > 64 * 32 * 4  # the float32 tensor is in the file
+    assert read.raw_seconds > 0 and mil_bench.read_line(read) in printed

@@ -39,6 +39,9 @@ BAD_IN_PROCESS = [
     ("train", ["loss.label_smoothing=1.5", "hydra.run.dir={out}/b"]),
     ("train", ["hydra.run.dir=/proc/her2exp/run"]),
     ("eval", ["run_id=x", "evaluation.n_boot=-1", "hydra.run.dir={out}/c"]),
+    # issue 20: her2exp-promote's own mistakes, before any registry is opened or created
+    ("promote", ["name=her2", "version=abc"]),
+    ("promote", ["name=her2", "version=1", "tracking.uri=sqlite:///{out}/no_such.db"]),
 ]
 
 

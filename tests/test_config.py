@@ -14,7 +14,7 @@ from conftest import CONF, compose_train, run_cli
 from her2exp import train as train_mod
 from her2exp.config import ConfigError, validate
 
-GROUPS = ["model", "loss", "data", "trainer", "stain", "tracking", "experiment"]
+GROUPS = ["model", "loss", "data", "trainer", "stain", "tracking", "experiment", "mil"]
 
 
 def _options(group: str) -> list[str]:

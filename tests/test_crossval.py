@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
@@ -98,6 +99,16 @@ def test_folds_the_data_cannot_meet_are_one_line(overrides: list[str], expected:
     with pytest.raises(splits.FoldError) as info:
         data.build(cfg.data, cfg.seed)
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_fold_error_reaches_the_user_without_a_doubled_prefix() -> None:
+    """What her2exp-train prints: `her2exp: configuration error: data.split.folds=7 ...`."""
+    from her2exp import builders, distributed
+
+    cfg = compose_train(["experiment=smoke", "data.split.folds=7", "data.split.fold=0"])
+    with pytest.raises(ConfigError) as info:
+        builders.build_data(cfg, distributed.DistContext(0, 0, 1, torch.device("cpu"), None))
+    assert str(info.value).startswith("data.split.folds=7 is more than the 6 HER2+ patients")
 
 
 def test_runs_without_folds_keep_their_splits_and_fingerprint() -> None:

@@ -178,3 +178,51 @@ def test_a_lazy_store_plugs_in_without_changing_a_sample(bundle: data.DataBundle
     np.testing.assert_array_equal(lazy.read("val"), bundle.read("val"))
     with pytest.raises(TypeError, match="read lazily"):
         _ = lazy.images
+
+
+# -- data.positive_patch_fraction (issue 19): a bag task from the embedded generator ------------
+def test_positive_patch_fraction_null_keeps_todays_pixels_and_fingerprint() -> None:
+    """Unset, the generator and the fingerprint are those of before the knob existed."""
+    small = "data.image_size=16"
+    cfg = _data_cfg(small)
+    assert cfg.positive_patch_fraction is None
+    today = data.build(cfg, seed=4)
+    assert "signal" not in today.manifest
+    old = OmegaConf.create(OmegaConf.to_container(cfg))
+    del old["positive_patch_fraction"]  # the schema before the knob
+    assert today.fingerprint == data._fingerprint(old, 4, today.manifest)
+    again = data.build(_data_cfg(small, "data.positive_patch_fraction=null"), seed=4)
+    np.testing.assert_array_equal(today.images, again.images)
+    diluted = data.build(_data_cfg(small, "data.positive_patch_fraction=0.5"), seed=4)
+    assert diluted.fingerprint != today.fingerprint
+
+
+def test_positive_patch_fraction_sets_the_signal_patches_of_each_positive_patient() -> None:
+    """0.2 of 20 patches: exactly 4 of each HER2+ patient carry the signal (the generator's own
+    truth column), the rest and every HER2- patient look negative; labels stay the patient's."""
+    from her2exp.data import synthetic
+
+    kwargs = dict(n_patients=24, patches_per_patient=20, image_size=16, seed=2)
+    plain = synthetic.generate(**kwargs)
+    focal = synthetic.generate(**kwargs, positive_patch_fraction=0.2)
+    f = focal.frame
+    assert (f["label"] == plain.frame["label"]).all()
+    per_patient = f[f["label"] == 1].groupby("patient_id")["signal"].mean()
+    assert len(per_patient) > 0 and (per_patient == 0.2).all()
+    assert not f.loc[f["label"] == 0, "signal"].any()
+    # Signal patches keep their expression; decoys fall to the HER2- range.
+    sig = f["signal"].to_numpy()
+    np.testing.assert_array_equal(f["latent_score"][sig], plain.frame["latent_score"][sig])
+    decoy = (f["label"] == 1) & ~f["signal"]
+    assert f.loc[decoy, "latent_score"].mean() < f.loc[f["signal"], "latent_score"].mean() - 1.0
+    neg = (f["label"] == 0).to_numpy()
+    np.testing.assert_array_equal(focal.images[neg], plain.images[neg])  # negatives unchanged
+
+
+def test_positive_patch_fraction_is_refused_outside_the_generator() -> None:
+    from her2exp.config import ConfigError, validate_data
+
+    cfg = _data_cfg("data.positive_patch_fraction=0.2")
+    cfg.source, cfg.root, cfg.cache = "folder", "/nowhere", True
+    with pytest.raises(ConfigError, match="data.positive_patch_fraction=0.2 is not allowed"):
+        validate_data(cfg, None)

@@ -88,6 +88,26 @@ def test_external_eval_is_a_linked_mlflow_run_with_a_report(smoke_run, external_
     assert "| External cohort evaluated | PASS |" in summary
 
 
+def test_external_eval_adds_its_cohort_to_a_copy_of_the_model_card(smoke_run, external_eval):
+    """her2exp-eval re-renders the run's card with the cohort's results (from its own best.json)
+    into its report folder and logs it to its eval run; the run's own card is left as it was."""
+    import mlflow
+
+    proc, out = external_eval
+    card = (out / "reports" / "model_card.md").read_text()
+    ext = json.loads((out / "reports" / "best.json").read_text())["splits"]["external"]
+    r = ext["reports"]["youden"]
+    ci = f"{r['sensitivity']:.3f} [{r['sensitivity_low']:.3f}, {r['sensitivity_high']:.3f}]"
+    assert "### external (external)" in card and f"| youden | {r['threshold']:.4f} | {ci} |" in card
+    assert f"MLflow run {smoke_run.run_id}" in card and "No external cohort" not in card
+    client = mlflow.MlflowClient(tracking_uri=smoke_run.uri)
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("her2exp: MLflow run "))
+    logged = {a.path for a in client.list_artifacts(line.split()[3], "reports")}
+    assert "reports/model_card.md" in logged
+    own = (smoke_run.run_dir / "reports" / "model_card.md").read_text()
+    assert "None evaluated yet" in own and "(external)" not in own
+
+
 def test_external_eval_uses_the_training_thresholds(smoke_run, external_eval) -> None:
     _, out = external_eval
     train_best = json.loads((smoke_run.run_dir / "reports" / "best.json").read_text())

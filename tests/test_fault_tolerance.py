@@ -21,6 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -491,8 +492,10 @@ def test_mlflow_server_lost_and_back_mid_run_then_synced(
     arts = {a.path for a in client.list_artifacts(run_id, "reports")}
     assert "reports/best.json" in arts
     mlflow.set_tracking_uri(server.url)
-    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")  # the deferred one, replayed
     assert set(model.metadata.metadata["thresholds"]) >= {"youden"}
+    got = model.predict({"image": np.zeros((2, 32, 32, 3), dtype=np.uint8)})
+    assert len(got) == 2 and got["prob_her2_pos"].between(0, 1).all()
 
 
 # -- soak ------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ REQUIRED = {
     "manifest": ["root=."],
     "prepare": ["out=x", "stain=macenko"],
     "tile": ["slide_table=pyproject.toml", "out=x"],
+    "promote": ["name=her2", "version=1"],
     "export": ["run_id=abc"],
 }
 NUMERIC = {name: config.numeric_fields(schema) for name, schema in COMMANDS.items()}

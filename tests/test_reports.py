@@ -75,6 +75,22 @@ def test_every_file_is_written_and_every_png_is_valid(tmp_path: Path) -> None:
     assert not [p for p in (tmp_path / "reports").iterdir() if p.name.startswith(".")]
 
 
+def test_figures_off_writes_the_numbers_and_says_what_was_not_drawn(tmp_path: Path) -> None:
+    """evaluation.figures=false (experiment=smoke): no PNG; summary.md, best.json and the
+    checklist still come, and the checklist names the switch instead of claiming a gallery."""
+    evaluations, galleries, _ = _evaluations()
+    paths = reports.write_clinical_report(tmp_path, evaluations, galleries, HEADER, figures=False)
+    assert sorted(p.name for p in paths) == ["best.json", "summary.md"]
+    assert not list(tmp_path.glob("*.png"))
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert best["figures"] == [] and best["test_auc"] == evaluations["test"].auc.auc
+    text = (tmp_path / "summary.md").read_text()
+    rows = _checklist_rows(text)
+    assert rows["False-negative analysis present"] == "FAIL"
+    assert rows["Decision curve analysis present"] == "FAIL"
+    assert text.count("figures off (evaluation.figures=false)") == 2
+
+
 def test_summary_labels_both_tables_and_renders_the_checklist(tmp_path: Path) -> None:
     evaluations, galleries, _ = _evaluations()
     reports.write_clinical_report(tmp_path, evaluations, galleries, HEADER)

@@ -111,8 +111,16 @@ def test_logged_mlflow_model_scores_a_batch(http_run, mlflow_server: str) -> Non
     assert (
         meta["calibration"] == {"method": "none"} and meta["tta"] == "none"
     )  # what a server applies
-    logits = np.asarray(model.predict(np.zeros((3, 3, 32, 32), dtype=np.float32)))
-    assert logits.shape == (3, 2) and np.isfinite(logits).all()
+    # raw RGB patches in (any size: resized to the model's 32 px), the frozen tile-level calls out
+    patches = np.random.default_rng(0).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
+    got = model.predict({"image": patches})
+    assert list(got.columns) == ["prob_her2_pos", "called_her2_pos", "threshold", "operating_point"]
+    assert len(got) == 3 and got["prob_her2_pos"].between(0, 1).all()
+    t = meta["thresholds_by_level"]["tile"][meta["operating_point"]]
+    assert (
+        got["threshold"].eq(t).all() and (got["operating_point"] == meta["operating_point"]).all()
+    )
+    assert np.array_equal(got["called_her2_pos"], (got["prob_her2_pos"] >= t).astype(int))
 
 
 def test_unreachable_tracking_server_fails_before_training(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@
   torch-staintools.
 - :mod:`her2exp.bench.slides`: one worker's tiles/s read from slides (OpenSlide, tiffslide) vs
   the same tiles from memory; `her2exp-tile`'s slides/min on a 20,000 px slide.
+- :mod:`her2exp.bench.mil`: seconds of one epoch of the bag heads (abmil vs mean_pool) over
+  1,000 bags of 500 synthetic 1,536-dim features; the feature cache's read rate.
 - :mod:`her2exp.bench.export`: ONNX Runtime vs PyTorch CPU inference of the graph
   `her2exp-export` writes (resnet18, random weights; 64 and 224 px, batch 1 and 32).
 - :mod:`her2exp.bench.serve`: served patches/s and p50/p95 latency under `mlflow models serve`
@@ -55,12 +57,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"epoch": results}
     if args.skip_extras:
         return out
-    from her2exp.bench import ci, slides, stain
+    from her2exp.bench import ci, mil, slides, stain
 
     out["ci"] = ci.main()
     print("bench: stain normalisation, 256 patches of 128 px (her2exp.bench.stain)")
     out["stain"] = stain.main([])
     out["slides"] = slides.main([])
+    out["mil"] = mil.main([])
     from her2exp.bench import export, serve
 
     out["export"] = export.main([])

@@ -2,6 +2,7 @@
 
     her2exp-compare [experiment=her2exp] [sweep=latest|all|<parent run id>] [out=compare.csv]
     her2exp-compare sweep=all tracking.uri=http://127.0.0.1:5000
+    her2exp-compare leaderboard=true [sweep=latest|<parent run id>] [out=leaderboard.csv]
 
 The table comes from her2exp/compare.py; it is printed and written to `out` as CSV.
 """
@@ -25,11 +26,36 @@ def main(cfg: DictConfig) -> None:
     from her2exp.fileio import atomic_write_text
 
     schemas.check_compare(cfg)
+    if cfg.leaderboard:
+        show_leaderboard(cfg)
+        return
     table = compare(cfg.experiment, str(cfg.sweep), cfg.tracking.uri)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     atomic_write_text(Path(cfg.out), table.to_csv(index=False))
     print(f"her2exp: {len(table)} runs, best first -> {cfg.out}")
+
+
+def show_leaderboard(cfg: DictConfig) -> None:
+    """Print the sweep parent's leaderboard (mean +- sd over the seeds) and write it as CSV."""
+    from her2exp.compare import leaderboard
+    from her2exp.crossval import format_pm
+    from her2exp.fileio import atomic_write_text
+
+    table = leaderboard(cfg.experiment, str(cfg.sweep), cfg.tracking.uri)
+    print(
+        "backbone | protocol | level | runs | test AUC mean +- sd [mean DeLong 95% CI] | "
+        "sensitivity | specificity (at the frozen operating point)"
+    )
+    for _, r in table.iterrows():
+        ci = f"[{r['test_auc_ci_low']:.3f}, {r['test_auc_ci_high']:.3f}]"
+        print(
+            f"{r['backbone']} | {r['protocol']} | {r['level']} | {r['n_runs']} | "
+            f"{format_pm(r, 'test_auc')} {ci} | {format_pm(r, 'test_sensitivity')} | "
+            f"{format_pm(r, 'test_specificity')}"
+        )
+    atomic_write_text(Path(cfg.out), table.to_csv(index=False))
+    print(f"her2exp: leaderboard of {len(table)} backbone x protocol groups -> {cfg.out}")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 
     her2exp-predict run_id=<id> input=/path/tiles groups=tiles.csv   # decision level slide/patient
     her2exp-predict sweep_run_id=<sweep parent run id> input=/path/patches  # an ensemble
+    her2exp-predict 'model_uri=models:/her2@champion' input=/path/patches  # a registry alias
 
 With a run whose decision level is slide or patient (or decision_level=...), `groups=` (a CSV:
 path, slide_id, patient_id) groups the tiles; the per-slide or per-patient table is written
@@ -13,8 +14,9 @@ beside `out` (<out>.slides.csv, <out>.patients.csv). Files that cannot be decode
 (stderr and `<out>.errors.csv`) and skipped; without any, an `<out>.errors.csv` left by an
 earlier run is removed, so the two files always agree. With `sweep_run_id=` the sweep's finished
 children score as one ensemble (their mean, at the ensemble's thresholds; column `member_sd`: the
-sd across members). An existing `out` table is replaced only
-with `overwrite=true`.
+sd across members). `model_uri=` (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model)
+names the training run through the model registry (her2exp-promote sets aliases). An existing
+`out` table is replaced only with `overwrite=true`.
 """
 
 from __future__ import annotations

@@ -51,18 +51,20 @@ class UriConfig:
     uri: str | None = DEFAULT_URI
 
 
-#: The keys that name what a command evaluates or predicts with: exactly one is given.
-SOURCES = ("run_id", "checkpoint", "sweep_run_id")
+#: The keys that name what a command evaluates or predicts with: exactly one is given
+#: (model_uri: predict only, resolved to a run id by registry.resolve_model_uri).
+SOURCES = ("run_id", "checkpoint", "sweep_run_id", "model_uri")
 
 
 def check_one_source(source: Any) -> None:
-    """Exactly one of run_id / checkpoint / sweep_run_id (a command without sweep_run_id, or a
-    member's own load, has that key absent)."""
+    """Exactly one of run_id / checkpoint / sweep_run_id / model_uri (a command without
+    sweep_run_id or model_uri, or a member's own load, has that key absent)."""
     given = [k for k in SOURCES if source.get(k)]
     if len(given) != 1:
         got = f" (got {' and '.join(given)})" if given else ""
+        uri = ", model_uri=<models:/NAME@ALIAS>" if "model_uri" in source else ""
         raise ConfigError(
-            "give exactly one of run_id=<MLflow run id>, checkpoint=<best.pt path> or "
+            f"give exactly one of run_id=<MLflow run id>, checkpoint=<best.pt path>{uri} or "
             f"sweep_run_id=<MLflow run id of a sweep's parent>{got}"
         )
 
@@ -89,6 +91,8 @@ class EvaluationOverrides:
     gallery_max: int | None = ranged(None, ge=0)
     tta: str | None = None  # none | d4; the run's thresholds were chosen on its own setting
     calibration: str | None = None  # frozen in best.pt: only the run's own is accepted
+    explain: bool | None = None  # Grad-CAM / token maps over the galleries (her2exp/explain.py)
+    figures: bool | None = None  # the report's PNG figures (a smoke run's own: off)
 
 
 @dataclass
@@ -148,6 +152,8 @@ class PredictCommand:
     checkpoint: str | None = None
     run_id: str | None = None
     sweep_run_id: str | None = None  # a sweep's parent run: its finished children as an ensemble
+    # models:/NAME@ALIAS | models:/NAME/VERSION | runs:/ID/model: the training run behind it
+    model_uri: str | None = None
     input: str | None = None  # a folder of patches (searched recursively), or a tiles.parquet
     out: str = "predictions.csv"
     # Slides (input= a tile manifest of her2exp-tile): one PNG per slide; null: <out>_heatmaps/.
@@ -201,6 +207,10 @@ def check_predict(cfg: Any) -> None:
             f"input={cfg.input} is not a folder (or a tile manifest .parquet/.csv of her2exp-tile)"
         )
     _one_source(cfg)
+    if cfg.model_uri:
+        from her2exp.registry import parse_model_uri
+
+        parse_model_uri(cfg.model_uri)  # its form now; the store is read when it is resolved
     if cfg.decision_level is not None and cfg.decision_level not in LEVEL_CHOICES:
         _fail("decision_level", cfg.decision_level, f"null or {', '.join(LEVEL_CHOICES)}")
     if cfg.tta is not None and cfg.tta not in TTA_CHOICES:
@@ -235,6 +245,7 @@ class CompareCommand:
     sweep: str = "latest"  # latest | all | <parent run id>
     out: str = "compare.csv"
     tracking: UriConfig = field(default_factory=UriConfig)
+    leaderboard: bool = False  # the sweep parent's backbone x protocol leaderboard instead
 
 
 def check_compare(cfg: Any) -> None:
@@ -411,6 +422,35 @@ def check_rerun(cfg: Any) -> None:
         raise ConfigError("run_id=<MLflow run id> is required")
 
 
+# -- her2exp-promote ----------------------------------------------------------------------------
+@dataclass
+class PromoteCommand:
+    """`her2exp-promote`: a registered model's alias set to a version that passed its checklist."""
+
+    name: str | None = None  # the registered model (tracking.registered_model_name of training)
+    version: int | None = ranged(None, ge=1)
+    alias: str = "champion"
+    force: bool = False  # promote a version that fails its checklist (recorded on the version)
+    reason: str | None = None  # why, with force=true (tag her2exp.force_reason)
+    tracking: UriConfig = field(default_factory=UriConfig)
+
+
+def check_promote(cfg: Any) -> None:
+    """Values only (the registry is read by the command): name, version and an alias MLflow
+    accepts (letters, digits, _ and -)."""
+    from her2exp.registry import ALIAS_RE
+
+    check_ranges(cfg, PromoteCommand)
+    if not cfg.name:
+        raise ConfigError("name=<registered model name> is required")
+    if cfg.version is None:
+        raise ConfigError("version=<the version number to promote> is required")
+    if not ALIAS_RE.match(str(cfg.alias)):
+        _fail("alias", cfg.alias, "letters, digits, _ and - (e.g. champion)")
+    if not cfg.tracking.uri:
+        _fail("tracking.uri", cfg.tracking.uri, "an MLflow tracking URI")
+
+
 # -- her2exp-tile --------------------------------------------------------------------------------
 @dataclass
 class TilesConfig:
@@ -536,6 +576,7 @@ SCHEMAS: dict[str, type] = {
     "sync": SyncCommand,
     "rerun": RerunCommand,
     "tile": TileCommand,
+    "promote": PromoteCommand,
     "export": ExportCommand,
 }
 
@@ -560,6 +601,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "sync": check_sync,
     "rerun": check_rerun,
     "tile": check_tile,
+    "promote": check_promote,
     "export": check_export,
 }
 

@@ -129,6 +129,7 @@ def build_cohort(cfg: DictConfig, seed: int) -> DataBundle:
         sites=list(cfg.sites),
         positive_fraction=cfg.positive_fraction,
         seed=seed,
+        positive_patch_fraction=cfg.get("positive_patch_fraction"),
     )
     manifest = data.frame.copy()
     manifest["split"] = "cohort"
@@ -169,8 +170,12 @@ def _fingerprint(cfg: DictConfig, seed: int, manifest: pd.DataFrame) -> str:
     """
     generator_cfg = OmegaConf.to_container(cfg, resolve=True)
     # The seeds enter as the generator's seed and through the manifest's split column.
-    for key in ("mean", "std", "data_seed", "split_seed"):
+    # bag_by groups rows into bags (mil): it does not change the data.
+    for key in ("mean", "std", "data_seed", "split_seed", "bag_by"):
         generator_cfg.pop(key, None)
+    # Unset, the generator is today's: the fingerprint too.
+    if generator_cfg.get("positive_patch_fraction") is None:
+        generator_cfg.pop("positive_patch_fraction", None)
     # The CV settings enter through the split column only, so runs without folds keep the
     # fingerprint they had before cross-validation existed.
     for key in ("folds", "fold", "by", "ignore_column"):

@@ -200,9 +200,16 @@ def decode(data: bytes, size: int) -> tuple[np.ndarray, list[str]]:
         else:
             rgb = im.convert("RGB")
     notes += _size_notes(rgb.width, rgb.height, size)
-    if rgb.size != (size, size):
-        rgb = rgb.resize((size, size), Image.Resampling.BILINEAR)
-    return np.array(rgb, dtype=np.uint8), notes  # a writable copy: torch.from_numpy takes it
+    return resize_patch(np.array(rgb, dtype=np.uint8), size), notes
+
+
+def resize_patch(rgb: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3), PIL bilinear, as training decodes a patch (unchanged
+    when already that size): the one resize of files, served patches and predict."""
+    if rgb.shape[:2] == (size, size):
+        return rgb
+    out = Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR)
+    return np.array(out, dtype=np.uint8)  # a writable copy: torch.from_numpy takes it
 
 
 def check_header(data: bytes, size: int) -> list[str]:

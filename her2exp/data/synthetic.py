@@ -325,7 +325,12 @@ def _check_args(
     image_size: int,
     sites: Sequence[str],
     positive_fraction: float,
+    positive_patch_fraction: float | None = None,
 ) -> None:
+    if positive_patch_fraction is not None and not 0.0 < positive_patch_fraction <= 1.0:
+        raise ValueError(
+            f"positive_patch_fraction must be null or in (0, 1], got {positive_patch_fraction}"
+        )
     if n_patients < 2:
         raise ValueError(f"n_patients must be >= 2 (one per class), got {n_patients}")
     if patches_per_patient < 1:
@@ -341,6 +346,32 @@ def _check_args(
             raise ValueError(f"unknown site {site!r} in sites; allowed: {sorted(SITES)}")
 
 
+def _dilute(
+    latent: np.ndarray, label: np.ndarray, pid: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the expression of round(fraction x n) patches of each HER2+ patient (at least one)
+    and give the others the latent of a HER2- background (a score drawn from NEG_SCORE_PROBS,
+    its patient spread, then the patch spread): focal HER2 in an otherwise negative tumour.
+
+    Its own generator (seeded from `seed`), so every other draw - sites, cells, stain, and so
+    every HER2- patient's pixels - is the same as without the knob."""
+    rng = np.random.default_rng([seed, 19])
+    out = latent.copy()
+    signal = np.zeros(latent.size, dtype=bool)
+    neg_scores = list(NEG_SCORE_PROBS)
+    neg_p = np.array([NEG_SCORE_PROBS[k] for k in neg_scores])
+    for p in np.unique(pid[label == 1]):
+        rows = np.flatnonzero(pid == p)
+        keep = max(1, round(fraction * rows.size))
+        carried = rng.permutation(rows)[:keep]
+        signal[carried] = True
+        decoy = rows[~signal[rows]]
+        score = neg_scores[rng.choice(len(neg_scores), p=neg_p / neg_p.sum())]
+        background = SCORE_MEANS[(0, score)] + rng.normal(0.0, SIGMA_PATIENT)
+        out[decoy] = background + rng.normal(0.0, SIGMA_PATCH, size=decoy.size)
+    return out, signal
+
+
 def generate(
     n_patients: int = 100,
     patches_per_patient: int = 20,
@@ -348,13 +379,25 @@ def generate(
     sites: Sequence[str] = ("site_a", "site_b"),
     positive_fraction: float = 0.25,
     seed: int = 0,
+    positive_patch_fraction: float | None = None,
 ) -> SyntheticData:
     """Draw a patient cohort and render its patches; byte-identical for identical arguments.
 
     Patients are assigned to ``sites`` round robin within each class (after a seeded shuffle),
     so site and label are not confounded. Patch label = patient status.
+    ``positive_patch_fraction`` (None: every patch of a HER2+ patient carries its expression):
+    only that fraction of a HER2+ patient's patches do, the rest look HER2- but keep the label
+    (a bag task where finding the few signal patches matters; see `_dilute`). The frame then
+    gains the per-patch truth column ``signal``.
     """
-    _check_args(n_patients, patches_per_patient, image_size, sites, positive_fraction)
+    _check_args(
+        n_patients,
+        patches_per_patient,
+        image_size,
+        sites,
+        positive_fraction,
+        positive_patch_fraction,
+    )
     rng = np.random.default_rng(seed)
     sites = list(sites)
 
@@ -381,6 +424,9 @@ def generate(
     pid = np.repeat(np.arange(n_patients), patches_per_patient)
     n = pid.size
     latent = patient_latent[pid] + rng.normal(0.0, SIGMA_PATCH, size=n)
+    signal = None
+    if positive_patch_fraction is not None:
+        latent, signal = _dilute(latent, status[pid], pid, positive_patch_fraction, seed)
     site_arr = site_of[pid]
     stain = np.stack([SITES[s].matrix for s in site_arr])
     intensity = np.array([SITES[s].intensity for s in site_arr]) * slide_gain[pid]
@@ -403,6 +449,8 @@ def generate(
             "latent_score": latent.astype(float),
         }
     )
+    if signal is not None:
+        frame["signal"] = signal
     return SyntheticData(images=images, frame=frame)
 
 

@@ -57,8 +57,9 @@ class Tracker:
     def log_dataset(self, manifest: Any, name: str, digest: str, counts: dict) -> None:
         """The data as a dataset input: its manifest, fingerprint and per-split class counts."""
 
-    def log_model(self, model: Any, example: Any, metadata: dict[str, Any]) -> None:
-        """The trained model in a loadable form, with its thresholds in `metadata`."""
+    def log_model(self, spec: dict[str, Any]) -> None:
+        """The trained model as an MLflow pyfunc from code (`serving.model_spec`: the code
+        file, artifacts, signature, input example, metadata with its thresholds)."""
 
     def end(self, status: str = "FINISHED") -> None:
         """Close the run with `status` (FINISHED, FAILED, KILLED)."""

@@ -29,8 +29,9 @@ from her2exp.tracking.offline import (
     OfflineQueue,
     Record,
     apply,
-    log_pytorch_model,
+    log_pyfunc_model,
     read_run_file,
+    save_pyfunc_model,
     write_run_file,
 )
 from her2exp.tracking.store import (
@@ -323,29 +324,28 @@ class MlflowTracker(Tracker):
             return  # the first attempt logged it (same data: the fingerprint is a run tag)
         self._safe("log_input", _log)
 
-    def log_model(self, model: Any, example: Any, metadata: dict[str, Any]) -> None:
-        """The best model as an MLflow model (pyfunc-loadable), thresholds in its metadata.
+    def log_model(self, spec: dict[str, Any]) -> None:
+        """The best model as an MLflow pyfunc from code (`serving.model_spec`), thresholds in
+        its metadata.
 
         With the server away it is saved in the run directory and logged on replay. Not retried
         once online: a retry after a partial upload would log a second model."""
         kwargs = {
-            "input_example": example,
-            "metadata": metadata,
+            **spec,
             "pip_requirements": _model_requirements(),
             "registered_model_name": self.cfg.get("registered_model_name"),
         }
-        log_it = functools.partial(log_pytorch_model, self.uri, self.run_id, model, **kwargs)
+        log_it = functools.partial(log_pyfunc_model, self.uri, self.run_id, **kwargs)
         if self.queue is None:
             self._safe("log_model", log_it)
         elif not (self.queue.online() and self._send("log_model", log_it, retry=False)):
-            self._defer_model(model, kwargs)
+            self._defer_model(kwargs)
 
-    def _defer_model(self, model: Any, kwargs: dict[str, Any]) -> None:
+    def _defer_model(self, kwargs: dict[str, Any]) -> None:
         """Save the model in the run directory and queue its logging."""
         path = self.run_dir / MODEL_DIR
         shutil.rmtree(path, ignore_errors=True)
-        save = {k: v for k, v in kwargs.items() if k != "registered_model_name"}
-        self.mlflow.pytorch.save_model(model, str(path), serialization_format="pickle", **save)
+        save_pyfunc_model(path, **{k: v for k, v in kwargs.items() if k != "registered_model_name"})
         self.queue.append(
             {
                 "run_id": self.run_id,

@@ -6,8 +6,9 @@ as the server answers, or afterwards by `her2exp-sync run_dir=<run_dir>`. `<run_
 records the run id and URI, so a resumed attempt continues the same run.
 
 What `her2exp-sync` trusts: the run directory's own files. A deferred model
-(`mlflow_model_deferred/`) is unpickled, so sync only run directories you or your colleagues
-wrote; a queued upload of a path outside the run directory (resolved, symlinks too) is refused
+(`mlflow_model_deferred/`: a pyfunc from code, whose code file runs when the model is loaded)
+is logged as it was saved, so sync only run directories you or your colleagues wrote; a queued
+upload of a path outside the run directory (resolved, symlinks too) is refused
 before anything is sent.
 """
 
@@ -99,28 +100,50 @@ def describe_deferred(records: list[Record]) -> str:
     return ", ".join(parts)
 
 
-def log_pytorch_model(uri: str, run_id: str, model: Any, **kwargs: Any) -> None:
-    """Log `model` to the run as an MLflow model named "model" (pyfunc-loadable).
+def log_pyfunc_model(uri: str, run_id: str, **kwargs: Any) -> None:
+    """Log the run's model to the run as an MLflow pyfunc from code named "model".
 
-    `kwargs`: input_example, metadata, pip_requirements, registered_model_name."""
+    `kwargs`: python_model (the code file), artifacts, signature (MLmodel's dict form),
+    input_example, metadata, pip_requirements, registered_model_name."""
     import mlflow
 
+    kwargs = _with_signature(kwargs)
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run(run_id=run_id):
-        mlflow.pytorch.log_model(model, name="model", serialization_format="pickle", **kwargs)
+        mlflow.pyfunc.log_model(name="model", **kwargs)
+
+
+def save_pyfunc_model(path: Path, **kwargs: Any) -> None:
+    """Save the model locally (the server is away): `log_pyfunc_model`'s kwargs, less the
+    registered name; the artifacts are copied in, so the replay needs only `path`."""
+    import mlflow
+
+    mlflow.pyfunc.save_model(str(path), **_with_signature(kwargs))
+
+
+def _with_signature(kwargs: dict[str, Any]) -> dict[str, Any]:
+    from mlflow.models import ModelSignature
+
+    sig = kwargs.get("signature")
+    if isinstance(sig, dict):
+        kwargs = {**kwargs, "signature": ModelSignature.from_dict(sig)}
+    return kwargs
 
 
 def _log_saved_model(uri: str, run_id: str, path: Path, registered: str | None) -> None:
-    """Log an MLflow model that was saved locally while the server was away."""
-    import mlflow
+    """Log an MLflow model that was saved locally while the server was away: its code file
+    and artifacts from the saved folder, its signature, example and metadata from MLmodel."""
     from mlflow.models import Model
 
     info = Model.load(str(path))
+    flavor = info.flavors["python_function"]
     reqs_file = path / "requirements.txt"
-    log_pytorch_model(
+    log_pyfunc_model(
         uri,
         run_id,
-        mlflow.pytorch.load_model(str(path)),
+        python_model=str(path / Path(flavor["model_code_path"]).name),
+        artifacts={k: str(path / a["path"]) for k, a in flavor.get("artifacts", {}).items()},
+        signature=info.signature,
         input_example=info.load_input_example(str(path)),
         metadata=info.metadata,
         pip_requirements=reqs_file.read_text().split() if reqs_file.is_file() else None,
@@ -173,7 +196,7 @@ def replay(client: Any, deferred: DeferredLog) -> tuple[int, list[Record]]:
     return done, records[done:]
 
 
-PATH_OPS = ("artifact", "model")  # the calls that upload (and, for the model, unpickle) a path
+PATH_OPS = ("artifact", "model")  # the calls that upload a path (the model: code that runs)
 
 
 def _check_tree(run_dir: Path, path: Path) -> None:
