@@ -96,14 +96,7 @@ def final_evaluation(
             "test_loss": test.loss,
         }
     )
-    best_ckpt = freeze_into_checkpoint(
-        run_dir, thresholds, parts.stain, cfg.evaluation.decision_level, calibration
-    )
-    log_run_files(cfg, run_dir, tracker, best_ckpt)
-    if cfg.tracking.get("log_model", True) and parts.bags is None:
-        log_model(cfg, model, tracker, thresholds, run_dir, calibration)
-    elif cfg.tracking.get("log_model", True):  # its signature is one image batch, not bags
-        log.info("mil=%s: no MLflow model logged (best.pt is the model)", cfg.mil.name)
+    record_model(cfg, parts, model, tracker, run_dir, thresholds, calibration)
     out.update(
         {
             "val_evaluation": evs["val"],
@@ -112,6 +105,27 @@ def final_evaluation(
         }
     )
     return out
+
+
+def record_model(
+    cfg: DictConfig,
+    parts: DataParts,
+    model: Any,
+    tracker: tracking.Tracker,
+    run_dir: Path,
+    thresholds: dict[str, dict[str, float]],
+    calibration: dict[str, Any],
+) -> None:
+    """What later commands load: the thresholds and calibration frozen into best.pt, the run's
+    files and (patch models) the MLflow model."""
+    best_ckpt = freeze_into_checkpoint(
+        run_dir, thresholds, parts.stain, cfg.evaluation.decision_level, calibration
+    )
+    log_run_files(cfg, run_dir, tracker, best_ckpt)
+    if cfg.tracking.get("log_model", True) and parts.bags is None:
+        log_model(cfg, model, tracker, thresholds, run_dir, calibration)
+    elif cfg.tracking.get("log_model", True):  # its signature is one image batch, not bags
+        log.info("mil=%s: no MLflow model logged (best.pt is the model)", cfg.mil.name)
 
 
 def _explainer(cfg: DictConfig, parts: DataParts, model: Any) -> Any:
