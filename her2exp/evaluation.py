@@ -657,7 +657,9 @@ def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
     if mil_name(run.cfg) != "none":  # bags: one row per bag, attention files beside
         from her2exp.mil.report import score_cohort_bags
 
-        split, extra = score_cohort_bags(scorer, cohort, run, evaluation.operating_point)
+        split, extra = score_cohort_bags(
+            scorer, cohort, run, evaluation.operating_point, evaluation.get("figures", True)
+        )
     else:
         split = score_cohort(scorer, cohort)
     bundle = cohort.bundle

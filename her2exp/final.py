@@ -167,6 +167,7 @@ def scored_splits(
                 scored_bags(split.rows, s.probs, op),
                 bundle.view(),  # [i]: manifest row i, as the attention table's `row`
                 bundle.manifest if cfg.data.source == "slides" else None,
+                cfg.evaluation.get("figures", True),
             )
         if not np.array_equal(split.labels, s.labels):
             raise RuntimeError("gathered scores are not in dataset order")

@@ -102,7 +102,8 @@ def test_mil_ddp_scores_each_bag_once_as_one_process(
 def test_eval_and_predict_score_bags(mil_run: Path, tmp_path: Path) -> None:
     ckpt = mil_run / "checkpoints" / "best.pt"
     out = tmp_path / "eval"
-    ecfg = compose("eval", [f"checkpoint={ckpt}", "tracking=off", "split=test"])
+    figures = ["evaluation.figures=true", "evaluation.operating_point=p50"]
+    ecfg = compose("eval", [f"checkpoint={ckpt}", "tracking=off", "split=test", *figures])
     with open_dict(ecfg):
         ecfg.output_dir = str(out)
     result = evaluation.evaluate_cohort(ecfg)
@@ -110,6 +111,12 @@ def test_eval_and_predict_score_bags(mil_run: Path, tmp_path: Path) -> None:
     got, want = _preds(out, "test"), _preds(mil_run, "test")
     np.testing.assert_allclose(got["prob_her2_pos"], want["prob_her2_pos"], atol=1e-5)
     assert (out / "reports" / "attention_test.csv").is_file()
+    # One attention gallery per missed and per false bag at the operating point (figures on);
+    # none in the run's own reports (experiment=smoke: evaluation.figures=false).
+    wrong = got["called_her2_pos_p50"] != got["label"]
+    drawn = {p.name for p in (out / "reports").glob("attention_f[np]_*.png")}
+    assert len(drawn) == int(wrong.sum())
+    assert not list((mil_run / "reports").glob("attention_f[np]_*.png"))
     # a new cohort: its tiles embedded by the run's frozen backbone, one row per patient bag
     new = ["data.n_patients=6", "data.patches_per_patient=3", "data.data_seed=9"]
     ecfg = compose("eval", [f"checkpoint={ckpt}", "tracking=off", *new])

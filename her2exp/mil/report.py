@@ -63,13 +63,17 @@ def write_attention(
     scored: pd.DataFrame,
     view: Any,
     tile_manifest: pd.DataFrame | None,
+    figures: bool = True,
 ) -> list[Path]:
     """attention_<name>.csv, the attention galleries of the missed and false bags and, for
-    tiles of slides, the attention heatmaps. `scored`: bag_id, label, prob_her2_pos, called."""
+    tiles of slides, the attention heatmaps. `scored`: bag_id, label, prob_her2_pos, called.
+    `figures=False` (evaluation.figures): the table only."""
     table = attention_table(rows, bags, weights)
     report_dir.mkdir(parents=True, exist_ok=True)
     path = report_dir / f"attention_{safe_name(name)}.csv"
     written = [atomic_write_text(path, table.to_csv(index=False))]
+    if not figures:
+        return written
     written += list(outputs.attention_gallery(table, scored, view, report_dir, GALLERY_TILES))
     if tile_manifest is not None and {"slide_id", "x", "y"} <= set(table.columns):
         written += list(outputs.attention_heatmaps(table, tile_manifest, report_dir))
@@ -88,7 +92,9 @@ def scored_bags(rows: pd.DataFrame, probs: np.ndarray, threshold: float) -> pd.D
     )
 
 
-def score_cohort_bags(scorer: Any, cohort: Any, run: Any, operating_point: str) -> tuple[Any, Any]:
+def score_cohort_bags(
+    scorer: Any, cohort: Any, run: Any, operating_point: str, figures: bool = True
+) -> tuple[Any, Any]:
     """her2exp-eval of a MIL run: the cohort's tiles embedded by the run's frozen backbone, bags
     formed by the run's `data.bag_by`, scored by its head at its frozen calibration. Returns the
     ScoredSplit of bags and the `extra_reports` callback that writes the attention files."""
@@ -134,6 +140,8 @@ def score_cohort_bags(scorer: Any, cohort: Any, run: Any, operating_point: str) 
     slides = bundle.manifest if cohort.data_cfg.get("source") == "slides" else None
 
     def extra(report_dir: Path) -> list[Path]:
-        return write_attention(report_dir, cohort.name, rows, bags, weights, called, view, slides)
+        return write_attention(
+            report_dir, cohort.name, rows, bags, weights, called, view, slides, figures
+        )
 
     return split, extra
