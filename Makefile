@@ -32,11 +32,7 @@ $(VENV)/.bench-installed: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,bench]'
 	@touch $@
 
-<<<<<<< HEAD
-bench: $(VENV)/.bench-installed ## her2exp's epoch vs a bare PyTorch loop (img/s, ratio); CI speed; stain normalisers; slides; ONNX Runtime vs PyTorch; served model
-=======
-bench: $(VENV)/.bench-installed ## her2exp's epoch vs a bare PyTorch loop (img/s, ratio); CI speed; stain normalisers; bag heads' epoch, feature read rate
->>>>>>> main
+bench: $(VENV)/.bench-installed ## her2exp's epoch vs a bare PyTorch loop (img/s, ratio); CI speed; stain normalisers; slides; bag heads' epoch, feature read rate; ONNX Runtime vs PyTorch; served model
 	$(PY) -m her2exp.bench $(ARGS)
 
 gpu-check: $(STAMP) ## CUDA-only tests + the CUDA bench (< 8 min on one GPU); without CUDA: the CPU part and what it skipped
