@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -61,9 +62,14 @@ def store(smoke_run: SmokeRun, tmp_path_factory: pytest.TempPathFactory) -> Regi
     smoke = client.get_run(smoke_run.run_id)
     model_id = smoke.outputs.model_outputs[0].model_id  # the run's logged model (`model`)
     client.create_registered_model(NAME)
-    with pytest.MonkeyPatch.context() as env:  # the registry finds the logged model through it
-        env.setenv("MLFLOW_TRACKING_URI", uri)
-        real = client.create_model_version(NAME, f"models:/{model_id}", run_id=smoke_run.run_id)
+    # The logged model's own location: a `models:/<id>` source would be looked up through
+    # MLflow's global tracking URI, which another test of the session may have set.
+    source = client.get_logged_model(model_id).artifact_location
+
+    def version(run_id: str) -> Any:
+        return client.create_model_version(NAME, source, run_id=run_id, model_id=model_id)
+
+    real = version(smoke_run.run_id)
     # The operating point with the lowest test sensitivity, and a target just above it.
     sens = {
         op: smoke.data.metrics[f"test_{op}_sensitivity"]
@@ -73,9 +79,7 @@ def store(smoke_run: SmokeRun, tmp_path_factory: pytest.TempPathFactory) -> Regi
     op = min(sens, key=sens.get)
     assert sens[op] < 0.98, f"the smoke run catches every test positive at every point: {sens}"
     strict_run = _mirror_run(client, smoke, (sens[op] + 1) / 2, op)
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("MLFLOW_TRACKING_URI", uri)
-        strict = client.create_model_version(NAME, f"models:/{model_id}", run_id=strict_run)
+    strict = version(strict_run)
     return Registry(uri, client, real.version, strict.version, strict_run)
 
 
