@@ -574,6 +574,17 @@ class Cohort:
     seed: int
 
 
+def rebuild_run_data(run: TrainedRun, why: str) -> Any:
+    """The run's own data bundle, rebuilt from its stored config and seed as training built it
+    (eval split=, the export check); a data set that is gone is one line starting with `why`."""
+    from her2exp import data
+
+    try:
+        return data.build(run.cfg.data, run.cfg.seed)
+    except ValueError as exc:
+        raise ConfigError(f"{why}: {one_line(exc)}") from exc
+
+
 def load_cohort(ecfg: DictConfig, run: TrainedRun) -> Cohort:
     """A new cohort described by the eval config's `data`, with the model's input contract; or
     (`split=val|test`) the run's own split, rebuilt from its stored config and seed exactly as
@@ -583,12 +594,7 @@ def load_cohort(ecfg: DictConfig, run: TrainedRun) -> Cohort:
 
     if ecfg.split:
         cfg = run.cfg
-        try:
-            bundle = data.build(cfg.data, cfg.seed)
-        except ValueError as exc:
-            raise ConfigError(
-                f"split={ecfg.split}: the run's data cannot be rebuilt: {one_line(exc)}"
-            ) from exc
+        bundle = rebuild_run_data(run, f"split={ecfg.split}: the run's data cannot be rebuilt")
         return Cohort(ecfg.cohort_name or ecfg.split, bundle, ecfg.split, cfg.data, int(cfg.seed))
     contract = {k: run.cfg.data[k] for k in ("image_size", "mean", "std")}
     data_cfg = OmegaConf.merge(ecfg.data, contract)

@@ -37,7 +37,13 @@ from torch import nn
 from her2exp import metrics
 from her2exp.config import ConfigError
 from her2exp.engine import Preprocess, mean_probability, view_logits
-from her2exp.evaluation import TrainedRun, load_model, load_run, one_line, run_stain
+from her2exp.evaluation import (
+    TrainedRun,
+    load_model,
+    load_run,
+    rebuild_run_data,
+    run_stain,
+)
 
 log = logging.getLogger("her2exp")
 
@@ -142,16 +148,9 @@ def build_graph(run: TrainedRun, tta: str | None = None) -> ProbabilityGraph:
 def check_patches(run: TrainedRun, n: int) -> torch.Tensor:
     """Up to `n` of the run's test patches (uint8 NCHW), its data rebuilt from its config and
     seed as her2exp-eval split=test rebuilds it, stain-normalised with the run's reference."""
-    from her2exp import data
-
     cfg = run.cfg
-    try:
-        bundle = data.build(cfg.data, cfg.seed)
-    except ValueError as exc:
-        raise ConfigError(
-            f"{run.source}: the run's data cannot be rebuilt to check the export against "
-            f"(its test split): {one_line(exc)}"
-        ) from exc
+    why = f"{run.source}: the run's data cannot be rebuilt to check the export against"
+    bundle = rebuild_run_data(run, why)
     split = "test" if len(bundle.indices("test")) else "val"
     view = bundle.view(split)
     x = torch.from_numpy(np.ascontiguousarray(view[: min(n, len(view))]))
