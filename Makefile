@@ -38,9 +38,11 @@ bench: $(VENV)/.bench-installed ## her2exp's epoch vs a bare PyTorch loop (img/s
 gpu-check: $(STAMP) ## CUDA-only tests + the CUDA bench (< 8 min on one GPU); without CUDA: the CPU part and what it skipped
 	$(PY) -m her2exp.bench.gpu_check $(ARGS)
 
-lint: $(STAMP) ## ruff check + format check
+lint: $(STAMP) ## ruff check + format check + the import contracts (layers, light config/cli) + no import cycle
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_lint.py
 
 format: $(STAMP) ## apply ruff format and safe fixes
 	$(VENV)/bin/ruff check --fix .
@@ -64,7 +66,7 @@ demo-folder: $(STAMP) ## export the embedded data as a PNG folder + manifest und
 
 demo-slides: $(STAMP) ## 20 embedded whole-slide TIFFs -> her2exp-tile -> her2exp-train data=slides (offline, a few minutes)
 	rm -rf outputs/demo_slides
-	$(PY) -m her2exp.slides.synthetic outputs/demo_slides/slides --n-slides 20
+	$(PY) -m her2exp.data.synthetic_slides outputs/demo_slides/slides --n-slides 20
 	$(VENV)/bin/her2exp-tile slide_table=outputs/demo_slides/slides/slides.csv out=outputs/demo_slides/tiles tiles.mpp=0.5 tiles.size=128 tiles.workers=2
 	$(VENV)/bin/her2exp-train data=slides data.path=$(CURDIR)/outputs/demo_slides/tiles/tiles.parquet model=resnet10t data.image_size=64 data.num_workers=2 trainer.epochs=4 evaluation.decision_level=slide hydra.run.dir=outputs/demo_slides/run $(ARGS)
 

@@ -1,5 +1,5 @@
 """The MLflow model of a run, as "models from code": MLflow copies this file into the logged
-model and runs it on loading (nothing is pickled). The work is her2exp/serving.py's."""
+model and runs it on loading (nothing is pickled). The work is her2exp/evaluation/served.py's."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ class PatchModel(mlflow.pyfunc.PythonModel):
     run's frozen tile-level operating point, threshold and operating_point out."""
 
     def load_context(self, context: Any) -> None:
-        from her2exp.serving import ServedRun
+        from her2exp.evaluation.served import ServedRun
 
         self.served = ServedRun(context.artifacts["checkpoint"])
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        from her2exp.serving import RequestError
+        from her2exp.evaluation.served import RequestError
 
         try:
             return self.served.predict(model_input, params)

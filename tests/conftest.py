@@ -30,7 +30,7 @@ BIN = Path(sys.executable).parent
 
 def compose_train(overrides: list[str] | None = None, output_dir: Path | None = None) -> DictConfig:
     """Compose conf/train.yaml exactly as `her2exp-train` would, minus Hydra's run directory."""
-    import her2exp.train  # noqa: F401 - registers the structured schema
+    import her2exp.training.run  # noqa: F401 - registers the structured schema
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides or [])
@@ -109,7 +109,7 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
 def slide_cohort(tmp_path_factory: pytest.TempPathFactory):
     """Six small embedded slides (768 x 1024 px at 0.5 um/px, deflate tiles), written once and
     shared by every slide test, with the level-0 pixels they were written from."""
-    from her2exp.slides.synthetic import make_cohort
+    from her2exp.data.synthetic_slides import make_cohort
 
     folder = tmp_path_factory.mktemp("slides")
     return folder, make_cohort(folder, n_slides=6, shape=(768, 1024), cell=128, keep_images=True)

@@ -11,7 +11,7 @@ import os
 import time
 
 import her2exp.engine
-import her2exp.trainer
+import her2exp.training.trainer
 from her2exp.cli.train import main
 
 rank = int(os.environ.get("RANK", 0))
@@ -25,7 +25,7 @@ if os.environ.get("HER2EXP_TEST_FAIL_RANK") == str(rank):
             raise RuntimeError(f"deliberate failure on rank {rank}")
         return real(*args, **kwargs)
 
-    her2exp.trainer.train_one_epoch = failing
+    her2exp.training.trainer.train_one_epoch = failing
 
 if __name__ == "__main__":
     main()

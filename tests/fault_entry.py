@@ -19,7 +19,7 @@ import torch
 
 from her2exp.cli.train import main
 from her2exp.engine import Preprocess
-from her2exp.trainer import Trainer
+from her2exp.training.trainer import Trainer
 
 POINTS = [p for p in os.environ.get("HER2EXP_TEST_PAUSE", "").split(",") if p]
 MARKER = os.environ.get("HER2EXP_TEST_MARKER", "")

@@ -1,4 +1,4 @@
-"""A fresh interpreter for the streaming memory test (tests/test_streaming.py): what
+"""A fresh interpreter for the streaming memory test (tests/data/test_streaming.py): what
 `builders.build_data` does with a data=folder source (the bundle, the stain fitted on train, the
 training loader), one epoch of that loader, and the error galleries; then peak RSS (VmHWM) as
 JSON (augmentation and the stain in the workers are per-batch work, off to keep it fast). Arguments: the folder, data.cache. The model builders (timm) are

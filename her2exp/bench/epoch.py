@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from her2exp import data, losses, models
+from her2exp import data, models
 from her2exp.config import register_configs, validate
+from her2exp.core.seed import set_seed
 from her2exp.engine import (
     EpochState,
     EpochStats,
@@ -40,9 +41,10 @@ from her2exp.engine import (
     StepPolicy,
     train_one_epoch,
 )
-from her2exp.seed import set_seed
-from her2exp.train import CONFIG_DIR
-from her2exp.trainer import build_optimizer, resolve_amp
+from her2exp.models import losses
+from her2exp.runtime.amp import resolve_amp
+from her2exp.training.run import CONFIG_DIR
+from her2exp.training.trainer import build_optimizer
 
 CLIP_KEY = "trainer.grad_clip_norm"
 DEFAULT_CLIP = 1.0  # trainer.grad_clip_norm of conf/trainer/default.yaml

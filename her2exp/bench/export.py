@@ -43,7 +43,7 @@ class InferenceRate:
 def _graph(model_name: str) -> torch.nn.Module:
     import timm
 
-    from her2exp.export import ProbabilityGraph
+    from her2exp.apps.export import ProbabilityGraph
 
     torch.manual_seed(0)
     net = timm.create_model(model_name, pretrained=False, num_classes=2)
@@ -73,7 +73,7 @@ def rate(
     """One setting: export at `size`, then `rounds` interleaved timings of both runtimes."""
     import onnxruntime as ort
 
-    from her2exp.export import INPUT_NAME, OUTPUT_NAME, onnx_bytes
+    from her2exp.apps.export import INPUT_NAME, OUTPUT_NAME, onnx_bytes
 
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)

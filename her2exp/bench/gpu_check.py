@@ -4,7 +4,7 @@ CI has no GPU, so the CUDA paths (fp16 + GradScaler, bf16, channels_last, torch.
 on the device, NCCL, cached features on the GPU) are only exercised when someone runs this on a
 GPU machine. It runs, in order, each in its own process with a time limit:
 
-1. pytest on ``tests/test_gpu.py`` (the ``cuda`` marker) and ``tests/test_gpu_path.py`` when it
+1. pytest on ``tests/bench/test_gpu.py`` (the ``cuda`` marker) and ``tests/training/test_gpu_path.py`` when it
    exists (CPU tests of the GPU-path defects);
 2. the CUDA bench, ``python -m her2exp.bench --cuda --skip-extras`` (resnet18, 224 px, batch
    128, amp auto, channels_last, compile off and on; her2exp / bare-loop ratios and images/s).
@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-TEST_FILES = ("tests/test_gpu.py", "tests/test_gpu_path.py")
-NO_CUDA = "no CUDA: torch.cuda.is_available() is false"  # as tests/test_gpu.py words it
+TEST_FILES = ("tests/bench/test_gpu.py", "tests/training/test_gpu_path.py")
+NO_CUDA = "no CUDA: torch.cuda.is_available() is false"  # as tests/bench/test_gpu.py words it
 BENCH_NAME = "CUDA bench (resnet18, 224 px, batch 128, amp auto, channels_last, compile off and on)"
 
 

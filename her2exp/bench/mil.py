@@ -7,7 +7,7 @@ process. The features are synthetic, drawn per batch from a seeded generator: he
 would be 3.1 GB in float32. Drawing them costs time of its own, so it is timed apart (the same
 draws without a model) and the epoch's compute is the difference.
 
-(b) The cached-feature read rate: a shard written as `her2exp.features` writes it
+(b) The cached-feature read rate: a shard written as `her2exp.engine.features` writes it
 (`checkpoint.save` of hashes + an (N, D) float32 tensor), read back by `checkpoint.load` (the
 sha256 check, then `torch.load(weights_only=True)`) and by the cache's own `features._load`
 (which also builds the hash -> embedding table). Read right after writing, so from the page
@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from her2exp import checkpoint, features
-from her2exp.mil.heads import build_head
+from her2exp.core import checkpoint
+from her2exp.engine import features
+from her2exp.models.mil import build_head
 
 HEADS = ("mean_pool", "abmil")
 

@@ -57,7 +57,7 @@ def run_seed(overrides: list[str], split_seed: int) -> SeedResult:
     import logging
     import warnings
 
-    from her2exp import train as train_mod
+    from her2exp.training import run as train_mod
 
     with tempfile.TemporaryDirectory(prefix="her2exp-promise-") as tmp:
         cfg = compose_bench([*DEFAULTS, *overrides, f"data.split_seed={split_seed}"])

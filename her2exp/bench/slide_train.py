@@ -20,11 +20,16 @@ from typing import Any
 
 import torch
 
-from her2exp import data, losses, models
+from her2exp import data, models
+from her2exp.apps import tile
 from her2exp.bench.epoch import compose_bench
+from her2exp.config.compose import compose
+from her2exp.config.tile import check_tile, tile_data_config
+from her2exp.core.seed import set_seed
 from her2exp.engine import EpochState, OptimizerUpdate, Preprocess, StepPolicy, train_one_epoch
-from her2exp.seed import set_seed
-from her2exp.trainer import build_optimizer, resolve_amp
+from her2exp.models import losses
+from her2exp.runtime.amp import resolve_amp
+from her2exp.training.trainer import build_optimizer
 
 TARGET = 0.9
 DEFAULTS = ("model=resnet10t", "data.image_size=128", "data.batch_size=64")
@@ -32,14 +37,15 @@ DEFAULTS = ("model=resnet10t", "data.image_size=128", "data.batch_size=64")
 
 def tile_cohort(folder: Path, n_slides: int) -> Path:
     """`n_slides` embedded slides (1536 x 2048 px at 0.5 um/px, JPEG) tiled at 128 px."""
-    from her2exp.cli.common import compose
-    from her2exp.cli.tile import main as tile
-    from her2exp.slides.synthetic import make_cohort
+    from her2exp.data.synthetic_slides import make_cohort
 
     make_cohort(folder / "slides", n_slides=n_slides, compression="jpeg")
     out = folder / "tiles"
     table = folder / "slides" / "slides.csv"
-    tile(compose("tile", [f"slide_table={table}", f"out={out}", "tiles.size=128"]))
+    cfg = compose("tile", [f"slide_table={table}", f"out={out}", "tiles.size=128"])
+    check_tile(cfg)  # what her2exp-tile checks before a slide is opened
+    jobs = tile.read_slide_table(table, tile_data_config(cfg))
+    tile.run(jobs, out, cfg.tiles, cfg.on_bad_file)
     return out / "tiles.parquet"
 
 

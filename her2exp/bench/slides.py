@@ -11,7 +11,7 @@ tests (they check what each figure counts):
   (+ resized alike) from the slide's level-0 array in memory. Two scans: 0.25 um/px with 4x
   levels as in Aperio SVS (the 0.5 um/px tile is read at 448 px and reduced) and 0.5 um/px
   (read at the native level, no resize).
-- (b) tiling: `her2exp.slides.tile.tile_one` (mask, grid, QC image, per-slide Parquet) on one
+- (b) tiling: `her2exp.apps.tile.tile_one` (mask, grid, QC image, per-slide Parquet) on one
   20,000 x 20,000 px slide at 0.5 um/px, 224 px tiles. The slide is one rendered 2,048 px block
   repeated, streamed to disk (`synthetic.write_repeated_slide`): rendering 20,000 px a side
   through `make_cohort` needs several GB and minutes. Writing it is not timed.
@@ -34,13 +34,13 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from her2exp.bench.stain import _time_rounds
-from her2exp.slides.reader import Slide
-from her2exp.slides.synthetic import (
+from her2exp.data.synthetic_slides import (
     render_slide,
     tissue_cells,
     write_repeated_slide,
     write_slide,
 )
+from her2exp.slides.reader import Slide
 from her2exp.slides.tiling import choose_level, read_tile, resize_tile, tile_grid, tissue_mask
 
 TILE_MPP, TILE_SIZE = 0.5, 224
@@ -141,8 +141,8 @@ def tile_rates(
 
 def tiling_rate(path: Path, out: Path, rounds: int) -> TilingRate:
     """(b): seconds of `tile_one` (what her2exp-tile runs per slide) at 0.5 um/px, 224 px."""
-    from her2exp.cli.schemas import TilesConfig
-    from her2exp.slides.tile import SlideJob, tile_one
+    from her2exp.apps.tile import SlideJob, tile_one
+    from her2exp.config.commands import TilesConfig
 
     tiles = OmegaConf.structured(TilesConfig(mpp=TILE_MPP, size=TILE_SIZE))
     job = SlideJob("bench", str(path), 0, "0", "bench", "site", "", None)

@@ -36,24 +36,21 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import TypeVar
 
 import hydra
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from her2exp.config import ConfigError
+# compose and CONFIG_DIR live with the schemas (her2exp.config.compose); re-exported here, where
+# commands, tests and notebooks have always imported them.
+from her2exp.config.compose import CONFIG_DIR, compose
+from her2exp.core.errors import ConfigError, UserError
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
 EXIT_USER_ERROR = 2
 _FROM_TASK = "_her2exp_raised_by_command"
 R = TypeVar("R")
-
-
-class UserError(ConfigError):
-    """A mistake of the user's outside the configuration values (a flag, a missing file)."""
 
 
 def is_main_rank() -> bool:
@@ -206,15 +203,32 @@ def check_sweep(config_name: str, argv: list[str]) -> None:
     compose(config_name, first)
 
 
-def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The config a command would run with, without Hydra's run (tests, notebooks): pass it to
-    the command's `main(cfg)`. Interpolations of Hydra's runtime (`${hydra:...}`) stay unset."""
-    from hydra import initialize_config_dir
+#: conf/hydra/default.yaml's resolvers (her2exp-train, her2exp-eval) -> the function of
+#: her2exp.runtime.distributed behind each (its register_resolvers registers the same three).
+RUN_DIR_RESOLVERS = {
+    "her2exp_run_dir": "shared_run_dir",
+    "her2exp_log_name": "rank_log_name",
+    "her2exp_main_subdir": "main_rank_subdir",
+}
 
-    from her2exp.cli import schemas  # noqa: F401 - registers the command schemas
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return hydra.compose(config_name=config_name, overrides=list(overrides))
+def register_run_dir_resolvers() -> None:
+    """Register conf/hydra/default.yaml's resolvers before Hydra composes a command's config.
+
+    Each imports her2exp.runtime.distributed (and so torch) when Hydra first resolves it, not
+    when the command's module is imported: a command module stays light to import (the
+    `light-cli` contract; tests/cli/test_light_imports.py)."""
+    for name, target in RUN_DIR_RESOLVERS.items():
+        OmegaConf.register_new_resolver(name, _deferred(target), replace=True)
+
+
+def _deferred(target: str) -> Callable[[str], object]:
+    def resolve(arg: str) -> object:
+        from her2exp.runtime import distributed  # start-up time: torch, once Hydra resolves
+
+        return getattr(distributed, target)(arg)
+
+    return resolve
 
 
 def hydra_command(

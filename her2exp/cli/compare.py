@@ -4,7 +4,7 @@
     her2exp-compare sweep=all tracking.uri=http://127.0.0.1:5000
     her2exp-compare leaderboard=true [sweep=latest|<parent run id>] [out=leaderboard.csv]
 
-The table comes from her2exp/compare.py; it is printed and written to `out` as CSV.
+The table comes from her2exp/apps/compare.py; it is printed and written to `out` as CSV.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from her2exp.cli import schemas
 from her2exp.cli.common import hydra_command
+from her2exp.config import commands as schemas
 
 
 @hydra_command("compare")
@@ -22,8 +22,8 @@ def main(cfg: DictConfig) -> None:
     """Print the table and write it as CSV."""
     import pandas as pd
 
-    from her2exp.compare import compare
-    from her2exp.fileio import atomic_write_text
+    from her2exp.apps.compare import compare
+    from her2exp.core.fileio import atomic_write_text
 
     schemas.check_compare(cfg)
     if cfg.leaderboard:
@@ -38,9 +38,9 @@ def main(cfg: DictConfig) -> None:
 
 def show_leaderboard(cfg: DictConfig) -> None:
     """Print the sweep parent's leaderboard (mean +- sd over the seeds) and write it as CSV."""
-    from her2exp.compare import leaderboard
-    from her2exp.crossval import format_pm
-    from her2exp.fileio import atomic_write_text
+    from her2exp.apps.compare import leaderboard
+    from her2exp.core.fileio import atomic_write_text
+    from her2exp.evaluation.crossval import format_pm
 
     table = leaderboard(cfg.experiment, str(cfg.sweep), cfg.tracking.uri)
     print(

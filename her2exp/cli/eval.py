@@ -1,4 +1,4 @@
-"""`her2exp-eval`: a trained run scored at its frozen thresholds (her2exp/evaluation.py).
+"""`her2exp-eval`: a trained run scored at its frozen thresholds (her2exp/evaluation/).
 
     her2exp-eval run_id=<MLflow run id> 'data.sites=[external]'     # a new cohort
     her2exp-eval checkpoint=.../best.pt data=folder data.root=/path/site2
@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from her2exp.cli import schemas
-from her2exp.cli.common import hydra_command
-from her2exp.distributed import register_resolvers
+from her2exp.cli.common import hydra_command, register_run_dir_resolvers
+from her2exp.config import commands as schemas
 
-register_resolvers()  # conf/hydra/default.yaml's run directory
+register_run_dir_resolvers()  # conf/hydra/default.yaml's run directory
 
 
 @hydra_command("eval")

@@ -1,4 +1,4 @@
-"""`her2exp-export`: a trained run as an ONNX or TorchScript graph (her2exp/export.py).
+"""`her2exp-export`: a trained run as an ONNX or TorchScript graph (her2exp/apps/export.py).
 
     her2exp-export run_id=<MLflow run id> format=onnx        # -> <run dir>/export/model.onnx
     her2exp-export checkpoint=.../checkpoints/best.pt format=torchscript   # -> .../export/model.ts
@@ -17,14 +17,14 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from her2exp.cli import schemas
 from her2exp.cli.common import UserError, hydra_command
+from her2exp.config import commands as schemas
 
 
 @hydra_command("export")
 def main(cfg: DictConfig) -> str:
     """Export, check, write, log; print where it went. Returns the file's path."""
-    from her2exp.export import ExportCheckError, export_run
+    from her2exp.apps.export import ExportCheckError, export_run
 
     schemas.check_export(cfg)
     try:

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from her2exp import fileio
-from her2exp.cli import schemas
 from her2exp.cli.common import UserError, hydra_command
+from her2exp.config import commands as schemas
+from her2exp.core import fileio
 
 
 def export(cfg: DictConfig) -> None:

@@ -27,8 +27,8 @@ import sys
 import pandas as pd
 from omegaconf import DictConfig
 
-from her2exp.cli import schemas
 from her2exp.cli.common import hydra_command
+from her2exp.config import commands as schemas
 
 log = logging.getLogger("her2exp")
 
@@ -36,8 +36,8 @@ log = logging.getLogger("her2exp")
 @hydra_command("predict")
 def main(cfg: DictConfig) -> None:
     """Score, write the table (and the unreadable files beside it); exit 1 if nothing scored."""
-    from her2exp.fileio import atomic_write_text
-    from her2exp.predict import predict_folder, predict_slides
+    from her2exp.apps.predict import predict_folder, predict_slides
+    from her2exp.core.fileio import atomic_write_text
 
     schemas.check_predict(cfg)
     if cfg.output is not None:

@@ -1,4 +1,4 @@
-"""`her2exp-prepare`: stain-normalise a data set once (her2exp/prepare.py).
+"""`her2exp-prepare`: stain-normalise a data set once (her2exp/apps/prepare.py).
 
     her2exp-prepare out=DIR data=folder data.root=/path/patches [stain.reference=ref.png]
     her2exp-prepare out=DIR data=manifest data.path=cohort.csv stain.rescale=all
@@ -14,14 +14,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from her2exp.cli import schemas
 from her2exp.cli.common import hydra_command
+from her2exp.config import commands as schemas
 
 
 @hydra_command("prepare")
 def main(cfg: DictConfig) -> None:
     """Validate as training would, normalise, say how to train on the result."""
-    from her2exp.prepare import prepare
+    from her2exp.apps.prepare import prepare
 
     full = schemas.check_prepare(cfg)
     out = Path(cfg.out)

@@ -4,7 +4,7 @@
     her2exp-promote name=her2 version=3 alias=staging tracking.uri=http://127.0.0.1:5000
     her2exp-promote name=her2 version=4 force=true reason='accepted by the review of 2026-12-01'
 
-The checklist (her2exp/registry.py): the version's training run finished, and its test
+The checklist (her2exp/tracking/registry.py): the version's training run finished, and its test
 sensitivity at the run's frozen decision point reaches the run's evaluation.target_sensitivity.
 A version that fails it is refused (one `her2exp: ...` line, exit 2, nothing changed) unless
 force=true, which tags the version `her2exp.promoted_with_force=true` with the reason. Then
@@ -15,15 +15,15 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from her2exp.cli import schemas
 from her2exp.cli.common import UserError, hydra_command
 from her2exp.config import ConfigError
+from her2exp.config import commands as schemas
 
 
 @hydra_command("promote")
 def main(cfg: DictConfig) -> None:
     """Check, set the alias, tag the version, print what was checked."""
-    from her2exp.registry import promote
+    from her2exp.tracking.registry import promote
 
     schemas.check_promote(cfg)
     try:

@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from her2exp.cli import schemas
 from her2exp.cli.common import hydra_command
+from her2exp.config import commands as schemas
 
 
 @contextmanager
@@ -33,7 +33,7 @@ def outside_hydra() -> Iterator[None]:
 @hydra_command("rerun", positional="run_id")
 def main(cfg: DictConfig) -> None:
     """Retrain, then print the original's and the rerun's headline numbers."""
-    from her2exp.rerun import rerun
+    from her2exp.apps.rerun import rerun
 
     schemas.check_rerun(cfg)
     logging.getLogger("her2exp").setLevel(logging.INFO)

@@ -1,4 +1,4 @@
-"""`her2exp-server` / `make mlflow-server`: a team's MLflow server on PostgreSQL (her2exp/server.py).
+"""`her2exp-server` / `make mlflow-server`: a team's MLflow server on PostgreSQL (her2exp/apps/server.py).
 
     her2exp-server dir=.mlflow-server port=5000          # private PostgreSQL + mlflow server
     her2exp-server backend_store_uri=postgresql+psycopg2://user@db:5432/mlflow \\
@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from her2exp.cli import schemas
 from her2exp.cli.common import UserError, hydra_command
+from her2exp.config import commands as schemas
 
 
 @hydra_command("server")
 def main(cfg: DictConfig) -> None:
     """Serve until SIGTERM/SIGINT; the exit status is the server's."""
-    from her2exp.server import PostgresUnavailable, serve
+    from her2exp.apps.server import PostgresUnavailable, serve
 
     schemas.check_server(cfg)
     try:

@@ -19,15 +19,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from her2exp.cli import schemas
 from her2exp.cli.common import UserError, hydra_command
+from her2exp.config import commands as schemas
 
 
 @hydra_command("sync", positional="run_dir")
 def main(cfg: DictConfig) -> None:
     """Replay; exit 1 (the rest stays queued) when the server is still away or a call fails."""
     from her2exp import tracking
-    from her2exp.fileio import UnsafePath
+    from her2exp.core.fileio import UnsafePath
 
     schemas.check_sync(cfg)
     run_dir = Path(cfg.run_dir)

@@ -18,15 +18,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from her2exp.cli import schemas
 from her2exp.cli.common import UserError, hydra_command
+from her2exp.config import commands as schemas
 
 
 @hydra_command("tile")
 def main(cfg: DictConfig) -> None:
     """Check everything, tile this shard, print what was done."""
+    from her2exp.apps import tile
     from her2exp.data.sources import DataValidationError
-    from her2exp.slides import tile
 
     schemas.check_tile(cfg)
     out = Path(cfg.out)

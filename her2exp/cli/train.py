@@ -1,6 +1,8 @@
 """`her2exp-train`: compose conf/train.yaml with the command line, train, print the result.
 
-Returns the best validation AUC: the objective a Hydra sweeper maximises.
+Returns the best validation AUC: the objective a Hydra sweeper maximises. The training stack
+(torch, timm) is imported inside `main`, once Hydra has composed the config, so importing this
+module stays light; her2exp.training.run validates the config before any work.
 """
 
 from __future__ import annotations
@@ -10,16 +12,19 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from her2exp import checkpoint, distributed
-from her2exp.cli.common import hydra_command
-from her2exp.evaluation import format_table
-from her2exp.train import run
+from her2exp.cli.common import hydra_command, register_run_dir_resolvers
+
+register_run_dir_resolvers()  # conf/hydra/default.yaml's run directory
 
 
 @hydra_command("train")
 def main(cfg: DictConfig) -> float:
     """A user's mistake (ConfigError, a Hydra override error) is one line and exit 2 through
     hydra_command; a full disk is one line and exit 1; a pre-empted run exits 128 + signal."""
+    from her2exp.core import checkpoint  # start-up time: torch, after the config composed
+    from her2exp.runtime import distributed
+    from her2exp.training.run import run
+
     try:
         summary = run(cfg)
     except checkpoint.CheckpointWriteError as exc:
@@ -45,6 +50,8 @@ def main(cfg: DictConfig) -> float:
 
 def report(summary: dict[str, Any]) -> None:
     """The console summary of a finished (or stopped) run."""
+    from her2exp.evaluation import format_table  # start-up time: the scoring stack (torch)
+
     if summary.get("tracking_deferred"):
         print(f"her2exp: warning: {summary['tracking_deferred']}", file=sys.stderr)
     if summary.get("interrupted"):

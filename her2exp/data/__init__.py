@@ -2,7 +2,18 @@
 
 The manifest columns are the contract every source fills: label, patient_id, slide_id, site,
 split (and latent_score for the synthetic source, which lets tests know the Bayes ceiling; path
-and, when scores were given, her2_score for the file sources of sources.py).
+and, when scores were given, her2_score for the file sources of `data.sources`).
+
+Owns, besides the bundle and loaders here: `sources/` (the user's files: image decoding, the
+folder and manifest sources, validation, fingerprint, the synthetic export), `synthetic` (the
+embedded patch generator), `synthetic_slides` (embedded whole-slide files), `slide_tiles`
+(`data=slides`: a tile manifest read tile by tile), `splits` (patient-grouped splits and folds),
+`datasets` (patch stores, the dataset, augmentation) and `bags` (cached embeddings grouped per
+patient or slide for MIL).
+
+May import the floors below it: `tracking`, `runtime`, `models`, `reports`, `metrics`, `stain`,
+`slides`, `config` and `core`; never `engine`, `evaluation`, `training`, `apps` or the command
+line, which build on it.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from her2exp.data import sources, splits, synthetic
+from her2exp.data import slide_tiles, sources, splits, synthetic
 from her2exp.data.datasets import InMemoryPatches, PatchDataset, PatchStore, RowView
 from her2exp.data.sources import FilePatches
 
@@ -33,8 +44,8 @@ __all__ = [
     "build_cohort",
     "seeds",
 ]
-from her2exp.distributed import shard_indices
-from her2exp.seed import worker_init_fn
+from her2exp.core.seed import worker_init_fn
+from her2exp.runtime.distributed import shard_indices
 
 
 def _no_skipped() -> pd.DataFrame:
@@ -152,9 +163,7 @@ def _from_files(loaded: sources.Loaded, cfg: DictConfig) -> DataBundle:
 
 
 def _from_slides(cfg: DictConfig, seed: int, cohort: bool) -> DataBundle:
-    from her2exp.slides import dataset  # OpenSlide is imported only for slide data
-
-    loaded = dataset.load(cfg, seed, cohort=cohort)
+    loaded = slide_tiles.load(cfg, seed, cohort=cohort)
     store: PatchStore = loaded.store
     if cfg.get("cache", False):  # every tile read once, up front (small cohorts, benchmarks)
         store = InMemoryPatches(loaded.store.read_many(np.arange(len(loaded.store))))

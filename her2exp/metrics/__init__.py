@@ -2,12 +2,12 @@
 chosen on validation, rates with Wilson intervals at frozen thresholds, calibration, decision
 curves and slide- and patient-level aggregation.
 
-Pure functions over numpy arrays, dataclasses out; no plotting and no files (``reports.py``
-draws and writes). Label 1 is HER2+ (the positive class). Every rate is defined as 0/0 -> NaN
-rather than raising, so a split with one class or a model that never predicts a class still
-yields a complete (if partly NaN) table. Inputs that cannot be scored at all (NaN scores,
-mismatched lengths, labels other than 0/1, an empty split) raise a ValueError naming the
-problem.
+Pure functions over numpy arrays, dataclasses out; no plotting and no files
+(:mod:`her2exp.reports` draws and writes). Label 1 is HER2+ (the positive class). Every rate is
+defined as 0/0 -> NaN rather than raising, so a split with one class or a model that never
+predicts a class still yields a complete (if partly NaN) table. Inputs that cannot be scored
+at all (NaN scores, mismatched lengths, labels other than 0/1, an empty split) raise a
+ValueError naming the problem.
 
 One module per concern; everything public is re-exported here, so ``metrics.X`` is the name
 to use:
@@ -15,26 +15,22 @@ to use:
 - :mod:`~her2exp.metrics.ranking`: AUC, DeLong and stratified-bootstrap CIs, ROC and PR curves.
 - :mod:`~her2exp.metrics.proportions`: the Wilson interval of a rate.
 - :mod:`~her2exp.metrics.operating_points`: thresholds chosen on validation (Youden, a target
-  sensitivity, a target the one-sided lower bound reaches) and :class:`BinaryReport`, the rates at a frozen threshold.
+  sensitivity, a target the one-sided lower bound reaches) and :class:`BinaryReport`, the
+  rates at a frozen threshold.
 - :mod:`~her2exp.metrics.probabilities`: calibration (Brier, ECE, reliability), temperature
   scaling (fit on validation, apply downstream) and decision curves.
 - :mod:`~her2exp.metrics.levels`: tile scores aggregated per slide and patient (mean, max,
   topk_mean), operating points chosen at each level, thresholds keyed by level.
-- :mod:`~her2exp.metrics.evaluation`: :func:`evaluate_split`, the single entry point the
+- :mod:`~her2exp.metrics.split_report`: :func:`evaluate_split`, the single entry point the
   trainer, ``her2exp-eval`` and the reports use, at each level; error lists; JSON.
 
 The speed of the intervals is measured by ``make bench`` (:mod:`her2exp.bench.ci`).
+
+May import: numpy, scipy, scikit-learn, and of her2exp only `config` and `core` (today:
+``core.fileio.safe_name`` for a site's metric name); never torch, and never `stain` or `slides`,
+its siblings on the floor.
 """
 
-from her2exp.metrics.evaluation import (
-    LevelEvaluation,
-    PatientEvaluation,
-    SiteEvaluation,
-    SplitEvaluation,
-    evaluate_split,
-    misclassified,
-    to_jsonable,
-)
 from her2exp.metrics.levels import (
     AGGREGATIONS,
     LEVELS,
@@ -82,6 +78,15 @@ from her2exp.metrics.ranking import (
     auc_ci_delong,
     pr_curve,
     roc_with_band,
+)
+from her2exp.metrics.split_report import (
+    LevelEvaluation,
+    PatientEvaluation,
+    SiteEvaluation,
+    SplitEvaluation,
+    evaluate_split,
+    misclassified,
+    to_jsonable,
 )
 
 __all__ = [

@@ -323,7 +323,7 @@ def binary_report(
     labels: np.ndarray, scores: np.ndarray, threshold: float, area: float, alpha: float
 ) -> BinaryReport:
     """:func:`at_threshold` on already checked arrays with the AUC already known (no checks:
-    :func:`her2exp.metrics.evaluation.evaluate_split` calls it once per threshold)."""
+    :func:`her2exp.metrics.split_report.evaluate_split` calls it once per threshold)."""
     pred = (scores >= threshold).astype(np.int64)
     tn, fp, fn, tp = (int(v) for v in confusion_matrix(labels, pred, labels=[0, 1]).ravel())
     counts = {

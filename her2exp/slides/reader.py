@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-READERS = ("auto", "openslide", "tiffslide")
+from her2exp.config.choices import READERS  # tiles.reader, checked before a slide is opened
 
 #: OME length units -> micrometres (OME's default unit is the micrometre).
 OME_UNITS = {

@@ -7,7 +7,7 @@ alpha ~ U(1 - sigma, 1 + sigma) and beta ~ U(-sigma, sigma) per patch and channe
 
 Because deconvolution and recombination are linear in log-RGB, the whole jitter of a patch is one
 3x3 map plus a bias in log space, applied with the same chunked kernel as Macenko
-(:func:`her2exp.stain.macenko.apply_log_affine`), deterministic given a ``torch.Generator``.
+(:func:`her2exp.stain.log_affine.apply_log_affine`), deterministic given a ``torch.Generator``.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from her2exp.seed import keyed_uniform
-from her2exp.stain.macenko import _as_batch, apply_log_affine
+from her2exp.core.seed import keyed_uniform
+from her2exp.stain.log_affine import apply_log_affine, as_batch
 
 __all__ = ["HED_FROM_RGB", "RGB_FROM_HED", "HedJitter"]
 
@@ -75,14 +75,14 @@ class HedJitter:
     @torch.no_grad()
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Jitter (B,3,H,W) or (3,H,W) uint8 (or float 0-255) images -> uint8, same shape."""
-        batch, added = _as_batch(images)
+        batch, added = as_batch(images)
         return self._apply(batch, *self.maps(batch.shape[0], generator), added)
 
     @torch.no_grad()
     def keyed(self, images: Tensor, seed: int, epoch: int, index: Any) -> Tensor:
         """Jitter each patch by draws keyed on (seed, epoch, its dataset index): a patch gets
         the same colours in the workers or on the GPU, on any rank, in any batch."""
-        batch, added = _as_batch(images)
+        batch, added = as_batch(images)
         u = torch.from_numpy(keyed_uniform(seed, epoch, index, 6)).view(-1, 2, 3)
         if u.shape[0] != batch.shape[0]:
             raise ValueError(f"{u.shape[0]} dataset indices for a batch of {batch.shape[0]}")

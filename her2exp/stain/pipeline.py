@@ -10,6 +10,7 @@ workers or the GPU, any rank count and a resumed run give every patch the same c
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
+from her2exp import config
 from her2exp.stain.hed import HedJitter
 from her2exp.stain.macenko import MacenkoNormalizer
 
@@ -26,13 +28,9 @@ log = logging.getLogger(__name__)
 def __getattr__(name: str) -> object:
     """Deprecated names, still importable with a warning (docs/architecture.md, "Data")."""
     if name == "STAIN_CHOICES":  # nobody read it: config.STAIN_CHOICES is what validation uses
-        import warnings
-
-        from her2exp.config import STAIN_CHOICES
-
         msg = "her2exp.stain.pipeline.STAIN_CHOICES is deprecated: use her2exp.config.STAIN_CHOICES"
         warnings.warn(msg, FutureWarning, stacklevel=2)
-        return STAIN_CHOICES
+        return config.STAIN_CHOICES
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

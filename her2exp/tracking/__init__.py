@@ -1,17 +1,33 @@
-"""Experiment tracking: MLflow on rank 0, a no-op elsewhere (docs/architecture.md, "Tracking").
+"""Experiment tracking: every MLflow call of her2exp (docs/architecture.md, "Tracking").
+
+Owns the MLflow side of a run: the tracker a trainer or an eval talks to (MLflow on rank 0, a
+no-op elsewhere), the audit tags, the store and its retries, the offline queue and its replay,
+the model registry, and the tags that make a sweep's jobs children of its parent run.
+
+May import the floors below it (runtime, models, reports, metrics, stain, slides, config,
+core; today it needs only core and config) and its own modules; never data, engine,
+evaluation, training, apps or cli. The one exception is the lazy alias `MlflowSweepCallback`
+below (pyproject.toml's `floors` contract lists it).
 
 | module            | holds                                                                  |
 |-------------------|------------------------------------------------------------------------|
-| `base`            | the `Tracker` interface (also the no-op tracker), `build`              |
+| `base`            | the `Tracker` interface (also the no-op tracker), `TrackingUnavailable` |
+| `factory`         | `build`: the tracker for this process                                   |
 | `audit`           | audit tags: git, pip freeze, environment, run tags (pure, no MLflow)   |
 | `store`           | the store's URI, reachability, transient errors and retries           |
 | `mlflow_tracker`  | `MlflowTracker`: one run per job, continued by resumed attempts        |
 | `offline`         | calls buffered in the run directory while the server is away; replay  |
-| `sweep`           | Hydra multiruns as an MLflow parent run with the jobs as children     |
+| `registry`        | registered models: URIs, aliases, promotion checks                     |
+| `sweep`           | a Hydra multirun's context and the child-run tags of its jobs          |
+
+Within the package the modules form a DAG: base <- store <- offline <- mlflow_tracker <-
+factory, store <- registry, audit and sweep <- mlflow_tracker; none imports the package.
 
 `import mlflow` happens only when an `MlflowTracker` is made or a replay runs: never with
 `tracking=off` or on ranks other than 0.
 """
+
+from typing import Any
 
 from her2exp.tracking.audit import (
     REPO_DIR,
@@ -22,7 +38,8 @@ from her2exp.tracking.audit import (
     pip_freeze,
     run_tags,
 )
-from her2exp.tracking.base import Tracker, TrackingUnavailable, build
+from her2exp.tracking.base import Tracker, TrackingUnavailable
+from her2exp.tracking.factory import build
 from her2exp.tracking.mlflow_tracker import MlflowTracker
 from her2exp.tracking.offline import (
     BUFFER_FILE,
@@ -45,12 +62,7 @@ from her2exp.tracking.store import (
     store_problem,
     with_retries,
 )
-from her2exp.tracking.sweep import (
-    SWEEP_ENV,
-    MlflowSweepCallback,
-    export_sweep_context,
-    sweep_context,
-)
+from her2exp.tracking.sweep import SWEEP_ENV, export_sweep_context, sweep_context
 
 __all__ = [
     "download_from_run",
@@ -86,3 +98,15 @@ __all__ = [
     "sync",
     "with_retries",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """`her2exp.tracking.MlflowSweepCallback`: the Hydra callback's path before it moved to
+    her2exp/evaluation/sweep_callback.py, kept because the saved .hydra configs of earlier runs
+    name it. Imported lazily, on first use: tracking sits below evaluation, and importing
+    tracking must not import evaluation (the one exemption in the `floors` contract)."""
+    if name == "MlflowSweepCallback":
+        from her2exp.evaluation.sweep_callback import MlflowSweepCallback
+
+        return MlflowSweepCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

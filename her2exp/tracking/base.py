@@ -1,6 +1,7 @@
 """The tracker interface the trainer talks to, and the no-op tracker behind `tracking=off`.
 
-`build` picks the implementation; only rank 0 with `tracking.backend=mlflow` imports MLflow.
+`tracking.factory.build` picks the implementation; only rank 0 with `tracking.backend=mlflow`
+imports MLflow.
 """
 
 from __future__ import annotations
@@ -77,12 +78,3 @@ class Tracker:
     def describe(self) -> str:
         """Where the run goes, for the log."""
         return "MLflow tracking off"
-
-
-def build(cfg: DictConfig, is_main: bool) -> Tracker:
-    """The tracker for this process: MLflow on the main rank when configured, else a no-op."""
-    if cfg.backend == "mlflow" and is_main:
-        from her2exp.tracking.mlflow_tracker import MlflowTracker
-
-        return MlflowTracker(cfg)
-    return Tracker()

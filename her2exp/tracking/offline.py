@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from her2exp.fileio import UnsafePath, atomic_write_text, inside
+from her2exp.core.fileio import UnsafePath, atomic_write_text, inside
 from her2exp.tracking.base import TrackingUnavailable
 from her2exp.tracking.store import check_reachable, store_problem
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig
 
+from her2exp.config import ConfigError
 from her2exp.tracking.base import TrackingUnavailable
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,6 @@ def download_from_run(
     """(the MLflow run `run_id`, its `artifact` downloaded into `folder`). A store that is not there is
     refused (never created), an unknown run or a missing artifact is one ConfigError line
     (`missing`: what the artifact's absence means)."""
-    from her2exp.config import ConfigError
-
     resolved = require_store(uri, lookup=True)
     import mlflow
 

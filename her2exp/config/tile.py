@@ -1,0 +1,120 @@
+"""`her2exp-tile`: the schema of a tiling (tiles.*, the slide table's label rules), its checks,
+and what makes two tilings of a slide the same (`settings`, recorded in `out` as SETTINGS_FILE),
+so that an output folder is checked before a slide is opened.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from her2exp.config.choices import READERS
+from her2exp.config.common import label_rules
+from her2exp.config.fields import check_ranges, ranged, refuse
+from her2exp.core.errors import ConfigError, UserError
+
+SETTINGS_FILE = "tiling.json"  # the settings every per-slide file of `out` was made with
+
+
+# -- her2exp-tile --------------------------------------------------------------------------------
+@dataclass
+class TilesConfig:
+    """tiles.*: the physical tile and what counts as tissue."""
+
+    mpp: float = ranged(0.5, gt=0, le=100)  # um per pixel of a tile
+    size: int = ranged(224, ge=16, le=8192)  # tile side in pixels (at `mpp`)
+    min_tissue: float = ranged(0.5, ge=0, le=1)  # fraction of a tile the tissue mask must cover
+    assume_mpp: float | None = ranged(None, gt=0, le=100)  # for slides whose file has none
+    mask_mpp: float = ranged(8.0, gt=0, le=1000)  # um per pixel of the tissue mask's thumbnail
+    workers: int = ranged(1, ge=1, le=256)  # slides tiled in parallel processes
+    # auto (tiffslide for OME-TIFF, else OpenSlide, else tiffslide) | openslide | tiffslide
+    reader: str = "auto"
+    shard: str | None = None  # i/n: this machine's share of the slides (SLURM arrays)
+    # QuPath classes whose regions are excluded (pen, artefacts); any other class includes.
+    exclude_classes: list[str] = field(
+        default_factory=lambda: ["Ignore*", "Ignore", "Exclude", "Pen", "Artefact", "Artifact"]
+    )
+
+
+@dataclass
+class TileCommand:
+    """`her2exp-tile`: a slide table -> tiles.parquet (coordinates), QC thumbnails, summary."""
+
+    slide_table: str | None = None  # CSV or Parquet: path, label or score, [patient_id, site, ...]
+    out: str | None = None
+    tiles: TilesConfig = field(default_factory=TilesConfig)
+    label_map: Any = None  # null: her2_neg -> 0, her2_pos -> 1 (as data=manifest)
+    score_map: Any = None  # null: 0, 1+ -> 0 and 3+ -> 1
+    equivocal: str = "exclude"
+    on_bad_file: str = "error"  # error | skip: leave unusable slides out, listed in summary.csv
+    overwrite: bool = False  # tile an earlier output again with other settings
+
+
+def tile_data_config(cfg: Any) -> DictConfig:
+    """The label rules of a slide table: data=manifest's, with this command's maps."""
+    return label_rules(cfg, {"equivocal": cfg.equivocal})
+
+
+def check_tile(cfg: Any) -> None:
+    """Values, the table, the output folder: all before a slide is opened."""
+    check_ranges(cfg, TileCommand)
+    if cfg.on_bad_file not in ("error", "skip"):
+        refuse("on_bad_file", cfg.on_bad_file, "error or skip")
+    if cfg.tiles.reader not in READERS:
+        refuse("tiles.reader", cfg.tiles.reader, ", ".join(READERS))
+    shard = cfg.tiles.shard
+    if shard is not None:
+        parts = str(shard).split("/")
+        if (
+            len(parts) != 2
+            or not all(p.isdigit() for p in parts)
+            or not 0 <= int(parts[0]) < int(parts[1])
+        ):
+            refuse("tiles.shard", shard, "i/n with 0 <= i < n (e.g. 0/4)")
+    if not cfg.slide_table:
+        raise ConfigError("slide_table=<CSV or Parquet of slides> is required")
+    if not Path(cfg.slide_table).is_file():
+        raise ConfigError(f"slide_table={cfg.slide_table}: no such file")
+    if not cfg.out:
+        raise ConfigError("out=<folder for the tile manifest> is required")
+    tile_data_config(cfg)
+    try:
+        check_out(Path(cfg.out), cfg.tiles, cfg.overwrite)
+    except FileExistsError as exc:
+        raise UserError(str(exc)) from None
+
+
+def settings(tiles: DictConfig) -> dict[str, Any]:
+    """What makes two tilings of a slide the same (workers and shards do not)."""
+    keep = ("mpp", "size", "min_tissue", "assume_mpp", "mask_mpp", "exclude_classes", "reader")
+    return {k: OmegaConf.to_container(tiles, resolve=True)[k] for k in keep}
+
+
+def check_out(out: Path, tiles: DictConfig, overwrite: bool) -> None:
+    """`out` new, empty, or an earlier tiling with the same settings (resumed); other settings
+    are refused unless overwrite=true (which then removes the earlier tiles)."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"out={out} exists and is not a folder: give a new or empty folder")
+    recorded = out / SETTINGS_FILE
+    if not recorded.is_file():
+        raise FileExistsError(
+            f"out={out} is not empty and holds no {SETTINGS_FILE}, so it is not an earlier "
+            "her2exp-tile output: give a new or empty folder"
+        )
+    before = json.loads(recorded.read_text())
+    if before != settings(tiles) and not overwrite:
+        changed = [
+            f"tiles.{k}: {before.get(k)} -> {v}"
+            for k, v in settings(tiles).items()
+            if before.get(k) != v
+        ]
+        raise FileExistsError(
+            f"out={out} was tiled with other settings ({'; '.join(changed)}): give another out=, "
+            "or overwrite=true to tile it again"
+        )

@@ -1,0 +1,227 @@
+"""What a run directory may already hold when a run starts, decided before any work.
+
+A fixed `hydra.run.dir` is the recommended recipe (README, "Pre-emption and resume"), so a second
+start in it must never destroy the first run's checkpoints and reports by accident, and a resume
+must continue the experiment that was started, not a changed one whose new settings the restored
+optimizer and schedule would silently override:
+
+- a checkpoint there and no `trainer.resume`: refused, unless `trainer.overwrite=true` (the old
+  checkpoints, reports and MLflow run link are removed, a new run starts);
+- `trainer.resume`: the checkpoint must exist and load, and its config must match the new one on
+  every key that changes what is computed (EXPERIMENT_FREE lists the rest), and its data
+  fingerprint the new data's; `trainer.resume_force=true` resumes anyway and records the change.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+
+from her2exp.config import ConfigError
+from her2exp.core import checkpoint
+
+log = logging.getLogger("her2exp")
+
+#: Keys that change how a run executes or is recorded, not what it computes: they may differ on a
+#: resume. Everything else (model, loss, data, stain, seed, the optimisation, the number of
+#: epochs, which the cosine schedule spans) alters the experiment.
+EXPERIMENT_FREE = (
+    "output_dir",
+    "task_name",
+    "tags",
+    "tracking",
+    "evaluation",  # applied after training, from the restored best weights
+    "data.num_workers",
+    "data.prefetch_factor",
+    "data.persistent_workers",
+    "data.pin_memory",
+    "data.eval_batch_size",
+    "model.feature_cache_dir",
+    "model.compile",
+    "model.compile_mode",
+    "model.compile_backend",
+    "model.compile_before_ddp",
+    "trainer.resume",
+    "trainer.resume_force",
+    "trainer.overwrite",
+    "trainer.stop_after_epoch",
+    "trainer.progress",
+    "trainer.save_checkpoints",
+    "trainer.dist_timeout_s",
+    "trainer.device",
+    "trainer.debug_nan_at_step",
+)
+#: What `trainer.overwrite=true` removes: the files that belong to the earlier run.
+RUN_OUTPUTS = ("checkpoints", "reports", "mlflow_run.json", "mlflow_model_deferred")
+
+
+@dataclass
+class ResumePlan:
+    """The checkpoint to continue from (None: a fresh start) and what was checked about it."""
+
+    path: Path | None
+    continue_run: bool  # resume=auto: continue the run directory's MLflow run too
+    data_fingerprint: str | None = None  # the checkpoint's, compared once the data is built
+    forced_changes: list[str] = field(default_factory=list)  # resume_force=true: recorded
+
+
+def existing_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint an earlier run left in `run_dir` (last.pt, else best.pt)."""
+    for name in ("last.pt", "best.pt"):
+        if (run_dir / "checkpoints" / name).is_file():
+            return run_dir / "checkpoints" / name
+    return None
+
+
+def plan(cfg: DictConfig, run_dir: Path, restarts: int, is_main: bool = True) -> ResumePlan:
+    """Resolve `trainer.resume` against what `run_dir` holds; refuse what would lose or mix runs.
+
+    Pure reads: every rank decides the same, and the parent of spawned workers can decide first.
+    """
+    t = cfg.trainer
+    resume = t.resume
+    if resume is None and restarts > 0:  # torchrun --max-restarts brought the group back
+        log.info("torchrun restart %d: resuming from the run directory's last checkpoint", restarts)
+        resume = "auto"
+    if resume is None:
+        found = existing_checkpoint(run_dir)
+        if found is not None and not t.overwrite:
+            raise ConfigError(
+                f"hydra.run.dir={run_dir} holds the checkpoint {found} of an earlier run: "
+                "trainer.resume=auto continues it, trainer.overwrite=true replaces it (its "
+                "checkpoints and reports are removed), or choose another hydra.run.dir"
+            )
+        return ResumePlan(None, False)
+    if resume == "auto":
+        path = checkpoint.find_latest(run_dir) if is_main else _peek_latest(run_dir)
+        if path is None:
+            log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", run_dir)
+            return ResumePlan(None, True)
+    else:
+        path = Path(resume)
+        if not path.is_file():
+            raise ConfigError(f"trainer.resume={resume}: no such file (a last.pt, or auto)")
+    stored = _stored(path, verify=is_main)
+    changes = config_changes(stored.get("config"), cfg)
+    if changes and not t.resume_force:
+        raise ConfigError(
+            f"trainer.resume: {path} was trained with another experiment; changed: "
+            f"{'; '.join(changes)}. Resume with the checkpoint's settings, start another "
+            "hydra.run.dir, or trainer.resume_force=true to continue anyway (recorded in MLflow)"
+        )
+    if changes:
+        log.warning("trainer.resume_force=true: resuming %s despite: %s", path, "; ".join(changes))
+    return ResumePlan(path, resume == "auto", stored.get("data_fingerprint"), changes)
+
+
+def _peek_latest(run_dir: Path) -> Path | None:
+    """resume=auto on ranks > 0: the same answer as find_latest, without its clean-up."""
+    candidate = run_dir / "checkpoints" / "last.pt"
+    return candidate if candidate.is_file() else None
+
+
+def _stored(path: Path, verify: bool = True) -> dict[str, Any]:
+    """The checkpoint's config and data fingerprint; a damaged file is the user's to fix.
+
+    Memory-mapped, so only the small pickled part is read. Rank 0 alone checks the checksum
+    (a pass over the whole file): eight ranks hashing a 17 GB last.pt at once would only
+    repeat its answer."""
+    try:
+        if verify:
+            checkpoint.verify(path)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except checkpoint.CheckpointCorruptError as exc:
+        raise ConfigError(f"trainer.resume: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any unreadable file: one line naming it
+        raise ConfigError(
+            f"trainer.resume: {path} is not a her2exp checkpoint that loads "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+    if not isinstance(state, dict) or "epoch" not in state:
+        raise ConfigError(f"trainer.resume: {path} is not a last.pt (it has no training state)")
+    return {k: state.get(k) for k in ("config", "data_fingerprint")}
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _free(key: str) -> bool:
+    return any(key == k or key.startswith(f"{k}.") for k in EXPERIMENT_FREE)
+
+
+def config_changes(stored_yaml: str | None, cfg: DictConfig) -> list[str]:
+    """`key: old -> new` for every key both configs have that alters the experiment (an option
+    only one her2exp version knows cannot be compared; nor can a checkpoint without a config)."""
+    if not stored_yaml:
+        return []
+    old = _flat(yaml.safe_load(stored_yaml) or {})
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # noqa: BLE001 - ${hydra:...} outside a Hydra run: keys stay unresolved
+        container = OmegaConf.to_container(cfg, resolve=False)
+    new = _flat(container)
+    changes = []
+    for key in sorted(set(old) & set(new)):
+        before, after = old[key], new[key]
+        if _free(key) or (key in ("data.mean", "data.std") and after is None):
+            continue  # mean/std null: the model's own, resolved into the stored config
+        if before != after:
+            changes.append(f"{key}: {before!r} -> {after!r}")
+    return changes
+
+
+def check_data(resume: ResumePlan, built: str, force: bool) -> None:
+    """The data a resume trains on must be the data the checkpoint saw (same files, labels and
+    split): refused otherwise, unless `trainer.resume_force=true` (then recorded)."""
+    stored = resume.data_fingerprint
+    if resume.path is None or stored is None or stored == built:
+        return
+    message = (
+        f"{resume.path} was trained on other data (fingerprint {stored[:12]}..., now "
+        f"{built[:12]}...: files, labels, split or data seed changed)"
+    )
+    if not force:
+        raise ConfigError(
+            f"trainer.resume: {message}; resume on the same data, or trainer.resume_force=true "
+            "to continue anyway"
+        )
+    log.warning("trainer.resume_force=true: %s", message)
+    resume.forced_changes.append(f"data fingerprint: {stored[:12]}... -> {built[:12]}...")
+
+
+def clear_earlier_run(run_dir: Path) -> list[str]:
+    """`trainer.overwrite=true` (rank 0): remove the earlier run's checkpoints, reports and
+    MLflow link. Calls it still had queued for MLflow are not thrown away silently: refused."""
+    buffer = run_dir / "mlflow_buffer.jsonl"
+    if buffer.is_file() and buffer.stat().st_size > 0:
+        raise ConfigError(
+            f"trainer.overwrite=true: {buffer} still holds MLflow calls of the earlier run that "
+            f"never reached the server; send them first (her2exp-sync run_dir={run_dir}) or "
+            "delete the file"
+        )
+    removed = []
+    for name in RUN_OUTPUTS:
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        log.warning("trainer.overwrite=true: removed the earlier run's %s", ", ".join(removed))
+    return removed

@@ -1,0 +1,172 @@
+"""The composition root of one training run: the builders of builders.py wired in order.
+
+Three layers, as in lightning-hydra-template: `train(cfg)` does the work and returns a summary;
+`run(cfg)` starts `trainer.nproc_per_node` workers when asked; `her2exp.cli.train.main` is the
+Hydra entry point (`her2exp-train`, `python -m her2exp.train`, `torchrun -m her2exp.train`).
+docs/architecture.md follows one run through these steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from her2exp import tracking
+from her2exp.config import ConfigError, register_configs, validate
+from her2exp.engine import explain
+from her2exp.runtime import distributed, rundir
+from her2exp.runtime.hydra_run import hydra_overrides
+from her2exp.training import builders, probe
+from her2exp.training.builders import DataParts, Runtime
+from her2exp.training.final import final_evaluation
+from her2exp.training.trainer import FitResult
+
+log = logging.getLogger("her2exp")
+register_configs()
+distributed.register_resolvers()
+# conf/ sits beside the package; an absolute path works for the console script,
+# `python -m her2exp.train` and torchrun alike.
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train, pick the best epoch on val AUC, score test at the val-chosen thresholds."""
+    runtime = builders.build_runtime(cfg)
+    model = builders.build_model(cfg, runtime.dctx)  # resolves data.mean/std into cfg
+    parts = builders.build_data(cfg, runtime.dctx)
+    rundir.check_data(runtime.resume, parts.bundle.fingerprint, cfg.trainer.resume_force)
+    wrapped = builders.wrap_model(cfg, model, runtime.dctx)
+    tracker = builders.build_tracker(cfg, runtime)
+    status, summary = "FAILED", {}
+    try:
+        builders.start_tracking(tracker, cfg, runtime, parts, model, hydra_overrides())
+        if cfg.model.cache_features:
+            builders.use_cached_features(cfg, parts, model, runtime, tracker)
+        trainer = builders.build_trainer(cfg, runtime, parts, wrapped, tracker)
+        builders.record_stain(parts, runtime, tracker)
+        if runtime.resume.path:
+            trainer.resume_from(runtime.resume.path)
+            tracker.log_history(trainer.history)  # the resumed run shows the whole curve
+        fit = probe.fit_knn(trainer, parts) if cfg.model.head == "knn" else trainer.fit()
+        summary = fit_summary(cfg, fit, parts, runtime, tracker)
+        if fit.interrupted:
+            status = "KILLED"
+            return interrupted(summary, fit, runtime, tracker)
+        model.load_state_dict(fit.best_state)
+        summary.update(
+            final_evaluation(
+                cfg,
+                parts,
+                trainer.validator,
+                model,
+                fit.threshold_youden_val,
+                tracker,
+                runtime.run_dir,
+                summary,
+                runtime.dctx.is_main,
+            )
+        )
+        status = "FINISHED"
+        summary["tracking_errors"] = list(tracker.errors)
+        return summary
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except Exception as exc:
+        tracker.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
+        raise
+    finally:
+        tracker.end(status)
+        if tracker.deferred_note:
+            summary["tracking_deferred"] = tracker.deferred_note
+        distributed.teardown()
+
+
+def fit_summary(
+    cfg: DictConfig, fit: FitResult, parts: DataParts, runtime: Runtime, tracker: tracking.Tracker
+) -> dict[str, Any]:
+    """What the fit decided, for the console, best.json and a sweeper."""
+    if cfg.trainer.on_nonfinite == "skip":
+        tracker.log_metrics({"nonfinite_steps_skipped": fit.nonfinite_steps})
+    return {
+        "model": cfg.model.name,
+        "best_epoch": fit.best_epoch,
+        "last_epoch": fit.last_epoch,
+        "best_val_auc": fit.best_val_auc,
+        "threshold_youden_val": fit.threshold_youden_val,
+        "stopped_early": fit.stopped_early,
+        "data_fingerprint": parts.bundle.fingerprint,
+        "mlflow_run_id": tracker.run_id,
+        "tracking_uri": tracker.uri,
+        "run_dir": str(runtime.run_dir.resolve()),
+        "nonfinite_steps_skipped": fit.nonfinite_steps,
+        **builders.describe(parts),
+    }
+
+
+def interrupted(
+    summary: dict[str, Any], fit: FitResult, runtime: Runtime, tracker: tracking.Tracker
+) -> dict[str, Any]:
+    """Stopped by a signal or trainer.stop_after_epoch: say how to resume, in MLflow too."""
+    last = (runtime.run_dir / "checkpoints" / "last.pt").resolve()
+    command = builders.resume_command(runtime.run_dir, hydra_overrides())
+    tags = {
+        "interrupted_after_epoch": fit.last_epoch,
+        "resume_with": last,
+        "resume_command": command,
+    }
+    if fit.stop_signal is not None:
+        tags["stop_signal"] = signal.Signals(fit.stop_signal).name
+        summary["stop_signal"] = fit.stop_signal
+    tracker.set_tags(tags)
+    summary.update({"interrupted": True, "resume_command": command})
+    if runtime.dctx.is_main:
+        print(
+            f"her2exp: stopped after epoch {fit.last_epoch} (checkpoint {last}); "
+            f"resume with: {command}"
+        )
+    return summary
+
+
+def _worker(container: dict[str, Any]) -> dict[str, Any]:
+    """Entry point of each worker started by `trainer.nproc_per_node=N` (spawned: no Hydra)."""
+    cfg = OmegaConf.create(container)
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"[%(asctime)s][rank {distributed.env_rank()}][%(name)s][%(levelname)s] - %(message)s",
+        handlers=[
+            logging.StreamHandler(),
+            logging.FileHandler(run_dir / distributed.rank_log_name("train")),
+        ],
+    )
+    try:
+        return train(cfg)
+    except ConfigError as exc:
+        if distributed.env_rank() == 0:
+            print(f"her2exp: configuration error: {exc}", file=sys.stderr)
+        raise
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train in this process, under torchrun, or by starting `trainer.nproc_per_node` workers."""
+    # evaluation.explain: off in a sweep unless asked for; here, where Hydra's runtime config
+    # is (the workers started below have none), before the config is copied into them.
+    explain.resolve_sweep_default(cfg)
+    n = cfg.trainer.nproc_per_node
+    if n > 1 and not distributed.under_launcher():
+        validate(cfg)  # fail in the parent, before any worker starts
+        rundir.plan(cfg, Path(cfg.output_dir), distributed.restart_count())
+        container = OmegaConf.to_container(cfg, resolve=True)  # resolvers don't cross spawn
+        log.info("starting %d workers (trainer.nproc_per_node)", n)
+        with distributed.env(**tracking.export_sweep_context()):
+            return distributed.launch(
+                _worker, n, (container,), Path(cfg.output_dir), cfg.trainer.dist_timeout_s
+            )
+    return train(cfg)
