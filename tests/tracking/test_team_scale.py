@@ -219,7 +219,7 @@ def test_two_torchrun_nodes_meet_through_c10d_and_train_one_model(tmp_path: Path
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     args = [str(BIN / "torchrun"), "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
             f"--rdzv_endpoint=127.0.0.1:{port}", f"--rdzv_id=her2exp-{port}",
-            "-m", "her2exp.training.run", "experiment=smoke", "model.name=test_convnext",
+            "-m", "her2exp.train", "experiment=smoke", "model.name=test_convnext",
             "trainer.epochs=1", "tracking.log_model=false",
             f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", f"hydra.run.dir={tmp_path / 'run'}"]  # fmt: skip
     nodes = [
