@@ -6,10 +6,14 @@ and shared by every test that inspects what a run leaves behind.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import sqlite3
 import subprocess
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 # One intra-op thread per process, set before torch is imported here or in any subprocess the
@@ -40,7 +44,48 @@ def compose_train(overrides: list[str] | None = None, output_dir: Path | None = 
     return cfg
 
 
-_STORE_TEMPLATE: list[Path] = []  # one empty MLflow SQLite store per session, made on first use
+_ROOT: list[Path] = []  # the session's shared temporary folder, set by `_session_root`
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_root(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Record the session's temporary folder that every xdist worker sees (each worker's own
+    basetemp is a `popen-gwN` folder inside it; without xdist it is the basetemp itself)."""
+    root = tmp_path_factory.getbasetemp()
+    _ROOT[:] = [root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root]
+
+
+def built_once(name: str, build: Callable[[Path], dict]) -> dict:
+    """`build(folder)` run once per session however many xdist workers ask, its JSON result
+    read back by the others.
+
+    Why: `make test` runs on two workers, and a session fixture is otherwise built by each
+    worker that uses it (a trained run, a sweep, a migrated store: CPU time on the same two
+    cores). The first worker to ask builds under a file lock while the other waits; a build
+    that failed leaves no result, so the next worker to ask builds again (and fails with its
+    own message).
+    """
+    from filelock import FileLock
+
+    result = _ROOT[0] / f"{name}.json"
+    with FileLock(f"{result}.lock"):
+        if not result.is_file():
+            folder = _ROOT[0] / name
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed build left
+            folder.mkdir()
+            value = build(folder)
+            partial = result.with_suffix(".part")
+            partial.write_text(json.dumps(value, default=str))
+            partial.replace(result)
+        return json.loads(result.read_text())
+
+
+def _empty_store(folder: Path) -> dict:
+    import mlflow
+
+    template = folder / "mlflow.db"
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
+    return {"path": str(template)}
 
 
 def mlflow_store(path: Path) -> Path:
@@ -50,19 +95,19 @@ def mlflow_store(path: Path) -> Path:
     is the same database at the same schema head, as the run would have created it. Only for
     tests whose claim is not the store's creation (those let the command create it).
     """
-    import shutil
-    import tempfile
-
-    if not _STORE_TEMPLATE:
-        import mlflow
-
-        template = Path(tempfile.mkdtemp(prefix="her2exp-store-")) / "mlflow.db"
-        mlflow.MlflowClient(tracking_uri=f"sqlite:///{template}").search_experiments()
-        _STORE_TEMPLATE.append(template)
+    template = Path(built_once("store_template", _empty_store)["path"])
     path.parent.mkdir(parents=True, exist_ok=True)
     assert not path.exists(), f"{path} exists: mlflow_store only makes a new store"
-    shutil.copyfile(_STORE_TEMPLATE[0], path)
+    shutil.copyfile(template, path)
     return path
+
+
+def copy_store(source: Path, target: Path) -> Path:
+    """A consistent copy of a SQLite store that another worker may be writing to (SQLite's
+    online backup, not a file copy that could catch a transaction half written)."""
+    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+        src.backup(dst)
+    return target
 
 
 def run_cli(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -89,9 +134,7 @@ class SmokeRun:
     created: tuple[str, ...] = ()  # what the run left in its cwd (before other tests use it)
 
 
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
-    cwd = tmp_path_factory.mktemp("smoke")
+def _smoke_run(cwd: Path) -> dict:
     run_dir = cwd / "run"
     # The one smoke run whose report draws its figures (the tests of figures read them).
     args = ["experiment=smoke", "tracking.log_model=true", "evaluation.figures=true"]
@@ -99,10 +142,20 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
     proc = run_cli(args, cwd=cwd)
     assert proc.returncode == 0, f"smoke run failed:\n{proc.stdout}\n{proc.stderr}"
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("her2exp: MLflow run "))
-    run_id = line.split()[3]
     uri = f"sqlite:///{cwd}/mlflow.db"
     created = tuple(sorted(os.listdir(cwd)))
-    return SmokeRun(cwd, run_dir, uri, run_id, proc.stdout, proc.stderr, created)
+    return asdict(SmokeRun(cwd, run_dir, uri, line.split()[3], proc.stdout, proc.stderr, created))
+
+
+@pytest.fixture(scope="session")
+def smoke_run(_session_root: None) -> SmokeRun:
+    """One real `her2exp-train experiment=smoke` (SQLite store, figures drawn, model logged),
+    trained once for the whole session and read by every test of what a run leaves behind."""
+    got = built_once("smoke", _smoke_run)
+    return SmokeRun(
+        Path(got["cwd"]), Path(got["run_dir"]), got["uri"], got["run_id"], got["stdout"],
+        got["stderr"], tuple(got["created"]),
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="session")
@@ -155,13 +208,9 @@ class SweepRun:
     child_run_ids: list[str]
 
 
-@pytest.fixture(scope="session")
-def cv_sweep(tmp_path_factory: pytest.TempPathFactory) -> SweepRun:
-    """One real 3-fold CLI multirun of experiment=smoke (one epoch a fold, checkpoints logged)
-    into a SQLite store: the CV parent's pooled results and the ensemble tests read it."""
+def _cv_sweep(cwd: Path) -> dict:
     import mlflow
 
-    cwd = tmp_path_factory.mktemp("cv_sweep")
     sweep_dir = cwd / "sweep"
     args = ["-m", "experiment=smoke", "data.split.folds=3", "data.split.fold=range(3)"]
     args += ["tracking.log_checkpoint=true", "trainer.epochs=1", f"hydra.sweep.dir={sweep_dir}"]
@@ -175,7 +224,17 @@ def cv_sweep(tmp_path_factory: pytest.TempPathFactory) -> SweepRun:
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     ordered = sorted(children, key=lambda r: int(r.data.tags["sweep.job_num"]))
-    return SweepRun(parent.info.run_id, uri, sweep_dir, [r.info.run_id for r in ordered])
+    children_ids = [r.info.run_id for r in ordered]
+    return {"parent": parent.info.run_id, "uri": uri, "dir": str(sweep_dir), "kids": children_ids}
+
+
+@pytest.fixture(scope="session")
+def cv_sweep(_session_root: None) -> SweepRun:
+    """One real 3-fold CLI multirun of experiment=smoke (one epoch a fold, checkpoints logged)
+    into a SQLite store, run once for the session: the CV parent's pooled results and the
+    ensemble tests read it."""
+    got = built_once("cv_sweep", _cv_sweep)
+    return SweepRun(got["parent"], got["uri"], Path(got["dir"]), got["kids"])
 
 
 @pytest.fixture(scope="session")

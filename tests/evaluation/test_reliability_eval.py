@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
-from conftest import REPO, SmokeRun
+from conftest import REPO, SmokeRun, copy_store
 from her2exp import evaluation
 from her2exp.cli.common import compose
 from her2exp.core import checkpoint
@@ -111,7 +111,7 @@ def no_scoring(monkeypatch):
 def store_copy(smoke_run: SmokeRun, folder: Path) -> str:
     """A copy of the smoke run's SQLite store (creating and migrating a new one costs ~7 s);
     use it with a new tracking.experiment, whose artifacts then go beside the copy."""
-    shutil.copy(smoke_run.cwd / "mlflow.db", folder / "copy.db")
+    copy_store(smoke_run.cwd / "mlflow.db", folder / "copy.db")
     return f"sqlite:///{folder / 'copy.db'}"
 
 

@@ -9,7 +9,6 @@ session's own store.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import SmokeRun
+from conftest import SmokeRun, copy_store
 from her2exp.cli.common import compose
 from her2exp.config import ConfigError
 from her2exp.data import synthetic
@@ -56,7 +55,7 @@ def store(smoke_run: SmokeRun, tmp_path_factory: pytest.TempPathFactory) -> Regi
     import mlflow
 
     folder = tmp_path_factory.mktemp("registry")
-    shutil.copy(smoke_run.cwd / "mlflow.db", folder / "copy.db")
+    copy_store(smoke_run.cwd / "mlflow.db", folder / "copy.db")
     uri = f"sqlite:///{folder / 'copy.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     smoke = client.get_run(smoke_run.run_id)
