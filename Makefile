@@ -23,7 +23,7 @@ train: $(STAMP) ## train on the embedded data (CPU, one MLflow run in ./mlflow.d
 	$(VENV)/bin/her2exp-train $(ARGS)
 
 test: $(STAMP) ## the whole test suite (what CI runs)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 test-slow: $(STAMP) ## long soak tests, and tests whose claim `make test` proves elsewhere
 	$(PY) -m pytest -q -m slow
