@@ -3,8 +3,6 @@ change a bag's score. Pure torch on toy bags, no training CLI."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -15,7 +13,6 @@ from her2exp.config import ConfigError
 from her2exp.models.mil import build_head, masked_softmax
 
 D = 16
-REPO = Path(__file__).resolve().parent.parent
 
 
 def head_cfg(name: str, **kw):
@@ -155,9 +152,6 @@ def test_masked_softmax_gives_padding_exactly_zero_even_under_extreme_scores() -
     assert weights[1].tolist() == [0.5, 0.0, 0.5]
 
 
-@pytest.mark.skipif(
-    not (REPO / "conf" / "mil" / "abmil.yaml").is_file(), reason="the mil group is not merged yet"
-)
 @pytest.mark.parametrize("name", ["mean_pool", "max_pool", "abmil"])
 def test_each_mil_config_builds_its_head_over_the_backbones_embedding(name) -> None:
     from conftest import compose_train
