@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -105,7 +106,7 @@ def mlflow_store(path: Path) -> Path:
 def copy_store(source: Path, target: Path) -> Path:
     """A consistent copy of a SQLite store that another worker may be writing to (SQLite's
     online backup, not a file copy that could catch a transaction half written)."""
-    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+    with closing(sqlite3.connect(source)) as src, closing(sqlite3.connect(target)) as dst:
         src.backup(dst)
     return target
 
