@@ -187,11 +187,9 @@ def _smoke_run(cwd: Path) -> dict:
 def smoke_run(_session_root: None) -> SmokeRun:
     """One real `her2exp-train experiment=smoke` (SQLite store, figures drawn, model logged),
     trained once for the whole session and read by every test of what a run leaves behind."""
-    got = built_once("smoke", _smoke_run)
-    return SmokeRun(
-        Path(got["cwd"]), Path(got["run_dir"]), got["uri"], got["run_id"], got["stdout"],
-        got["stderr"], tuple(got["created"]),
-    )  # fmt: skip
+    got = built_once("smoke", _smoke_run)  # SmokeRun's fields, as JSON
+    paths = {"cwd": Path(got["cwd"]), "run_dir": Path(got["run_dir"])}
+    return SmokeRun(**got | paths | {"created": tuple(got["created"])})
 
 
 @pytest.fixture(scope="session")
@@ -260,8 +258,7 @@ def _cv_sweep(cwd: Path) -> dict:
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     ordered = sorted(children, key=lambda r: int(r.data.tags["sweep.job_num"]))
-    children_ids = [r.info.run_id for r in ordered]
-    return {"parent": parent.info.run_id, "uri": uri, "dir": str(sweep_dir), "kids": children_ids}
+    return asdict(SweepRun(parent.info.run_id, uri, sweep_dir, [r.info.run_id for r in ordered]))
 
 
 @pytest.fixture(scope="session")
@@ -269,8 +266,8 @@ def cv_sweep(_session_root: None) -> SweepRun:
     """One real 3-fold CLI multirun of experiment=smoke (one epoch a fold, checkpoints logged)
     into a SQLite store, run once for the session: the CV parent's pooled results and the
     ensemble tests read it."""
-    got = built_once("cv_sweep", _cv_sweep)
-    return SweepRun(got["parent"], got["uri"], Path(got["dir"]), got["kids"])
+    got = built_once("cv_sweep", _cv_sweep)  # SweepRun's fields, as JSON
+    return SweepRun(**got | {"sweep_dir": Path(got["sweep_dir"])})
 
 
 @pytest.fixture(scope="session")
