@@ -11,9 +11,9 @@ normalised stain, and a client must apply the run's reference first.
 
 Before a file is written or logged, it is loaded back from the exact bytes to be written and run
 (onnxruntime on the CPU, or torch.jit.load) on the run's own test patches, rebuilt from its
-config and preprocessed as in training; it is refused when the largest difference from
-her2exp's own scoring path (`engine.Preprocess`, `engine.view_logits`, `mean_probability`,
-`metrics.apply_calibration`) exceeds `MAX_ABS_DIFF`. The run's thresholds, decision level and
+config; it is refused when the largest difference from her2exp's own `evaluation.Scorer` (the
+one every command scores with; here in fp32 on the CPU, the graph's own precision) exceeds
+`MAX_ABS_DIFF`. The run's thresholds, decision level and
 preprocessing contract travel inside the file (ONNX metadata_props / TorchScript extra file
 `her2exp.json`).
 """
@@ -34,14 +34,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from her2exp import metrics
 from her2exp.config import ConfigError
 from her2exp.config.export import FORMATS  # with the schema that checks format= without torch
 from her2exp.config.export import ONNX_EXPORTERS as ONNX_EXPORTERS
 from her2exp.core.errors import UserError  # the message check_export gives out= too
-from her2exp.engine import Preprocess, mean_probability, view_logits
+from her2exp.engine import Preprocess
 from her2exp.evaluation import (
     TrainedRun,
+    build_scorer,
     load_model,
     load_run,
     rebuild_run_data,
@@ -146,26 +146,31 @@ def build_graph(run: TrainedRun, tta: str | None = None) -> ProbabilityGraph:
 
 
 def check_patches(run: TrainedRun, n: int) -> torch.Tensor:
-    """Up to `n` of the run's test patches (uint8 NCHW), its data rebuilt from its config and
-    seed as her2exp-eval split=test rebuilds it, stain-normalised with the run's reference."""
-    cfg = run.cfg
+    """Up to `n` of the run's test patches (uint8 NCHW, as read), its data rebuilt from its
+    config and seed as her2exp-eval split=test rebuilds it."""
     why = f"{run.source}: the run's data cannot be rebuilt to check the export against"
     bundle = rebuild_run_data(run, why)
     split = "test" if len(bundle.indices("test")) else "val"
     view = bundle.view(split)
     x = torch.from_numpy(np.ascontiguousarray(view[: min(n, len(view))]))
-    x = x.permute(0, 3, 1, 2).contiguous()
-    stain = run_stain(run, int(cfg.seed))
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
+def client_input(run: TrainedRun, x: torch.Tensor) -> torch.Tensor:
+    """What a client feeds the graph: the patches normalised with the run's fitted stain
+    reference (left out of the graph), as they are without normalisation."""
+    stain = run_stain(run, int(run.cfg.seed))
     return x if stain is None else stain(x, False)
 
 
-def reference_probs(run: TrainedRun, model: nn.Module, x: torch.Tensor, tta: str) -> np.ndarray:
-    """P(HER2+) of her2exp's own scoring path (what eval and predict compute) on uint8 `x`."""
-    cfg = run.cfg
-    pre = Preprocess(torch.device("cpu"), tuple(cfg.data.mean), tuple(cfg.data.std))
-    with torch.no_grad():
-        probs = mean_probability(view_logits(model, pre(x), tta)).numpy()
-    return metrics.apply_calibration(probs.astype(np.float64), run.calibration)
+def reference_probs(
+    run: TrainedRun, model: nn.Module, x: torch.Tensor, tta: str | None
+) -> np.ndarray:
+    """P(HER2+) of uint8 patches `x` (as read) by the run's `evaluation.Scorer` around the
+    graph's own network, on the CPU in fp32: the graph computes in fp32, so a bf16 run is
+    checked at the precision the file has, not refused for bf16's rounding."""
+    scorer = build_scorer(run, "off", int(run.cfg.seed), tta, torch.device("cpu"), model)
+    return scorer.probabilities(x)
 
 
 def file_metadata(run: TrainedRun, fmt: str, tta: str, image_size: int) -> dict[str, Any]:
@@ -408,13 +413,13 @@ def export_run(opts: DictConfig) -> Exported:
             f"out={out} exists (an earlier export): overwrite=true to replace it, or another out="
         )
     tta = opts.tta or run.tta
-    if tta != run.tta:
-        log.warning("tta=%s: %s chose its thresholds on tta=%s scores", tta, run.source, run.tta)
     notes = [note] if (note := stain_note(run)) else []
     for line in notes:
         log.warning(line)
     graph = build_graph(run, tta)
-    x = check_patches(run, int(opts.check_patches))
+    raw = check_patches(run, int(opts.check_patches))
+    ref = reference_probs(run, graph.model, raw, opts.tta)  # warns of a tta not the run's
+    x = client_input(run, raw)
     size = int(run.cfg.data.image_size)
     meta = file_metadata(run, fmt, tta, size)
     sample = x[: min(2, len(x))]
@@ -422,7 +427,7 @@ def export_run(opts: DictConfig) -> Exported:
         blob = onnx_bytes(graph, sample, int(opts.opset), str(opts.onnx_exporter), meta)
     else:
         blob = torchscript_bytes(graph, sample, meta)
-    diff = checked(blob, fmt, x, reference_probs(run, graph.model, x, tta), run.source)
+    diff = checked(blob, fmt, x, ref, run.source)
     atomic_write(out, blob)
     opset = int(opts.opset) if fmt == "onnx" else None
     tags = versions(fmt, opset, str(opts.onnx_exporter) if fmt == "onnx" else None)

@@ -8,11 +8,12 @@ aggregated them, the group called at that level's thresholds, and each tile row 
 group's call; the per-slide or per-patient table comes back beside the tiles. Files that cannot
 be decoded are listed (stderr and the `.errors.csv` beside the output) and skipped; the rest
 are still scored. `sweep_run_id=`: a sweep's members as one ensemble
-(her2exp/evaluation/ensemble.py), each scored through `patch_scorer`/`patch_probs`
-(evaluation.patch_scoring), their mean called and their sd in column `member_sd`.
+(her2exp/evaluation/ensemble.py), each scored through its own `evaluation.Scorer`, their mean
+called and their sd in column `member_sd`. The files read are the ones a training folder reads
+(`data.sources.image_files`).
 
-`Predictions` and `call` (apps/predictions.py) and `prepare_patches`/`Scoring`
-(evaluation/patch_scoring.py) stay importable from here.
+`Predictions` and `call` (apps/predictions.py) and `prepare_patches` (evaluation/scorer.py) stay
+importable from here.
 """
 
 from __future__ import annotations
@@ -27,21 +28,16 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from her2exp.apps.predict_bags import check_bag_run, embed_batch, predict_bags
+from her2exp.apps.predict_bags import check_bag_run, predict_bags
 from her2exp.apps.predictions import Predictions, call
 from her2exp.config import ConfigError
 from her2exp.core.fileio import safe_name
 from her2exp.data import slide_tiles as dataset
 from her2exp.data.bags import mil_name
 from her2exp.data.datasets import PatchDataset
-from her2exp.data.sources import read_patch  # decoded as in training
+from her2exp.data.sources import IMAGE_SUFFIXES, image_files, read_patch  # as training reads
 from her2exp.evaluation.ensemble import load_ensemble, member_stats
-from her2exp.evaluation.patch_scoring import (
-    Scoring,
-    patch_probs,
-    patch_scorer,
-    prepare_patches,
-)
+from her2exp.evaluation.scorer import Scorer, build_scorer, prepare_patches
 from her2exp.evaluation.trained_run import TrainedRun, level_thresholds, load_run
 from her2exp.reports.heatmap import write_heatmap
 from her2exp.reports.mil import attention_heatmaps
@@ -49,8 +45,6 @@ from her2exp.slides.reader import Slide
 from her2exp.tracking.registry import resolve_model_uri  # predict's contract (issue 20)
 
 log = logging.getLogger("her2exp")
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 
 
 def read_groups(path: str | Path, root: Path, files: list[Path]) -> pd.DataFrame:
@@ -82,7 +76,7 @@ def predict_folder(opts: Any) -> Predictions:
     root = Path(opts.input)
     if not root.is_dir():
         raise ConfigError(f"input={root} is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = image_files(root)  # the files (and suffixes) a training folder takes
     if not files:
         raise ConfigError(f"input={root} holds no {', '.join(sorted(IMAGE_SUFFIXES))} files")
     run, members = load_runs(opts)  # refused without frozen thresholds: no fallback of ours
@@ -100,7 +94,7 @@ def predict_folder(opts: Any) -> Predictions:
     bags = mil_name(cfg) != "none"  # a MIL run: tiles embedded, then scored as bags
     if bags:
         check_bag_run(run, members, opts.get("tta"))
-    scorers = [patch_scorer(m, opts.get("tta")) for m in members]
+    scorers = scorers_of(members, opts)
 
     rows, errors, embedded = [], [], []
     for start in range(0, len(files), opts.batch_size):
@@ -115,7 +109,7 @@ def predict_folder(opts: Any) -> Predictions:
             continue
         x = prepare_patches(batch, cfg.data.image_size)
         if bags:
-            embedded.append(embed_batch(scorers[0], x))
+            embedded.append(scorers[0].embed(x))
             rows += [{"path": str(path)} for path in paths]
             continue
         mean, sd = _member_probs(scorers, x)
@@ -155,9 +149,15 @@ def by_model_uri(opts: Any) -> Any:
     return OmegaConf.merge(opts, {"run_id": run_id, "model_uri": None})
 
 
-def _member_probs(scorers: list[Scoring], x: torch.Tensor) -> tuple[Any, Any]:
+def scorers_of(members: list[TrainedRun], opts: Any) -> list[Scorer]:
+    """Each member's Scorer, as her2exp-eval builds it: the run's own precision (`trainer.amp`,
+    `channels_last`), stain placement, `tta=` (null: the run's own) and calibration."""
+    return [build_scorer(m, None, 0, opts.get("tta")) for m in members]
+
+
+def _member_probs(scorers: list[Scorer], x: torch.Tensor) -> tuple[Any, Any]:
     """(mean, sd) over the members' probabilities of one batch (one member: its own, sd 0)."""
-    mean, sd = member_stats([np.asarray(patch_probs(s, x)) for s in scorers])
+    mean, sd = member_stats([s.probabilities(x) for s in scorers])
     return mean.tolist(), sd.tolist()
 
 
@@ -186,13 +186,13 @@ def predict_slides(opts: Any, heatmap_dir: Path) -> Predictions:
     bags = mil_name(run.cfg) != "none"  # a MIL run: tiles embedded, then scored as bags
     if bags:
         check_bag_run(run, members, opts.get("tta"))
-    scorers = [patch_scorer(m, opts.get("tta")) for m in members]
+    scorers = scorers_of(members, opts)
     probs: list[float] = []
     sds: list[float] = []
     embedded = []
     for x, _, _ in loader:
         if bags:
-            embedded.append(embed_batch(scorers[0], x))
+            embedded.append(scorers[0].embed(x))
             continue
         mean, sd = _member_probs(scorers, x)
         probs += mean

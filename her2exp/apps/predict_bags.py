@@ -15,8 +15,8 @@ from her2exp import metrics
 from her2exp.apps.predictions import Predictions, call
 from her2exp.config import ConfigError
 from her2exp.data.bags import attention, bag_by, bag_rows, group_bags
-from her2exp.engine import Preprocess, score
 from her2exp.evaluation.bags import bag_loader
+from her2exp.evaluation.scorer import Scorer
 
 
 def check_bag_run(run: Any, members: list[Any], tta: str | None) -> None:
@@ -27,17 +27,9 @@ def check_bag_run(run: Any, members: list[Any], tta: str | None) -> None:
         raise ConfigError(f"tta={tta}: none for a mil run (a bag holds one embedding per tile)")
 
 
-@torch.no_grad()
-def embed_batch(scoring: Any, x: torch.Tensor) -> torch.Tensor:
-    """uint8 NCHW tiles -> (N, D) embeddings, through the run's stain and input path."""
-    if scoring.stain is not None:
-        x = scoring.stain(x, False)
-    return scoring.model.embed(scoring.preprocess(x)).float().cpu()
-
-
 def predict_bags(
     run: Any,
-    scoring: Any,
+    scorer: Scorer,
     level: str,
     thresholds: dict[str, float],
     tiles: pd.DataFrame,
@@ -52,11 +44,9 @@ def predict_bags(
         bags = group_bags(rows, bag_by(run.cfg))
     except ValueError as exc:
         raise ConfigError(str(exc)) from exc
-    device = next(scoring.model.parameters()).device
-    loader = bag_loader(embedded, bags, int(run.cfg.mil.batch_size), device)
-    probs = score(scoring.model.head, loader, Preprocess(device)).probs
-    probs = np.asarray(metrics.apply_calibration(probs, scoring.calibration))
-    weights = attention(scoring.model.head, loader, device)
+    loader = bag_loader(embedded, bags, int(run.cfg.mil.batch_size), scorer.device)
+    probs = scorer.for_features().score(loader).probs
+    weights = attention(scorer.model.head, loader, scorer.device)
     table = bag_rows(rows, bags).drop(columns="label")
     for column in ("slide_id", "patient_id"):
         if column in table:
@@ -69,7 +59,7 @@ def predict_bags(
     out.insert(0, "row", positions)  # the tile's row in the input (tile manifest or files)
     out["bag_id"] = np.repeat(bags.ids, [len(m) for m in bags.members])
     out["attention"] = weights
-    keep = ["prob_her2_pos", *[c for c in per_bag if c.startswith("called_her2_pos_")]]
+    keep = ["prob_her2_pos", *[c for c in per_bag if c.startswith(metrics.CALLED_PREFIX)]]
     for column in keep:
         out[column] = per_bag.loc[out["bag_id"], column].to_numpy()
     return Predictions(out, errors, level, called.groups)

@@ -40,8 +40,8 @@ def call(
         tiles.insert(1, "slide_id", found["slide_id"].to_numpy())
         tiles.insert(2, "patient_id", found["patient_id"].to_numpy())
     if level == "tile" or tiles.empty:
-        for k, t in thresholds.items():
-            tiles[f"called_her2_pos_{k}"] = (tiles["prob_her2_pos"] >= t).astype(int)
+        for column, calls in metrics.called_columns(tiles["prob_her2_pos"], thresholds).items():
+            tiles[column] = calls
         return Predictions(tiles, errors, level)
     e = resolve_evaluation(run.cfg.get("evaluation"), OmegaConf.create({}))
     ids = tiles[f"{level}_id"].to_numpy()
@@ -56,6 +56,6 @@ def call(
     )
     table = level_table(level, agg, thresholds, tiles).drop(columns="label")
     pos = pd.Index(agg.ids).get_indexer(ids)
-    for k, t in thresholds.items():
-        tiles[f"called_her2_pos_{k}"] = (agg.scores[pos] >= t).astype(int)
+    for column, calls in metrics.called_columns(agg.scores[pos], thresholds).items():
+        tiles[column] = calls
     return Predictions(tiles, errors, level, table)

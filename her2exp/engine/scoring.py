@@ -60,9 +60,19 @@ def view_logits(
     return out
 
 
+#: The class whose probability is P(HER2+) in a binary head: (HER2-, HER2+).
+POSITIVE_CLASS = 1
+
+
+def mean_class_probabilities(logits: list[torch.Tensor]) -> torch.Tensor:
+    """(N, C) class probabilities averaged over the views (the mean of probabilities, not of
+    logits), for a head of any number of classes."""
+    return torch.stack([torch.softmax(v, dim=1) for v in logits]).mean(0)
+
+
 def mean_probability(logits: list[torch.Tensor]) -> torch.Tensor:
-    """P(HER2+) averaged over the views (the mean of probabilities, not of logits)."""
-    return torch.stack([torch.softmax(v, dim=1)[:, 1] for v in logits]).mean(0)
+    """P(HER2+) averaged over the views: the positive class of `mean_class_probabilities`."""
+    return mean_class_probabilities(logits)[:, POSITIVE_CLASS]
 
 
 @torch.no_grad()

@@ -1,8 +1,8 @@
 """Evaluation: a trained run loaded, scored and called at the thresholds it froze on validation.
 
 Owns what turns a trained run into decisions and reports: loading best.pt and its frozen
-thresholds (`trained_run`), the scoring pass as training scored (`scorer`) and predict's and the
-served model's batch scoring (`patch_scoring`), cohorts and her2exp-eval (`cohort`, `evaluate`),
+thresholds (`trained_run`), the one `Scorer` every path from pixels or features to
+probabilities goes through (`scorer`), cohorts and her2exp-eval (`cohort`, `evaluate`),
 metrics at frozen thresholds and the reports (`scored`, `reporting`), an eval's MLflow run
 (`record`), bags (`bags`), ensembles of a sweep's members (`ensemble`), a sweep's pooled
 results (`crossval`) and the Hydra sweep callback that records them (`sweep_callback`), and the
@@ -14,8 +14,7 @@ stain, slides, config, core. Never training, apps, cli or bench (they import it)
 | module           | holds                                                                    |
 |------------------|--------------------------------------------------------------------------|
 | `trained_run`    | `TrainedRun`, `load_run`, `load_model`, `run_stain`, the frozen checks  |
-| `scorer`         | `Scorer`, `build_scorer`, `score` (one split of a bundle)                |
-| `patch_scoring`  | `prepare_patches`, `Scoring`, `patch_scorer`, `patch_probs` (uint8 batches) |
+| `scorer`         | `Scorer`, `build_scorer`, `score` (a split), `calibrate`, `prepare_patches` |
 | `scored`         | `ScoredSplit`, `thresholds_on_rows`, `evaluate_scored`, `level_table`   |
 | `reporting`      | `report_cohorts`, `remove_stale_reports`, `format_table`                 |
 | `cohort`         | `Cohort`, `load_cohort`, `score_cohort`, `prepare_evaluation`            |
@@ -46,7 +45,7 @@ from her2exp.evaluation.scored import (
     level_table,
     thresholds_on_rows,
 )
-from her2exp.evaluation.scorer import Scorer, build_scorer, score
+from her2exp.evaluation.scorer import Scorer, build_scorer, calibrate, calibrated, score
 from her2exp.evaluation.trained_run import (
     CHECKPOINT_KEYS,
     TrainedRun,
@@ -72,6 +71,8 @@ __all__ = [
     "Scorer",
     "TrainedRun",
     "build_scorer",
+    "calibrate",
+    "calibrated",
     "check_frozen_aggregation",
     "check_frozen_scoring",
     "describe_source",

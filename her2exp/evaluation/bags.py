@@ -31,7 +31,7 @@ from her2exp.data.bags import (
     group_bags,
 )
 from her2exp.data.datasets import RowView
-from her2exp.engine import Preprocess, features, score
+from her2exp.engine import features
 from her2exp.evaluation.scored import ScoredSplit
 from her2exp.reports import atomic_write_text
 from her2exp.reports import mil as outputs
@@ -91,7 +91,7 @@ def scored_bags(rows: pd.DataFrame, probs: np.ndarray, threshold: float) -> pd.D
             "bag_id": rows["bag_id"].to_numpy(),
             "label": rows["label"].to_numpy(),
             "prob_her2_pos": probs,
-            "called": (probs >= threshold).astype(int),
+            "called": metrics.called(probs, threshold),
         }
     )
 
@@ -128,10 +128,7 @@ def score_cohort_bags(
     )
     head = scorer.model.head
     loader = bag_loader(embedded, bags, int(run.cfg.mil.batch_size), scorer.device)
-    scores = score(head, loader, Preprocess(scorer.device), scorer.autocast_dtype)
-    if (scorer.calibration or {}).get("method", "none") != "none":
-        scores.uncalibrated = scores.probs
-        scores.probs = metrics.apply_calibration(scores.probs, scorer.calibration)
+    scores = scorer.for_features(head).score(loader)
     weights = attention(head, loader, scorer.device)
     brows = bag_rows(rows, bags)
     split = ScoredSplit(cohort.name, brows, scores.probs, None, scores.uncalibrated)

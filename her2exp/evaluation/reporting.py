@@ -30,8 +30,8 @@ def _write_predictions(
     rows["prob_her2_pos"] = s.probs
     if s.member_sd is not None:
         rows["member_sd"] = s.member_sd
-    for name, t in tile.items():
-        rows[f"called_her2_pos_{name}"] = (s.probs >= t).astype(int)
+    for column, calls in metrics.called_columns(s.probs, tile).items():
+        rows[column] = calls
     name = safe_name(s.name)
     written = [
         reports.atomic_write_text(report_dir / f"predictions_{name}.csv", rows.to_csv(index=False))

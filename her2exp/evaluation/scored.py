@@ -96,6 +96,6 @@ def level_table(
         owner = rows.assign(slide_id=rows["slide_id"].astype(str))
         owner = owner.drop_duplicates("slide_id").set_index("slide_id")["patient_id"]
         table.insert(1, "patient_id", table[key].map(owner).to_numpy())
-    for name, t in thresholds.items():
-        table[f"called_her2_pos_{name}"] = (agg.scores >= t).astype(int)
+    for column, calls in metrics.called_columns(agg.scores, thresholds).items():
+        table[column] = calls
     return table

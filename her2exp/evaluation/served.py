@@ -4,9 +4,10 @@
 A client has RGB patches, not the run's preprocessing. The logged model (artifact path `model`
 of the training run) is an MLflow pyfunc from code (her2exp/serving_model.py, no pickle) with the
 run's best.pt as its artifact, so it applies what `her2exp-predict` applies, through the same
-functions: the resize (`patch_scoring.prepare_patches`), the fitted stain reference, mean/std,
-TTA and the frozen temperature (`patch_scoring.patch_scorer`/`patch_probs`), then calls each patch at the run's frozen
-tile-level operating point (`evaluation.operating_point`, or `params={"operating_point": ...}`).
+objects: the resize (`scorer.prepare_patches`), then the run's one `Scorer` (its stain placed as
+trained, mean/std, memory format, autocast dtype, TTA and frozen temperature, as her2exp-eval
+scores), then the one decision rule (`metrics.called`) at the run's frozen tile-level operating
+point (`evaluation.operating_point`, or `params={"operating_point": ...}`).
 
 Input: a column `image` whose cells are base64 PNG/JPEG strings or (H, W, 3) uint8 nested lists
 (`{"inputs": [[[[r, g, b], ...]]]}` reaches the model as that column too). A request that is not
@@ -29,8 +30,9 @@ import pandas as pd
 from omegaconf import OmegaConf
 from PIL import Image
 
+from her2exp import metrics
 from her2exp.data.sources import ImageProblem, decode
-from her2exp.evaluation.patch_scoring import patch_probs, patch_scorer, prepare_patches
+from her2exp.evaluation.scorer import build_scorer, prepare_patches
 from her2exp.evaluation.trained_run import level_thresholds, load_run
 
 #: The input column (the signature's only one) and the output columns, in order.
@@ -108,7 +110,7 @@ def _pixels(i: int, cell: Any) -> np.ndarray:
 
 
 def patches(model_input: Any, image_size: int) -> Any:
-    """The request's patches as one uint8 NCHW batch at `image_size` (patch_scoring.prepare_patches)."""
+    """The request's patches as one uint8 NCHW batch at `image_size` (scorer.prepare_patches)."""
     if isinstance(model_input, np.ndarray) and model_input.dtype != object:
         if model_input.ndim != 4:
             raise RequestError(
@@ -148,7 +150,7 @@ def calls(probs: np.ndarray, thresholds: dict[str, float], point: str) -> pd.Dat
     return pd.DataFrame(
         {
             "prob_her2_pos": probs,
-            "called_her2_pos": (probs >= t).astype(np.int64),
+            "called_her2_pos": metrics.called(probs, t),
             "threshold": np.full(len(probs), t),
             "operating_point": [point] * len(probs),
         }
@@ -208,13 +210,13 @@ def model_spec(
 
 
 class ServedRun:
-    """A trained run's best.pt as the served model scores with it: `patch_scorer` (model,
-    stain reference, mean/std, TTA, temperature) and the tile-level frozen thresholds."""
+    """A trained run's best.pt as the served model scores with it: the run's `Scorer` (as
+    her2exp-eval and her2exp-predict build it) and the tile-level frozen thresholds."""
 
     def __init__(self, checkpoint: str | Path) -> None:
         source = {"checkpoint": str(checkpoint), "run_id": None, "tracking": {"uri": None}}
         self.run = load_run(OmegaConf.create(source))
-        self.scoring = patch_scorer(self.run)
+        self.scorer = build_scorer(self.run)
         self.thresholds = level_thresholds(self.run, "tile")
         ecfg = self.run.cfg.evaluation
         self.default_point = str(ecfg.get("operating_point", "youden"))
@@ -225,7 +227,6 @@ class ServedRun:
         """Score a request (RequestError for one it cannot score, before any scoring)."""
         point = operating_point(params, self.thresholds, self.default_point)
         x = patches(model_input, self.image_size)
-        probs: list[float] = []
-        for start in range(0, len(x), self.batch_size):
-            probs += patch_probs(self.scoring, x[start : start + self.batch_size])
-        return calls(np.asarray(probs, dtype=np.float64), self.thresholds, point)
+        batches = range(0, len(x), self.batch_size)
+        probs = [self.scorer.probabilities(x[i : i + self.batch_size]) for i in batches]
+        return calls(np.concatenate(probs), self.thresholds, point)

@@ -158,23 +158,14 @@ def load_run(ecfg: Any) -> TrainedRun:
 
 def check_frozen_scoring(run: TrainedRun, evaluation: DictConfig) -> None:
     """The calibration is frozen with the thresholds (they apply to calibrated scores), so an
-    eval override that differs from it is refused; another TTA setting than the run's is
-    allowed but warned about (its thresholds were chosen on the run's own views)."""
+    eval override that differs from it is refused. Another TTA setting than the run's is
+    allowed; the Scorer warns about it (scorer.resolved_tta)."""
     frozen = run.calibration["method"]
     if evaluation.calibration != frozen:
         raise ConfigError(
             f"evaluation.calibration={evaluation.calibration}: {run.source} froze its "
             f"thresholds on {frozen} calibrated scores (a temperature is fitted on validation "
             f"in training only); leave it unset (or give {frozen})"
-        )
-    if evaluation.tta != run.tta:
-        log.warning(
-            "evaluation.tta=%s: %s chose its thresholds on tta=%s scores; they are applied to "
-            "tta=%s scores here",
-            evaluation.tta,
-            run.source,
-            run.tta,
-            evaluation.tta,
         )
 
 

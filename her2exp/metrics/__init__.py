@@ -31,6 +31,7 @@ May import: numpy, scipy, scikit-learn, and of her2exp only `config` and `core` 
 its siblings on the floor.
 """
 
+from her2exp.metrics.decision import CALLED_PREFIX, called, called_columns
 from her2exp.metrics.levels import (
     AGGREGATIONS,
     LEVELS,
@@ -90,6 +91,9 @@ from her2exp.metrics.split_report import (
 )
 
 __all__ = [
+    "CALLED_PREFIX",
+    "called",
+    "called_columns",
     "AGGREGATIONS",
     "LEVELS",
     "AucCI",

@@ -18,6 +18,7 @@ import numpy as np
 from sklearn.metrics import confusion_matrix, roc_curve
 
 from her2exp.metrics._validation import check_scores, has_two_classes
+from her2exp.metrics.decision import called
 from her2exp.metrics.proportions import ratio, wilson_interval
 from her2exp.metrics.ranking import auc
 
@@ -324,7 +325,7 @@ def binary_report(
 ) -> BinaryReport:
     """:func:`at_threshold` on already checked arrays with the AUC already known (no checks:
     :func:`her2exp.metrics.split_report.evaluate_split` calls it once per threshold)."""
-    pred = (scores >= threshold).astype(np.int64)
+    pred = called(scores, threshold)
     tn, fp, fn, tp = (int(v) for v in confusion_matrix(labels, pred, labels=[0, 1]).ravel())
     counts = {
         "sensitivity": (tp, tp + fn),

@@ -16,6 +16,7 @@ import numpy as np
 
 from her2exp.core.fileio import safe_name
 from her2exp.metrics._validation import check_probabilities, check_scores, has_two_classes
+from her2exp.metrics.decision import called
 from her2exp.metrics.levels import (
     GroupScores,
     PatientScores,
@@ -57,8 +58,9 @@ def misclassified(
     pathologist should look at. Ties keep their input order.
     """
     labels, scores = check_scores(labels, scores)
-    fn = np.flatnonzero((labels == 1) & (scores < threshold))
-    fp = np.flatnonzero((labels == 0) & (scores >= threshold))
+    calls = called(scores, threshold)
+    fn = np.flatnonzero((labels == 1) & (calls == 0))
+    fp = np.flatnonzero((labels == 0) & (calls == 1))
     fn = fn[np.argsort(scores[fn], kind="stable")]
     fp = fp[np.argsort(-scores[fp], kind="stable")]
     return fn, fp

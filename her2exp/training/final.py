@@ -20,7 +20,7 @@ from her2exp import metrics, tracking
 from her2exp.core import checkpoint
 from her2exp.data.bags import bag_rows
 from her2exp.engine import Scores, explain
-from her2exp.evaluation import ScoredSplit, report_cohorts, thresholds_on_rows
+from her2exp.evaluation import ScoredSplit, calibrated, report_cohorts, thresholds_on_rows
 from her2exp.evaluation import served as serving
 from her2exp.evaluation.bags import gathered_attention, scored_bags, write_attention
 from her2exp.reports import card as model_card
@@ -202,10 +202,11 @@ def fit_calibration(ecfg: DictConfig, val: Scores, test: Scores) -> dict[str, An
     if ecfg.get("calibration", "none") == "none":
         return {"method": "none"}
     t = metrics.fit_temperature(val.labels, val.probs)
+    frozen = {"method": "temperature", "temperature": t}
     for s in (val, test):
-        s.uncalibrated, s.probs = s.probs, metrics.apply_temperature(s.probs, t)
+        calibrated(s, frozen)  # as every later command applies it (evaluation.scorer)
     log.info("temperature scaling: T = %.4f fitted on validation by NLL", t)
-    return {"method": "temperature", "temperature": t}
+    return frozen
 
 
 def choose_thresholds(

@@ -22,7 +22,7 @@ from her2exp.cli.common import compose
 from her2exp.config import ConfigError
 from her2exp.config.commands import validate_only
 from her2exp.core import checkpoint
-from her2exp.evaluation import ScoredSplit, patch_scoring, report_cohorts
+from her2exp.evaluation import ScoredSplit, Scorer, report_cohorts
 from her2exp.tracking import Tracker
 from her2exp.training import run as train_mod
 
@@ -62,11 +62,9 @@ def test_d4_tta_is_the_mean_of_the_eight_views_scored_one_by_one() -> None:
     np.testing.assert_allclose(d4.probs, expected, rtol=0, atol=1e-6)
     single = engine.score(model, loader(x), pre)
     np.testing.assert_allclose(single.probs, one_by_one[0], rtol=0, atol=1e-7)
-    # her2exp-predict goes through the same view loop (and the calibration after it).
-    scoring = patch_scoring.Scoring(
-        model, None, pre, "d4", {"method": "temperature", "temperature": 2}
-    )
-    got = np.array(patch_scoring.patch_probs(scoring, x))
+    # The Scorer (predict, the served model) goes through the same view loop, then calibrates.
+    frozen = {"method": "temperature", "temperature": 2}
+    got = Scorer(model, torch.device("cpu"), pre, None, None, "off", "d4", frozen).probabilities(x)
     np.testing.assert_allclose(got, metrics.apply_temperature(expected, 2.0), atol=1e-6)
     with pytest.raises(ValueError, match="none or d4"):
         engine.tta_views(x, "d8")

@@ -23,7 +23,7 @@ from her2exp.config import ConfigError
 from her2exp.data import synthetic
 from her2exp.data.sources import read_patch
 from her2exp.evaluation import ensemble
-from her2exp.evaluation.patch_scoring import patch_probs, patch_scorer
+from her2exp.evaluation.scorer import build_scorer
 
 EXTERNAL = ["data.n_patients=8", "data.patches_per_patient=6", "evaluation.n_boot=0"]
 THRESHOLD_KEYS = dict(target_sensitivity=0.9, slide_aggregation="mean", patient_aggregation="mean")
@@ -228,7 +228,7 @@ def test_predict_with_sweep_run_id_scores_folders_and_tiles_with_the_members_mea
     x = torch.stack([torch.from_numpy(read_patch(p, size)) for p in got["path"]]).permute(
         0, 3, 1, 2
     )
-    probs = np.stack([patch_probs(patch_scorer(m), x.contiguous()) for m in ens.members])
+    probs = np.stack([build_scorer(m).probabilities(x.contiguous()) for m in ens.members])
     np.testing.assert_allclose(got["prob_her2_pos"], probs.mean(0), rtol=0, atol=1e-6)
     np.testing.assert_allclose(got["member_sd"], probs.std(0), rtol=0, atol=1e-6)
     for name, t in ens.run.levels["tile"].items():

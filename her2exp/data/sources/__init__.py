@@ -28,7 +28,7 @@ import each other directly, never this package, which only re-exports them.
 
 from her2exp.data.sources.checks import patient_labels, structural_problems
 from her2exp.data.sources.export import export_synthetic, write_manifest
-from her2exp.data.sources.folder import patient_from, scan_folder
+from her2exp.data.sources.folder import image_files, patient_from, scan_folder
 from her2exp.data.sources.images import (
     IMAGE_SUFFIXES,
     FilePatches,
@@ -69,6 +69,7 @@ __all__ = [
     "check_header",
     "cv_ignores_column",
     "decode",
+    "image_files",
     "export_synthetic",
     "label_of",
     "load",

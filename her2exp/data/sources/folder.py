@@ -47,8 +47,10 @@ def _checked_root(cfg: DictConfig) -> tuple[Path, str]:
     return root, where
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """The images under a class folder, recursively, hidden files and folders left out."""
+def image_files(folder: Path) -> list[Path]:
+    """The images under `folder`, recursively, sorted; hidden files and folders (`.DS_Store`,
+    macOS `._x.png` copies) left out. A training class folder and her2exp-predict's input are
+    read by this one function, so predict scores exactly the files training would take."""
     return sorted(
         p
         for p in folder.rglob("*")
@@ -80,7 +82,7 @@ class _FolderScan:
                     (entry.name, "not inside a class sub-folder (her2_neg/, her2_pos/, 0/ ...)")
                 )
             return
-        files = _image_files(entry)
+        files = image_files(entry)
         if not files:
             self.folder_problems.append(
                 (f"{entry.name}/", f"empty folder: no {'/'.join(IMAGE_SUFFIXES)} files")
