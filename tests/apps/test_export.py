@@ -200,7 +200,14 @@ def test_a_macenko_run_is_checked_on_normalised_patches_and_warned_about(
     run.cfg = OmegaConf.merge(run.cfg, {"stain": compose_train(["stain=macenko"]).stain})
     normalizer = pipeline._normalizer(run.cfg.stain).fit(exports.patches)
     run.state = {**run.state, "stain": {"normalizer": normalizer.state_dict()}}
-    x = ex.check_patches(run, 7)
+    raw = ex.check_patches(run, 7)
+    x = ex.client_input(run, raw)
     expected, _ = normalizer.normalize(exports.patches)
     assert torch.equal(x, expected) and not torch.equal(x, exports.patches)
+    # The reference (the Scorer, which normalises raw patches itself) is what the graph gives
+    # a client's normalised patches.
+    graph = ex.build_graph(run)
+    with torch.no_grad():
+        by_graph = graph(x).numpy()
+    np.testing.assert_allclose(ex.reference_probs(run, graph.model, raw, None), by_graph, atol=1e-5)
     assert "normalised stain (macenko)" in ex.stain_note(run)
