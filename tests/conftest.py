@@ -45,6 +45,30 @@ def compose_train(overrides: list[str] | None = None, output_dir: Path | None = 
     return cfg
 
 
+def eval_config(overrides: list[str], out: Path):
+    """conf/eval.yaml as her2exp-eval composes it, MLflow logging off, reports under `out`."""
+    from her2exp.cli.common import compose as compose_command
+
+    cfg = compose_command("eval", ["tracking.backend=off", *overrides])
+    with open_dict(cfg):
+        cfg.output_dir = str(out)
+    return cfg
+
+
+def checkpoint_with(smoke_run: SmokeRun, tmp_path: Path, **changes: object) -> Path:
+    """The smoke run's best.pt as if it had been trained with `changes` (dotted keys)."""
+    from omegaconf import OmegaConf
+
+    from her2exp.core import checkpoint
+
+    state = checkpoint.load(smoke_run.run_dir / "checkpoints" / "best.pt")
+    cfg = OmegaConf.create(state["config"])
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key, value)
+    state["config"] = OmegaConf.to_yaml(cfg)
+    return checkpoint.save(state, tmp_path / "best.pt")
+
+
 _ROOT: list[Path] = []  # the session's shared temporary folder, set by `_session_root`
 
 

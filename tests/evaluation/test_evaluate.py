@@ -11,12 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
-from conftest import BIN, SmokeRun
+from conftest import BIN, SmokeRun, checkpoint_with, eval_config
 from her2exp import evaluation
-from her2exp.cli.common import compose
 from her2exp.config import ConfigError
 from her2exp.core import checkpoint
 from her2exp.data import synthetic
@@ -26,24 +24,6 @@ def cli(name: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(BIN / name), *args], cwd=cwd, capture_output=True, text=True, timeout=300
     )
-
-
-def eval_config(overrides: list[str], out: Path):
-    """conf/eval.yaml as her2exp-eval composes it, MLflow logging off, reports under `out`."""
-    cfg = compose("eval", ["tracking.backend=off", *overrides])
-    with open_dict(cfg):
-        cfg.output_dir = str(out)
-    return cfg
-
-
-def checkpoint_with(smoke_run: SmokeRun, tmp_path: Path, **changes: object) -> Path:
-    """The smoke run's best.pt as if it had been trained with `changes` (dotted keys)."""
-    state = checkpoint.load(smoke_run.run_dir / "checkpoints" / "best.pt")
-    cfg = OmegaConf.create(state["config"])
-    for key, value in changes.items():
-        OmegaConf.update(cfg, key, value)
-    state["config"] = OmegaConf.to_yaml(cfg)
-    return checkpoint.save(state, tmp_path / "best.pt")
 
 
 @pytest.fixture(scope="module")

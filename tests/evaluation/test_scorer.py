@@ -12,13 +12,12 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from conftest import SmokeRun
+from conftest import SmokeRun, checkpoint_with, eval_config
 from her2exp import evaluation
 from her2exp.apps.predict import predict_folder
 from her2exp.cli.common import compose
 from her2exp.data.sources import IMAGE_SUFFIXES, image_files
 from her2exp.evaluation.served import ServedRun
-from test_evaluate import checkpoint_with, eval_config
 
 PACKAGE = Path(__file__).resolve().parents[2] / "her2exp"
 N = 128  # patches, scored in one batch of 128 by every path
