@@ -96,11 +96,15 @@ class Scorer:
         """Calibrated P(HER2+) of a batch: what the run's thresholds apply to."""
         return calibrate(self.class_probabilities(x)[:, POSITIVE_CLASS], self.calibration)
 
-    def score(self, loader: torch.utils.data.DataLoader) -> Scores:
+    def score(
+        self, loader: torch.utils.data.DataLoader, criterion: torch.nn.Module | None = None
+    ) -> Scores:
         """Every sample of a loader, in loader order, calibrated (`.uncalibrated` kept): uint8
         patches whose host stain step the loader's collate ran (`score` builds that loader), or
-        feature batches."""
-        scores = score_pass(self.model, loader, self.preprocess, self.autocast_dtype, tta=self.tta)
+        feature batches. `criterion`: the loss summed into `Scores.loss_sum` (validation)."""
+        scores = score_pass(
+            self.model, loader, self.preprocess, self.autocast_dtype, criterion, self.tta
+        )
         return calibrated(scores, self.calibration)
 
     @torch.no_grad()

@@ -25,6 +25,7 @@ from her2exp.core import checkpoint
 from her2exp.core.seed import set_seed
 from her2exp.data import bags as mil_bags
 from her2exp.engine import OptimizerUpdate, Preprocess, StepPolicy, features
+from her2exp.evaluation.scorer import Scorer
 from her2exp.models import losses
 from her2exp.runtime import distributed, rundir
 from her2exp.runtime.amp import resolve_amp
@@ -394,9 +395,10 @@ def build_trainer(
     optimizer, scheduler = build_optimizer(wrapped.model, t, steps_per_epoch)
     scaler = torch.amp.GradScaler(dctx.device.type, enabled=runtime.use_scaler)
     update = OptimizerUpdate(optimizer, scheduler, scaler, step_policy(t, runtime))
-    validator = Validator(
-        wrapped.score_model, parts.criterion, parts.preprocess, runtime.autocast_dtype, dctx
+    scorer = Scorer(
+        wrapped.score_model, dctx.device, parts.preprocess, runtime.autocast_dtype, None, t.amp
     )
+    validator = Validator(scorer, parts.criterion, dctx)
     extra = {
         "model_name": cfg.model.name,
         "config": OmegaConf.to_yaml(cfg, resolve=True),

@@ -1,15 +1,21 @@
-"""Validation: the scoring pass over a sharded loader on every rank, gathered in dataset order,
+"""Validation: the run's Scorer over a sharded loader on every rank, gathered in dataset order,
 and the per-epoch metrics the trainer logs and early stopping reads.
+
+The live model is scored by the same `evaluation.Scorer` every later command builds from
+best.pt (the run's Preprocess, autocast dtype and views), so the end-of-training test table is
+computed as her2exp-eval, her2exp-predict and the served model compute theirs.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 from torch import nn
 
 from her2exp import metrics
-from her2exp.engine.preprocess import Preprocess
-from her2exp.engine.scoring import Scores, score
+from her2exp.engine.scoring import Scores
+from her2exp.evaluation.scorer import Scorer
 from her2exp.runtime import distributed
 from her2exp.runtime.distributed import DistContext
 
@@ -17,24 +23,18 @@ from her2exp.runtime.distributed import DistContext
 class Validator:
     """Scores a sharded eval loader on every rank and gathers it in dataset order."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        criterion: nn.Module,
-        preprocess: Preprocess,
-        autocast_dtype: torch.dtype | None,
-        dctx: DistContext,
-    ) -> None:
-        self.model, self.criterion, self.preprocess = model, criterion, preprocess
-        self.autocast_dtype, self.dctx = autocast_dtype, dctx
+    def __init__(self, scorer: Scorer, criterion: nn.Module, dctx: DistContext) -> None:
+        """`scorer`: the live (unwrapped) model with the run's input path and autocast dtype; no
+        calibration yet (final.fit_calibration fits and applies it after the last epoch)."""
+        self.scorer, self.criterion, self.dctx = scorer, criterion, dctx
 
     def score(self, loader: torch.utils.data.DataLoader, tta: str = "none") -> Scores:
         """BatchNorm running stats drift apart between ranks during training, so rank 0's are
         broadcast first: every rank scores its shard with identical weights. `tta`: the views
         (engine.tta_views); the per-epoch validation scores one, the final evaluation the
         run's evaluation.tta."""
-        distributed.broadcast_module_state(self.model)
-        local = score(self.model, loader, self.preprocess, self.autocast_dtype, self.criterion, tta)
+        distributed.broadcast_module_state(self.scorer.model)
+        local = replace(self.scorer, tta=tta).score(loader, self.criterion)
         if not self.dctx.is_distributed:
             return local
         loss_sum, n = distributed.all_reduce_sum([local.loss_sum, local.n], self.dctx.device)
