@@ -363,31 +363,20 @@ def log_export(
     target: tuple[str, str], path: Path, fmt: str, tags: dict[str, str], diff: float
 ) -> None:
     """The file as artifact export/<FORMATS name>, its tags and `export_<format>_max_abs_diff`,
-    added to the training run (a finished run takes new entries through the client)."""
+    added to the training run (a finished run takes new entries through the client:
+    `tracking.add_to_run`)."""
     import shutil
     import tempfile
-    import time
 
-    import mlflow
-    from mlflow.entities import Metric, RunTag
-
-    from her2exp.tracking import require_store, with_retries
+    from her2exp.tracking import add_to_run
 
     run_id, uri = target
-    client = mlflow.MlflowClient(tracking_uri=require_store(uri, lookup=True))
     with tempfile.TemporaryDirectory(prefix="her2exp-export-") as tmp:
         local = path
         if path.name != FORMATS[fmt]:  # the artifact keeps its fixed name
             local = Path(tmp) / FORMATS[fmt]
             shutil.copyfile(path, local)
-        with_retries(client.log_artifact, run_id, str(local), ARTIFACT_PATH)
-    metric = Metric(f"export_{fmt}_max_abs_diff", diff, int(time.time() * 1000), 0)
-    with_retries(
-        client.log_batch,
-        run_id,
-        metrics=[metric],
-        tags=[RunTag(k, v) for k, v in tags.items()],
-    )
+        add_to_run(uri, run_id, local, ARTIFACT_PATH, {f"export_{fmt}_max_abs_diff": diff}, tags)
 
 
 def export_run(opts: DictConfig) -> Exported:
