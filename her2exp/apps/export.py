@@ -47,6 +47,7 @@ from her2exp.evaluation import (
     rebuild_run_data,
     run_stain,
 )
+from her2exp.runtime.rundir import RunDir
 
 log = logging.getLogger("her2exp")
 
@@ -331,8 +332,7 @@ def default_out(opts: Any, run: TrainedRun, fmt: str) -> Path:
     if opts.out:
         return Path(opts.out)
     if opts.checkpoint:
-        ckpt = Path(opts.checkpoint).resolve()
-        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        run_dir = RunDir.of_checkpoint(opts.checkpoint).root
     else:
         run_dir = Path(str(OmegaConf.select(run.cfg, "output_dir", default="") or ""))
         if not str(run_dir) or not run_dir.is_dir():
@@ -353,7 +353,7 @@ def log_target(opts: Any, out: Path) -> tuple[str, str] | None:
     if opts.run_id:
         return str(opts.run_id), str(opts.tracking.uri)
     ckpt = Path(opts.checkpoint).resolve()
-    recorded = read_run_file(ckpt.parent.parent) or read_run_file(ckpt.parent)
+    recorded = read_run_file(RunDir.of_checkpoint(ckpt).root) or read_run_file(ckpt.parent)
     if recorded is None:
         return None
     return recorded["run_id"], recorded["tracking_uri"]
