@@ -47,6 +47,7 @@ from her2exp.evaluation import (
     rebuild_run_data,
     run_stain,
 )
+from her2exp.runtime.rundir import RunDir
 
 log = logging.getLogger("her2exp")
 
@@ -336,8 +337,7 @@ def default_out(opts: Any, run: TrainedRun, fmt: str) -> Path:
     if opts.out:
         return Path(opts.out)
     if opts.checkpoint:
-        ckpt = Path(opts.checkpoint).resolve()
-        run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        run_dir = RunDir.of_checkpoint(opts.checkpoint).root
     else:
         run_dir = Path(str(OmegaConf.select(run.cfg, "output_dir", default="") or ""))
         if not str(run_dir) or not run_dir.is_dir():
@@ -358,7 +358,7 @@ def log_target(opts: Any, out: Path) -> tuple[str, str] | None:
     if opts.run_id:
         return str(opts.run_id), str(opts.tracking.uri)
     ckpt = Path(opts.checkpoint).resolve()
-    recorded = read_run_file(ckpt.parent.parent) or read_run_file(ckpt.parent)
+    recorded = read_run_file(RunDir.of_checkpoint(ckpt).root) or read_run_file(ckpt.parent)
     if recorded is None:
         return None
     return recorded["run_id"], recorded["tracking_uri"]
@@ -368,31 +368,20 @@ def log_export(
     target: tuple[str, str], path: Path, fmt: str, tags: dict[str, str], diff: float
 ) -> None:
     """The file as artifact export/<FORMATS name>, its tags and `export_<format>_max_abs_diff`,
-    added to the training run (a finished run takes new entries through the client)."""
+    added to the training run (a finished run takes new entries through the client:
+    `tracking.add_to_run`)."""
     import shutil
     import tempfile
-    import time
 
-    import mlflow
-    from mlflow.entities import Metric, RunTag
-
-    from her2exp.tracking import require_store, with_retries
+    from her2exp.tracking import add_to_run
 
     run_id, uri = target
-    client = mlflow.MlflowClient(tracking_uri=require_store(uri, lookup=True))
     with tempfile.TemporaryDirectory(prefix="her2exp-export-") as tmp:
         local = path
         if path.name != FORMATS[fmt]:  # the artifact keeps its fixed name
             local = Path(tmp) / FORMATS[fmt]
             shutil.copyfile(path, local)
-        with_retries(client.log_artifact, run_id, str(local), ARTIFACT_PATH)
-    metric = Metric(f"export_{fmt}_max_abs_diff", diff, int(time.time() * 1000), 0)
-    with_retries(
-        client.log_batch,
-        run_id,
-        metrics=[metric],
-        tags=[RunTag(k, v) for k, v in tags.items()],
-    )
+        add_to_run(uri, run_id, local, ARTIFACT_PATH, {f"export_{fmt}_max_abs_diff": diff}, tags)
 
 
 def export_run(opts: DictConfig) -> Exported:

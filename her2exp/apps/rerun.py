@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from her2exp import tracking
 from her2exp.config import TrainConfig
+from her2exp.runtime.rundir import ARTIFACTS, artifact
 
 log = logging.getLogger("her2exp")
 
@@ -33,7 +34,7 @@ def rerun(run_id: str, uri: str, output_dir: str | None = None) -> tuple[dict, d
 
     with tempfile.TemporaryDirectory(prefix="her2exp-rerun-") as tmp:
         original, local = tracking.download_from_run(
-            uri, run_id, "config_resolved.yaml", tmp, "not a training run"
+            uri, run_id, artifact(ARTIFACTS.config_resolved), tmp, "not a training run"
         )
         logged = OmegaConf.load(local)
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), logged)

@@ -192,16 +192,3 @@ def _load_failure(exc: BaseException) -> str:
     if text.startswith("Weights only load failed"):
         text = "the weights_only unpickler refused it"
     return f"{type(exc).__name__}: {text[:200]}" if text else type(exc).__name__
-
-
-def find_latest(run_dir: str | Path) -> Path | None:
-    """`trainer.resume=auto`: the run directory's last.pt, if a previous attempt left one.
-
-    Temporary files of writes that a killed attempt never finished are removed here (only one
-    process ever writes into checkpoints/, and it has not started writing yet).
-    """
-    folder = Path(run_dir) / "checkpoints"
-    for stale in folder.glob(".*.tmp"):
-        stale.unlink(missing_ok=True)
-    candidate = folder / "last.pt"
-    return candidate if candidate.is_file() else None

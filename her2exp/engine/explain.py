@@ -26,6 +26,7 @@ from torch import nn
 # Re-exported: the drawing lives in reports (below engine); `explain.overlay` stays importable.
 from her2exp.reports.overlay import ALPHA as ALPHA
 from her2exp.reports.overlay import overlay as overlay
+from her2exp.runtime.hydra_run import HydraRun
 
 log = logging.getLogger("her2exp")
 
@@ -208,19 +209,12 @@ def sweep_default(explain: bool, multirun: bool, overrides: list[str]) -> bool:
     return explain if named else False
 
 
-def resolve_sweep_default(cfg: Any) -> None:
+def resolve_sweep_default(cfg: Any, hydra: HydraRun) -> None:
     """Write `sweep_default` into cfg (so config_resolved.yaml and MLflow show what ran), from
-    Hydra's runtime config: hydra.mode MULTIRUN and the job's own overrides."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hc = HydraConfig.get()
-        multirun, overrides = hc.mode == RunMode.MULTIRUN, list(hc.overrides.task)
-    except (ValueError, ImportError):  # composed without @hydra.main: tests, notebooks
-        return
+    Hydra's runtime config as the command read it: a multirun, and the job's own overrides
+    (`HydraRun()` outside @hydra.main: tests, notebooks, nothing changes)."""
     explain = bool(cfg.evaluation.get("explain", True))
-    resolved = sweep_default(explain, multirun, overrides)
+    resolved = sweep_default(explain, hydra.multirun, list(hydra.overrides))
     if resolved != explain:
         log.info("evaluation.explain: false in a sweep (set it on the command line to keep it)")
         cfg.evaluation.explain = resolved

@@ -38,6 +38,7 @@ from her2exp.evaluation.trained_run import (
     load_run,
     resolve_evaluation,
 )
+from her2exp.runtime.rundir import ARTIFACTS, artifact
 from her2exp.tracking.factory import build as build_tracker
 from her2exp.tracking.store import require_store
 
@@ -48,7 +49,10 @@ CHOSEN_ON = {
     REPEAT: "thresholds chosen on the mean validation probabilities of {k} members",
 }
 #: The child artifact each kind chooses on.
-TABLE = {CV: "reports/predictions_test.csv", REPEAT: "reports/predictions_val.csv"}
+TABLE = {
+    CV: artifact(ARTIFACTS.report("predictions_test.csv")),
+    REPEAT: artifact(ARTIFACTS.report("predictions_val.csv")),
+}
 
 
 @dataclass

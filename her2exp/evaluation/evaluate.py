@@ -21,6 +21,7 @@ from her2exp.evaluation.ensemble import evaluate_sweep
 from her2exp.evaluation.record import EvalRecord, record_eval
 from her2exp.evaluation.scorer import build_scorer
 from her2exp.reports import card as model_card
+from her2exp.runtime.rundir import ARTIFACTS, artifact
 from her2exp.tracking.factory import build as build_tracker
 from her2exp.tracking.store import download_from_run
 
@@ -44,7 +45,7 @@ def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
     else:
         split = score_cohort(scorer, cohort)
     bundle = cohort.bundle
-    source = ecfg.checkpoint or f"runs:/{run.source_run}/checkpoints/best.pt"
+    source = ecfg.checkpoint or f"runs:/{run.source_run}/{artifact(ARTIFACTS.best)}"
     tags = {
         "task_name": "eval",
         "source_run_id": run.source_run or "none",

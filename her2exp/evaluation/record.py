@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from her2exp.evaluation.reporting import report_cohorts
 from her2exp.evaluation.scored import ScoredSplit
+from her2exp.runtime.rundir import ARTIFACTS, RunDir, artifact
 from her2exp.tracking.audit import environment_tags, git_info
 from her2exp.tracking.base import Tracker
 
@@ -49,7 +50,7 @@ def record_eval(
     try:
         git = git_info()
         tracker.start(record.logged, {**record.tags, **git, **environment_tags(record.device)})
-        report_dir = Path(record.logged.output_dir) / "reports"
+        report_dir = RunDir(Path(record.logged.output_dir)).reports
         report_dir.mkdir(parents=True, exist_ok=True)
         extra = record.extra_reports(report_dir) if record.extra_reports else []
         header = {**record.header, "git_commit": git["git_commit"]}
@@ -67,7 +68,7 @@ def record_eval(
             explainer=record.explainer,
         )
         for path in record.after_reports(report_dir) if record.after_reports else []:
-            tracker.log_artifact(path, "reports")
+            tracker.log_artifact(path, artifact(ARTIFACTS.reports))
         status = "FINISHED"
         return {
             "evaluation": evs[split.name],

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from her2exp import metrics, reports
 from her2exp.core.fileio import safe_name
 from her2exp.evaluation.scored import ScoredSplit, evaluate_scored, level_table
+from her2exp.runtime.rundir import ARTIFACTS, artifact
 from her2exp.tracking.base import Tracker
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,7 @@ def report_cohorts(
         infix = "" if level == "tile" else f"{level}_"
         flat.update({f"threshold_{infix}{k}_val": v for k, v in values.items()})
     tracker.log_metrics(flat)
-    tracker.log_artifact(report_dir, "reports")
+    tracker.log_artifact(report_dir, artifact(ARTIFACTS.reports))
     return evaluations
 
 

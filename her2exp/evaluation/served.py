@@ -34,6 +34,7 @@ from her2exp import metrics
 from her2exp.data.sources import ImageProblem, decode
 from her2exp.evaluation.scorer import build_scorer, prepare_patches
 from her2exp.evaluation.trained_run import level_thresholds, load_run
+from her2exp.runtime.rundir import RunDir
 
 #: The input column (the signature's only one) and the output columns, in order.
 INPUT_COLUMN = "image"
@@ -200,8 +201,8 @@ def model_spec(
     return {
         "python_model": str(MODEL_CODE),
         "artifacts": {
-            "checkpoint": str(run_dir / "checkpoints" / "best.pt"),
-            "config": str(run_dir / "config_resolved.yaml"),
+            "checkpoint": str(RunDir(run_dir).best),
+            "config": str(RunDir(run_dir).config_resolved),
         },
         "signature": signature(default_point),
         "input_example": input_example(image_size),

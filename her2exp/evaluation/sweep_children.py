@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
+from her2exp.runtime.rundir import RunDir
 from her2exp.tracking.audit import flatten
 
 #: Each level's test predictions in a child's reports/ folder; tile first (the pooled table).
@@ -68,8 +69,7 @@ class SweepResult:
 
 
 def _read_config(run_dir: Path) -> dict[str, Any] | None:
-    for name in ("config_resolved.yaml", ".hydra/config.yaml"):
-        path = run_dir / name
+    for path in (RunDir(run_dir).config_resolved, RunDir(run_dir).hydra_config):
         if path.is_file():
             container = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
             return flatten(container)  # type: ignore[arg-type]
@@ -79,7 +79,7 @@ def _read_config(run_dir: Path) -> dict[str, Any] | None:
 def _run_id_on_disk(run_dir: Path) -> str:
     """The MLflow run id a job recorded in its folder (mlflow_run.json); '' when untracked."""
     try:
-        return str(json.loads((run_dir / "mlflow_run.json").read_text()).get("run_id") or "")
+        return str(json.loads(RunDir(run_dir).mlflow_run.read_text()).get("run_id") or "")
     except (OSError, ValueError):
         return ""
 
@@ -89,14 +89,14 @@ def load_children(sweep_dir: Path, run_ids: Mapping[str, str] | None = None) -> 
     children = []
     jobs = [p for p in Path(sweep_dir).iterdir() if p.is_dir() and p.name.isdigit()]
     for run_dir in sorted(jobs, key=lambda p: int(p.name)):
-        tile = run_dir / "reports" / LEVEL_FILES["tile"]
+        tile = RunDir(run_dir).report(LEVEL_FILES["tile"])
         cfg = _read_config(run_dir)
         if not tile.is_file() or cfg is None:
             continue
         tables = {
-            level: pd.read_csv(run_dir / "reports" / name)
+            level: pd.read_csv(RunDir(run_dir).report(name))
             for level, name in LEVEL_FILES.items()
-            if (run_dir / "reports" / name).is_file()
+            if RunDir(run_dir).report(name).is_file()
         }
         run_id = (run_ids or {}).get(run_dir.name) or _run_id_on_disk(run_dir)
         children.append(Child(run_dir.name, run_dir, cfg, run_id, tables, _overrides(run_dir)))
@@ -104,7 +104,7 @@ def load_children(sweep_dir: Path, run_ids: Mapping[str, str] | None = None) -> 
 
 
 def _overrides(run_dir: Path) -> list[str]:
-    path = run_dir / ".hydra" / "overrides.yaml"
+    path = RunDir(run_dir).hydra_overrides
     return [str(o) for o in OmegaConf.load(path)] if path.is_file() else []
 
 

@@ -20,6 +20,7 @@ from her2exp.config import ConfigError, EvaluationConfig, validate_evaluation
 from her2exp.config.commands import check_one_source
 from her2exp.core import checkpoint
 from her2exp.data.bags import attach_head, mil_name
+from her2exp.runtime.rundir import ARTIFACTS, artifact
 from her2exp.stain import pipeline as stain_pipeline
 from her2exp.tracking.store import download_from_run
 
@@ -70,12 +71,12 @@ def _download_best(run_id: str, uri: str) -> dict[str, Any]:
         _, local = download_from_run(
             uri,
             run_id,
-            "checkpoints/best.pt",
+            artifact(ARTIFACTS.best),
             tmp,
             "not a training run, or trained with tracking.log_checkpoint=false: give "
             "checkpoint=<best.pt>",
         )
-        return load_checkpoint(local, f"runs:/{run_id}/checkpoints/best.pt")
+        return load_checkpoint(local, f"runs:/{run_id}/{artifact(ARTIFACTS.best)}")
 
 
 def load_source(source: Any) -> tuple[dict[str, Any], str | None]:

@@ -14,7 +14,7 @@ old private names other modules and tests still use.
 """
 
 from her2exp.core.fileio import atomic_write_text
-from her2exp.reports.best import write_best_json
+from her2exp.reports.best import RunSummary, write_best_json
 from her2exp.reports.checklist import (
     checklist_item,
     checklist_table,
@@ -65,5 +65,6 @@ __all__ = [
     "split_title",
     "thresholds_from_validation",
     "write_best_json",
+    "RunSummary",
     "write_clinical_report",
 ]

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ from omegaconf import DictConfig
 from her2exp.core.errors import ConfigError
 from her2exp.core.fileio import atomic_write_text
 from her2exp.metrics import positives_needed
-from her2exp.runtime.hydra_run import hydra_overrides
+from her2exp.reports.best import RunSummary
+from her2exp.runtime.rundir import ARTIFACTS, BEST_JSON, RunDir, artifact
 
 log = logging.getLogger("her2exp")
 
@@ -202,7 +203,7 @@ def reproduce(run_id: str | None, uri: str | None, overrides: list[str]) -> dict
 def card_facts(
     cfg: DictConfig,
     manifest: Any,
-    best: dict[str, Any],
+    best: RunSummary,
     run_id: str | None,
     uri: str | None,
     overrides: list[str],
@@ -217,19 +218,19 @@ def card_facts(
         "data": {
             "source": d.source,
             "location": None if where is None else str(where),
-            "fingerprint": best.get("data_fingerprint"),
+            "fingerprint": best.data_fingerprint,
             "counts": data_counts(manifest),
         },
         "recipe": recipe(cfg),
-        "training": {k: best.get(k) for k in ("best_epoch", "last_epoch", "stopped_early")},
-        "git": {"commit": best.get("git_commit"), "dirty": best.get("git_dirty")},
+        "training": {k: getattr(best, k) for k in ("best_epoch", "last_epoch", "stopped_early")},
+        "git": {"commit": best.git_commit, "dirty": best.git_dirty},
         "evaluation": {
-            k: best.get(k)
+            k: getattr(best, k)
             for k in ("decision_level", "operating_point", "target_sensitivity")
             + ("lcb_confidence", "aggregation", "thresholds", "tta", "calibration")
         },
-        "results": {name: _trim(s) for name, s in (best.get("splits") or {}).items()},
-        "checklist": best.get("checklist", []),
+        "results": {name: _trim(s) for name, s in (best.splits or {}).items()},
+        "checklist": best.checklist or [],
         "reproduce": reproduce(run_id, uri, overrides),
     }
     return facts
@@ -433,11 +434,13 @@ def write_card(report_dir: Path, facts: dict[str, Any], cohorts: dict | None = N
     return atomic_write_text(Path(report_dir) / CARD, render(facts, cohorts))
 
 
-def write_model_card(cfg: DictConfig, report_dir: Path, manifest: Any, tracker: Any) -> Path:
+def write_model_card(
+    cfg: DictConfig, report_dir: Path, manifest: Any, tracker: Any, overrides: Sequence[str] = ()
+) -> Path:
     """The run's card and its facts (read from best.json, which report_cohorts just wrote),
-    logged under `reports/`; final_evaluation calls it on rank 0."""
-    best = json.loads((Path(report_dir) / "best.json").read_text())
-    facts = card_facts(cfg, manifest, best, tracker.run_id, tracker.uri, hydra_overrides())
+    logged under `reports/`; final_evaluation calls it on rank 0 with the command's overrides."""
+    best = RunSummary.read(Path(report_dir) / BEST_JSON)
+    facts = card_facts(cfg, manifest, best, tracker.run_id, tracker.uri, list(overrides))
     text = json.dumps(facts, indent=2, allow_nan=False) + "\n"
     paths = [atomic_write_text(Path(report_dir) / FACTS, text), write_card(report_dir, facts)]
     for path in paths:
@@ -458,12 +461,16 @@ def source_facts(run: Any, ecfg: DictConfig, download: Download) -> dict[str, An
         with tempfile.TemporaryDirectory(prefix="her2exp-card-") as tmp:
             try:
                 _, local = download(
-                    ecfg.tracking.uri, run.source_run, f"reports/{FACTS}", tmp, "no model card"
+                    ecfg.tracking.uri,
+                    run.source_run,
+                    artifact(ARTIFACTS.report(FACTS)),
+                    tmp,
+                    "no model card",
                 )
             except ConfigError:
                 local = None
             return None if local is None else json.loads(Path(local).read_text())
-    beside = Path(str(ecfg.checkpoint)).resolve().parent.parent / "reports" / FACTS
+    beside = RunDir.of_checkpoint(str(ecfg.checkpoint)).report(FACTS)
     return json.loads(beside.read_text()) if beside.is_file() else None
 
 
@@ -482,8 +489,8 @@ def eval_card(
         return None
 
     def draw(report_dir: Path) -> list[Path]:
-        best = json.loads((Path(report_dir) / "best.json").read_text())
-        cohorts = {name: _trim(s) for name, s in (best.get("splits") or {}).items()}
+        best = RunSummary.read(Path(report_dir) / BEST_JSON)
+        cohorts = {name: _trim(s) for name, s in (best.splits or {}).items()}
         return [write_card(report_dir, facts, cohorts)]
 
     return draw

@@ -12,7 +12,7 @@ import numpy as np
 
 from her2exp.core.fileio import atomic_write_text, safe_name
 from her2exp.metrics import Calibration, SplitEvaluation
-from her2exp.reports.best import write_best_json
+from her2exp.reports.best import RunSummary
 from her2exp.reports.checklist import clinical_checklist
 from her2exp.reports.figures import (
     plot_confusion_matrices,
@@ -25,6 +25,7 @@ from her2exp.reports.figures import (
 from her2exp.reports.formatting import split_title
 from her2exp.reports.galleries import plot_explained_galleries, plot_galleries
 from her2exp.reports.summary import clinical_markdown
+from her2exp.runtime.rundir import BEST_JSON
 
 
 def write_clinical_report(
@@ -71,14 +72,16 @@ def write_clinical_report(
     summary_path = atomic_write_text(
         report_dir / "summary.md", clinical_markdown(evaluations, header, checklist, paths)
     )
-    best = {
-        **header,
-        **flat,
-        "checklist": checklist,
-        "splits": {name: ev.to_dict() for name, ev in evaluations.items()},
-        "figures": [p.name for p in paths],
-    }
-    best_path = write_best_json(report_dir / "best.json", best)
+    best = RunSummary.from_dict(
+        {
+            **header,
+            **flat,
+            "checklist": checklist,
+            "splits": {name: ev.to_dict() for name, ev in evaluations.items()},
+            "figures": [p.name for p in paths],
+        }
+    )
+    best_path = best.write(report_dir / BEST_JSON)
     return [*paths, summary_path, best_path]
 
 

@@ -1,17 +1,57 @@
-"""What Hydra knows about the running command: its command-line overrides.
+"""What Hydra knows about the running command: its overrides, its mode, its job and folders.
 
-Read from Hydra's runtime config (set by `@hydra.main`); the run's tracker, its resume command
-and its model card record them. Here, below `training` and `reports`, so both can ask.
+Read from Hydra's runtime config (set by `@hydra.main`) once, at the command's entry
+(`HydraRun.current()`: training's composition root, her2exp/training/run.py `run`), into a frozen
+`HydraRun` that is passed down: the run's tracker tags, its resume command, its model card and the
+sweep default of `evaluation.explain` read that, never HydraConfig. This module is the one place
+that imports HydraConfig (tests/runtime/test_rundir.py holds it); her2exp/cli/rerun.py also
+touches it, to hide the rerun command's own config from the run it trains. Here, below `training`
+and `reports`, so both can take it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from hydra.core.hydra_config import HydraConfig
 
 
-def hydra_overrides() -> list[str]:
-    """The command line's overrides (empty when composed without @hydra.main: tests, notebooks)."""
-    try:
-        return list(HydraConfig.get().overrides.task)
-    except ValueError:
-        return []
+@dataclass(frozen=True)
+class HydraRun:
+    """The command's Hydra facts. `HydraRun()` is a command composed without @hydra.main (tests,
+    notebooks, workers spawned by trainer.nproc_per_node before they were handed one, a rerun)."""
+
+    overrides: tuple[str, ...] = ()  # the command line's task overrides
+    multirun: bool = False
+    job_name: str = ""
+    job_num: int | None = None  # a multirun's job number
+    output_dir: str | None = None  # hydra.runtime.output_dir: the run directory
+    sweep_dir: str | None = None  # a multirun's hydra.sweep.dir
+
+    @classmethod
+    def current(cls) -> HydraRun:
+        """Hydra's runtime config now; `HydraRun()` when there is none."""
+        try:
+            hc = HydraConfig.get()
+        except ValueError:
+            return cls()
+        from hydra.types import RunMode
+
+        multirun = hc.mode == RunMode.MULTIRUN
+        return cls(
+            overrides=tuple(hc.overrides.task),
+            multirun=multirun,
+            job_name=str(hc.job.name or ""),
+            job_num=int(hc.job.num) if multirun and hc.job.num is not None else None,
+            output_dir=None if hc.runtime.output_dir is None else str(hc.runtime.output_dir),
+            sweep_dir=str(hc.sweep.dir) if multirun else None,
+        )
+
+    def sweep_context(self) -> dict[str, str]:
+        """A multirun job's place in its sweep (tracking.sweep_context's keys); {} otherwise."""
+        if not self.multirun:
+            return {}
+        ctx = {"job_overrides": " ".join(self.overrides), "sweep_dir": str(self.sweep_dir)}
+        if self.job_num is not None:
+            ctx["job_num"] = str(self.job_num)
+        return ctx

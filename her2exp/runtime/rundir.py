@@ -58,8 +58,122 @@ EXPERIMENT_FREE = (
     "trainer.device",
     "trainer.debug_nan_at_step",
 )
+# The run directory's names, relative to its root. The run's MLflow artifacts keep the same
+# layout (`checkpoints/best.pt`, `reports/best.json`, `config_resolved.yaml`): ARTIFACTS below.
+# Use RunDir's properties (or ARTIFACTS'); the names are here to be defined once.
+CHECKPOINTS = "checkpoints"
+REPORTS = "reports"
+LAST = "last.pt"  # everything a resume needs
+BEST = "best.pt"  # the best weights; final_evaluation freezes the thresholds into it
+STAIN_REFERENCE = "stain_reference.pt"
+CONFIG_RESOLVED = "config_resolved.yaml"
+MLFLOW_RUN = "mlflow_run.json"  # run id + tracking URI, so a resumed attempt continues the run
+MLFLOW_BUFFER = "mlflow_buffer.jsonl"  # calls deferred while the server was unreachable
+MLFLOW_MODEL_DEFERRED = "mlflow_model_deferred"  # the MLflow model, saved when it could not log
+BEST_JSON = "best.json"  # the run's summary (reports.best.RunSummary)
+SUMMARY_MD = "summary.md"
+HYDRA = ".hydra"  # Hydra's record of the command: config.yaml, hydra.yaml, overrides.yaml
+HYDRA_CONFIG = "config.yaml"
+HYDRA_OVERRIDES = "overrides.yaml"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One training run's directory, the one place its layout is spelled out: every path a run
+    writes or reads (training, resume, the final evaluation, the model card, her2exp-eval,
+    -export, -sync, sweeps) comes from here, so a renamed file is renamed once.
+
+    `root` is `hydra.run.dir` (cfg.output_dir). Only paths: nothing is created or read."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @classmethod
+    def of_checkpoint(cls, checkpoint_path: str | Path) -> RunDir:
+        """The run directory holding a checkpoint: `<run>/checkpoints/best.pt` -> `<run>`; a
+        checkpoint outside a `checkpoints/` folder: the folder it is in."""
+        path = Path(checkpoint_path).resolve()
+        return cls(path.parent.parent if path.parent.name == CHECKPOINTS else path.parent)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / CHECKPOINTS
+
+    @property
+    def last(self) -> Path:
+        return self.checkpoints / LAST
+
+    @property
+    def best(self) -> Path:
+        return self.checkpoints / BEST
+
+    @property
+    def stain_reference(self) -> Path:
+        return self.checkpoints / STAIN_REFERENCE
+
+    @property
+    def reports(self) -> Path:
+        return self.root / REPORTS
+
+    @property
+    def best_json(self) -> Path:
+        return self.reports / BEST_JSON
+
+    @property
+    def summary_md(self) -> Path:
+        return self.reports / SUMMARY_MD
+
+    def report(self, name: str) -> Path:
+        """A file of the run's report folder (`reports/<name>`)."""
+        return self.reports / name
+
+    @property
+    def config_resolved(self) -> Path:
+        return self.root / CONFIG_RESOLVED
+
+    @property
+    def mlflow_run(self) -> Path:
+        return self.root / MLFLOW_RUN
+
+    @property
+    def mlflow_buffer(self) -> Path:
+        return self.root / MLFLOW_BUFFER
+
+    @property
+    def mlflow_model_deferred(self) -> Path:
+        return self.root / MLFLOW_MODEL_DEFERRED
+
+    @property
+    def hydra(self) -> Path:
+        return self.root / HYDRA
+
+    @property
+    def hydra_config(self) -> Path:
+        return self.hydra / HYDRA_CONFIG
+
+    @property
+    def hydra_overrides(self) -> Path:
+        return self.hydra / HYDRA_OVERRIDES
+
+    @property
+    def run_outputs(self) -> tuple[Path, ...]:
+        """What `trainer.overwrite=true` removes: the files that belong to the earlier run."""
+        return tuple(self.root / name for name in RUN_OUTPUTS)
+
+
 #: What `trainer.overwrite=true` removes: the files that belong to the earlier run.
-RUN_OUTPUTS = ("checkpoints", "reports", "mlflow_run.json", "mlflow_model_deferred")
+RUN_OUTPUTS = (CHECKPOINTS, REPORTS, MLFLOW_RUN, MLFLOW_MODEL_DEFERRED)
+#: The same layout inside a training run's MLflow artifacts, as relative paths: `artifact(
+#: ARTIFACTS.best)` is "checkpoints/best.pt". `.hydra/` is the one exception, logged as `hydra/`.
+ARTIFACTS = RunDir(Path())
+HYDRA_ARTIFACT = "hydra"
+
+
+def artifact(path: Path) -> str:
+    """An ARTIFACTS path as MLflow names it (forward slashes, relative)."""
+    return path.as_posix()
 
 
 @dataclass
@@ -74,10 +188,20 @@ class ResumePlan:
 
 def existing_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint an earlier run left in `run_dir` (last.pt, else best.pt)."""
-    for name in ("last.pt", "best.pt"):
-        if (run_dir / "checkpoints" / name).is_file():
-            return run_dir / "checkpoints" / name
-    return None
+    run = RunDir(run_dir)
+    return next((p for p in (run.last, run.best) if p.is_file()), None)
+
+
+def find_latest(run_dir: Path) -> Path | None:
+    """`trainer.resume=auto`: the run directory's last.pt, if a previous attempt left one.
+
+    Temporary files of writes that a killed attempt never finished are removed here (only one
+    process ever writes into checkpoints/, and it has not started writing yet).
+    """
+    run = RunDir(run_dir)
+    for stale in run.checkpoints.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    return run.last if run.last.is_file() else None
 
 
 def plan(cfg: DictConfig, run_dir: Path, restarts: int, is_main: bool = True) -> ResumePlan:
@@ -100,7 +224,7 @@ def plan(cfg: DictConfig, run_dir: Path, restarts: int, is_main: bool = True) ->
             )
         return ResumePlan(None, False)
     if resume == "auto":
-        path = checkpoint.find_latest(run_dir) if is_main else _peek_latest(run_dir)
+        path = find_latest(run_dir) if is_main else _peek_latest(run_dir)
         if path is None:
             log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", run_dir)
             return ResumePlan(None, True)
@@ -123,7 +247,7 @@ def plan(cfg: DictConfig, run_dir: Path, restarts: int, is_main: bool = True) ->
 
 def _peek_latest(run_dir: Path) -> Path | None:
     """resume=auto on ranks > 0: the same answer as find_latest, without its clean-up."""
-    candidate = run_dir / "checkpoints" / "last.pt"
+    candidate = RunDir(run_dir).last
     return candidate if candidate.is_file() else None
 
 
@@ -205,7 +329,7 @@ def check_data(resume: ResumePlan, built: str, force: bool) -> None:
 def clear_earlier_run(run_dir: Path) -> list[str]:
     """`trainer.overwrite=true` (rank 0): remove the earlier run's checkpoints, reports and
     MLflow link. Calls it still had queued for MLflow are not thrown away silently: refused."""
-    buffer = run_dir / "mlflow_buffer.jsonl"
+    buffer = RunDir(run_dir).mlflow_buffer
     if buffer.is_file() and buffer.stat().st_size > 0:
         raise ConfigError(
             f"trainer.overwrite=true: {buffer} still holds MLflow calls of the earlier run that "

@@ -53,6 +53,7 @@ from her2exp.tracking.offline import (
     sync,
 )
 from her2exp.tracking.store import (
+    add_to_run,
     check_reachable,
     download_from_run,
     is_transient,
@@ -65,6 +66,7 @@ from her2exp.tracking.store import (
 from her2exp.tracking.sweep import SWEEP_ENV, export_sweep_context, sweep_context
 
 __all__ = [
+    "add_to_run",
     "download_from_run",
     "BUFFER_FILE",
     "MODEL_DIR",

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from her2exp.runtime.rundir import RunDir
 from her2exp.tracking.audit import flatten, git_diff, pip_freeze
 from her2exp.tracking.base import Tracker, TrackingUnavailable
 from her2exp.tracking.offline import (
-    MODEL_DIR,
     OfflineQueue,
     Record,
     apply,
@@ -343,7 +343,7 @@ class MlflowTracker(Tracker):
 
     def _defer_model(self, kwargs: dict[str, Any]) -> None:
         """Save the model in the run directory and queue its logging."""
-        path = self.run_dir / MODEL_DIR
+        path = RunDir(self.run_dir).mlflow_model_deferred
         shutil.rmtree(path, ignore_errors=True)
         save_pyfunc_model(path, **{k: v for k, v in kwargs.items() if k != "registered_model_name"})
         self.queue.append(

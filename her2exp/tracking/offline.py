@@ -22,14 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from her2exp.core.fileio import UnsafePath, atomic_write_text, inside
+from her2exp.runtime import rundir
+from her2exp.runtime.rundir import RunDir
 from her2exp.tracking.base import TrackingUnavailable
 from her2exp.tracking.store import check_reachable, store_problem
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "mlflow_run.json"  # run id + tracking URI, so a resumed attempt continues the run
-BUFFER_FILE = "mlflow_buffer.jsonl"  # calls deferred while the server was unreachable
-MODEL_DIR = "mlflow_model_deferred"  # the MLflow model, saved locally when it could not be logged
+# The run directory's names for them (her2exp/runtime/rundir.py: the run directory's layout).
+RUN_FILE = rundir.MLFLOW_RUN  # run id + tracking URI, so a resumed attempt continues the run
+BUFFER_FILE = rundir.MLFLOW_BUFFER  # calls deferred while the server was unreachable
+MODEL_DIR = rundir.MLFLOW_MODEL_DEFERRED  # the MLflow model, saved when it could not be logged
 #: MLflow's limit of metrics in one log_batch request.
 METRICS_PER_BATCH = 500
 
@@ -229,14 +232,14 @@ def check_paths(run_dir: str | Path, records: list[Record]) -> None:
 def read_run_file(run_dir: str | Path) -> dict[str, str] | None:
     """The run id, tracking URI and experiment id a run directory's run was logged to."""
     try:
-        return json.loads((Path(run_dir) / RUN_FILE).read_text())
+        return json.loads(RunDir(Path(run_dir)).mlflow_run.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
 
 def write_run_file(run_dir: str | Path, run_id: str, uri: str, experiment_id: str) -> None:
     info = {"run_id": run_id, "tracking_uri": uri, "experiment_id": experiment_id}
-    atomic_write_text(Path(run_dir) / RUN_FILE, json.dumps(info) + "\n")
+    atomic_write_text(RunDir(Path(run_dir)).mlflow_run, json.dumps(info) + "\n")
 
 
 def sync(run_dir: str | Path, uri: str | None = None) -> tuple[int, list[Record]]:
@@ -247,7 +250,7 @@ def sync(run_dir: str | Path, uri: str | None = None) -> tuple[int, list[Record]
     uri = uri or (read_run_file(run_dir) or {}).get("tracking_uri")
     if uri is None:
         raise FileNotFoundError(f"{run_dir / RUN_FILE} is missing: pass the tracking URI")
-    deferred = DeferredLog(run_dir / BUFFER_FILE)
+    deferred = DeferredLog(RunDir(run_dir).mlflow_buffer)
     records = deferred.records()
     if not records:
         return 0, []
@@ -267,7 +270,7 @@ class OfflineQueue:
 
     def __init__(self, run_dir: Path, uri: str, client: Any, reconnect_s: float) -> None:
         self.run_dir = Path(run_dir)
-        self.buffer = DeferredLog(self.run_dir / BUFFER_FILE)
+        self.buffer = DeferredLog(RunDir(self.run_dir).mlflow_buffer)
         self.uri = uri
         self.client = client
         self.reconnect_s = reconnect_s

@@ -161,6 +161,32 @@ def download_from_run(
         ) from exc
 
 
+def add_to_run(
+    uri: str,
+    run_id: str,
+    artifact: Path,
+    artifact_path: str,
+    metrics: dict[str, float],
+    tags: dict[str, str],
+) -> None:
+    """Add one file (as `artifact_path/<its name>`), metrics (step 0) and tags to an existing,
+    possibly finished run: a finished run takes new entries only through the client, not
+    through a tracker (which would open a run). Here so that MLflow is called from tracking/
+    alone (her2exp-export adds its graph to the training run this way)."""
+    import mlflow
+    from mlflow.entities import Metric, RunTag
+
+    client = mlflow.MlflowClient(tracking_uri=require_store(uri, lookup=True))
+    with_retries(client.log_artifact, run_id, str(artifact), artifact_path)
+    now = int(time.time() * 1000)
+    with_retries(
+        client.log_batch,
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
+
+
 #: Messages of store errors that go away on their own: SQLite's writer lock, PostgreSQL's
 #: deadlock and serialisation failures, an overloaded or restarting server (HTTP 429/5xx, which
 #: MLflow's HTTP client retries first: MLFLOW_HTTP_REQUEST_MAX_RETRIES), and MLflow's

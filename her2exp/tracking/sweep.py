@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from her2exp.runtime.hydra_run import HydraRun
+
 #: The sweep context as environment variables, for workers a job spawns (nproc_per_node > 1).
 SWEEP_ENV = {
     "parent_run_id": "HER2EXP_PARENT_RUN_ID",
@@ -19,27 +21,18 @@ SWEEP_ENV = {
 }
 
 
-def sweep_context() -> dict[str, str]:
-    """Parent run and job of a Hydra multirun: from Hydra in the job process, or from the
+def sweep_context(hydra: HydraRun | None = None) -> dict[str, str]:
+    """Parent run and job of a Hydra multirun: from Hydra in the job process (`hydra`, read at
+    the command's entry; None: read now, for the commands that do not pass one), or from the
     environment in workers the job process spawned (trainer.nproc_per_node)."""
     ctx = {k: os.environ[v] for k, v in SWEEP_ENV.items() if v in os.environ}
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        hc = HydraConfig.get()
-        if hc.mode == RunMode.MULTIRUN:
-            ctx["job_num"] = str(hc.job.num)
-            ctx["job_overrides"] = " ".join(hc.overrides.task)
-            ctx["sweep_dir"] = str(hc.sweep.dir)
-    except ValueError:
-        pass
+    ctx.update((HydraRun.current() if hydra is None else hydra).sweep_context())
     return ctx
 
 
-def export_sweep_context() -> dict[str, str]:
+def export_sweep_context(hydra: HydraRun | None = None) -> dict[str, str]:
     """Environment for spawned workers so their run joins the same sweep parent."""
-    return {SWEEP_ENV[k]: v for k, v in sweep_context().items()}
+    return {SWEEP_ENV[k]: v for k, v in sweep_context(hydra).items()}
 
 
 def sweep_tags(ctx: dict[str, str]) -> dict[str, str]:

@@ -30,6 +30,7 @@ from her2exp.models import losses
 from her2exp.runtime import distributed, rundir
 from her2exp.runtime.amp import resolve_amp
 from her2exp.runtime.distributed import DistContext
+from her2exp.runtime.rundir import RunDir
 from her2exp.stain import pipeline as stain_pipeline
 from her2exp.stain.pipeline import StainCollate
 from her2exp.tracking.store import require_store, sqlite_file
@@ -348,7 +349,7 @@ def record_stain(parts: DataParts, runtime: Runtime, tracker: tracking.Tracker) 
     if stain is None or stain.normalizer is None or not runtime.dctx.is_main:
         return
     state = stain.state_dict()
-    path = checkpoint.save(state, runtime.run_dir / "checkpoints" / "stain_reference.pt")
+    path = checkpoint.save(state, RunDir(runtime.run_dir).stain_reference)
     tracker.log_artifact(path, "stain")
     ref = state["normalizer"]
     tags = {}
@@ -404,9 +405,7 @@ def build_trainer(
         "config": OmegaConf.to_yaml(cfg, resolve=True),
         "data_fingerprint": parts.bundle.fingerprint,  # a resume refuses other data (rundir)
     }
-    checkpointer = Checkpointer(
-        runtime.run_dir / "checkpoints", t.save_checkpoints, dctx.is_main, extra
-    )
+    checkpointer = Checkpointer(RunDir(runtime.run_dir), t.save_checkpoints, dctx.is_main, extra)
     return Trainer(
         t,
         wrapped.model,

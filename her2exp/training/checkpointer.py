@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from her2exp.core import checkpoint
+from her2exp.runtime.rundir import BEST, RunDir
 
 
 class Checkpointer:
@@ -20,17 +21,17 @@ class Checkpointer:
     a process killed between the two writes never pairs a counter with the wrong weights.
     """
 
-    def __init__(self, directory: Path, enabled: bool, is_main: bool, extra: dict[str, Any]):
-        self.directory, self.enabled, self.is_main = directory, enabled, is_main
+    def __init__(self, run: RunDir, enabled: bool, is_main: bool, extra: dict[str, Any]):
+        self.run, self.enabled, self.is_main = run, enabled, is_main
         self.extra = extra  # model name, resolved config, data fingerprint: in every file
 
     @property
     def last(self) -> Path:
-        return self.directory / "last.pt"
+        return self.run.last
 
     @property
     def best(self) -> Path:
-        return self.directory / "best.pt"
+        return self.run.best
 
     def save(self, resume_state: dict[str, Any], best: dict[str, Any] | None) -> None:
         if not (self.is_main and self.enabled):
@@ -55,10 +56,11 @@ class Checkpointer:
         if best_epoch > 0 and best_epoch == int(state["epoch"]):
             best = state["model"]
         elif best_epoch > 0:
-            best_file = checkpoint.load(path.parent / "best.pt", mmap=True)
+            beside = path.with_name(BEST)  # the best.pt beside the last.pt resumed from
+            best_file = checkpoint.load(beside, mmap=True)
             if int(best_file["epoch"]) != best_epoch:
                 raise RuntimeError(
-                    f"{path.parent / 'best.pt'} holds epoch {best_file['epoch']} but {path} "
+                    f"{beside} holds epoch {best_file['epoch']} but {path} "
                     f"says the best epoch is {best_epoch}; resume from a consistent pair"
                 )
             best = best_file["model"]

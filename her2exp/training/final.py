@@ -25,6 +25,7 @@ from her2exp.evaluation import served as serving
 from her2exp.evaluation.bags import gathered_attention, scored_bags, write_attention
 from her2exp.reports import card as model_card
 from her2exp.runtime import distributed
+from her2exp.runtime.rundir import ARTIFACTS, HYDRA_ARTIFACT, RunDir, artifact
 from her2exp.training.builders import DataParts
 from her2exp.training.validator import Validator
 
@@ -41,10 +42,12 @@ def final_evaluation(
     run_dir: Path,
     summary: dict[str, Any],
     is_main: bool,
+    overrides: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Score val and test with the best weights (already loaded), with the run's TTA views
     and calibration (fitted on val, then frozen like the thresholds, which are chosen on the
-    calibrated val scores), and report them."""
+    calibrated val scores), and report them. `overrides`: the command line's (the model card's
+    reproduce line), as the composition root read them from Hydra."""
     tta = cfg.evaluation.get("tta", "none")
     val = validator.score(parts.loaders["val"], tta)
     test = validator.score(parts.loaders["test"], tta)
@@ -82,7 +85,7 @@ def final_evaluation(
         scored,
         thresholds,
         cfg.evaluation,
-        run_dir / "reports",
+        RunDir(run_dir).reports,
         tracker,
         header,
         cfg.seed,
@@ -90,7 +93,7 @@ def final_evaluation(
         extra_reports=extra,
         explainer=_explainer(cfg, parts, model),
     )
-    model_card.write_model_card(cfg, run_dir / "reports", bundle.manifest, tracker)
+    model_card.write_model_card(cfg, RunDir(run_dir).reports, bundle.manifest, tracker, overrides)
     tracker.log_metrics(
         {
             "best_epoch": summary["best_epoch"],
@@ -163,7 +166,7 @@ def scored_splits(
             )
             op = thresholds["tile"][cfg.evaluation.operating_point]
             extra += write_attention(
-                run_dir / "reports",
+                RunDir(run_dir).reports,
                 name,
                 rows,
                 parts.bags[name],
@@ -262,7 +265,7 @@ def freeze_into_checkpoint(
 ) -> Path:
     """The operating points keyed by level, the decision level, the calibration (and the
     stain reference) go into best.pt, which evaluations load."""
-    best_ckpt = run_dir / "checkpoints" / "best.pt"
+    best_ckpt = RunDir(run_dir).best
     if best_ckpt.is_file():
         state = checkpoint.load(best_ckpt)
         state["thresholds"] = thresholds
@@ -275,13 +278,12 @@ def freeze_into_checkpoint(
 
 def log_run_files(cfg: DictConfig, run_dir: Path, tracker: tracking.Tracker, best: Path) -> None:
     """The resolved config, Hydra's record of the command and (optionally) best.pt."""
-    path = checkpoint.atomic_write_text(
-        run_dir / "config_resolved.yaml", OmegaConf.to_yaml(cfg, resolve=True)
-    )
+    run = RunDir(run_dir)
+    path = checkpoint.atomic_write_text(run.config_resolved, OmegaConf.to_yaml(cfg, resolve=True))
     tracker.log_artifact(path)
-    tracker.log_artifact(run_dir / ".hydra", "hydra")
+    tracker.log_artifact(run.hydra, HYDRA_ARTIFACT)
     if cfg.tracking.get("log_checkpoint", True) and best.is_file():
-        tracker.log_artifact(best, "checkpoints")
+        tracker.log_artifact(best, artifact(ARTIFACTS.checkpoints))
 
 
 def log_model(
@@ -321,7 +323,7 @@ def log_model(
         "std": list(cfg.data.std),
         "backbone_weights": dict(getattr(model, "weights_info", {})),
     }
-    if not (run_dir / "checkpoints" / "best.pt").is_file():
-        log.warning("no %s: the MLflow model is not logged", run_dir / "checkpoints" / "best.pt")
+    if not RunDir(run_dir).best.is_file():
+        log.warning("no %s: the MLflow model is not logged", RunDir(run_dir).best)
         return
     tracker.log_model(serving.model_spec(run_dir, size, e.operating_point, metadata))

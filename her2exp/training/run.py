@@ -20,7 +20,8 @@ from her2exp import tracking
 from her2exp.config import ConfigError, register_configs, validate
 from her2exp.engine import explain
 from her2exp.runtime import distributed, rundir
-from her2exp.runtime.hydra_run import hydra_overrides
+from her2exp.runtime.hydra_run import HydraRun
+from her2exp.runtime.rundir import RunDir
 from her2exp.training import builders, probe
 from her2exp.training.builders import DataParts, Runtime
 from her2exp.training.final import final_evaluation
@@ -34,8 +35,11 @@ distributed.register_resolvers()
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train, pick the best epoch on val AUC, score test at the val-chosen thresholds."""
+def train(cfg: DictConfig, hydra: HydraRun | None = None) -> dict[str, Any]:
+    """Train, pick the best epoch on val AUC, score test at the val-chosen thresholds.
+
+    `hydra`: the command's Hydra facts, read once by `run` (None: composed without Hydra)."""
+    hydra = HydraRun() if hydra is None else hydra
     runtime = builders.build_runtime(cfg)
     model = builders.build_model(cfg, runtime.dctx)  # resolves data.mean/std into cfg
     parts = builders.build_data(cfg, runtime.dctx)
@@ -44,7 +48,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     tracker = builders.build_tracker(cfg, runtime)
     status, summary = "FAILED", {}
     try:
-        builders.start_tracking(tracker, cfg, runtime, parts, model, hydra_overrides())
+        builders.start_tracking(tracker, cfg, runtime, parts, model, list(hydra.overrides))
         if cfg.model.cache_features:
             builders.use_cached_features(cfg, parts, model, runtime, tracker)
         trainer = builders.build_trainer(cfg, runtime, parts, wrapped, tracker)
@@ -56,7 +60,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary = fit_summary(cfg, fit, parts, runtime, tracker)
         if fit.interrupted:
             status = "KILLED"
-            return interrupted(summary, fit, runtime, tracker)
+            return interrupted(summary, fit, runtime, tracker, hydra)
         model.load_state_dict(fit.best_state)
         summary.update(
             final_evaluation(
@@ -69,6 +73,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 runtime.run_dir,
                 summary,
                 runtime.dctx.is_main,
+                hydra.overrides,
             )
         )
         status = "FINISHED"
@@ -110,11 +115,15 @@ def fit_summary(
 
 
 def interrupted(
-    summary: dict[str, Any], fit: FitResult, runtime: Runtime, tracker: tracking.Tracker
+    summary: dict[str, Any],
+    fit: FitResult,
+    runtime: Runtime,
+    tracker: tracking.Tracker,
+    hydra: HydraRun,
 ) -> dict[str, Any]:
     """Stopped by a signal or trainer.stop_after_epoch: say how to resume, in MLflow too."""
-    last = (runtime.run_dir / "checkpoints" / "last.pt").resolve()
-    command = builders.resume_command(runtime.run_dir, hydra_overrides())
+    last = RunDir(runtime.run_dir).last.resolve()
+    command = builders.resume_command(runtime.run_dir, list(hydra.overrides))
     tags = {
         "interrupted_after_epoch": fit.last_epoch,
         "resume_with": last,
@@ -133,8 +142,9 @@ def interrupted(
     return summary
 
 
-def _worker(container: dict[str, Any]) -> dict[str, Any]:
-    """Entry point of each worker started by `trainer.nproc_per_node=N` (spawned: no Hydra)."""
+def _worker(container: dict[str, Any], hydra: HydraRun) -> dict[str, Any]:
+    """Entry point of each worker started by `trainer.nproc_per_node=N` (spawned: no Hydra of
+    its own; the parent's HydraRun is handed over)."""
     cfg = OmegaConf.create(container)
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,26 +157,29 @@ def _worker(container: dict[str, Any]) -> dict[str, Any]:
         ],
     )
     try:
-        return train(cfg)
+        return train(cfg, hydra)
     except ConfigError as exc:
         if distributed.env_rank() == 0:
             print(f"her2exp: configuration error: {exc}", file=sys.stderr)
         raise
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Train in this process, under torchrun, or by starting `trainer.nproc_per_node` workers."""
-    # evaluation.explain: off in a sweep unless asked for; here, where Hydra's runtime config
-    # is (the workers started below have none), before the config is copied into them.
-    explain.resolve_sweep_default(cfg)
+def run(cfg: DictConfig, hydra: HydraRun | None = None) -> dict[str, Any]:
+    """Train in this process, under torchrun, or by starting `trainer.nproc_per_node` workers.
+
+    Hydra's runtime config is read here, once (`hydra`, when the caller has not read it), and
+    passed down; the workers started below have none of their own."""
+    hydra = HydraRun.current() if hydra is None else hydra
+    # evaluation.explain: off in a sweep unless asked for, before the config is copied.
+    explain.resolve_sweep_default(cfg, hydra)
     n = cfg.trainer.nproc_per_node
     if n > 1 and not distributed.under_launcher():
         validate(cfg)  # fail in the parent, before any worker starts
         rundir.plan(cfg, Path(cfg.output_dir), distributed.restart_count())
         container = OmegaConf.to_container(cfg, resolve=True)  # resolvers don't cross spawn
         log.info("starting %d workers (trainer.nproc_per_node)", n)
-        with distributed.env(**tracking.export_sweep_context()):
+        with distributed.env(**tracking.export_sweep_context(hydra)):
             return distributed.launch(
-                _worker, n, (container,), Path(cfg.output_dir), cfg.trainer.dist_timeout_s
+                _worker, n, (container, hydra), Path(cfg.output_dir), cfg.trainer.dist_timeout_s
             )
-    return train(cfg)
+    return train(cfg, hydra)

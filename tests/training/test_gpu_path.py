@@ -31,6 +31,7 @@ from her2exp.engine import EpochState, OptimizerUpdate, Preprocess, StepPolicy, 
 from her2exp.runtime import distributed
 from her2exp.runtime.amp import amp_choice, resolve_amp
 from her2exp.runtime.distributed import DistContext
+from her2exp.runtime.rundir import RunDir
 from her2exp.stain.hed import HedJitter
 from her2exp.stain.pipeline import StainPipeline
 from her2exp.training import builders
@@ -175,7 +176,7 @@ def test_the_run_records_the_drift_and_freezes_the_rescored_threshold(smoke_run:
     run = mlflow.MlflowClient(tracking_uri=smoke_run.uri).get_run(smoke_run.run_id)
     m = run.data.metrics
     assert m["youden_threshold_drift"] == 0.0  # same weights, same val, same CPU kernels
-    best = checkpoint.load(smoke_run.run_dir / "checkpoints" / "best.pt")
+    best = checkpoint.load(RunDir(smoke_run.run_dir).best)
     assert best["thresholds"]["tile"]["youden"] == pytest.approx(m["threshold_youden_val"], abs=0)
 
 
@@ -206,7 +207,7 @@ def _trainer(model: nn.Module, folder: Path, dctx: DistContext) -> Trainer:
     update = OptimizerUpdate(optimizer, scheduler, scaler, StepPolicy())
     with open_dict(t):
         t.early_stop_patience = 3
-    ckpt = Checkpointer(folder, True, dctx.is_main, {})
+    ckpt = Checkpointer(RunDir(folder), True, dctx.is_main, {})
     return Trainer(t, model, model, None, (None, None), update, None, None, ckpt, dctx, None)
 
 
@@ -232,7 +233,7 @@ def _resume_worker(rank: int, port: int, folder: str) -> None:
     trainer = _trainer(Wide(), Path(folder), dctx)
     _reset_peak_rss()
     before = _status_bytes("VmRSS")
-    trainer.resume_from(Path(folder) / "last.pt")
+    trainer.resume_from(RunDir(Path(folder)).last)
     peak = _status_bytes("VmHWM")
     state = trainer.update.optimizer.state
     result = {
@@ -263,7 +264,7 @@ def test_ddp_resume_broadcasts_tensors_in_place_not_a_pickled_checkpoint(tmp_pat
     trainer.best_state = {k: v.clone() for k, v in model.state_dict().items()}
     rng = [checkpoint.rng_state(), checkpoint.rng_state()]
     trainer.checkpointer.save(trainer._resume_state(2, rng), trainer._best_file())
-    saved = checkpoint.load(tmp_path / "last.pt")
+    saved = checkpoint.load(RunDir(tmp_path).last)
     torch.multiprocessing.spawn(
         _resume_worker, args=(distributed.free_port(), str(tmp_path)), nprocs=2, join=True
     )
