@@ -2,8 +2,9 @@
 her2exp/cli/compare.py; `make compare`).
 
 Columns: run id, the parameters that differ between the listed runs, val AUC with its CI, test
-AUC, sensitivity/specificity at the frozen val-chosen threshold, epochs and minutes. Read with
-`mlflow.search_runs` (pandas), written as CSV.
+AUC, sensitivity/specificity at the frozen val-chosen threshold, epochs and minutes. Read through
+`tracking.sweep.experiment_runs` (an MlflowClient for the given store, as a pandas table), written
+as CSV.
 
 `leaderboard=true`: the sweep parent's leaderboard (backbone x protocol, mean +- sd over the
 seeds; her2exp/evaluation/crossval.py computes it from the children's files when the multirun ends and
@@ -13,12 +14,12 @@ logs it to the parent as `cv/leaderboard.csv`).
 from __future__ import annotations
 
 import tempfile
-from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from her2exp import tracking
 from her2exp.config import ConfigError
+from her2exp.tracking.sweep import client_for, download_artifact, experiment_runs
 
 METRICS = {
     "best_val_auc": "val_auc",
@@ -32,15 +33,11 @@ METRICS = {
 IGNORED_PARAMS = {"output_dir", "tracking.run_name"}
 
 
-def _search(experiment: str, uri: str) -> pd.DataFrame:
-    resolved = tracking.require_store(uri, lookup=True)  # a look-up never creates a store
-    import mlflow
-
-    mlflow.set_tracking_uri(resolved)
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        raise ConfigError(f"experiment={experiment!r}: no such experiment in {uri}")
-    return mlflow.search_runs([exp.experiment_id])
+def _search(experiment: str, uri: str) -> tuple[Any, pd.DataFrame]:
+    """(a client of the store `uri`, the experiment's runs as a table); a look-up never creates
+    a store, and no global tracking URI is set."""
+    client = client_for(uri)
+    return client, experiment_runs(client, experiment, uri)
 
 
 def parent_run(runs: pd.DataFrame, sweep: str, experiment: str) -> str:
@@ -57,29 +54,24 @@ def leaderboard(experiment: str, sweep: str, uri: str) -> pd.DataFrame:
     """The leaderboard a sweep parent holds (sweep: latest | a parent run id), best first."""
     if sweep == "all":
         raise ConfigError("sweep=all: a leaderboard is one sweep's; give latest or a parent run id")
-    runs = _search(experiment, uri)
+    client, runs = _search(experiment, uri)
     parent = parent_run(runs, sweep, experiment)
-    import mlflow
-
     row = runs[runs["run_id"] == parent] if "run_id" in runs else runs
     kind = row["tags.sweep.kind"].iloc[0] if "tags.sweep.kind" in row and len(row) else None
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = mlflow.artifacts.download_artifacts(
-                run_id=parent, artifact_path="cv/leaderboard.csv", dst_path=tmp
+    with tempfile.TemporaryDirectory() as tmp:
+        path = download_artifact(client, parent, "cv/leaderboard.csv", tmp)
+        if path is None:
+            raise ConfigError(
+                f"sweep={sweep}: run {parent} holds no leaderboard (sweep.kind={kind}); a "
+                "leaderboard is a sweep of groups repeated over seeds, e.g. her2exp-train -m "
+                "experiment=fm_probe model=uni,h_optimus_0 probe=linear,knn"
             )
-            return pd.read_csv(Path(path))
-    except Exception as exc:  # noqa: BLE001 - MLflow raises several kinds for a missing file
-        raise ConfigError(
-            f"sweep={sweep}: run {parent} holds no leaderboard (sweep.kind={kind}); a "
-            "leaderboard is a sweep of groups repeated over seeds, e.g. her2exp-train -m "
-            "experiment=fm_probe model=uni,h_optimus_0 probe=linear,knn"
-        ) from exc
+        return pd.read_csv(path)
 
 
 def compare(experiment: str, sweep: str, uri: str) -> pd.DataFrame:
     """One row per run (sweep: latest | all | a parent run id), sorted by val AUC."""
-    runs = _search(experiment, uri)
+    _, runs = _search(experiment, uri)
     if runs.empty:
         return runs
     parent_col = "tags.mlflow.parentRunId"

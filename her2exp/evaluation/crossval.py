@@ -10,7 +10,7 @@ Pooling at each fold's OWN frozen thresholds means pooling the `called_her2_pos_
 child wrote, never re-thresholding the pooled probabilities: the pooled sensitivity is what
 the K deployed models would have called on the K test folds.
 
-The parts: the children and the kind of sweep (sweep_children), their rates and pooling
+The parts: the children (sweep_children; their kind is tracking.sweep_model's), their rates and pooling
 (sweep_pooling), the markdown (sweep_markdown), the leaderboard (sweep_leaderboard). Every
 name they hold stays importable from here.
 """
@@ -18,7 +18,6 @@ name they hold stays importable from here.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -27,16 +26,12 @@ from her2exp import reports
 from her2exp.core.fileio import atomic_write_text
 from her2exp.evaluation.sweep_children import (
     CALLED,
-    JOB_KEYS,
     LEVEL_FILES,
-    SEED_KEYS,
     Child,
     SweepResult,
     load_children,
     operating_points,
-    repeat_groups,
     shared_levels,
-    sweep_kind,
 )
 from her2exp.evaluation.sweep_leaderboard import (
     LEADERBOARD_RATES,
@@ -57,6 +52,7 @@ from her2exp.evaluation.sweep_pooling import (
     roc_curve,
     spread,
 )
+from her2exp.tracking.sweep_model import JOB_KEYS, SEED_KEYS, SweepChild, repeat_groups, sweep_kind
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +84,14 @@ __all__ = [
 ]
 
 
-def summarise(sweep_dir: Path, run_ids: Mapping[str, str] | None = None) -> SweepResult:
-    """Read the finished jobs of a sweep and write the parent's results under
-    `<sweep_dir>/cv/`: `oof_predictions*.csv`, `cv_summary.md` and `roc_folds.png` for a CV
-    sweep, `repeat_summary.md` for a repeat sweep, `leaderboard.csv`, `leaderboard_runs.csv`
-    and `leaderboard.md` for a leaderboard; nothing for a plain one."""
+def summarise(sweep_dir: Path, records: list[SweepChild] | None = None) -> SweepResult:
+    """Read the finished jobs of a sweep (`records`: tracking.sweep.sweep_children's list, None:
+    the run directories), classify them (the sweep model's `sweep_kind`) and write the parent's
+    results under `<sweep_dir>/cv/`: `oof_predictions*.csv`, `cv_summary.md` and
+    `roc_folds.png` for a CV sweep, `repeat_summary.md` for a repeat sweep, `leaderboard.csv`,
+    `leaderboard_runs.csv` and `leaderboard.md` for a leaderboard; nothing for a plain one."""
     sweep_dir = Path(sweep_dir)
-    children = load_children(sweep_dir, run_ids) if sweep_dir.is_dir() else []
+    children = load_children(sweep_dir, records) if sweep_dir.is_dir() else []
     kind = sweep_kind(children)
     result = SweepResult(kind, tags={"sweep.kind": kind})
     if kind == "plain":

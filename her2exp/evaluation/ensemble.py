@@ -1,6 +1,8 @@
 """A sweep's member models as one: `her2exp-eval sweep_run_id=` and `her2exp-predict sweep_run_id=`.
 
-The members are the sweep parent's FINISHED child runs (MLflow tag `mlflow.parentRunId`), each
+The members are the sweep parent's FINISHED child runs (`tracking.sweep.finished_children`), of a
+sweep the sweep model classifies as cv or repeat (`tracking.sweep_model`: a grid or a
+leaderboard is refused before any checkpoint is downloaded), each
 loaded through `evaluation.load_run` (its best.pt) and scored through `evaluation.score` /
 `build_scorer` (predict: `patch_scoring.patch_scorer` / `patch_probs`), so a member is scored exactly as its own
 `her2exp-eval run_id=` would score it. The ensemble's probability is the mean of the members';
@@ -13,7 +15,6 @@ mean of the members' validation probabilities (docs/architecture.md, "Evaluation
 
 from __future__ import annotations
 
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,8 +42,9 @@ from her2exp.evaluation.trained_run import (
 from her2exp.runtime.rundir import ARTIFACTS, artifact
 from her2exp.tracking.factory import build as build_tracker
 from her2exp.tracking.store import require_store
+from her2exp.tracking.sweep import client_for, download_artifact, finished_children
+from her2exp.tracking.sweep_model import CV, REPEAT, SweepChild, not_an_ensemble, sweep_kind
 
-CV, REPEAT = "cv", "repeat"
 #: What each kind of sweep chooses the ensemble's thresholds on (summary.md, MLflow).
 CHOSEN_ON = {
     CV: "thresholds chosen on the pooled out-of-fold predictions of {k} members",
@@ -70,21 +72,6 @@ class Ensemble:
     @property
     def member_ids(self) -> list[str]:
         return [str(m.source_run) for m in self.members]
-
-
-def _is_set(value: str | None) -> bool:
-    return value not in (None, "", "None", "null")
-
-
-def sweep_kind(params: list[dict[str, str]]) -> str:
-    """cv when every child has `data.split.folds` set and the `data.split.fold`s are distinct
-    (each held a different part out); otherwise repeat (all members on one split)."""
-    folds = [p.get("data.split.folds") for p in params]
-    fold = [p.get("data.split.fold") for p in params]
-    if all(_is_set(f) for f in folds) and all(_is_set(f) for f in fold):
-        if len(set(fold)) == len(fold):
-            return CV
-    return REPEAT
 
 
 def ensemble_thresholds(
@@ -117,28 +104,18 @@ def ensemble_thresholds(
     return thresholds_on_rows(ecfg, ids, labels, probs)
 
 
-def _children(parent_run_id: str, uri: str) -> tuple[Any, list[Any]]:
-    """(an MLflow client, the parent's FINISHED child runs in job order); an unknown parent,
-    or one without a finished child, is refused in one line."""
-    import mlflow
-
-    resolved = require_store(uri, lookup=True)
-    client = mlflow.MlflowClient(tracking_uri=resolved)
-    try:
-        parent = client.get_run(parent_run_id)
-    except mlflow.exceptions.MlflowException as exc:
-        raise ConfigError(f"sweep_run_id={parent_run_id!r} not found in {uri}") from exc
-    runs = client.search_runs(
-        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'"
-    )
-    done = [r for r in runs if r.info.status == "FINISHED"]
-    if not done:
-        raise ConfigError(
-            f"sweep_run_id={parent_run_id!r}: no FINISHED child run in {uri} ({len(runs)} "
-            "child runs in all): not a sweep's parent run, or none of its jobs finished"
-        )
-    order = sorted(done, key=lambda r: (int(r.data.tags.get("sweep.job_num", 0)), r.info.run_id))
-    return client, order
+def _children(parent_run_id: str, uri: str) -> tuple[Any, list[SweepChild], str]:
+    """(an MLflow client, the parent's FINISHED children in job order, the ensemble's kind):
+    `tracking.sweep.finished_children`, classified by the sweep model's one `sweep_kind`. A
+    sweep whose children differ in more than seeds or folds (a grid, a leaderboard) is refused
+    here, before any member's checkpoint is downloaded: its mean is no model anyone trained."""
+    client = client_for(uri)
+    children = finished_children(client, parent_run_id, uri)
+    why = not_an_ensemble(children)
+    if why is not None:
+        raise ConfigError(f"sweep_run_id={parent_run_id!r}: {why}; evaluate one child with run_id=")
+    kind = sweep_kind(children)
+    return client, children, kind if kind in (CV, REPEAT) else REPEAT  # one child: a repeat
 
 
 def _member(child_id: str, parent_run_id: str, uri: str) -> TrainedRun:
@@ -154,17 +131,13 @@ def _member(child_id: str, parent_run_id: str, uri: str) -> TrainedRun:
 
 def _table(client: Any, child_id: str, artifact: str, parent_run_id: str) -> pd.DataFrame:
     """A child's predictions table (the artifact `artifact`), a missing one naming the member."""
-    import mlflow
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory(prefix="her2exp-ensemble-") as tmp:
-        try:
-            local = client.download_artifacts(child_id, artifact, tmp)
-        except (mlflow.exceptions.MlflowException, OSError) as exc:
+        local = download_artifact(client, child_id, artifact, tmp)
+        if local is None:
             raise ConfigError(
                 f"sweep_run_id={parent_run_id!r}: member run_id={child_id!r} has no {artifact} "
                 "artifact (trained before runs logged their predictions)"
-            ) from exc
+            )
         return pd.read_csv(local)
 
 
@@ -199,12 +172,11 @@ def check_members(members: list[TrainedRun]) -> DictConfig:
 def load_ensemble(parent_run_id: str, uri: str, overrides: Any = None) -> Ensemble:
     """The sweep's members (checked alike) and the ensemble's thresholds, chosen per level on
     the pooled out-of-fold predictions (cv) or the mean validation probabilities (repeat)."""
-    client, children = _children(parent_run_id, uri)
-    ids = [c.info.run_id for c in children]
+    client, children, kind = _children(parent_run_id, uri)
+    ids = [c.run_id for c in children]
     members = [_member(c, parent_run_id, uri) for c in ids]
     own = check_members(members)
     evaluation = resolve_evaluation(own, overrides or OmegaConf.create({}))
-    kind = sweep_kind([dict(c.data.params) for c in children])
     tables = [_table(client, c, TABLE[kind], parent_run_id) for c in ids]
     levels = ensemble_thresholds(kind, tables, evaluation)
     first = members[0]

@@ -23,7 +23,8 @@ from her2exp.evaluation.crossval import SweepResult
 from her2exp.tracking.audit import command_line, git_info
 from her2exp.tracking.mlflow_tracker import MlflowTracker
 from her2exp.tracking.store import experiment_id, with_retries
-from her2exp.tracking.sweep import SWEEP_ENV
+from her2exp.tracking.sweep import SWEEP_ENV, child_runs, sweep_children
+from her2exp.tracking.sweep_model import SweepChild
 
 log = logging.getLogger(__name__)
 
@@ -63,29 +64,24 @@ class MlflowSweepCallback(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         """Sum up the children on the parent: job counts, the best val AUC and its run; for a
-        cross-validation or repeat sweep also the pooled or spread results (`her2exp.evaluation.crossval`),
-        written under `<sweep_dir>/cv/` even with tracking=off (there is no parent then)."""
+        cross-validation or repeat sweep also the pooled or spread results (`her2exp.evaluation.crossval`)
+        of the children `tracking.sweep.sweep_children` lists (MLflow's FINISHED ones; the run
+        directories with tracking=off, where there is no parent), written under `<sweep_dir>/cv/`."""
         sweep_dir = Path(str(config.hydra.sweep.dir))
         if self.tracker is None or self.tracker.run_id is None:
-            _sweep_results(sweep_dir, {})
+            _sweep_results(sweep_dir, None)
             return
         tracker, client = self.tracker, self.tracker.client
-        children = client.search_runs(
-            [experiment_id(client, config.tracking, tracker.uri)],
-            f"tags.mlflow.parentRunId = '{tracker.run_id}'",
-        )
+        exp = experiment_id(client, config.tracking, tracker.uri)
+        children = child_runs(client, tracker.run_id, exp)
         scored = [r for r in children if "best_val_auc" in r.data.metrics]
         tracker.log_metrics({"n_jobs": len(children), "n_finished": len(scored)})
         if scored:
             best = max(scored, key=lambda r: r.data.metrics["best_val_auc"])
             tracker.log_metrics({"best_val_auc": best.data.metrics["best_val_auc"]})
             tracker.set_tags({"best_child_run_id": best.info.run_id})
-        run_ids = {
-            r.data.tags["sweep.job_num"]: r.info.run_id
-            for r in children
-            if "sweep.job_num" in r.data.tags
-        }
-        result = _sweep_results(sweep_dir, run_ids)
+        records = sweep_children(sweep_dir, client, tracker.run_id)  # FINISHED, in job order
+        result = _sweep_results(sweep_dir, records)
         if result is not None:
             tracker.log_metrics(result.metrics)
             tracker.set_tags(result.tags)
@@ -96,11 +92,11 @@ class MlflowSweepCallback(Callback):
         os.environ.pop(SWEEP_ENV["parent_run_id"], None)
 
 
-def _sweep_results(sweep_dir: Path, run_ids: dict[str, str]) -> SweepResult | None:
+def _sweep_results(sweep_dir: Path, records: list[SweepChild] | None) -> SweepResult | None:
     """crossval.summarise, its failure logged with its traceback and tagged (the children's
     results are safe on disk; a summary can be made again from them)."""
     try:
-        result = crossval.summarise(sweep_dir, run_ids)
+        result = crossval.summarise(sweep_dir, records)
     except Exception as exc:  # noqa: BLE001 - the sweep is done; do not lose the parent's end
         log.exception("sweep summary of %s failed", sweep_dir)
         return crossval.SweepResult("error", tags={"sweep.summary_error": str(exc)[:500]})

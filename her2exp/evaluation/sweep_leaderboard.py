@@ -15,15 +15,14 @@ import pandas as pd
 from her2exp import reports
 from her2exp.core.fileio import atomic_write_text, safe_name
 from her2exp.evaluation.sweep_children import (
-    SEED_KEYS,
     Child,
     SweepResult,
     decision_point,
     operating_points,
-    repeat_groups,
 )
 from her2exp.evaluation.sweep_pooling import child_rates, mean_sd
 from her2exp.metrics.ranking import auc_ci_delong
+from her2exp.tracking.sweep_model import SEED_KEYS, repeat_groups
 
 #: leaderboard.csv's columns after the group's names; `auc_ci_*` is the mean of the runs' own
 #: DeLong bounds (see child_row).

@@ -12,6 +12,7 @@ import pandas as pd
 from her2exp import reports
 from her2exp.evaluation.sweep_children import Child, decision_point, operating_points
 from her2exp.evaluation.sweep_pooling import level_infix, nan_auc
+from her2exp.reports.checklist import AUC_MIN, RECALL_MIN, SPECIFICITY_MIN
 
 
 def plus_minus(metrics: Mapping[str, float], key: str, mean: str, sd: str) -> str:
@@ -51,16 +52,20 @@ def cv_checklist(
     once = None if patients is None else not patients["patient_id"].duplicated().any()
     return [
         reports.checklist_item(
-            "AUC >= 0.95 (pooled out-of-fold)", auc_value >= 0.95, f"AUC {reports._fmt(auc_value)}"
+            f"AUC >= {AUC_MIN:.2f} (pooled out-of-fold)",
+            auc_value >= AUC_MIN,
+            f"AUC {reports._fmt(auc_value)}",
         ),
         reports.checklist_item(
-            "HER2+ recall >= 0.90 (pooled out-of-fold test, val-chosen operating points)",
-            sens >= 0.90,
+            f"HER2+ recall >= {RECALL_MIN:.2f} (pooled out-of-fold test, val-chosen operating "
+            "points)",
+            sens >= RECALL_MIN,
             f"sensitivity {reports._fmt(sens)} {where}",
         ),
         reports.checklist_item(
-            "Specificity >= 0.85 (pooled out-of-fold test, val-chosen operating points)",
-            spec >= 0.85,
+            f"Specificity >= {SPECIFICITY_MIN:.2f} (pooled out-of-fold test, val-chosen "
+            "operating points)",
+            spec >= SPECIFICITY_MIN,
             f"specificity {reports._fmt(spec)} {where}",
         ),
         reports.checklist_item(

@@ -18,13 +18,17 @@ below (pyproject.toml's `floors` contract lists it).
 | `mlflow_tracker`  | `MlflowTracker`: one run per job, continued by resumed attempts        |
 | `offline`         | calls buffered in the run directory while the server is away; replay  |
 | `registry`        | registered models: URIs, aliases, promotion checks                     |
-| `sweep`           | a Hydra multirun's context and the child-run tags of its jobs          |
+| `sweep_model`     | a sweep's child record, its one kind (cv/repeat/leaderboard/plain), why |
+|                   | it is no ensemble; its children from the run directories (pure)        |
+| `sweep`           | a Hydra multirun's context, its jobs' child-run tags, the one listing  |
+|                   | of its children (MLflow, else the run directories), experiment runs   |
 
 Within the package the modules form a DAG: base <- store <- offline <- mlflow_tracker <-
-factory, store <- registry, audit and sweep <- mlflow_tracker; none imports the package.
+factory, store <- registry, audit and offline <- sweep_model <- sweep <- mlflow_tracker; none
+imports the package.
 
-`import mlflow` happens only when an `MlflowTracker` is made or a replay runs: never with
-`tracking=off` or on ranks other than 0.
+`import mlflow` happens only when an `MlflowTracker` is made, a replay runs or a sweep's runs
+are read: never with `tracking=off` or on ranks other than 0.
 """
 
 from typing import Any

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -33,6 +34,17 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+#: MLflow's limit on the characters of a param value.
+PARAM_VALUE_CHARS = 6000
+
+
+def as_params(flat: Mapping[str, Any]) -> dict[str, str]:
+    """A flattened config as MLflow params hold it: keys in the characters MLflow accepts,
+    values as strings cut to its limit. The run-directory view of a sweep's child
+    (tracking.sweep_model) goes through this too, so both views compare the same strings."""
+    return {re.sub(r"[^\w\-. /]", "_", k): str(v)[:PARAM_VALUE_CHARS] for k, v in flat.items()}
 
 
 def _git(repo: Path, *args: str, timeout_s: float = 10) -> str | None:

@@ -11,7 +11,6 @@ import functools
 import logging
 import math
 import os
-import re
 import shutil
 import time
 import uuid
@@ -23,7 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from her2exp.runtime.rundir import RunDir
-from her2exp.tracking.audit import flatten, git_diff, pip_freeze
+from her2exp.tracking.audit import as_params, flatten, git_diff, pip_freeze
 from her2exp.tracking.base import Tracker, TrackingUnavailable
 from her2exp.tracking.offline import (
     OfflineQueue,
@@ -45,9 +44,8 @@ from her2exp.tracking.sweep import sweep_context, sweep_tags
 
 log = logging.getLogger(__name__)
 
-#: MLflow's per-request limits: params in one log_batch, characters of a param value.
+#: MLflow's per-request limit: params in one log_batch (a value's: audit.PARAM_VALUE_CHARS).
 PARAMS_PER_BATCH = 100
-PARAM_VALUE_CHARS = 6000
 
 
 def _bound_http_retries() -> None:
@@ -74,8 +72,7 @@ def _reachable_uri(cfg: DictConfig) -> tuple[str, str | None]:
 
 def _params(cfg: DictConfig) -> dict[str, str]:
     """The resolved config as MLflow params: dotted keys, characters MLflow accepts."""
-    flat = flatten(OmegaConf.to_container(cfg, resolve=True))
-    return {re.sub(r"[^\w\-. /]", "_", k): str(v)[:PARAM_VALUE_CHARS] for k, v in flat.items()}
+    return as_params(flatten(OmegaConf.to_container(cfg, resolve=True)))
 
 
 def _run_name(tracking_cfg: DictConfig, cfg: DictConfig, sweep: dict[str, str]) -> str:

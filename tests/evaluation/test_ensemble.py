@@ -86,16 +86,6 @@ def test_repeat_thresholds_are_chosen_on_the_mean_validation_probabilities() -> 
         ensemble.ensemble_thresholds("repeat", [a, b.assign(row=[5, 7, 9, 11])], ecfg)
 
 
-def test_sweep_kind_reads_the_folds_of_the_children() -> None:
-    cv = [{"data.split.folds": "3", "data.split.fold": str(k)} for k in range(3)]
-    assert ensemble.sweep_kind(cv) == "cv"
-    assert ensemble.sweep_kind([{"seed": "1"}, {"seed": "2"}]) == "repeat"
-    same_fold = [{"data.split.folds": "3", "data.split.fold": "0"}] * 2
-    assert ensemble.sweep_kind(same_fold) == "repeat"
-    unset = [{"data.split.folds": "None", "data.split.fold": "None"}] * 2
-    assert ensemble.sweep_kind(unset) == "repeat"
-
-
 @pytest.fixture(scope="module")
 def sweep_eval(cv_sweep: SweepRun, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """her2exp-eval sweep_run_id= on a small external cohort, logged to the sweep's store."""
