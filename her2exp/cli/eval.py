@@ -23,9 +23,10 @@ register_run_dir_resolvers()  # conf/hydra/default.yaml's run directory
 def main(cfg: DictConfig) -> float:
     """Evaluate, print the table, say where the MLflow run and the report are."""
     from her2exp.evaluation import evaluate_cohort, format_table
+    from her2exp.runtime.hydra_run import HydraRun
 
     schemas.check_eval(cfg)
-    out = evaluate_cohort(cfg)
+    out = evaluate_cohort(cfg, HydraRun.current())  # Hydra's runtime config, read once, here
     ev = out["evaluation"]
     s = out["settings"]
     ens = out.get("ensemble")

@@ -8,26 +8,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from her2exp.cli.common import hydra_command
 from her2exp.config import commands as schemas
-
-
-@contextmanager
-def outside_hydra() -> Iterator[None]:
-    """The retrained run must record the original's overrides, not this command line's: training
-    reads its Hydra overrides from HydraConfig (tags, resume command), so hide it meanwhile."""
-    hc = HydraConfig.instance()
-    saved, hc.cfg = hc.cfg, None
-    try:
-        yield
-    finally:
-        hc.cfg = saved
 
 
 @hydra_command("rerun", positional="run_id")
@@ -37,8 +22,9 @@ def main(cfg: DictConfig) -> None:
 
     schemas.check_rerun(cfg)
     logging.getLogger("her2exp").setLevel(logging.INFO)
-    with outside_hydra():
-        before, after = rerun(str(cfg.run_id), cfg.tracking.uri, cfg.output_dir)
+    # Hydra's runtime config is not passed on: the retrained run records the original's
+    # overrides, not this command line's (training reads it only as its entry hands it over).
+    before, after = rerun(str(cfg.run_id), cfg.tracking.uri, cfg.output_dir)
     print(f"her2exp: rerun of {cfg.run_id} is MLflow run {after['mlflow_run_id']}")
     for key, new in (("best_val_auc", after["best_val_auc"]), ("test_auc", after["test_auc"])):
         print(f"  {key:>13}: original {before.get(key, float('nan')):.6f}  rerun {new:.6f}")

@@ -23,10 +23,11 @@ def main(cfg: DictConfig) -> float:
     hydra_command; a full disk is one line and exit 1; a pre-empted run exits 128 + signal."""
     from her2exp.core import checkpoint  # start-up time: torch, after the config composed
     from her2exp.runtime import distributed
+    from her2exp.runtime.hydra_run import HydraRun
     from her2exp.training.run import run
 
     try:
-        summary = run(cfg)
+        summary = run(cfg, HydraRun.current())  # Hydra's runtime config, read once, here
     except checkpoint.CheckpointWriteError as exc:
         print(f"her2exp: disk full: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -39,6 +39,7 @@ from her2exp.evaluation.trained_run import (
     load_run,
     resolve_evaluation,
 )
+from her2exp.runtime.hydra_run import HydraRun
 from her2exp.runtime.rundir import ARTIFACTS, artifact
 from her2exp.tracking.factory import build as build_tracker
 from her2exp.tracking.store import require_store
@@ -218,7 +219,7 @@ def _calibration(run: TrainedRun) -> str:
     return f"{run.source_run}: {c['method']}{t}"
 
 
-def evaluate_sweep(ecfg: DictConfig) -> dict[str, Any]:
+def evaluate_sweep(ecfg: DictConfig, hydra: HydraRun | None = None) -> dict[str, Any]:
     """her2exp-eval sweep_run_id=: the members' mean probability on a cohort, at the ensemble's
     thresholds, reported through report_cohorts into one MLflow eval run."""
     if ecfg.split:
@@ -244,11 +245,16 @@ def evaluate_sweep(ecfg: DictConfig) -> dict[str, Any]:
     ]
     mean, sd = member_stats([s.probs for s in scored])
     split = ScoredSplit(scored[0].name, scored[0].rows, mean, scored[0].images, member_sd=sd)
-    return _report_sweep(ecfg, ens, evaluation, cohort, split)
+    return _report_sweep(ecfg, ens, evaluation, cohort, split, hydra)
 
 
 def _report_sweep(
-    ecfg: DictConfig, ens: Ensemble, evaluation: DictConfig, cohort: Any, split: ScoredSplit
+    ecfg: DictConfig,
+    ens: Ensemble,
+    evaluation: DictConfig,
+    cohort: Any,
+    split: ScoredSplit,
+    hydra: HydraRun | None = None,
 ) -> dict[str, Any]:
     """One MLflow eval run (tags source_sweep_run_id, ensemble_members) through the eval's own
     `record_eval`, with the uncertainty gallery and the mean member sd."""
@@ -282,6 +288,6 @@ def _report_sweep(
         return [plot_most_uncertain(report_dir, split, evaluation.gallery_max)]
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    record = EvalRecord(logged, tags, header, device, gallery)
+    record = EvalRecord(logged, tags, header, device, gallery, hydra=hydra)
     out = record_eval(tracker, record, split, ens.run.levels, evaluation, cohort.seed)
     return {**out, "ensemble": ens}

@@ -21,19 +21,21 @@ from her2exp.evaluation.ensemble import evaluate_sweep
 from her2exp.evaluation.record import EvalRecord, record_eval
 from her2exp.evaluation.scorer import build_scorer
 from her2exp.reports import card as model_card
+from her2exp.runtime.hydra_run import HydraRun
 from her2exp.runtime.rundir import ARTIFACTS, artifact
 from her2exp.tracking.factory import build as build_tracker
 from her2exp.tracking.store import download_from_run
 
 
-def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
+def evaluate_cohort(ecfg: DictConfig, hydra: HydraRun | None = None) -> dict[str, Any]:
     """Score a trained run at its frozen thresholds (a new cohort, or its own split with
     `split=val|test`); one MLflow run linked to the source run by `source_run_id`, connected
     before scoring and opened only once the scores exist. `sweep_run_id`: the sweep's members
-    as one ensemble (her2exp/evaluation/ensemble.py)."""
+    as one ensemble (her2exp/evaluation/ensemble.py). `hydra`: the command's Hydra facts, read
+    at its entry (cli.eval.main), for the MLflow run's sweep and job."""
     if ecfg.get("sweep_run_id"):
         check_eval(ecfg)
-        return evaluate_sweep(ecfg)
+        return evaluate_sweep(ecfg, hydra)
     run, evaluation, cohort = prepare_evaluation(ecfg)
     scorer = build_scorer(run, ecfg.trainer.amp, ecfg.seed, evaluation.tta)
     tracker = build_tracker(ecfg.tracking, True)
@@ -66,7 +68,7 @@ def evaluate_cohort(ecfg: DictConfig) -> dict[str, Any]:
     if extra is not None:
         header["mil"] = {"name": run.cfg.mil.name, "bag_by": run.cfg.data.bag_by}
     card = model_card.eval_card(run, ecfg, download_from_run)  # the run's card + this cohort
-    record = EvalRecord(ecfg, tags, header, scorer.device, extra, after_reports=card)
+    record = EvalRecord(ecfg, tags, header, scorer.device, extra, after_reports=card, hydra=hydra)
     if evaluation.get("explain", False) and extra is None:  # bags have no patch galleries
         # Eval scores pixels through the whole model, a cached-feature run's too.
         record.explainer = explain.build(scorer.model, scorer.preprocess, False, scorer.stain)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from her2exp.evaluation.reporting import report_cohorts
 from her2exp.evaluation.scored import ScoredSplit
+from her2exp.runtime.hydra_run import HydraRun
 from her2exp.runtime.rundir import ARTIFACTS, RunDir, artifact
 from her2exp.tracking.audit import environment_tags, git_info
 from her2exp.tracking.base import Tracker
@@ -33,6 +34,7 @@ class EvalRecord:
     #: Files drawn after it from what it wrote (the model card), uploaded under reports/.
     after_reports: Callable[[Path], list[Path]] | None = None
     explainer: Any = None  # explain.Explainer of the scored model (evaluation.explain)
+    hydra: HydraRun | None = None  # the command's Hydra facts (its sweep and job), if any
 
 
 def record_eval(
@@ -49,7 +51,8 @@ def record_eval(
     status = "FAILED"
     try:
         git = git_info()
-        tracker.start(record.logged, {**record.tags, **git, **environment_tags(record.device)})
+        tags = {**record.tags, **git, **environment_tags(record.device)}
+        tracker.start(record.logged, tags, hydra=record.hydra)
         report_dir = RunDir(Path(record.logged.output_dir)).reports
         report_dir.mkdir(parents=True, exist_ok=True)
         extra = record.extra_reports(report_dir) if record.extra_reports else []

@@ -1,12 +1,13 @@
 """What Hydra knows about the running command: its overrides, its mode, its job and folders.
 
 Read from Hydra's runtime config (set by `@hydra.main`) once, at the command's entry
-(`HydraRun.current()`: training's composition root, her2exp/training/run.py `run`), into a frozen
-`HydraRun` that is passed down: the run's tracker tags, its resume command, its model card and the
-sweep default of `evaluation.explain` read that, never HydraConfig. This module is the one place
-that imports HydraConfig (tests/runtime/test_rundir.py holds it); her2exp/cli/rerun.py also
-touches it, to hide the rerun command's own config from the run it trains. Here, below `training`
-and `reports`, so both can take it.
+(`HydraRun.current()` in cli/train.py and cli/eval.py, the commands whose runs record their
+command line), into a frozen `HydraRun` that is passed down: the run's tracker tags and sweep
+tags, its resume command, its model card and the sweep default of `evaluation.explain` read
+that, never HydraConfig. A caller that hands none (tests, notebooks, her2exp-rerun, whose run
+records the original's overrides) gets `HydraRun()`. This module is the one place that imports
+HydraConfig (tests/runtime/test_rundir.py holds it). Here, below `tracking`, `training` and
+`reports`, so all of them can take it.
 """
 
 from __future__ import annotations

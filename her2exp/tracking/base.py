@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from her2exp.config import ConfigError
+from her2exp.runtime.hydra_run import HydraRun
 
 
 class TrackingUnavailable(ConfigError, RuntimeError):
@@ -35,8 +36,10 @@ class Tracker:
         tags: dict[str, str],
         run_dir: Path | None = None,
         continue_run: bool = False,
+        hydra: HydraRun | None = None,
     ) -> None:
-        """Open the run (`continue_run`: the one `run_dir` recorded, if any)."""
+        """Open the run (`continue_run`: the one `run_dir` recorded, if any); `hydra`: the
+        command's Hydra facts, read at its entry (its sweep and job; None: none)."""
 
     def log_history(self, rows: list[dict[str, float]]) -> None:
         """Per-epoch rows (each with an "epoch" key): the step of each row is its epoch."""

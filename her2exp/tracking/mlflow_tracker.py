@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from her2exp.runtime.hydra_run import HydraRun
 from her2exp.runtime.rundir import RunDir
 from her2exp.tracking.audit import as_params, flatten, git_diff, pip_freeze
 from her2exp.tracking.base import Tracker, TrackingUnavailable
@@ -183,9 +184,11 @@ class MlflowTracker(Tracker):
         tags: dict[str, str],
         run_dir: Path | None = None,
         continue_run: bool = False,
+        hydra: HydraRun | None = None,
     ) -> None:
-        """Create the run, or with `continue_run` reopen the one `run_dir` recorded."""
-        sweep = sweep_context()
+        """Create the run, or with `continue_run` reopen the one `run_dir` recorded; `hydra`
+        (read at the command's entry) says which sweep and job it is."""
+        sweep = sweep_context(hydra)
         tags = {**tags, **sweep_tags(sweep)}
         if self.fallback_from:
             tags["tracking_fallback_from"] = self.fallback_from

@@ -32,10 +32,11 @@ SWEEP_ENV = {
 
 def sweep_context(hydra: HydraRun | None = None) -> dict[str, str]:
     """Parent run and job of a Hydra multirun: from Hydra in the job process (`hydra`, read at
-    the command's entry; None: read now, for the commands that do not pass one), or from the
-    environment in workers the job process spawned (trainer.nproc_per_node)."""
+    the command's entry; None: a command composed without Hydra), or from the environment in
+    workers the job process spawned (trainer.nproc_per_node)."""
     ctx = {k: os.environ[v] for k, v in SWEEP_ENV.items() if v in os.environ}
-    ctx.update((HydraRun.current() if hydra is None else hydra).sweep_context())
+    if hydra is not None:
+        ctx.update(hydra.sweep_context())
     return ctx
 
 

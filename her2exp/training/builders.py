@@ -30,6 +30,7 @@ from her2exp.models import losses
 from her2exp.runtime import distributed, rundir
 from her2exp.runtime.amp import resolve_amp
 from her2exp.runtime.distributed import DistContext
+from her2exp.runtime.hydra_run import HydraRun
 from her2exp.runtime.rundir import RunDir
 from her2exp.stain import pipeline as stain_pipeline
 from her2exp.stain.pipeline import StainCollate
@@ -309,16 +310,17 @@ def start_tracking(
     runtime: Runtime,
     parts: DataParts,
     model: models.Her2Classifier,
-    overrides: list[str],
+    hydra: HydraRun,
 ) -> None:
-    """Open (or continue) the run with its audit tags, the data set and what was skipped."""
+    """Open (or continue) the run with its audit tags (the command line's overrides among
+    them), its sweep and job (`hydra`), the data set and what was skipped."""
     dctx, bundle = runtime.dctx, parts.bundle
     tags = tracking.run_tags(
         cfg,
         dctx.device,
         dctx.world_size,
         dctx.backend,
-        overrides,
+        list(hydra.overrides),
         bundle.fingerprint,
         model.weights_info,
     )
@@ -333,7 +335,7 @@ def start_tracking(
         tags["resume_forced_changes"] = "; ".join(runtime.resume.forced_changes)[:5000]
     if runtime.restarts:
         tags["torchelastic_restart_count"] = str(runtime.restarts)
-    tracker.start(cfg, tags, run_dir=runtime.run_dir, continue_run=runtime.continue_run)
+    tracker.start(cfg, tags, runtime.run_dir, runtime.continue_run, hydra)
     tracker.log_dataset(bundle.manifest, cfg.data.source, bundle.fingerprint, parts.counts)
     if len(bundle.skipped) and dctx.is_main:  # data.on_bad_file=skip: what was left out
         path = checkpoint.atomic_write_text(

@@ -48,7 +48,7 @@ def train(cfg: DictConfig, hydra: HydraRun | None = None) -> dict[str, Any]:
     tracker = builders.build_tracker(cfg, runtime)
     status, summary = "FAILED", {}
     try:
-        builders.start_tracking(tracker, cfg, runtime, parts, model, list(hydra.overrides))
+        builders.start_tracking(tracker, cfg, runtime, parts, model, hydra)
         if cfg.model.cache_features:
             builders.use_cached_features(cfg, parts, model, runtime, tracker)
         trainer = builders.build_trainer(cfg, runtime, parts, wrapped, tracker)
@@ -167,9 +167,11 @@ def _worker(container: dict[str, Any], hydra: HydraRun) -> dict[str, Any]:
 def run(cfg: DictConfig, hydra: HydraRun | None = None) -> dict[str, Any]:
     """Train in this process, under torchrun, or by starting `trainer.nproc_per_node` workers.
 
-    Hydra's runtime config is read here, once (`hydra`, when the caller has not read it), and
-    passed down; the workers started below have none of their own."""
-    hydra = HydraRun.current() if hydra is None else hydra
+    `hydra`: Hydra's runtime config as the command's entry read it (cli.train.main:
+    `HydraRun.current()`), passed down - the workers started below have none of their own; None
+    for a config composed without Hydra (tests, notebooks, her2exp-rerun, whose run records the
+    original's overrides, not its own command line)."""
+    hydra = HydraRun() if hydra is None else hydra
     # evaluation.explain: off in a sweep unless asked for, before the config is copied.
     explain.resolve_sweep_default(cfg, hydra)
     n = cfg.trainer.nproc_per_node

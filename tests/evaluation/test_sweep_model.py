@@ -112,7 +112,6 @@ def test_her2exp_eval_refuses_a_grid_as_an_ensemble(lr_grid: tuple[Path, str]) -
 MLFLOW_ELSEWHERE = {
     "serving_model.py": "the model-from-code file MLflow copies into every logged model",
     "bench/": "make bench times the served model through MLflow itself",
-    "apps/export.py": "log_export adds the exported file to the training run (not moved yet)",
 }
 
 
@@ -151,4 +150,4 @@ def test_mlflow_is_imported_only_in_tracking() -> None:
                 found.add(name)
     allowed = {n for n in found if any(n.startswith(a) for a in MLFLOW_ELSEWHERE)}
     assert found - allowed == set()
-    assert {"evaluation/ensemble.py", "apps/compare.py"}.isdisjoint(found)
+    assert {"evaluation/ensemble.py", "apps/compare.py", "apps/export.py"}.isdisjoint(found)

@@ -125,14 +125,16 @@ def test_the_check_finds_a_path_string() -> None:
 
 
 def test_hydras_runtime_config_is_read_in_one_place() -> None:
-    """HydraConfig is imported by runtime/hydra_run.py (HydraRun.current, called at the command's
-    entry) and by cli/rerun.py, which hides the rerun command's own Hydra config from the
-    training it starts (that run must record the original's overrides, not `her2exp-rerun
-    run_id=...`); nothing else reads it, so what a run records comes from the one HydraRun."""
-    allowed = {Path("her2exp/runtime/hydra_run.py"), Path("her2exp/cli/rerun.py")}
-    importers = set()
+    """HydraConfig is imported by runtime/hydra_run.py alone, and `HydraRun.current()` is called
+    only at the entry of the two commands whose runs record their command line (her2exp-train,
+    her2exp-eval); everything below takes the HydraRun it is handed (her2exp-rerun hands none:
+    its run records the original's overrides, not `her2exp-rerun run_id=...`)."""
+    importers, readers = set(), set()
     for path in sorted(PACKAGE.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom) and node.module == "hydra.core.hydra_config":
                 importers.add(path.relative_to(PACKAGE.parent))
-    assert importers == allowed
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "HydraRun.current":
+                readers.add(path.relative_to(PACKAGE.parent))
+    assert importers == {Path("her2exp/runtime/hydra_run.py")}
+    assert readers == {Path("her2exp/cli/train.py"), Path("her2exp/cli/eval.py")}
