@@ -2,10 +2,10 @@
 
 The members are the sweep parent's FINISHED child runs (`tracking.sweep.finished_children`), of a
 sweep the sweep model classifies as cv or repeat (`tracking.sweep_model`: a grid or a
-leaderboard is refused before any checkpoint is downloaded), each
-loaded through `evaluation.load_run` (its best.pt) and scored through `evaluation.score` /
-`build_scorer` (predict: `patch_scoring.patch_scorer` / `patch_probs`), so a member is scored exactly as its own
-`her2exp-eval run_id=` would score it. The ensemble's probability is the mean of the members';
+leaderboard is refused before any checkpoint is downloaded), each loaded through
+`evaluation.load_run` (its best.pt) and scored by its own `evaluation.Scorer` (`build_scorer`:
+eval through `score`, predict through `Scorer.probabilities`), so a member is scored exactly as
+its own `her2exp-eval run_id=` would score it. The ensemble's probability is the mean of the members';
 the per-patch sd across members is its uncertainty. The ensemble's own operating points are
 chosen per level, as a run's are, on scores no member trained on: for a cross-validation sweep
 the pooled out-of-fold predictions (each child's `reports/predictions_test.csv`: every patient
