@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import OmegaConf
 
+from her2exp import metrics
 from her2exp.runtime.rundir import RunDir
 from her2exp.tracking.sweep_model import SweepChild, children_on_disk, job_config
 
@@ -26,7 +27,7 @@ LEVEL_FILES = {
     "slide": "predictions_slides_test.csv",
     "patient": "predictions_patients_test.csv",
 }
-CALLED = "called_her2_pos_"
+CALLED = metrics.CALLED_PREFIX  # the decision rule's call columns (metrics.decision)
 
 
 @dataclass
