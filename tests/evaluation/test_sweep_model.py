@@ -106,6 +106,23 @@ def test_her2exp_eval_refuses_a_grid_as_an_ensemble(lr_grid: tuple[Path, str]) -
     assert not (cwd / "eval").exists()
 
 
+def test_her2exp_predict_refuses_a_grid_as_an_ensemble(lr_grid: tuple[Path, str], tmp_path) -> None:
+    """predict's sweep_run_id= takes the same road (evaluation.ensemble.load_ensemble)."""
+    from PIL import Image
+
+    from her2exp.apps.predict import predict_folder
+    from her2exp.cli.common import compose
+    from her2exp.config import ConfigError
+
+    cwd, parent = lr_grid
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (32, 32), (180, 120, 160)).save(tmp_path / "in" / "p.png")
+    opts = compose("predict", [f"sweep_run_id={parent}", f"tracking.uri=sqlite:///{cwd}/mlflow.db",
+                               f"input={tmp_path / 'in'}"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"differ in trainer\.lr.*not an ensemble"):
+        predict_folder(opts)
+
+
 # --- read from the source ----------------------------------------------------------------------
 
 #: Modules outside her2exp/tracking that import mlflow, and why they may.
