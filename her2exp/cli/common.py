@@ -25,6 +25,11 @@ directly, as `@hydra.main`'s pass-through does. How it works: Hydra re-raises wh
 report when `HYDRA_FULL_ERROR=1` (documented behaviour); the wrapper sets it for the call,
 catches what comes out and prints user errors as one line itself. Exceptions that escape the
 command's own function are marked, so they are never mistaken for composition errors.
+
+Before Hydra's main runs, `precheck` composes the same command line (run directory resolved,
+nothing created) and runs the command's checks (config.commands.CHECKS, and her2exp-train's
+`start_check`: the model name and the run directory's plan), so a refused command creates no
+run directory and rewrites nothing of an existing run (`.hydra/`, the job log).
 """
 
 from __future__ import annotations
