@@ -25,6 +25,11 @@ directly, as `@hydra.main`'s pass-through does. How it works: Hydra re-raises wh
 report when `HYDRA_FULL_ERROR=1` (documented behaviour); the wrapper sets it for the call,
 catches what comes out and prints user errors as one line itself. Exceptions that escape the
 command's own function are marked, so they are never mistaken for composition errors.
+
+Before Hydra's main runs, `precheck` composes the same command line (run directory resolved,
+nothing created) and runs the command's checks (config.commands.CHECKS, and her2exp-train's
+`start_check`: the model name and the run directory's plan), so a refused command creates no
+run directory and rewrites nothing of an existing run (`.hydra/`, the job log).
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 # compose and CONFIG_DIR live with the schemas (her2exp.config.compose); re-exported here, where
 # commands, tests and notebooks have always imported them.
-from her2exp.config.compose import CONFIG_DIR, compose
+from her2exp.config.commands import CHECKS
+from her2exp.config.compose import CONFIG_DIR, compose, compose_run
 from her2exp.core.errors import ConfigError, UserError
 
 EXIT_USER_ERROR = 2
@@ -203,6 +209,61 @@ def check_sweep(config_name: str, argv: list[str]) -> None:
     compose(config_name, first)
 
 
+#: Hydra's flags that show something instead of running the command, run a multirun (each
+#: value composed by check_sweep), or compose another config than conf/<command>.yaml: the
+#: pre-check leaves these to Hydra.
+_PASS_THROUGH = (
+    "help",
+    "hydra_help",
+    "cfg",
+    "info",
+    "shell_completion",
+    "multirun",
+    "config_path",
+    "config_name",
+    "config_dir",
+    "experimental_rerun",
+)
+
+
+def precheck(
+    config_name: str, argv: list[str], start_check: Callable[[DictConfig], object] | None = None
+) -> None:
+    """Compose the command line as Hydra's main is about to (config.compose.compose_run: the
+    run directory resolved, nothing created) and run the command's checks (CHECKS, then
+    `start_check`) before Hydra creates the run directory and writes `.hydra/` and the job log
+    there: a refused command leaves no directory behind and changes nothing of an existing run
+    (its `.hydra/` records the command that made it). The checks raise as in the command: one
+    line, exit 2; a bug in them keeps its traceback."""
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(argv)
+    if any(getattr(args, flag, None) for flag in _PASS_THROUGH):
+        return
+    cfg, _, multirun = compose_run(config_name, args.overrides)
+    if multirun:  # hydra.mode=MULTIRUN: as -m
+        return
+    _as_command(CHECKS[config_name], cfg)
+    if start_check is not None:
+        _as_command(start_check, cfg)
+
+
+def _as_command(fn: Callable[[DictConfig], R], cfg: DictConfig) -> R:
+    """`fn(cfg)` as the command runs it: its user errors one line and exit 2, any other
+    exception marked as raised by the command (a bug: never mistaken for a composition error)."""
+    try:
+        return fn(cfg)
+    except UserError as exc:
+        fail(str(exc))
+    except ConfigError as exc:
+        fail(f"configuration error: {exc}")
+    except BaseException as exc:
+        with contextlib.suppress(AttributeError, TypeError):  # a few builtins refuse
+            setattr(exc, _FROM_TASK, True)  # noqa: B010 - a marker, not an attribute API
+        raise
+    raise AssertionError("unreachable")
+
+
 #: conf/hydra/default.yaml's resolvers (her2exp-train, her2exp-eval) -> the function of
 #: her2exp.runtime.distributed behind each (its register_resolvers registers the same three).
 RUN_DIR_RESOLVERS = {
@@ -232,27 +293,21 @@ def _deferred(target: str) -> Callable[[str], object]:
 
 
 def hydra_command(
-    config_name: str, positional: str | None = None
+    config_name: str,
+    positional: str | None = None,
+    start_check: Callable[[DictConfig], object] | None = None,
 ) -> Callable[[Callable[[DictConfig], R]], Callable[..., R | None]]:
     """`@hydra.main` over conf/<config_name>.yaml with the one-line user-error convention.
 
     `positional`: the key a single leading bare argument stands for (`her2exp-sync DIR`).
+    `start_check`: what the command refuses beyond its values (config.commands.CHECKS), asked
+    before Hydra writes anything too (`precheck`); it may import the heavy stack.
     """
 
     def decorate(task: Callable[[DictConfig], R]) -> Callable[..., R | None]:
         @functools.wraps(task)
         def job(cfg: DictConfig) -> R:
-            try:
-                return task(cfg)
-            except UserError as exc:
-                fail(str(exc))
-            except ConfigError as exc:
-                fail(f"configuration error: {exc}")
-            except BaseException as exc:
-                with contextlib.suppress(AttributeError, TypeError):  # a few builtins refuse
-                    setattr(exc, _FROM_TASK, True)  # noqa: B010 - a marker, not an attribute API
-                raise
-            raise AssertionError("unreachable")
+            return _as_command(task, cfg)
 
         app = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(job)
 
@@ -265,6 +320,7 @@ def hydra_command(
                     sys.argv[1:] = positional_to_override(sys.argv[1:], positional)
                     check_flags(sys.argv[1:])
                     check_sweep(config_name, sys.argv[1:])
+                    precheck(config_name, sys.argv[1:], start_check)
                     return app()
                 except Exception as exc:
                     if full_error or not _is_user_error(exc):

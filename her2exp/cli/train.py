@@ -17,7 +17,15 @@ from her2exp.cli.common import hydra_command, register_run_dir_resolvers
 register_run_dir_resolvers()  # conf/hydra/default.yaml's run directory
 
 
-@hydra_command("train")
+def start_check(cfg: DictConfig) -> None:
+    """Asked before Hydra writes the run directory (hydra_command's pre-check): a model name
+    timm does not know, and what the run directory holds (training.run.check_start)."""
+    from her2exp.training.run import check_start  # start-up time: torch, after composing
+
+    check_start(cfg)
+
+
+@hydra_command("train", start_check=start_check)
 def main(cfg: DictConfig) -> float:
     """A user's mistake (ConfigError, a Hydra override error) is one line and exit 2 through
     hydra_command; a full disk is one line and exit 1; a pre-empted run exits 128 + signal."""

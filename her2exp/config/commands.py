@@ -71,7 +71,8 @@ def check_train(cfg: Any) -> None:
     """What her2exp-train checks of a config before it imports torch: every value
     (config.validate). Whether timm knows `model.name` needs timm, so training checks that as
     the first step of building the run (training.builders.build_runtime: validate, then
-    models.check_model_name, then the run directory's checks), before any work."""
+    models.check_model_name, then the run directory's checks), before any work; her2exp-train
+    asks all three before Hydra writes its run directory too (cli/train.py start_check)."""
     validate(cfg)
 
 

@@ -204,10 +204,14 @@ def find_latest(run_dir: Path) -> Path | None:
     return run.last if run.last.is_file() else None
 
 
-def plan(cfg: DictConfig, run_dir: Path, restarts: int, is_main: bool = True) -> ResumePlan:
+def plan(
+    cfg: DictConfig, run_dir: Path, restarts: int, is_main: bool = True, read_only: bool = False
+) -> ResumePlan:
     """Resolve `trainer.resume` against what `run_dir` holds; refuse what would lose or mix runs.
 
     Pure reads: every rank decides the same, and the parent of spawned workers can decide first.
+    `read_only`: her2exp-train's check before Hydra writes anything (training.run.check_start),
+    which removes nothing (not even the stale temporary files a killed attempt left).
     """
     t = cfg.trainer
     resume = t.resume
@@ -224,7 +228,7 @@ def plan(cfg: DictConfig, run_dir: Path, restarts: int, is_main: bool = True) ->
             )
         return ResumePlan(None, False)
     if resume == "auto":
-        path = find_latest(run_dir) if is_main else _peek_latest(run_dir)
+        path = find_latest(run_dir) if is_main and not read_only else _peek_latest(run_dir)
         if path is None:
             log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", run_dir)
             return ResumePlan(None, True)
@@ -251,6 +255,22 @@ def _peek_latest(run_dir: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
+#: The checkpoints whose checksum this process has checked, as (path, inode, size, mtime) of
+#: the file and its sidecar: her2exp-train's pre-check and build_runtime read it once.
+_VERIFIED: set[tuple[object, ...]] = set()
+
+
+def _verify_once(path: Path) -> None:
+    def stamp(p: Path) -> tuple[object, ...]:
+        st = p.stat() if p.exists() else None
+        return (str(p.resolve()), st and st.st_ino, st and st.st_size, st and st.st_mtime_ns)
+
+    key = stamp(path) + stamp(checkpoint.checksum_path(path))
+    if key not in _VERIFIED:
+        checkpoint.verify(path)
+        _VERIFIED.add(key)
+
+
 def _stored(path: Path, verify: bool = True) -> dict[str, Any]:
     """The checkpoint's config and data fingerprint; a damaged file is the user's to fix.
 
@@ -259,7 +279,7 @@ def _stored(path: Path, verify: bool = True) -> dict[str, Any]:
     repeat its answer."""
     try:
         if verify:
-            checkpoint.verify(path)
+            _verify_once(path)
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except checkpoint.CheckpointCorruptError as exc:
         raise ConfigError(f"trainer.resume: {exc}") from exc

@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from her2exp import tracking
+from her2exp import models, tracking
 from her2exp.config import ConfigError, register_configs, validate
 from her2exp.engine import explain
 from her2exp.runtime import distributed, rundir
@@ -162,6 +162,28 @@ def _worker(container: dict[str, Any], hydra: HydraRun) -> dict[str, Any]:
         if distributed.env_rank() == 0:
             print(f"her2exp: configuration error: {exc}", file=sys.stderr)
         raise
+
+
+def check_start(cfg: DictConfig) -> None:
+    """What her2exp-train refuses before Hydra's run creates or writes anything (cli/train.py's
+    start_check): every value, a model name timm does not know, and what the run directory
+    holds (rundir.plan, read only: an earlier run's checkpoint without trainer.resume, a
+    changed experiment on resume, a missing or damaged resume checkpoint). build_runtime asks
+    it all again on every rank; the checksum of an unchanged checkpoint is not read twice."""
+    validate(cfg)
+    models.check_model_name(cfg.model.name)
+    quiet = logging.getLogger("her2exp")
+    before, quiet.disabled = quiet.disabled, True  # the run logs the plan, once configured
+    try:
+        rundir.plan(
+            cfg,
+            Path(cfg.output_dir),
+            distributed.restart_count(),
+            distributed.env_rank() == 0,
+            read_only=True,
+        )
+    finally:
+        quiet.disabled = before
 
 
 def run(cfg: DictConfig, hydra: HydraRun | None = None) -> dict[str, Any]:
