@@ -9,7 +9,14 @@ optimizer and schedule would silently override:
   checkpoints, reports and MLflow run link are removed, a new run starts);
 - `trainer.resume`: the checkpoint must exist and load, and its config must match the new one on
   every key that changes what is computed (EXPERIMENT_FREE lists the rest), and its data
-  fingerprint the new data's; `trainer.resume_force=true` resumes anyway and records the change.
+  fingerprint the new data's; `trainer.resume_force=true` resumes anyway and records the change;
+- `trainer.resume=auto` and no last.pt where a run got as far as its best.pt or reports/best.json
+  (last.pt deleted to save space): refused unless `trainer.overwrite=true` - it cannot be
+  resumed, and a fresh start would replace its best.pt, reports and finished MLflow run;
+- a last.pt that is not a file (a directory): refused, it can be neither resumed nor written.
+
+All of it is read from the files alone, so every rank decides the same, before any work and
+before any file is written; runtime.runlock then keeps a second start out while the run runs.
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ SUMMARY_MD = "summary.md"
 HYDRA = ".hydra"  # Hydra's record of the command: config.yaml, hydra.yaml, overrides.yaml
 HYDRA_CONFIG = "config.yaml"
 HYDRA_OVERRIDES = "overrides.yaml"
+LOCK = ".her2exp.lock"  # flock'd by the run's rank 0 while it runs (runtime/runlock.py)
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,12 @@ class RunDir:
         return self.hydra / HYDRA_OVERRIDES
 
     @property
+    def lock(self) -> Path:
+        """The advisory lock a running run holds (runtime.runlock); not an output of the run:
+        overwrite keeps it, and no check takes its presence for an earlier run."""
+        return self.root / LOCK
+
+    @property
     def run_outputs(self) -> tuple[Path, ...]:
         """What `trainer.overwrite=true` removes: the files that belong to the earlier run."""
         return tuple(self.root / name for name in RUN_OUTPUTS)
@@ -193,45 +207,48 @@ def existing_checkpoint(run_dir: Path) -> Path | None:
 
 
 def find_latest(run_dir: Path) -> Path | None:
-    """`trainer.resume=auto`: the run directory's last.pt, if a previous attempt left one.
+    """`trainer.resume=auto`: the run directory's last.pt, if a previous attempt left one."""
+    last = RunDir(run_dir).last
+    return last if last.is_file() else None
 
-    Temporary files of writes that a killed attempt never finished are removed here (only one
-    process ever writes into checkpoints/, and it has not started writing yet).
-    """
-    run = RunDir(run_dir)
-    for stale in run.checkpoints.glob(".*.tmp"):
+
+def remove_stale_temps(run_dir: Path) -> None:
+    """Temporary files of checkpoint writes that a killed attempt never finished. Rank 0 only,
+    once it holds the run directory's lock (runtime.runlock): another start's writer may be
+    mid-write until then, and plan, which runs before the lock, only reads."""
+    for stale in RunDir(run_dir).checkpoints.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
-    return run.last if run.last.is_file() else None
 
 
-def plan(
-    cfg: DictConfig, run_dir: Path, restarts: int, is_main: bool = True, read_only: bool = False
-) -> ResumePlan:
+def plan(cfg: DictConfig, run_dir: Path, restarts: int, is_main: bool = True) -> ResumePlan:
     """Resolve `trainer.resume` against what `run_dir` holds; refuse what would lose or mix runs.
 
-    Pure reads: every rank decides the same, and the parent of spawned workers can decide first.
-    `read_only`: her2exp-train's check before Hydra writes anything (training.run.check_start),
-    which removes nothing (not even the stale temporary files a killed attempt left).
+    Pure reads: every rank decides the same, the parent of spawned workers can decide first,
+    and her2exp-train's check before Hydra writes anything (training.run.check_start) asks it
+    too; the stale temporary files of a killed attempt are removed later, under the run's lock
+    (remove_stale_temps).
     """
     t = cfg.trainer
     resume = t.resume
     if resume is None and restarts > 0:  # torchrun --max-restarts brought the group back
         log.info("torchrun restart %d: resuming from the run directory's last checkpoint", restarts)
         resume = "auto"
+    if not t.overwrite:
+        check_last_is_a_file(RunDir(run_dir))
     if resume is None:
         found = existing_checkpoint(run_dir)
         if found is not None and not t.overwrite:
+            how = "trainer.resume=auto continues it, " if found == RunDir(run_dir).last else ""
             raise ConfigError(
                 f"hydra.run.dir={run_dir} holds the checkpoint {found} of an earlier run: "
-                "trainer.resume=auto continues it, trainer.overwrite=true replaces it (its "
-                "checkpoints and reports are removed), or choose another hydra.run.dir"
+                f"{how}trainer.overwrite=true replaces it (its checkpoints and reports are "
+                "removed), or choose another hydra.run.dir"
             )
         return ResumePlan(None, False)
     if resume == "auto":
-        path = find_latest(run_dir) if is_main and not read_only else _peek_latest(run_dir)
+        path = find_latest(run_dir)
         if path is None:
-            log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", run_dir)
-            return ResumePlan(None, True)
+            return _fresh_or_refused(run_dir, t.overwrite)
     else:
         path = Path(resume)
         if not path.is_file():
@@ -249,10 +266,42 @@ def plan(
     return ResumePlan(path, resume == "auto", stored.get("data_fingerprint"), changes)
 
 
-def _peek_latest(run_dir: Path) -> Path | None:
-    """resume=auto on ranks > 0: the same answer as find_latest, without its clean-up."""
-    candidate = RunDir(run_dir).last
-    return candidate if candidate.is_file() else None
+def finished_run(run_dir: Path) -> list[Path]:
+    """What marks `run_dir` as holding a run that got as far as a best epoch (best.pt) or its
+    final summary (reports/best.json). Files alone: cheap, and the same answer on every rank."""
+    run = RunDir(run_dir)
+    return [p for p in (run.best, run.best_json) if p.is_file()]
+
+
+def check_last_is_a_file(run: RunDir) -> None:
+    """A `last.pt` that is a directory (or a socket, a fifo) is no checkpoint: resume=auto
+    would start fresh over the run's best.pt and then fail to write last.pt, so: refused."""
+    last = run.last
+    if last.exists() and not last.is_file():
+        raise ConfigError(
+            f"{last} is not a file (a directory?): it cannot be resumed from or written; "
+            "move it away, or trainer.overwrite=true to replace the run in "
+            f"hydra.run.dir={run.root}"
+        )
+
+
+def _fresh_or_refused(run_dir: Path, overwrite: bool) -> ResumePlan:
+    """resume=auto without a last.pt: a fresh start, unless the directory holds a run that got
+    further than its first epoch (last.pt deleted to save space: it cannot be resumed, and
+    training into it would replace its best.pt, reports and finished MLflow run)."""
+    finished = finished_run(run_dir)
+    if finished and not overwrite:
+        names = ", ".join(str(p.relative_to(run_dir)) for p in finished)
+        raise ConfigError(
+            f"hydra.run.dir={run_dir} holds an earlier run ({names}) but no {LAST} to resume "
+            "from: trainer.resume=auto cannot continue it; trainer.overwrite=true replaces it "
+            "(its checkpoints, reports and MLflow link are removed), or choose another "
+            "hydra.run.dir"
+        )
+    if finished:  # trainer.overwrite=true: build_runtime clears it, a new MLflow run starts
+        return ResumePlan(None, False)
+    log.info("trainer.resume=auto: no checkpoint in %s, starting fresh", run_dir)
+    return ResumePlan(None, True)
 
 
 #: The checkpoints whose checksum this process has checked, as (path, inode, size, mtime) of

@@ -27,7 +27,7 @@ from her2exp.data import bags as mil_bags
 from her2exp.engine import OptimizerUpdate, Preprocess, StepPolicy, features
 from her2exp.evaluation.scorer import Scorer
 from her2exp.models import losses
-from her2exp.runtime import distributed, rundir
+from her2exp.runtime import distributed, rundir, runlock
 from her2exp.runtime.amp import resolve_amp
 from her2exp.runtime.distributed import DistContext
 from her2exp.runtime.hydra_run import HydraRun
@@ -56,6 +56,7 @@ class Runtime:
     restarts: int  # torchrun --max-restarts attempts so far
     autocast_dtype: torch.dtype | None
     use_scaler: bool
+    lock: runlock.RunLock = field(default_factory=runlock.RunLock)  # rank 0's, for the run
 
     @property
     def continue_run(self) -> bool:
@@ -64,17 +65,38 @@ class Runtime:
 
 
 def build_runtime(cfg: DictConfig) -> Runtime:
-    """Validate, join the process group, seed (seed + rank), agree on the run directory and
-    resolve `trainer.resume` against what it holds (rundir.plan: a torchrun restart resumes
-    its last.pt; an earlier run's checkpoint is never overwritten by accident)."""
+    """Validate, resolve `trainer.resume` against what the run directory holds (rundir.plan,
+    reads only, so a refused start writes nothing: a torchrun restart resumes its last.pt; an
+    earlier run is never overwritten by accident), lock it (rank 0: runtime.runlock), join the
+    process group, agree on rank 0's lock answer, seed (seed + rank). The lock is the
+    Runtime's: `train` releases it when the run ends."""
     validate(cfg)
     models.check_model_name(cfg.model.name)
     if cfg.tracking.backend == "mlflow" and distributed.env_rank() == 0:
         check_local_store(cfg.tracking.uri)
     run_dir = Path(cfg.output_dir)
     restarts = distributed.restart_count()
-    resume = rundir.plan(cfg, run_dir, restarts, distributed.env_rank() == 0)
-    dctx = distributed.init(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+    resume = rundir.plan(cfg, run_dir, restarts, distributed.env_rank() == 0)  # reads only
+    lock, refusal = runlock.take(run_dir, distributed.env_rank())
+    try:
+        dctx = distributed.init(cfg.trainer.device, cfg.trainer.dist_timeout_s)
+        refusal = distributed.broadcast_object(refusal)  # rank 0 decided: every rank refuses
+        if refusal is not None:
+            distributed.teardown()
+            raise ConfigError(refusal)
+        runtime = _runtime(cfg, dctx, run_dir, resume, restarts)
+    except BaseException:
+        lock.release()
+        raise
+    runtime.lock = lock
+    return runtime
+
+
+def _runtime(
+    cfg: DictConfig, dctx: DistContext, run_dir: Path, resume: rundir.ResumePlan, restarts: int
+) -> Runtime:
+    """The rest of build_runtime, once the run directory is this run's: the device's checks,
+    the seed, the directory (cleared for trainer.overwrite=true), AMP."""
     if cfg.trainer.sync_bn and dctx.device.type != "cuda":
         raise ConfigError(
             "trainer.sync_bn=true is not allowed here: SyncBatchNorm needs CUDA (PyTorch has no "
@@ -83,6 +105,7 @@ def build_runtime(cfg: DictConfig) -> Runtime:
     set_seed(cfg.seed + dctx.rank, deterministic=cfg.trainer.deterministic)
     if dctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        rundir.remove_stale_temps(run_dir)  # the lock is held: no other writer is mid-write
         if resume.path is None and cfg.trainer.overwrite:
             rundir.clear_earlier_run(run_dir)
     dtype, use_scaler = resolve_amp(cfg.trainer.amp, dctx.device)

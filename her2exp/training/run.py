@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from her2exp import models, tracking
 from her2exp.config import ConfigError, register_configs, validate
 from her2exp.engine import explain
-from her2exp.runtime import distributed, rundir
+from her2exp.runtime import distributed, rundir, runlock
 from her2exp.runtime.hydra_run import HydraRun
 from her2exp.runtime.rundir import RunDir
 from her2exp.training import builders, probe
@@ -41,6 +41,12 @@ def train(cfg: DictConfig, hydra: HydraRun | None = None) -> dict[str, Any]:
     `hydra`: the command's Hydra facts, read once by `run` (None: composed without Hydra)."""
     hydra = HydraRun() if hydra is None else hydra
     runtime = builders.build_runtime(cfg)
+    with runtime.lock:  # rank 0 holds the run directory until the run ends, however it ends
+        return _train(cfg, hydra, runtime)
+
+
+def _train(cfg: DictConfig, hydra: HydraRun, runtime: Runtime) -> dict[str, Any]:
+    """train's work, inside the run directory's lock."""
     model = builders.build_model(cfg, runtime.dctx)  # resolves data.mean/std into cfg
     parts = builders.build_data(cfg, runtime.dctx)
     rundir.check_data(runtime.resume, parts.bundle.fingerprint, cfg.trainer.resume_force)
@@ -168,8 +174,10 @@ def check_start(cfg: DictConfig) -> None:
     """What her2exp-train refuses before Hydra's run creates or writes anything (cli/train.py's
     start_check): every value, a model name timm does not know, and what the run directory
     holds (rundir.plan, read only: an earlier run's checkpoint without trainer.resume, a
-    changed experiment on resume, a missing or damaged resume checkpoint). build_runtime asks
-    it all again on every rank; the checksum of an unchanged checkpoint is not read twice."""
+    changed experiment on resume, a missing or damaged resume checkpoint, a finished run
+    without last.pt), and a run directory another process's run holds (runlock.check_free).
+    build_runtime asks it all again on every rank and takes the lock; the checksum of an
+    unchanged checkpoint is not read twice."""
     validate(cfg)
     models.check_model_name(cfg.model.name)
     quiet = logging.getLogger("her2exp")
@@ -180,10 +188,10 @@ def check_start(cfg: DictConfig) -> None:
             Path(cfg.output_dir),
             distributed.restart_count(),
             distributed.env_rank() == 0,
-            read_only=True,
         )
     finally:
         quiet.disabled = before
+    runlock.check_free(Path(cfg.output_dir))  # another start's run: leave its .hydra/ alone
 
 
 def run(cfg: DictConfig, hydra: HydraRun | None = None) -> dict[str, Any]:
@@ -199,11 +207,15 @@ def run(cfg: DictConfig, hydra: HydraRun | None = None) -> dict[str, Any]:
     n = cfg.trainer.nproc_per_node
     if n > 1 and not distributed.under_launcher():
         validate(cfg)  # fail in the parent, before any worker starts
-        rundir.plan(cfg, Path(cfg.output_dir), distributed.restart_count())
-        container = OmegaConf.to_container(cfg, resolve=True)  # resolvers don't cross spawn
-        log.info("starting %d workers (trainer.nproc_per_node)", n)
-        with distributed.env(**tracking.export_sweep_context(hydra)):
-            return distributed.launch(
-                _worker, n, (container, hydra), Path(cfg.output_dir), cfg.trainer.dist_timeout_s
-            )
+        run_dir = Path(cfg.output_dir)
+        rundir.plan(cfg, run_dir, distributed.restart_count())
+        # The parent holds the run directory while its workers run, and tells them so.
+        with runlock.acquire(run_dir):
+            container = OmegaConf.to_container(cfg, resolve=True)  # resolvers don't cross spawn
+            log.info("starting %d workers (trainer.nproc_per_node)", n)
+            held = {runlock.HELD_ENV: str(run_dir.resolve())}
+            with distributed.env(**tracking.export_sweep_context(hydra), **held):
+                return distributed.launch(
+                    _worker, n, (container, hydra), run_dir, cfg.trainer.dist_timeout_s
+                )
     return train(cfg, hydra)
