@@ -51,6 +51,8 @@ def test_compare_refuses_a_sweep_id_that_is_not_there(smoke_run: SmokeRun, tmp_p
     # A run that is there but is no sweep's parent (the smoke run has no children).
     line = one_line(cli("compare", [*base, f"sweep={smoke_run.run_id}"], tmp_path))
     assert f"sweep={smoke_run.run_id}: run has no child runs" in line
+    line = one_line(cli("compare", [f"tracking.uri={uri}", f"out={out}/x.csv"], tmp_path))
+    assert line.startswith(f"her2exp: out={out}/x.csv cannot be written: {out} is a file")
     assert out.read_text() == "an earlier table\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.csv", "mlflow.db"]
 
