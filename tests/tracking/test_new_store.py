@@ -47,7 +47,7 @@ def test_jobs_opening_a_new_store_together_all_run(tmp_path: Path) -> None:
     db = tmp_path / "store" / "mlflow.db"  # neither the database nor its folder exists yet
     barrier = tmp_path / "barrier"
     barrier.mkdir()
-    n = 3
+    n = 2
     code = [sys.executable, "-c", OPEN_TOGETHER, str(db), str(barrier)]
     done = finish([start([*code, str(i), str(n)], tmp_path) for i in range(n)])
     assert all(rc == 0 for rc, _ in done), "\n".join(err for _, err in done)
