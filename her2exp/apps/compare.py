@@ -41,8 +41,21 @@ def _search(experiment: str, uri: str) -> tuple[Any, pd.DataFrame]:
 
 
 def parent_run(runs: pd.DataFrame, sweep: str, experiment: str) -> str:
-    """The sweep parent's run id: the latest parent for sweep=latest, else `sweep` itself."""
+    """The sweep parent's run id: the latest parent for sweep=latest, else `sweep` itself, which
+    must be a run of the experiment with child runs (a mistyped id would list nothing)."""
     if sweep != "latest":
+        ids = runs["run_id"] if "run_id" in runs else pd.Series(dtype=str)
+        if not (ids == sweep).any():
+            raise ConfigError(
+                f"sweep={sweep}: no such run in experiment {experiment!r}; give latest, all, or "
+                "the run id of a sweep's parent"
+            )
+        children = runs.get("tags.mlflow.parentRunId", pd.Series(index=runs.index))
+        if not (children == sweep).any():
+            raise ConfigError(
+                f"sweep={sweep}: run has no child runs in experiment {experiment!r}, so it is not "
+                "a sweep's parent; give latest, all, or the run id of a sweep's parent"
+            )
         return sweep
     parents = runs[runs.get("tags.sweep", pd.Series(index=runs.index)) == "parent"]
     if parents.empty:
@@ -73,6 +86,8 @@ def compare(experiment: str, sweep: str, uri: str) -> pd.DataFrame:
     """One row per run (sweep: latest | all | a parent run id), sorted by val AUC."""
     _, runs = _search(experiment, uri)
     if runs.empty:
+        if sweep not in ("all", "latest"):
+            parent_run(runs, sweep, experiment)  # refused: no run has that id
         return runs
     parent_col = "tags.mlflow.parentRunId"
     if sweep != "all":

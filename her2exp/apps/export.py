@@ -387,7 +387,7 @@ def log_export(
 def export_run(opts: DictConfig) -> Exported:
     """`her2exp-export`: load the run, fold its scoring into a graph, check the bytes against
     her2exp's scoring on its test patches, then write them atomically and log them."""
-    from her2exp.core.fileio import atomic_write
+    from her2exp.core.fileio import atomic_write, check_writable
     from her2exp.tracking import require_store
 
     fmt = str(opts.format)
@@ -401,6 +401,7 @@ def export_run(opts: DictConfig) -> Exported:
         raise UserError(
             f"out={out} exists (an earlier export): overwrite=true to replace it, or another out="
         )
+    check_writable(out, "out")  # the default under the run directory too, before the export
     tta = opts.tta or run.tta
     notes = [note] if (note := stain_note(run)) else []
     for line in notes:

@@ -12,6 +12,7 @@ from her2exp.config.choices import TTA_CHOICES
 from her2exp.config.common import UriConfig, one_source
 from her2exp.config.fields import check_ranges, ranged, refuse
 from her2exp.core.errors import UserError
+from her2exp.core.fileio import check_writable
 
 #: format= -> the file (and MLflow artifact) name of the export.
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.ts"}
@@ -58,3 +59,4 @@ def check_export(cfg: Any) -> None:
                 f"out={out} exists (an earlier export): overwrite=true to replace it, or "
                 "another out="
             )
+        check_writable(out, "out")

@@ -24,6 +24,7 @@ from her2exp.config.fields import check_ranges, ranged, refuse
 from her2exp.config.model_uri import parse_model_uri
 from her2exp.config.train import TrackingConfig
 from her2exp.core.errors import ConfigError, UserError
+from her2exp.core.fileio import check_writable
 
 
 # -- her2exp-eval --------------------------------------------------------------------------------
@@ -178,7 +179,10 @@ def check_predict(cfg: Any) -> None:
                 f"out={path} exists (the predictions of an earlier run): give another out=, "
                 "or overwrite=true to replace it"
             )
+    check_writable(out, "output" if cfg.output else "out")
     maps = heatmap_dir(cfg)
+    if slides:
+        check_writable(maps, "heatmaps", folder=True)
     if slides and maps.exists() and any(maps.iterdir()) and not cfg.overwrite:
         raise UserError(
             f"heatmaps={maps} holds an earlier run's heatmaps: give another heatmaps=, or "

@@ -16,6 +16,7 @@ from her2exp.config.choices import READERS
 from her2exp.config.common import label_rules
 from her2exp.config.fields import check_ranges, ranged, refuse
 from her2exp.core.errors import ConfigError, UserError
+from her2exp.core.fileio import check_writable
 
 SETTINGS_FILE = "tiling.json"  # the settings every per-slide file of `out` was made with
 
@@ -86,6 +87,7 @@ def check_tile(cfg: Any) -> None:
         check_out(Path(cfg.out), cfg.tiles, cfg.overwrite)
     except FileExistsError as exc:
         raise UserError(str(exc)) from None
+    check_writable(cfg.out, "out", folder=True)
 
 
 def settings(tiles: DictConfig) -> dict[str, Any]:

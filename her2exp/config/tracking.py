@@ -12,6 +12,7 @@ from her2exp.config.common import UriConfig
 from her2exp.config.fields import check_ranges, ranged, refuse
 from her2exp.config.model_uri import ALIAS_RE
 from her2exp.core.errors import ConfigError
+from her2exp.core.fileio import check_writable
 
 
 # -- her2exp-compare -----------------------------------------------------------------------------
@@ -29,6 +30,7 @@ class CompareCommand:
 def check_compare(cfg: Any) -> None:
     if not cfg.tracking.uri:
         refuse("tracking.uri", cfg.tracking.uri, "an MLflow tracking URI")
+    check_writable(cfg.out, "out")  # the table is written after the store is read
 
 
 _PORT = "a TCP port (1-65535; pg_port 0: a free one)"

@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from her2exp.core.errors import UserError
+
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_NAME = 64  # characters kept of a name before its hash suffix (file systems allow 255 bytes)
 
@@ -102,6 +104,41 @@ def check_replaceable(out: str | Path, key: str, overwrite: bool, own_file: str)
             f"{key}={out} is not empty and holds no {own_file}, so it is not an earlier output "
             "of this command; overwrite=true replaces only those: give a new or empty folder"
         )
+
+
+def writable_problem(path: str | Path, folder: bool = False) -> str | None:
+    """Why a file (`folder`: a folder) could not be written at `path`, None when it can: no
+    component of the path is a regular file, the target is not a folder when a file is wanted
+    (nor a file when a folder is), and the nearest existing folder takes a new file (tried with
+    an unnamed temporary file: os.access says yes to root everywhere, even in /proc). Writes
+    nothing."""
+    path = Path(os.path.abspath(path))
+    if path.exists():
+        if folder and not path.is_dir():
+            return f"{path} exists and is not a folder"
+        if not folder and path.is_dir():
+            return f"{path} is a folder, not a file"
+    near = path if folder and path.is_dir() else path.parent
+    while not near.exists() and near != near.parent:
+        near = near.parent  # the missing folders are created with the output
+    if not near.is_dir():
+        return f"{near} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=near):
+            pass
+    except OSError as exc:
+        return f"cannot create a file in {near} ({exc.strerror})"
+    return None
+
+
+def check_writable(path: str | Path, option: str, folder: bool = False) -> None:
+    """UserError, one line naming `option=path` (her2exp: ...), unless the command could write
+    its output there (`writable_problem`): checked before any work, so a wrong out= costs
+    nothing and leaves nothing."""
+    problem = writable_problem(path, folder)
+    if problem is not None:
+        what = "folder" if folder else "file"
+        raise UserError(f"{option}={path} cannot be written: {problem}; give a writable {what}")
 
 
 def _swap_in(tmp: Path, out: Path) -> None:

@@ -37,6 +37,7 @@ from her2exp.tracking.offline import (
 from her2exp.tracking.store import (
     check_reachable,
     experiment_id,
+    open_store,
     require_store,
     resolve_uri,
     with_retries,
@@ -132,7 +133,7 @@ class MlflowTracker(Tracker):
 
         self.mlflow = mlflow
         self.cfg = cfg
-        self.client = mlflow.MlflowClient(tracking_uri=self.uri)
+        self.client = open_store(self.uri)  # a new SQLite store made once, under a lock
         self._errors: list[str] = []
         self.run_dir: Path | None = None
         self.queue: OfflineQueue | None = None  # None: no run directory (sweep parents)

@@ -8,14 +8,17 @@ No MLflow import at module level (it costs ~2 s): `experiment_id` imports it whe
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import random
 import sqlite3
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -137,6 +140,52 @@ def require_store(uri: str, lookup: bool = False) -> str:
     if problem is not None:
         raise TrackingUnavailable(f"tracking.uri={uri} {problem}")
     return resolve_uri(uri)
+
+
+@contextmanager
+def _creation_lock(db: Path) -> Iterator[None]:
+    """An exclusive inter-process lock on `<db>.lock` beside the database (fcntl.flock), the
+    lock file removed again on the way out: a store's folder keeps only what MLflow puts there.
+    A waiter whose lock file was removed meanwhile locks the new one (inode checked)."""
+    lock = db.with_name(db.name + ".lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if current:
+            break
+        os.close(fd)  # the holder removed that file on release: lock the one there now
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock)
+        finally:
+            os.close(fd)  # releases the flock
+
+
+def open_store(uri: str) -> Any:
+    """An MlflowClient of the store at `uri` for writing. A SQLite store is opened (and, when it
+    is new, created and migrated by MLflow) under an inter-process lock beside the database:
+    two jobs started together on a store that is not there yet would otherwise both create its
+    schema, and the second die on `table ... already exists`. MLflow keeps the opened store for
+    the process, so later clients of `uri` find it ready."""
+    import mlflow
+
+    uri = resolve_uri(uri)
+    db = sqlite_file(uri)
+    if db is None:
+        return mlflow.MlflowClient(tracking_uri=uri)
+    db.parent.mkdir(parents=True, exist_ok=True)  # as MLflow would
+    with _creation_lock(db):
+        return mlflow.MlflowClient(tracking_uri=uri)  # opens the store: schema made, checked
 
 
 def download_from_run(
