@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class HydraRun:
             multirun=multirun,
             job_name=str(hc.job.name or ""),
             job_num=int(hc.job.num) if multirun and hc.job.num is not None else None,
-            output_dir=None if hc.runtime.output_dir is None else str(hc.runtime.output_dir),
+            output_dir=_output_dir(hc),
             sweep_dir=str(hc.sweep.dir) if multirun else None,
         )
 
@@ -56,3 +57,10 @@ class HydraRun:
         if self.job_num is not None:
             ctx["job_num"] = str(self.job_num)
         return ctx
+
+
+def _output_dir(hc: DictConfig) -> str | None:
+    """hydra.runtime.output_dir, None where Hydra has not set it (a config shown by --cfg, or
+    composed without a run: the field is still mandatory-missing there)."""
+    value = OmegaConf.select(hc, "runtime.output_dir", default=None, throw_on_missing=False)
+    return None if value is None else str(value)

@@ -191,7 +191,8 @@ def check_start(cfg: DictConfig) -> None:
         )
     finally:
         quiet.disabled = before
-    runlock.check_free(Path(cfg.output_dir))  # another start's run: leave its .hydra/ alone
+    if distributed.env_rank() == 0:  # the other ranks of a launch start once rank 0 holds it
+        runlock.check_free(Path(cfg.output_dir))  # another start's run: leave its .hydra/ alone
 
 
 def run(cfg: DictConfig, hydra: HydraRun | None = None) -> dict[str, Any]:

@@ -49,7 +49,7 @@ def test_a_held_lock_names_its_holder_and_a_killed_holder_frees_it(tmp_path: Pat
         with runlock.acquire(run_dir) as again:  # re-entrant in one process: the same writer
             assert again.held
         assert lock.held
-    assert not runlock._HELD  # released: the descriptor is closed
+    assert RunDir(run_dir.resolve()).lock not in runlock._HELD  # released: descriptor closed
 
 
 def test_the_lock_file_is_not_taken_for_an_earlier_run(tmp_path: Path) -> None:

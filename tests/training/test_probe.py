@@ -320,5 +320,5 @@ def test_the_sweep_parent_holds_the_leaderboard_compare_prints(
     with pytest.raises(ConfigError, match="sweep=all: a leaderboard is one sweep's"):
         leaderboard("her2exp", "all", probe_sweep.uri)
     child = kids[0].info.run_id  # a run without one: refused in one line, naming it
-    with pytest.raises(ConfigError, match=f"run {child} holds no leaderboard"):
+    with pytest.raises(ConfigError, match=f"sweep={child}: run has no child runs"):
         leaderboard("her2exp", child, probe_sweep.uri)
