@@ -38,7 +38,9 @@ def one_line(proc: subprocess.CompletedProcess) -> str:
 
 
 # -- her2exp-compare: a sweep id that is not there -----------------------------------------------
-def test_compare_refuses_a_sweep_id_that_is_not_there(smoke_run: SmokeRun, tmp_path: Path) -> None:
+def test_compare_refuses_a_sweep_id_that_is_not_there(
+    smoke_run: SmokeRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     db = copy_store(Path(smoke_run.uri[len("sqlite:///") :]), tmp_path / "mlflow.db")
     with closing(sqlite3.connect(db)) as con, con:  # compare's default experiment (an
         con.execute("UPDATE experiments SET name = 'her2exp' WHERE name = 'smoke'")  # override
@@ -48,10 +50,22 @@ def test_compare_refuses_a_sweep_id_that_is_not_there(smoke_run: SmokeRun, tmp_p
     base = [f"tracking.uri={uri}", f"out={out}"]
     line = one_line(cli("compare", [*base, "sweep=0123456789abcdef"], tmp_path))
     assert "sweep=0123456789abcdef: no such run in experiment 'her2exp'" in line
-    # A run that is there but is no sweep's parent (the smoke run has no children).
-    line = one_line(cli("compare", [*base, f"sweep={smoke_run.run_id}"], tmp_path))
+    # In-process from here (the command's own main, as the console script calls it): a run
+    # that is there but is no sweep's parent (the smoke run has no children), an out= under a
+    # file.
+    from her2exp.cli.compare import main
+
+    def in_process(args: list[str]) -> str:
+        monkeypatch.setattr("sys.argv", ["her2exp-compare", *args])
+        with pytest.raises(SystemExit) as exited:
+            main()
+        err = capsys.readouterr().err.strip()
+        assert exited.value.code == 2 and err.count("\n") == 0, err
+        return err
+
+    line = in_process([*base, f"sweep={smoke_run.run_id}"])
     assert f"sweep={smoke_run.run_id}: run has no child runs" in line
-    line = one_line(cli("compare", [f"tracking.uri={uri}", f"out={out}/x.csv"], tmp_path))
+    line = in_process([f"tracking.uri={uri}", f"out={out}/x.csv"])
     assert line.startswith(f"her2exp: out={out}/x.csv cannot be written: {out} is a file")
     assert out.read_text() == "an earlier table\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["compare.csv", "mlflow.db"]
