@@ -19,7 +19,17 @@ from her2exp.config import commands as schemas
 register_run_dir_resolvers()  # conf/hydra/default.yaml's run directory
 
 
-@hydra_command("eval")
+def start_check(cfg: DictConfig) -> None:
+    """Asked before Hydra writes the run directory (hydra_command's pre-check): an output
+    directory that holds a training run is refused (rundir.refuse_a_training_run)."""
+    from pathlib import Path
+
+    from her2exp.runtime.rundir import refuse_a_training_run  # after composing: torch
+
+    refuse_a_training_run(Path(cfg.output_dir), "her2exp-eval")
+
+
+@hydra_command("eval", start_check=start_check)
 def main(cfg: DictConfig) -> float:
     """Evaluate, print the table, say where the MLflow run and the report are."""
     from her2exp.evaluation import evaluate_cohort, format_table

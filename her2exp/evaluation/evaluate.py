@@ -8,9 +8,10 @@ with the temperature frozen in best.pt always applied, and reports through `repo
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from her2exp.config.commands import check_eval
 from her2exp.data.bags import mil_name
@@ -22,7 +23,7 @@ from her2exp.evaluation.record import EvalRecord, record_eval
 from her2exp.evaluation.scorer import build_scorer
 from her2exp.reports import card as model_card
 from her2exp.runtime.hydra_run import HydraRun
-from her2exp.runtime.rundir import ARTIFACTS, artifact
+from her2exp.runtime.rundir import ARTIFACTS, artifact, refuse_a_training_run
 from her2exp.tracking.factory import build as build_tracker
 from her2exp.tracking.store import download_from_run
 
@@ -33,6 +34,9 @@ def evaluate_cohort(ecfg: DictConfig, hydra: HydraRun | None = None) -> dict[str
     before scoring and opened only once the scores exist. `sweep_run_id`: the sweep's members
     as one ensemble (her2exp/evaluation/ensemble.py). `hydra`: the command's Hydra facts, read
     at its entry (cli.eval.main), for the MLflow run's sweep and job."""
+    out = OmegaConf.select(ecfg, "output_dir", default=None, throw_on_resolution_failure=False)
+    if out is not None:  # None: composed without Hydra's run (reports go nowhere yet)
+        refuse_a_training_run(Path(out), "her2exp-eval")
     if ecfg.get("sweep_run_id"):
         check_eval(ecfg)
         return evaluate_sweep(ecfg, hydra)

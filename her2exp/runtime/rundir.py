@@ -206,6 +206,20 @@ def existing_checkpoint(run_dir: Path) -> Path | None:
     return next((p for p in (run.last, run.best) if p.is_file()), None)
 
 
+def refuse_a_training_run(out: Path, command: str) -> None:
+    """A command that writes its own reports/ and .hydra/ into `out` (her2exp-eval) is refused
+    where a training run lives (its checkpoints/ or config_resolved.yaml): it would replace the
+    run's summary, predictions, model card and Hydra record. Asked before Hydra writes."""
+    run = RunDir(Path(out))
+    found = [p.name for p in (run.checkpoints, run.config_resolved) if p.exists()]
+    if found:
+        raise ConfigError(
+            f"output directory {run.root} holds a training run ({', '.join(found)}): {command} "
+            "would replace its reports/ and .hydra/; leave hydra.run.dir to its default (a new "
+            "folder) or choose another"
+        )
+
+
 def find_latest(run_dir: Path) -> Path | None:
     """`trainer.resume=auto`: the run directory's last.pt, if a previous attempt left one."""
     last = RunDir(run_dir).last

@@ -121,3 +121,26 @@ def test_an_accepted_run_still_records_its_command_in_hydra(smoke_run: SmokeRun)
     assert "experiment=smoke" in overrides
     assert f"output_dir: {smoke_run.run_dir}" in (hydra / "hydra.yaml").read_text()
     assert (smoke_run.run_dir / "train.log").is_file()
+
+
+def test_eval_into_a_training_runs_directory_is_refused_before_hydra_writes(
+    smoke_run: SmokeRun, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """her2exp-eval writes its own reports/ and .hydra/: pointed at a training run's directory
+    (hydra.run.dir=<the run>) it would replace the run's summary, predictions and model card.
+    Refused before Hydra writes; the library entry refuses it too."""
+    from conftest import eval_config
+    from her2exp import evaluation
+    from her2exp.config import ConfigError
+
+    run = tmp_path / "run"
+    shutil.copytree(smoke_run.run_dir, run)
+    before = snapshot(run)
+    best = run / "checkpoints" / "best.pt"
+    argv = [f"checkpoint={best}", "split=test", "tracking.backend=off", f"hydra.run.dir={run}"]
+    code, _, err = run_main("eval", argv, monkeypatch, capsys)
+    assert code == 2
+    assert f"output directory {run} holds a training run (checkpoints" in one_line(err)
+    with pytest.raises(ConfigError, match="would replace its reports/ and .hydra/"):
+        evaluation.evaluate_cohort(eval_config([f"checkpoint={best}", "split=test"], run))
+    assert snapshot(run) == before
