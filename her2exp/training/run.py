@@ -175,11 +175,14 @@ def check_start(cfg: DictConfig) -> None:
     start_check): every value, a model name timm does not know, and what the run directory
     holds (rundir.plan, read only: an earlier run's checkpoint without trainer.resume, a
     changed experiment on resume, a missing or damaged resume checkpoint, a finished run
-    without last.pt), and a run directory another process's run holds (runlock.check_free).
+    without last.pt), a run directory another process's run holds (runlock.check_free), and
+    a SQLite store that cannot be used (builders.check_local_store: reads only).
     build_runtime asks it all again on every rank and takes the lock; the checksum of an
     unchanged checkpoint is not read twice."""
     validate(cfg)
     models.check_model_name(cfg.model.name)
+    if cfg.tracking.backend == "mlflow" and distributed.env_rank() == 0:
+        builders.check_local_store(cfg.tracking.uri)  # unwritable, not a database: nothing made
     quiet = logging.getLogger("her2exp")
     before, quiet.disabled = quiet.disabled, True  # the run logs the plan, once configured
     try:

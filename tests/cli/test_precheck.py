@@ -73,6 +73,7 @@ def run_main(module: str, argv: list[str], monkeypatch, capsys) -> tuple[object,
     [
         ("train", ["experiment=smoke", "trainer.lr=-1"], "trainer.lr=-1.0 is not allowed"),
         ("train", ["experiment=smoke", "model.name=resnet181"], "is not a timm model"),
+        ("train", ["experiment=smoke", "tracking.uri=sqlite:////proc/x.db"], "cannot be used"),
         ("eval", ["run_id=x", "evaluation.n_boot=-1"], "evaluation.n_boot=-1 is not allowed"),
         ("eval", ["run_id=x", "checkpoint=/no/best.pt"], "configuration error"),
     ],
