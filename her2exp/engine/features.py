@@ -143,17 +143,30 @@ def embed(
     float32 embeddings on the CPU, through the same transform as training batches: stain
     normalisation (on the CPU here, or on the device by `preprocess.stain`), then mean/std on
     the device."""
-    model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
         x = x.permute(0, 3, 1, 2).contiguous()
-        if stain is not None:
-            x = stain(x, False)
-        x = preprocess(x)
-        with StepPolicy(autocast_dtype=autocast_dtype).autocast(preprocess.device):
-            out.append(model.embed(x).float().cpu())
+        out.append(embed_batch(model, x, preprocess, stain, autocast_dtype))
     return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+@torch.no_grad()
+def embed_batch(
+    model: Her2Classifier,
+    x: torch.Tensor,
+    preprocess: Preprocess,
+    stain: Any = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """One uint8 NCHW batch -> (N, D) float32 embeddings on the CPU: the host stain step (if
+    any), the input path, the backbone under the run's autocast. The one embedding step of the
+    feature cache and of `evaluation.Scorer.embed` (MIL bags in eval and predict)."""
+    model.eval()
+    if stain is not None:
+        x = stain(x, False)
+    with StepPolicy(autocast_dtype=autocast_dtype).autocast(preprocess.device):
+        return model.embed(preprocess(x)).float().cpu()
 
 
 def _load(directory: Path, key: str) -> dict[str, torch.Tensor]:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from her2exp import data, metrics
 from her2exp.data.sources import resize_patch  # decoded as in training
-from her2exp.engine import Preprocess, Scores, StepPolicy, view_logits
+from her2exp.engine import Preprocess, Scores, StepPolicy, features, view_logits
 from her2exp.engine import score as score_pass
 from her2exp.engine.scoring import POSITIVE_CLASS, mean_class_probabilities
 from her2exp.evaluation.trained_run import TrainedRun, load_model, run_stain
@@ -107,15 +107,11 @@ class Scorer:
         )
         return calibrated(scores, self.calibration)
 
-    @torch.no_grad()
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """(N, D) float32 embeddings on the CPU of a uint8 NCHW batch through the run's stain and
-        input path: what a MIL head or a feature store takes."""
-        self.model.eval()
-        if self.stain is not None:
-            x = self.stain(x, False)
-        with StepPolicy(autocast_dtype=self.autocast_dtype).autocast(self.device):
-            return self.model.embed(self.preprocess(x)).float().cpu()
+        input path (engine.features.embed_batch, the feature cache's own step): what a MIL head
+        or a feature store takes."""
+        return features.embed_batch(self.model, x, self.preprocess, self.stain, self.autocast_dtype)
 
     def for_features(self, head: torch.nn.Module | None = None) -> Scorer:
         """This scorer over precomputed embeddings: `head` (the model's own head by default)

@@ -5,7 +5,6 @@ else, and its model and fitted stain pipeline."""
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -23,8 +22,6 @@ from her2exp.data.bags import attach_head, mil_name
 from her2exp.runtime.rundir import ARTIFACTS, artifact
 from her2exp.stain import pipeline as stain_pipeline
 from her2exp.tracking.store import download_from_run
-
-log = logging.getLogger(__name__)
 
 CHECKPOINT_KEYS = ("model", "config")  # what every her2exp best.pt holds
 

@@ -96,7 +96,7 @@ def finished_children(
     except mlflow.exceptions.MlflowException as exc:
         raise ConfigError(f"sweep_run_id={parent_run_id!r} not found in {uri}") from exc
     runs = child_runs(client, parent_run_id, parent.info.experiment_id)
-    done = [as_child(r, sweep_dir) for r in runs if r.info.status == "FINISHED"]
+    done = _finished(runs, sweep_dir)
     if not done:
         raise ConfigError(
             f"sweep_run_id={parent_run_id!r}: no FINISHED child run in {uri} ({len(runs)} "
@@ -113,7 +113,11 @@ def sweep_children(
     (tracking off). None finished in MLflow is an empty list here, not a refusal."""
     if client is None or parent_run_id is None:
         return children_on_disk(sweep_dir) if sweep_dir is not None else []
-    runs = child_runs(client, parent_run_id)
+    return _finished(child_runs(client, parent_run_id), sweep_dir)
+
+
+def _finished(runs: list[Any], sweep_dir: Path | None) -> list[SweepChild]:
+    """The FINISHED ones of a sweep's child runs, as the sweep model's records."""
     return [as_child(r, sweep_dir) for r in runs if r.info.status == "FINISHED"]
 
 

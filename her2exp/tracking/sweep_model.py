@@ -140,11 +140,6 @@ def job_config(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def _job_config(run_dir: Path) -> dict[str, str] | None:
-    config = job_config(run_dir)
-    return None if config is None else as_params(config)
-
-
 def _run_id_on_disk(run_dir: Path) -> str:
     """The MLflow run id a job recorded in its folder (mlflow_run.json); '' when untracked."""
     return str((read_run_file(run_dir) or {}).get("run_id") or "")
@@ -162,7 +157,8 @@ def children_on_disk(sweep_dir: Path) -> list[SweepChild]:
     )
     found = []
     for run_dir in jobs:
-        params = _job_config(run_dir)
-        if params is not None:
-            found.append(SweepChild(int(run_dir.name), _run_id_on_disk(run_dir), params, run_dir))
+        config = job_config(run_dir)
+        if config is not None:  # stringified as MLflow holds params
+            run_id = _run_id_on_disk(run_dir)
+            found.append(SweepChild(int(run_dir.name), run_id, as_params(config), run_dir))
     return found
