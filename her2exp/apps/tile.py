@@ -14,7 +14,7 @@ import json
 import logging
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,10 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from her2exp.config.tile import SETTINGS_FILE, settings  # checked before a slide is opened
-from her2exp.core.fileio import atomic_write, atomic_write_text, safe_name
-from her2exp.data.sources import DataValidationError, label_of, read_manifest
+from her2exp.apps import tile_out
+from her2exp.core.fileio import atomic_write, safe_name
+from her2exp.data.slide_table import SlideJob, read_slide_table
+from her2exp.data.sources import DataValidationError
 from her2exp.slides.reader import Slide, SlideError
 from her2exp.slides.tiling import choose_level, tile_grid, tissue_mask
 
@@ -33,93 +34,9 @@ log = logging.getLogger("her2exp")
 QC_SIDE = 1024  # longer side of a QC thumbnail, in pixels
 MANIFEST_COLUMNS = [
     "slide_id", "slide_path", "patient_id", "label", "her2_score", "site", "split",
-    "x", "y", "level", "read_size", "size", "mpp", "tissue_fraction", "reader",
+    "x", "y", "level", "read_size", "size", "mpp", "tissue_fraction", "reader", "slide_signature",
 ]  # fmt: skip
-
-
-@dataclass(frozen=True)
-class SlideJob:
-    """One row of the slide table, resolved: what tiling a slide needs, picklable for workers."""
-
-    slide_id: str
-    path: str
-    label: int
-    her2_score: str
-    patient_id: str
-    site: str
-    split: str
-    annotation: str | None
-
-
-def read_slide_table(table: Path, data: DictConfig) -> list[SlideJob]:
-    """The slide table (CSV or Parquet; paths relative to it) -> jobs; every problem of the
-    table listed at once: missing columns or files, unknown labels, duplicate slides, a
-    patient in two splits."""
-    frame = read_manifest(table)
-    if "path" not in frame.columns or not ({"label", "score"} & set(frame.columns)):
-        raise DataValidationError(
-            str(table), [(str(table), "needs a path column and a label or score column")]
-        )
-    column = "label" if "label" in frame.columns else "score"
-    problems, jobs = [], []
-    for i, row in frame.iterrows():
-        path = Path(str(row["path"]))
-        # Absolute in the manifest: training reads it from any working directory.
-        path = path if path.is_absolute() else table.resolve().parent / path
-        slide_id = _cell(row, "slide_id") or path.stem
-        try:
-            label, score = label_of(row[column], data, column)
-        except KeyError:
-            problems.append((str(path), f"row {i + 2}: unknown {column} {row[column]!r}"))
-            continue
-        if label is None:  # an equivocal score excluded by data.equivocal
-            continue
-        annotation = _cell(row, "annotation")
-        if annotation and not Path(annotation).is_absolute():
-            annotation = str(table.parent / annotation)
-        patient = _cell(row, "patient_id") or slide_id
-        jobs.append(
-            SlideJob(
-                slide_id,
-                str(path),
-                label,
-                score or _cell(row, "her2_score"),
-                patient,
-                _cell(row, "site") or "site",
-                _cell(row, "split"),
-                annotation,
-            )  # fmt: skip
-        )
-    problems += _table_problems(jobs)
-    if problems:
-        raise DataValidationError(str(table), problems)
-    return jobs
-
-
-def _cell(row: pd.Series, key: str) -> str:
-    value = row.get(key)
-    return "" if value is None or (isinstance(value, float) and np.isnan(value)) else str(value)
-
-
-def _table_problems(jobs: list[SlideJob]) -> list[tuple[str, str]]:
-    problems = [(j.path, "no such file") for j in jobs if not Path(j.path).is_file()]
-    problems += [
-        (j.annotation, "annotation: no such file")
-        for j in jobs
-        if j.annotation and not Path(j.annotation).is_file()
-    ]
-    ids = pd.Series([j.slide_id for j in jobs])
-    problems += [(s, "slide_id appears more than once") for s in sorted(set(ids[ids.duplicated()]))]
-    splits: dict[str, set[str]] = {}
-    for j in jobs:
-        if j.split:
-            splits.setdefault(j.patient_id, set()).add(j.split)
-    problems += [
-        (p, f"patient in more than one split: {', '.join(sorted(s))}")
-        for p, s in sorted(splits.items())
-        if len(s) > 1
-    ]
-    return problems
+__all__ = ["MANIFEST_COLUMNS", "SlideJob", "read_slide_table", "run", "tile_one"]
 
 
 def _open_and_mask(job: SlideJob, tiles: DictConfig) -> tuple[np.ndarray, float, dict[str, Any]]:
@@ -146,7 +63,7 @@ def tile_one(job: SlideJob, tiles: DictConfig, out: Path) -> dict[str, Any]:
     frame = _manifest_rows(job, grid, tiles, info["reader"])
     name = safe_name(job.slide_id)
     atomic_write(out / "qc" / f"{name}.png", _qc_png(qc, qc_down, mask, grid, choice.step))
-    atomic_write(out / "slides" / f"{name}.parquet", frame.to_parquet(index=False))
+    tile_out.write_slide(out, job, frame)
     area_mm2 = float(mask.mean()) * info["width"] * info["height"] * info["mpp"] ** 2 / 1e6
     return {"slide_id": job.slide_id, "status": "tiled", "reason": "", "tiles": len(frame),
             "tissue_mm2": round(area_mm2, 3), **_record(info)}  # fmt: skip
@@ -170,6 +87,7 @@ def _manifest_rows(
     frame["size"] = int(tiles.size)
     frame["mpp"] = float(tiles.mpp)
     frame["reader"] = reader
+    frame["slide_signature"] = job.signature  # data=slides refuses a file changed since
     return frame[MANIFEST_COLUMNS]
 
 
@@ -252,22 +170,12 @@ def _check_slides(
         raise DataValidationError(
             "the slide table",
             [(j.path, why) for j, why in bad],
-            "on_bad_file=skip leaves these slides out (listed in summary.csv)",
+            " (on_bad_file=skip leaves these slides out, listed in summary.csv)",
         )
     rows = [
         {"slide_id": j.slide_id, "status": "skipped", "reason": why, "tiles": 0} for j, why in bad
     ]
     return good, rows
-
-
-def _done(job: SlideJob, out: Path) -> bool:
-    """Tiled already, from this very file (a table that now points the id at another file
-    tiles it again); labels, patients and sites are taken from the current table anyway."""
-    path = out / "slides" / f"{safe_name(job.slide_id)}.parquet"
-    if not path.is_file():
-        return False
-    recorded = pd.read_parquet(path, columns=["slide_path"])["slide_path"]
-    return len(recorded) == 0 or str(recorded.iloc[0]) == job.path
 
 
 def _tile_or_problem(
@@ -281,19 +189,57 @@ def _tile_or_problem(
         return None, (job, str(exc).split(": ", 1)[-1])
 
 
-def run(jobs: list[SlideJob], out: Path, tiles: DictConfig, on_bad_file: str) -> dict[str, Any]:
-    """Check, tile this shard's slides (in `tiles.workers` processes), then the manifest when
-    the whole table is tiled. Returns counts for the command's last line."""
+def run(
+    jobs: list[SlideJob], out: Path, tiles: DictConfig, on_bad_file: str, overwrite: bool = False
+) -> dict[str, Any]:
+    """Check this shard's slides, claim `out` (tile_out), tile them (in `tiles.workers`
+    processes), then the manifest when the whole table is tiled. Returns counts for the
+    command's last line."""
+    mine = shard_of(jobs, tiles.shard)
+    clearing = tile_out.will_clear(out, tiles, overwrite)
+    states = {j.slide_id: "new" if clearing else tile_out.state(j, out) for j in mine}
+    good, skipped = _check_slides([j for j in mine if states[j.slide_id] != "done"], tiles,
+                                  on_bad_file)  # fmt: skip
+    checked = {j.slide_id for j in good} | {r["slide_id"] for r in skipped}
+    held = tile_out.claim(out, tiles, overwrite)
+    try:
+        # Another tiler may have cleared the folder between the look above and the claim.
+        late = [j for j in mine if j.slide_id not in checked and tile_out.state(j, out) != "done"]
+        more, more_skipped = _check_slides(late, tiles, on_bad_file)
+        good, skipped = good + more, skipped + more_skipped
+        changed = sorted(j.slide_id for j in good if states[j.slide_id] == "changed")
+        if changed:
+            log.warning(
+                "her2exp-tile: %d slide(s) changed since tiled (another file at the same path, "
+                "or tiled before signatures were recorded), tiled again: %s",
+                len(changed), ", ".join(changed),
+            )  # fmt: skip
+        rows, failed = _tile_all(good, tiles, out)
+        skipped += _failed_rows(failed, on_bad_file)
+        if skipped:
+            log.warning("left out %d slide(s) (on_bad_file=skip), listed in %s",
+                        len(skipped), out / "summary.csv")  # fmt: skip
+        with tile_out.claim_lock(out):
+            settled = tile_out.merge_summary(out, rows + skipped)
+            complete = all(tile_out.state(j, out) == "done" or j.slide_id in settled for j in jobs)
+            if complete:
+                tile_out.write_manifest(jobs, out, MANIFEST_COLUMNS)
+    finally:
+        held.release()
+    reused = len(mine) - len(checked) - len(late)
+    return {"tiled": len(rows), "changed": len(changed), "skipped": len(skipped),
+            "reused": reused, "complete": complete}  # fmt: skip
+
+
+def _tile_all(
+    good: list[SlideJob], tiles: DictConfig, out: Path
+) -> tuple[list[dict[str, Any]], list[tuple[SlideJob, str]]]:
+    """Each slide tiled (in `tiles.workers` processes): the summary rows, and the slides that
+    failed while their tiles were read."""
     from tqdm import tqdm
 
-    mine = shard_of(jobs, tiles.shard)
-    todo = [j for j in mine if not _done(j, out)]
-    good, skipped = _check_slides(todo, tiles, on_bad_file)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / SETTINGS_FILE, json.dumps(settings(tiles), indent=1) + "\n")
-    rows, failed = [], []
-    bar = tqdm(total=len(good), desc="slides", unit="slide", disable=None)
     n = len(good)
+    bar = tqdm(total=n, desc="slides", unit="slide", disable=None)
     if tiles.workers > 1 and n > 1:
         with ProcessPoolExecutor(max_workers=tiles.workers) as pool:
             results = list(pool.map(_tile_or_problem, good, [tiles] * n, [out] * n))
@@ -304,70 +250,19 @@ def run(jobs: list[SlideJob], out: Path, tiles: DictConfig, on_bad_file: str) ->
             results.append(_tile_or_problem(job, tiles, out))
             bar.update()
     bar.close()
-    for row, problem in results:
-        if row is not None:
-            rows.append(row)
-        else:
-            failed.append(problem)
+    rows = [row for row, _ in results if row is not None]
+    return rows, [problem for _, problem in results if problem is not None]
+
+
+def _failed_rows(failed: list[tuple[SlideJob, str]], on_bad_file: str) -> list[dict[str, Any]]:
+    """Slides that failed while tiled: refused together (`error`; the others' files are kept),
+    or summary rows (`skip`)."""
     if failed and on_bad_file == "error":
         raise DataValidationError(
             "slides that failed while tiled (the others are kept: run again to resume)",
             [(j.path, why) for j, why in failed],
         )
-    skipped += [
+    return [
         {"slide_id": j.slide_id, "status": "skipped", "reason": why, "tiles": 0}
         for j, why in failed
     ]
-    if skipped:
-        log.warning(
-            "left out %d slide(s) (on_bad_file=skip), listed in %s",
-            len(skipped),
-            out / "summary.csv",
-        )
-    settled = _merge_summary(out, rows + skipped)
-    complete = all(_done(j, out) or j.slide_id in settled for j in jobs)
-    if complete:
-        _write_manifest(jobs, out)
-    return {"tiled": len(rows), "reused": len(mine) - len(todo), "skipped": len(skipped),
-            "complete": complete}  # fmt: skip
-
-
-def _merge_summary(out: Path, rows: list[dict[str, Any]]) -> set[str]:
-    """summary.csv holds one row per slide met so far (a rerun's rows replace earlier ones);
-    returns the slides it lists as skipped (settled: on_bad_file=skip left them out)."""
-    path = out / "summary.csv"
-    table = pd.DataFrame(rows)
-    if path.is_file():
-        old = pd.read_csv(path, dtype={"slide_id": str}, keep_default_na=False)
-        if len(table):
-            old = old[~old["slide_id"].isin(table["slide_id"])]
-        table = pd.concat([old, table], ignore_index=True)
-    if len(table) and len(rows):
-        atomic_write_text(path, table.sort_values("slide_id").to_csv(index=False))
-    if not len(table):
-        return set()
-    return set(table.loc[table["status"] == "skipped", "slide_id"])
-
-
-def clear(out: Path) -> None:
-    """overwrite=true: the earlier tiling's own files go (check_out made sure they are ours)."""
-    import shutil
-
-    for sub in ("slides", "qc"):
-        shutil.rmtree(out / sub, ignore_errors=True)
-    for name in ("tiles.parquet", "summary.csv", SETTINGS_FILE):
-        (out / name).unlink(missing_ok=True)
-
-
-def _write_manifest(jobs: list[SlideJob], out: Path) -> None:
-    """All slides' tiles, with the table's current labels, patients, sites and splits (a label
-    corrected in the table needs no retiling)."""
-    parts = []
-    for job in sorted(jobs, key=lambda j: j.slide_id):
-        if _done(job, out):
-            part = pd.read_parquet(out / "slides" / f"{safe_name(job.slide_id)}.parquet")
-            for key in ("patient_id", "label", "her2_score", "site", "split"):
-                part[key] = getattr(job, key)
-            parts.append(part)
-    frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=MANIFEST_COLUMNS)
-    atomic_write(out / "tiles.parquet", frame.to_parquet(index=False))

@@ -32,13 +32,13 @@ def main(cfg: DictConfig) -> None:
     out = Path(cfg.out)
     try:
         jobs = tile.read_slide_table(Path(cfg.slide_table), schemas.tile_data_config(cfg))
-        if cfg.overwrite:
-            tile.clear(out)
-        done = tile.run(jobs, out, cfg.tiles, cfg.on_bad_file)
+        done = tile.run(jobs, out, cfg.tiles, cfg.on_bad_file, cfg.overwrite)
     except DataValidationError as exc:
         raise UserError(str(exc)) from exc
+    changed = f" ({done['changed']} changed since tiled)" if done["changed"] else ""
     what = (
-        f"{done['tiled']} slides tiled, {done['reused']} already tiled, {done['skipped']} skipped"
+        f"{done['tiled']} slides tiled{changed}, {done['reused']} already tiled, "
+        f"{done['skipped']} skipped"
     )
     if done["complete"]:
         print(f"her2exp-tile: {what} -> {out / 'tiles.parquet'}")

@@ -19,6 +19,8 @@ from her2exp.core.errors import ConfigError, UserError
 from her2exp.core.fileio import check_writable
 
 SETTINGS_FILE = "tiling.json"  # the settings every per-slide file of `out` was made with
+#: apps.tile_out's locks in `out` (claiming the settings; held by every running tiler).
+CLAIM_LOCK, ACTIVE_LOCK = ".her2exp-tile.claim", ".her2exp-tile.active"
 
 
 # -- her2exp-tile --------------------------------------------------------------------------------
@@ -52,7 +54,9 @@ class TileCommand:
     score_map: Any = None  # null: 0, 1+ -> 0 and 3+ -> 1
     equivocal: str = "exclude"
     on_bad_file: str = "error"  # error | skip: leave unusable slides out, listed in summary.csv
-    overwrite: bool = False  # tile an earlier output again with other settings
+    # Tile an earlier output again with other settings (cleared once, by the first job of a
+    # shard array to claim `out`; one with the same settings is resumed, never cleared).
+    overwrite: bool = False
 
 
 def tile_data_config(cfg: Any) -> DictConfig:
@@ -98,8 +102,10 @@ def settings(tiles: DictConfig) -> dict[str, Any]:
 
 def check_out(out: Path, tiles: DictConfig, overwrite: bool) -> None:
     """`out` new, empty, or an earlier tiling with the same settings (resumed); other settings
-    are refused unless overwrite=true (which then removes the earlier tiles)."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    are refused unless overwrite=true (apps.tile_out's claim then removes the earlier tiles,
+    once, when no other tiler is running there). A first look: the claim decides."""
+    ours = {CLAIM_LOCK, ACTIVE_LOCK}  # left by a tiler killed before it claimed
+    if not out.exists() or (out.is_dir() and not {p.name for p in out.iterdir()} - ours):
         return
     if not out.is_dir():
         raise FileExistsError(f"out={out} exists and is not a folder: give a new or empty folder")

@@ -9,9 +9,12 @@ cohort has more slides than a process may keep open.
 `load` checks the manifest and every slide it names before any training (missing or damaged
 slides, tiles outside their slide, unknown labels, a patient in two splits) and lists every
 problem at once, as the patch sources do; tiles inherit their slide's label and splits stay
-patient-grouped. The fingerprint covers the manifest and each slide file's size with the
-SHA-256 of its first and last MiB: hashing whole slides (gigabytes each) would take longer than
-training on them, and a re-scan changes its header and tail.
+patient-grouped. Each slide file is known by its content signature (`slides.signature`: size,
+both ends, level 0's shape and a sample of its stored tiles; hashing whole slides would take
+longer than training on them): a file changed since her2exp-tile recorded its signature is
+refused (its tiles were chosen on another scan), one file under two slide ids is refused (its
+tissue would sit in two slides, perhaps two splits), and the fingerprint a resume compares covers
+the manifest and the signatures.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +38,7 @@ from her2exp.data.sources.checks import structural_problems
 from her2exp.data.sources.manifest import cv_ignores_column
 from her2exp.data.sources.scan import SKIPPED_COLUMNS, DataValidationError
 from her2exp.slides.reader import Slide, SlideError
+from her2exp.slides.signature import slide_signature
 from her2exp.slides.tiling import read_tile
 
 REQUIRED = ("slide_id", "slide_path", "patient_id", "label", "x", "y", "level", "read_size")
@@ -42,7 +47,6 @@ KEPT = (
     "slide_id", "slide_path", "patient_id", "label", "her2_score", "site", "split",
     "x", "y", "level", "read_size", "mpp", "tissue_fraction", "reader",
 )  # fmt: skip
-SIGNATURE_BYTES = 1 << 20
 SETTINGS_FILE = "tiling.json"
 
 
@@ -159,7 +163,10 @@ def read_tiles(path: Path, labelled: bool = True) -> pd.DataFrame:
             [(str(path), f"not a tile manifest of her2exp-tile: no {', '.join(missing)} column")],
         )
     frame = frame.copy()
-    for key, empty in (("site", ""), ("split", ""), ("her2_score", ""), ("reader", "auto")):
+    for key, empty in (
+        ("site", ""), ("split", ""), ("her2_score", ""), ("reader", "auto"),
+        ("slide_signature", ""),  # a manifest of an older her2exp-tile: nothing to compare
+    ):  # fmt: skip
         if key not in frame.columns:
             frame[key] = empty
         frame[key] = frame[key].fillna(empty).astype(str)
@@ -170,11 +177,27 @@ def read_tiles(path: Path, labelled: bool = True) -> pd.DataFrame:
     return frame
 
 
-def slide_problems(frame: pd.DataFrame, assume_mpp: float | None) -> dict[str, str]:
-    """slide_id -> why its tiles cannot be read: opened once each, geometry checked."""
+def signatures(frame: pd.DataFrame) -> dict[str, str]:
+    """slide_path -> its file's content signature now ("" where it cannot be read: the slide's
+    own check says why)."""
+    found = {}
+    for path in sorted(frame["slide_path"].unique()):
+        try:
+            found[path] = slide_signature(path)
+        except OSError:
+            found[path] = ""
+    return found
+
+
+def slide_problems(
+    frame: pd.DataFrame, assume_mpp: float | None, signed: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """slide_id -> why its tiles cannot be read: opened once each, geometry checked, and its
+    file the one her2exp-tile signed (`signed`: signatures(frame), taken here when not given)."""
     problems: dict[str, str] = {}
     if "reader" not in frame:
         frame = frame.assign(reader="auto")
+    signed = signatures(frame) if signed is None else signed
     groups = frame.groupby(["slide_id", "slide_path", "reader"], sort=True)
     for (slide_id, path, reader), rows in groups:
         try:
@@ -198,6 +221,14 @@ def slide_problems(frame: pd.DataFrame, assume_mpp: float | None) -> dict[str, s
                 f"{int((~inside).sum())} tiles outside its {width}x{height} px: the manifest "
                 "was made from another file; tile it again"
             )
+            continue
+        tiled_from = set(rows["slide_signature"]) - {""} if "slide_signature" in rows else set()
+        if tiled_from and signed.get(path) and signed[path] not in tiled_from:
+            problems[str(slide_id)] = (
+                f"{path} changed since it was tiled (another file or scan at this path): its "
+                "tiles were chosen on the old one; run her2exp-tile again (it re-tiles changed "
+                "slides)"
+            )
     for slide_id, rows in frame.groupby("slide_id"):
         if rows["slide_path"].nunique() > 1:
             problems[str(slide_id)] = "one slide id names more than one file"
@@ -212,27 +243,33 @@ def slide_problems(frame: pd.DataFrame, assume_mpp: float | None) -> dict[str, s
     return problems
 
 
-def signature(path: str) -> str:
-    """A slide file's identity without reading gigabytes: size, first and last MiB."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        size = fh.seek(0, os.SEEK_END)
-        digest.update(str(size).encode())
-        fh.seek(0)
-        digest.update(fh.read(SIGNATURE_BYTES))
-        fh.seek(max(0, size - SIGNATURE_BYTES))
-        digest.update(fh.read(SIGNATURE_BYTES))
-    return digest.hexdigest()
+def duplicate_slides(frame: pd.DataFrame, signed: Mapping[str, str]) -> list[tuple[str, str]]:
+    """One problem per slide file (by content) under more than one slide id: its tissue would
+    be in two slides - two patients, perhaps two splits - of one training."""
+    by_file: dict[str, set[str]] = {}
+    pairs = frame[["slide_path", "slide_id"]].drop_duplicates()
+    for path, slide_id in zip(pairs["slide_path"], pairs["slide_id"].astype(str), strict=True):
+        if signed.get(path):
+            by_file.setdefault(signed[path], set()).add(slide_id)
+    return [
+        (f"slide {ids_[0]}", f"the same slide file (same content) as slide(s) "
+         f"{', '.join(ids_[1:])}: one scan under {len(ids_)} slide ids; keep one "
+         "(her2exp-tile refuses such a table)")
+        for ids_ in (sorted(v) for v in by_file.values())
+        if len(ids_) > 1
+    ]  # fmt: skip
 
 
-def _fingerprint(cfg: DictConfig, seed: int | None, frame: pd.DataFrame) -> str:
+def _fingerprint(
+    cfg: DictConfig, seed: int | None, frame: pd.DataFrame, signed: Mapping[str, str]
+) -> str:
     container = OmegaConf.to_container(cfg, resolve=True)
     settings = {k: container.get(k) for k in ("source", "image_size")} | {"seed": seed}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     columns = ["slide_id", "patient_id", "label", "site", "split", "x", "y", "level", "read_size"]
     digest.update(pd.util.hash_pandas_object(frame[columns].astype(str), index=False).to_numpy())
     for path in sorted(frame["slide_path"].unique()):
-        digest.update(f"{Path(path).name}:{signature(path)}".encode())
+        digest.update(f"{Path(path).name}:{signed[path]}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -248,7 +285,8 @@ def load(cfg: DictConfig, seed: int, cohort: bool = False) -> LoadedSlides:
     if not cohort and (frame["split"] != "").any() and cv_ignores_column(cfg, where):
         frame["split"] = ""  # refused before any slide is opened, or replaced by the folds
     assume_mpp = tiling_settings(path).get("assume_mpp")
-    bad = slide_problems(frame, assume_mpp)
+    signed = signatures(frame)
+    bad = slide_problems(frame, assume_mpp, signed)
     file_problems = [(f"slide {sid}", why) for sid, why in sorted(bad.items())]
     good = frame[~frame["slide_id"].astype(str).isin(bad)].reset_index(drop=True)
     good["label"] = pd.to_numeric(good["label"]).astype(np.int64)
@@ -268,6 +306,7 @@ def load(cfg: DictConfig, seed: int, cohort: bool = False) -> LoadedSlides:
         good["split"] = splits.split_column(good, cfg.split, seed).to_numpy()
     if not structural:
         structural = structural_problems(good.assign(display=good["slide_id"]), explicit, cohort)
+    structural += duplicate_slides(good, signed)
     if cfg.on_bad_file == "skip":
         if structural:
             raise DataValidationError(where, structural)
@@ -277,5 +316,5 @@ def load(cfg: DictConfig, seed: int, cohort: bool = False) -> LoadedSlides:
     manifest = good[[c for c in KEPT if c in good.columns]].copy()
     store = SlideTiles(manifest, int(cfg.image_size), int(cfg.max_open_slides), assume_mpp)
     skipped = pd.DataFrame(file_problems, columns=list(SKIPPED_COLUMNS))
-    fingerprint = _fingerprint(cfg, None if (cohort or explicit) else seed, manifest)
+    fingerprint = _fingerprint(cfg, None if (cohort or explicit) else seed, manifest, signed)
     return LoadedSlides(manifest, store, skipped, fingerprint)

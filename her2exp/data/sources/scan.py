@@ -27,6 +27,8 @@ class DataValidationError(ValueError):
     def __init__(self, where: str, problems: list[tuple[str, str]], advice: str = "") -> None:
         self.problems = pd.DataFrame(problems, columns=list(SKIPPED_COLUMNS))
         n = len(problems)
+        if advice and not advice.startswith((" ", ",", ";", ":")):
+            advice = f" ({advice})"  # never "4 problemson_bad_file=..."
         lines = [f"{where}: {n} problem{'s' if n != 1 else ''}{advice}"]
         lines += [f"  {path}: {problem}" for path, problem in problems[:MAX_LISTED]]
         if n > MAX_LISTED:
