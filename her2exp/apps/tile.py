@@ -10,9 +10,7 @@ every slide of the table is done, `tiles.parquet` and `summary.csv`.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -26,6 +24,7 @@ from her2exp.apps import tile_out
 from her2exp.core.fileio import atomic_write, safe_name
 from her2exp.data.slide_table import SlideJob, read_slide_table
 from her2exp.data.sources import DataValidationError
+from her2exp.slides.annotations import AnnotationError, read_regions
 from her2exp.slides.reader import Slide, SlideError
 from her2exp.slides.tiling import choose_level, tile_grid, tissue_mask
 
@@ -58,8 +57,9 @@ def tile_one(job: SlideJob, tiles: DictConfig, out: Path) -> dict[str, Any]:
         choice = choose_level(slide, tiles.mpp, tiles.size)
         grid = tile_grid(slide, mask, down, choice, tiles.min_tissue)
         qc, qc_down = slide.thumbnail(QC_SIDE)
-    if job.annotation:
-        grid = grid[_annotation_keep(job.annotation, grid, choice.step, tiles.exclude_classes)]
+    if job.annotation:  # checked by _check_slides
+        regions = read_regions(job.annotation, tiles.exclude_classes)
+        grid = grid[regions.keep(grid["x"], grid["y"], choice.step)]
     frame = _manifest_rows(job, grid, tiles, info["reader"])
     name = safe_name(job.slide_id)
     atomic_write(out / "qc" / f"{name}.png", _qc_png(qc, qc_down, mask, grid, choice.step))
@@ -89,38 +89,6 @@ def _manifest_rows(
     frame["reader"] = reader
     frame["slide_signature"] = job.signature  # data=slides refuses a file changed since
     return frame[MANIFEST_COLUMNS]
-
-
-def _annotation_keep(
-    path: str, grid: pd.DataFrame, step: int, exclude: Iterable[str]
-) -> np.ndarray:
-    """Tiles whose centre lies in an include region (when there is one) and in no exclude
-    region of a QuPath GeoJSON (level-0 pixels; `exclude` names the classes that exclude)."""
-    from matplotlib.path import Path as Polygon
-
-    data = json.loads(Path(path).read_text())
-    features = data["features"] if isinstance(data, dict) and "features" in data else data
-    if isinstance(features, dict):
-        features = [features]
-    centres = np.stack([grid["x"] + step / 2, grid["y"] + step / 2], axis=1)
-    excluded = {c.casefold() for c in exclude}
-    inside = {"include": np.zeros(len(grid), bool), "exclude": np.zeros(len(grid), bool)}
-    has_include = False
-    for feature in features:
-        cls = ((feature.get("properties") or {}).get("classification") or {}).get("name", "")
-        kind = "exclude" if str(cls).casefold() in excluded else "include"
-        has_include |= kind == "include"
-        geometry = feature["geometry"]
-        polygons = (
-            [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
-        )
-        for rings in polygons:
-            hit = Polygon(np.asarray(rings[0], dtype=float)).contains_points(centres)
-            for hole in rings[1:]:
-                hit &= ~Polygon(np.asarray(hole, dtype=float)).contains_points(centres)
-            inside[kind] |= hit
-    keep = inside["include"] if has_include else np.ones(len(grid), bool)
-    return keep & ~inside["exclude"]
 
 
 def _qc_png(
@@ -157,15 +125,22 @@ def shard_of(jobs: list[SlideJob], shard: str | None) -> list[SlideJob]:
 def _check_slides(
     jobs: list[SlideJob], tiles: DictConfig, on_bad_file: str
 ) -> tuple[list[SlideJob], list[dict[str, Any]]]:
-    """Open every slide and find its tissue before anything is written: the usable ones, and a
-    summary row for each left out (`skip`); `error` raises with every one listed."""
+    """Open every slide and find its tissue, and read its annotation, before anything is
+    written: the usable ones, and a summary row for each left out (`skip`); `error` raises with
+    every one listed."""
     good, bad = [], []
     for job in jobs:
         try:
             _open_and_mask(job, tiles)
+            if job.annotation:
+                note = read_regions(job.annotation, tiles.exclude_classes).note()
+                if note:
+                    log.warning("%s", note)
             good.append(job)
         except SlideError as exc:
             bad.append((job, str(exc).split(": ", 1)[-1]))
+        except AnnotationError as exc:  # names its file, not the slide's
+            bad.append((job, str(exc)))
     if bad and on_bad_file == "error":
         raise DataValidationError(
             "the slide table",
@@ -187,6 +162,8 @@ def _tile_or_problem(
         return tile_one(job, tiles, out), None
     except SlideError as exc:
         return None, (job, str(exc).split(": ", 1)[-1])
+    except AnnotationError as exc:  # changed since it was checked
+        return None, (job, str(exc))
 
 
 def run(

@@ -142,8 +142,8 @@ def tile_rates(
 def tiling_rate(path: Path, out: Path, rounds: int) -> TilingRate:
     """(b): seconds of `tile_one` (what her2exp-tile runs per slide) at 0.5 um/px, 224 px."""
     from her2exp.apps.tile import SlideJob, tile_one
-    from her2exp.slides.signature import slide_signature
     from her2exp.config.commands import TilesConfig
+    from her2exp.slides.signature import slide_signature
 
     tiles = OmegaConf.structured(TilesConfig(mpp=TILE_MPP, size=TILE_SIZE))
     job = SlideJob("bench", str(path), 0, "0", "bench", "site", "", None, slide_signature(path))

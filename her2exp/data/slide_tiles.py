@@ -22,8 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
