@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from her2exp.core.errors import UserError
 from her2exp.data.sources import DataValidationError, label_of, read_manifest
 from her2exp.slides.signature import slide_signature
 
@@ -40,21 +41,16 @@ class SlideJob:
 
 def read_table(table: Path, what: str = "slide_table") -> pd.DataFrame:
     """A CSV or Parquet table as text cells; an unreadable, empty or header-only file is one
-    DataValidationError naming it (not a pandas or pyarrow traceback)."""
-    where = f"{what}={table}"
+    UserError line naming it (not a pandas or pyarrow traceback)."""
     try:
         frame = read_manifest(table)
-    except ImportError as exc:  # pyarrow absent: its own advice
-        raise DataValidationError(where, [(str(table), str(exc))]) from None
     except Exception as exc:  # noqa: BLE001 - pandas, pyarrow, csv, OS: one line naming the file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = " ".join(str(exc).split()) or type(exc).__name__
         kind = "Parquet" if table.suffix.lower() in (".parquet", ".pq") else "CSV"
-        raise DataValidationError(
-            where, [(str(table), f"not a readable {kind} table ({reason})")]
-        ) from None
+        raise UserError(f"{what}={table}: not a readable {kind} table ({reason})") from None
     if not len(frame):
         got = ", ".join(frame.columns) or "none"
-        raise DataValidationError(where, [(str(table), f"no rows (columns: {got})")])
+        raise UserError(f"{what}={table}: no rows (columns: {got}): one row per slide needed")
     return frame
 
 
