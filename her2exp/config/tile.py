@@ -115,7 +115,17 @@ def check_out(out: Path, tiles: DictConfig, overwrite: bool) -> None:
             f"out={out} is not empty and holds no {SETTINGS_FILE}, so it is not an earlier "
             "her2exp-tile output: give a new or empty folder"
         )
-    before = json.loads(recorded.read_text())
+    try:
+        before = json.loads(recorded.read_text())
+    except (OSError, ValueError) as exc:
+        raise FileExistsError(
+            f"out={out}: its {SETTINGS_FILE} is unreadable ({exc}): give another out=, or "
+            f"restore the file (the settings its tiles were made with)"
+        ) from None
+    if not isinstance(before, dict):
+        raise FileExistsError(
+            f"out={out}: its {SETTINGS_FILE} holds no settings: give another out="
+        )
     if before != settings(tiles) and not overwrite:
         changed = [
             f"tiles.{k}: {before.get(k)} -> {v}"

@@ -110,7 +110,11 @@ def _cell(row: dict, key: str) -> str:
 
 
 def _table_problems(jobs: list[SlideJob]) -> list[tuple[str, str]]:
-    problems = [(j.path, "no such file") for j in jobs if not Path(j.path).is_file()]
+    problems = [
+        (j.path, "a folder, not a slide file" if Path(j.path).is_dir() else "no such file")
+        for j in jobs
+        if not Path(j.path).is_file()
+    ]
     problems += [
         (j.annotation, "annotation: no such file")
         for j in jobs

@@ -185,3 +185,13 @@ def test_an_empty_or_corrupt_slide_table_is_one_line(tmp_path, capsys, name, con
     err = refused(table, tmp_path / "out", capsys)
     assert err.startswith(f"her2exp: slide_table={table}: {says}"), err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_tiling_record_is_one_line(slide_cohort, tmp_path, capsys) -> None:
+    folder, _ = slide_cohort
+    out = tmp_path / "tiles"
+    out.mkdir()
+    (out / "tiling.json").write_text("{bad")
+    err = refused(folder / "slides.csv", out, capsys)
+    assert f"out={out}: its tiling.json is unreadable" in err and len(err.splitlines()) == 1
+    assert (out / "tiling.json").read_text() == "{bad"
