@@ -7,7 +7,8 @@ grouped by `groups=` (path, slide_id, patient_id), their scores aggregated as th
 aggregated them, the group called at that level's thresholds, and each tile row carries its
 group's call; the per-slide or per-patient table comes back beside the tiles (a file the groups
 table puts in two slides or patients is refused). Files that cannot be decoded are listed
-(stderr and the `.errors.csv` beside the output) and skipped; the rest are still scored.
+(stderr and the `.errors.csv` beside the output) and skipped; the rest are still scored. A
+whole-slide image among the patches is refused before anything is scored (tile it first).
 `sweep_run_id=`: a sweep's members as one ensemble (her2exp/evaluation/ensemble.py), each
 scored through its own `evaluation.Scorer`, their mean called and their sd in column
 `member_sd`. The files read are the ones a training folder reads (`data.sources.image_files`).
@@ -38,8 +39,10 @@ from her2exp.data.bags import mil_name
 from her2exp.data.datasets import PatchDataset
 from her2exp.data.sources import (  # the files and the decoding training uses
     IMAGE_SUFFIXES,
+    ImageProblem,
     image_files,
     read_patch,
+    whole_slide,
 )
 from her2exp.evaluation.ensemble import load_ensemble, member_stats
 from her2exp.evaluation.scorer import Scorer, build_scorer, prepare_patches
@@ -104,10 +107,45 @@ def _few(items: list[str], n: int = 5) -> str:
     return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
+def check_patches(root: Path, files: list[Path]) -> None:
+    """Refuse whole-slide images among the patches, before any run is loaded or patch scored:
+    decoded as a patch, a slide becomes its first page shrunk to one tile and gets a call of
+    its own (a damaged file, by contrast, is listed and skipped while the rest are scored)."""
+    slides = [(f, what) for f in files if (what := whole_slide(f))]
+    if not slides:
+        return
+    advice = (
+        "tile {} with her2exp-tile and predict on the tile manifest "
+        "(input=<her2exp-tile out>/tiles.parquet)"
+    )
+    if len(slides) == 1:
+        ((file, what),) = slides
+        raise UserError(
+            f"input={root}: {file} is a whole-slide image ({what}), not a patch: "
+            + advice.format("it")
+        )
+    named = [f"{f} ({what})" for f, what in slides]
+    raise UserError(
+        f"input={root}: {len(slides)} files are whole-slide images, not patches: "
+        f"{_few(named, 3)}: " + advice.format("them")
+    )
+
+
+def _read_problem(exc: Exception) -> str:
+    """A patch that could not be read, in the words training's data check uses."""
+    if isinstance(exc, ImageProblem):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return "missing file"
+    if isinstance(exc, OSError):
+        return f"unreadable file: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def predict_folder(opts: Any) -> Predictions:
     """Score every image under `opts.input` with the run `opts` names (run_id or checkpoint) and
-    call them at the run's decision level (or `opts.decision_level`). The groups table is
-    checked before the run is loaded."""
+    call them at the run's decision level (or `opts.decision_level`). The input's own checks
+    (whole slides among the patches, the groups table) come before the run is loaded."""
     if not opts.input:
         raise ConfigError("input=<folder of patches> is required")
     root = Path(opts.input)
@@ -116,6 +154,7 @@ def predict_folder(opts: Any) -> Predictions:
     files = image_files(root)  # the files (and suffixes) a training folder takes
     if not files:
         raise ConfigError(f"input={root} holds no {', '.join(sorted(IMAGE_SUFFIXES))} files")
+    check_patches(root, files)
     groups = read_groups(opts.groups, root, files) if opts.get("groups") else None
     run, members = load_runs(opts)  # refused without frozen thresholds: no fallback of ours
     level = opts.get("decision_level") or run.decision_level
@@ -139,7 +178,7 @@ def predict_folder(opts: Any) -> Predictions:
                 batch.append(read_patch(path, cfg.data.image_size))
                 paths.append(path)
             except Exception as exc:  # noqa: BLE001 - any decoder error is reported per file
-                errors.append((str(path), f"{type(exc).__name__}: {exc}"))
+                errors.append((str(path), _read_problem(exc)))
         if not batch:
             continue
         x = prepare_patches(batch, cfg.data.image_size)
