@@ -35,9 +35,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from her2exp.config import ConfigError
-from her2exp.config.export import FORMATS  # with the schema that checks format= without torch
+from her2exp.config.export import FORMATS, METADATA_KEY, check_out  # the checks without torch
 from her2exp.config.export import ONNX_EXPORTERS as ONNX_EXPORTERS
-from her2exp.core.errors import UserError  # the message check_export gives out= too
 from her2exp.engine import Preprocess
 from her2exp.evaluation import (
     TrainedRun,
@@ -54,7 +53,6 @@ log = logging.getLogger("her2exp")
 #: The largest difference from her2exp's own scoring allowed of an exported graph (issue 20).
 MAX_ABS_DIFF = 1e-4
 INPUT_NAME, OUTPUT_NAME = "patches", "prob_her2_pos"
-METADATA_KEY = "her2exp"  # ONNX metadata_props key / TorchScript extra file her2exp.json
 ARTIFACT_PATH = "export"
 
 
@@ -387,7 +385,7 @@ def log_export(
 def export_run(opts: DictConfig) -> Exported:
     """`her2exp-export`: load the run, fold its scoring into a graph, check the bytes against
     her2exp's scoring on its test patches, then write them atomically and log them."""
-    from her2exp.core.fileio import atomic_write, check_writable
+    from her2exp.core.fileio import atomic_write
     from her2exp.tracking import require_store
 
     fmt = str(opts.format)
@@ -395,13 +393,7 @@ def export_run(opts: DictConfig) -> Exported:
         require_store(opts.tracking.uri, lookup=True)  # a look-up never creates a store
     run = load_run(opts)
     out = default_out(opts, run, fmt)
-    if out.is_dir():
-        raise ConfigError(f"out={out} is a folder: give the export's file name ({FORMATS[fmt]})")
-    if out.exists() and not opts.overwrite:
-        raise UserError(
-            f"out={out} exists (an earlier export): overwrite=true to replace it, or another out="
-        )
-    check_writable(out, "out")  # the default under the run directory too, before the export
+    check_out(out, fmt, bool(opts.overwrite))  # the default under the run directory too
     tta = opts.tta or run.tta
     notes = [note] if (note := stain_note(run)) else []
     for line in notes:

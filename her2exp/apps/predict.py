@@ -5,12 +5,13 @@ Each row: path, HER2+ probability, and the decision at every threshold frozen on
 run's validation split at the decision level. At the slide or patient level the tiles are
 grouped by `groups=` (path, slide_id, patient_id), their scores aggregated as the run
 aggregated them, the group called at that level's thresholds, and each tile row carries its
-group's call; the per-slide or per-patient table comes back beside the tiles. Files that cannot
-be decoded are listed (stderr and the `.errors.csv` beside the output) and skipped; the rest
-are still scored. `sweep_run_id=`: a sweep's members as one ensemble
-(her2exp/evaluation/ensemble.py), each scored through its own `evaluation.Scorer`, their mean
-called and their sd in column `member_sd`. The files read are the ones a training folder reads
-(`data.sources.image_files`).
+group's call; the per-slide or per-patient table comes back beside the tiles (a file the groups
+table puts in two slides or patients is refused). Files that cannot be decoded are listed
+(stderr and the `.errors.csv` beside the output) and skipped; the rest are still scored. A
+whole-slide image among the patches is refused before anything is scored (tile it first).
+`sweep_run_id=`: a sweep's members as one ensemble (her2exp/evaluation/ensemble.py), each
+scored through its own `evaluation.Scorer`, their mean called and their sd in column
+`member_sd`. The files read are the ones a training folder reads (`data.sources.image_files`).
 
 `Predictions` and `call` (apps/predictions.py) and `prepare_patches` (evaluation/scorer.py) stay
 importable from here.
@@ -31,11 +32,18 @@ from torch.utils.data import DataLoader
 from her2exp.apps.predict_bags import check_bag_run, predict_bags
 from her2exp.apps.predictions import Predictions, call
 from her2exp.config import ConfigError
+from her2exp.core.errors import UserError  # the user's files, not a configuration value
 from her2exp.core.fileio import safe_name
 from her2exp.data import slide_tiles as dataset
 from her2exp.data.bags import mil_name
 from her2exp.data.datasets import PatchDataset
-from her2exp.data.sources import IMAGE_SUFFIXES, image_files, read_patch  # as training reads
+from her2exp.data.sources import (  # the files and the decoding training uses
+    IMAGE_SUFFIXES,
+    ImageProblem,
+    image_files,
+    read_patch,
+    whole_slide,
+)
 from her2exp.evaluation.ensemble import load_ensemble, member_stats
 from her2exp.evaluation.scorer import Scorer, build_scorer, prepare_patches
 from her2exp.evaluation.trained_run import TrainedRun, level_thresholds, load_run
@@ -59,18 +67,85 @@ def read_groups(path: str | Path, root: Path, files: list[Path]) -> pd.DataFrame
     if table[["slide_id", "patient_id"]].isna().any().any():
         raise ConfigError(f"groups={path}: empty slide_id or patient_id")
     table.index = [str((root / p).resolve()) for p in table["path"]]
+    _check_duplicates(path, table)
     absent = [str(f) for f in files if str(f.resolve()) not in table.index]
     if absent:
-        shown = ", ".join(absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
         raise ConfigError(
-            f"groups={path}: no slide_id/patient_id for {len(absent)} file(s): {shown}"
+            f"groups={path}: no slide_id/patient_id for {len(absent)} file(s): {_few(absent)}"
         )
     return table[~table.index.duplicated()]
 
 
+def _check_duplicates(path: str | Path, table: pd.DataFrame) -> None:
+    """A file (any spelling: `a.png`, `./a.png`, its absolute path) in rows naming different
+    slides or patients is refused, as training refuses a duplicate path with a different label:
+    taking the first row would call a patient the tile may not belong to. Rows that agree are
+    kept (one row used): each file is scored once, whatever the table repeats, so a repeat
+    changes no call, and tables joined from several sources often repeat a row."""
+    repeated = table[table.index.duplicated(keep=False)]
+    ids = repeated.groupby(level=0, sort=False)[["slide_id", "patient_id"]].nunique()
+    clashes = ids.index[(ids > 1).any(axis=1)].tolist()
+    if not clashes:
+        return
+    numbered = table.assign(row=range(1, len(table) + 1))  # 1-based data rows
+    shown = []
+    for file in clashes[:3]:
+        named = [
+            f"row {r.row} {r.path!r} (slide_id {r.slide_id}, patient_id {r.patient_id})"
+            for r in numbered.loc[[file]].itertuples()
+        ]
+        shown.append(f"{file}: {', '.join(named)}")
+    more = f"; and {len(clashes) - 3} more file(s)" if len(clashes) > 3 else ""
+    raise UserError(
+        f"groups={path}: duplicate path with a different slide_id or patient_id (a tile belongs "
+        f"to one slide of one patient): {'; '.join(shown)}{more}"
+    )
+
+
+def _few(items: list[str], n: int = 5) -> str:
+    """The first `n` of `items` and how many more (one line, however many)."""
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def check_patches(root: Path, files: list[Path]) -> None:
+    """Refuse whole-slide images among the patches, before any run is loaded or patch scored:
+    decoded as a patch, a slide becomes its first page shrunk to one tile and gets a call of
+    its own (a damaged file, by contrast, is listed and skipped while the rest are scored)."""
+    slides = [(f, what) for f in files if (what := whole_slide(f))]
+    if not slides:
+        return
+    advice = (
+        "tile {} with her2exp-tile and predict on the tile manifest "
+        "(input=<her2exp-tile out>/tiles.parquet)"
+    )
+    if len(slides) == 1:
+        ((file, what),) = slides
+        raise UserError(
+            f"input={root}: {file} is a whole-slide image ({what}), not a patch: "
+            + advice.format("it")
+        )
+    named = [f"{f} ({what})" for f, what in slides]
+    raise UserError(
+        f"input={root}: {len(slides)} files are whole-slide images, not patches: "
+        f"{_few(named, 3)}: " + advice.format("them")
+    )
+
+
+def _read_problem(exc: Exception) -> str:
+    """A patch that could not be read, in the words training's data check uses."""
+    if isinstance(exc, ImageProblem):
+        return str(exc)
+    if isinstance(exc, FileNotFoundError):
+        return "missing file"
+    if isinstance(exc, OSError):
+        return f"unreadable file: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def predict_folder(opts: Any) -> Predictions:
     """Score every image under `opts.input` with the run `opts` names (run_id or checkpoint) and
-    call them at the run's decision level (or `opts.decision_level`)."""
+    call them at the run's decision level (or `opts.decision_level`). The input's own checks
+    (whole slides among the patches, the groups table) come before the run is loaded."""
     if not opts.input:
         raise ConfigError("input=<folder of patches> is required")
     root = Path(opts.input)
@@ -79,13 +154,12 @@ def predict_folder(opts: Any) -> Predictions:
     files = image_files(root)  # the files (and suffixes) a training folder takes
     if not files:
         raise ConfigError(f"input={root} holds no {', '.join(sorted(IMAGE_SUFFIXES))} files")
+    check_patches(root, files)
+    groups = read_groups(opts.groups, root, files) if opts.get("groups") else None
     run, members = load_runs(opts)  # refused without frozen thresholds: no fallback of ours
     level = opts.get("decision_level") or run.decision_level
     thresholds = level_thresholds(run, level)  # refused when the run never froze this level
-    groups = None
-    if opts.get("groups"):
-        groups = read_groups(opts.groups, root, files)
-    elif level != "tile":
+    if groups is None and level != "tile":
         raise ConfigError(
             f"decision level {level}: give groups=<CSV with path, slide_id, patient_id> so "
             "tiles can be grouped into slides and patients"
@@ -104,7 +178,7 @@ def predict_folder(opts: Any) -> Predictions:
                 batch.append(read_patch(path, cfg.data.image_size))
                 paths.append(path)
             except Exception as exc:  # noqa: BLE001 - any decoder error is reported per file
-                errors.append((str(path), f"{type(exc).__name__}: {exc}"))
+                errors.append((str(path), _read_problem(exc)))
         if not batch:
             continue
         x = prepare_patches(batch, cfg.data.image_size)

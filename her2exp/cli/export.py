@@ -10,7 +10,8 @@ are inside the graph; the thresholds travel in the file's metadata). Resize and 
 normalisation stay outside: a Macenko run is warned about. The file is checked against
 her2exp's own scoring on the run's test patches (max |diff| <= 1e-4, onnxruntime on the CPU)
 before it is written and logged to the run (artifacts export/, tags export.<format>.*, metric
-export_<format>_max_abs_diff). An existing file is replaced only with overwrite=true.
+export_<format>_max_abs_diff). An earlier export at out= (her2exp's metadata inside it) is
+replaced only with overwrite=true; any other file there is never replaced.
 """
 
 from __future__ import annotations

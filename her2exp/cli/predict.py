@@ -10,9 +10,11 @@
 
 With a run whose decision level is slide or patient (or decision_level=...), `groups=` (a CSV:
 path, slide_id, patient_id) groups the tiles; the per-slide or per-patient table is written
-beside `out` (<out>.slides.csv, <out>.patients.csv). Files that cannot be decoded are listed
-(stderr and `<out>.errors.csv`) and skipped; without any, an `<out>.errors.csv` left by an
-earlier run is removed, so the two files always agree. With `sweep_run_id=` the sweep's finished
+beside `out` (<out>.slides.csv, <out>.patients.csv); a file listed in two slides or patients
+is refused. Files that cannot be decoded are listed (stderr and `<out>.errors.csv`) and
+skipped; without any, an `<out>.errors.csv` left by an earlier run is removed, so the two files
+always agree. A whole-slide image among the patches is refused before anything is scored:
+her2exp-tile tiles it, and input=<its out>/tiles.parquet predicts on its tiles. With `sweep_run_id=` the sweep's finished
 children score as one ensemble (their mean, at the ensemble's thresholds; column `member_sd`: the
 sd across members). `model_uri=` (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model)
 names the training run through the model registry (her2exp-promote sets aliases). An existing

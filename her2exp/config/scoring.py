@@ -155,6 +155,12 @@ def check_predict(cfg: Any) -> None:
     slides = predict_on_slides(cfg)
     if slides and not Path(cfg.input).is_file():
         raise ConfigError(f"input={cfg.input}: no such tile manifest (run her2exp-tile first)")
+    if not slides and Path(cfg.input).is_file():  # a slide given as is, most likely
+        raise ConfigError(
+            f"input={cfg.input} is a file, not a folder of patches or a tile manifest "
+            "(.parquet/.csv of her2exp-tile): a whole-slide image is tiled with her2exp-tile "
+            "first, then predicted on its tiles.parquet"
+        )
     if not slides and not Path(cfg.input).is_dir():
         raise ConfigError(
             f"input={cfg.input} is not a folder (or a tile manifest .parquet/.csv of her2exp-tile)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def test_refusals_are_one_line(exports: Exports, smoke_run) -> None:
     cases = [
         ({"format": "tflite"}, "format='tflite' is not allowed: onnx, torchscript"),
         ({"checkpoint": None}, "give exactly one of run_id="),
-        ({"out": str(exports.onnx)}, "exists (an earlier export): overwrite=true"),
+        ({"out": str(exports.onnx)}, "exists (an earlier her2exp onnx export): overwrite=true"),
         ({"opset": 12}, "opset=12 is not allowed"),
     ]
     for change, expected in cases:
@@ -152,6 +153,56 @@ def test_refusals_are_one_line(exports: Exports, smoke_run) -> None:
     cfg = compose("export", ["run_id=0123abc", f"tracking.uri={smoke_run.uri}"])
     with pytest.raises(ConfigError, match="run_id='0123abc' not found in sqlite:"):
         ex.export_run(cfg)
+
+
+def test_overwrite_replaces_only_an_earlier_export_never_a_file_of_the_users(
+    exports: Exports, smoke_run, tmp_path: Path
+) -> None:
+    """Issue 31, item 8d: an existing out= is called an earlier export only when it is one (its
+    her2exp metadata inside: either format, whatever its name); any other file, a zip
+    included, is refused with overwrite=true too and left as it was."""
+    ckpt = smoke_run.run_dir / "checkpoints" / "best.pt"
+    base = schemas.validate_only("export", [f"checkpoint={ckpt}"])
+
+    def check(out: Path, overwrite: bool, fmt: str = "onnx") -> str:
+        cfg = base.copy()
+        OmegaConf.update(cfg, "out", str(out))
+        OmegaConf.update(cfg, "overwrite", overwrite)
+        OmegaConf.update(cfg, "format", fmt)
+        try:
+            schemas.check_export(cfg)
+        except ConfigError as exc:
+            assert "\n" not in str(exc)
+            return str(exc)
+        return ""
+
+    notes = tmp_path / "notes.onnx"
+    notes.write_text("my notes, not a model\n")
+    archive = tmp_path / "model.ts"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("archive/data.pkl", b"not an export of ours")
+    foreign = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
+    other = tmp_path / "other.onnx"
+    other.write_bytes(foreign.SerializeToString())
+    for path in (notes, archive, other):
+        before = path.read_bytes()
+        for overwrite in (False, True):
+            assert check(path, overwrite, "torchscript" if path == archive else "onnx") == (
+                f"out={path} exists and is not a her2exp export (no her2exp metadata in it); "
+                "overwrite=true replaces only an earlier export: give another out="
+            )
+        assert path.read_bytes() == before
+    assert check(exports.torchscript, False, "torchscript") == (
+        f"out={exports.torchscript} exists (an earlier her2exp torchscript export): "
+        "overwrite=true to replace it, or another out="
+    )
+    assert check(exports.torchscript, True, "torchscript") == ""
+    assert check(exports.onnx, True) == ""
+    # The library's check (it checks the default out= under the run directory) is the same.
+    cfg = compose("export", [f"checkpoint={ckpt}", f"out={notes}", "overwrite=true"])
+    with pytest.raises(ConfigError, match=r"is not a her2exp export"):
+        ex.export_run(cfg)
+    assert notes.read_text() == "my notes, not a model\n"
 
 
 def test_the_export_bench_times_the_same_graph_in_both_runtimes(exports: Exports) -> None:

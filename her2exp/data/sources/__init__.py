@@ -38,6 +38,7 @@ from her2exp.data.sources.images import (
     decode,
     read_patch,
     resize_patch,
+    whole_slide,
 )
 from her2exp.data.sources.labels import EQUIVOCAL_SCORE, SCORES, allowed_labels, label_of
 from her2exp.data.sources.loading import Loaded, load, scan_source
@@ -82,5 +83,6 @@ __all__ = [
     "scan_manifest",
     "scan_source",
     "structural_problems",
+    "whole_slide",
     "write_manifest",
 ]

@@ -4,7 +4,8 @@ One home for the decode, so a file read by the loader, by `data.cache=false` wor
 `her2exp-predict` and by the server becomes exactly the same pixels. RGBA is composited on
 white (transparent tile padding is background), grayscale, palette and CMYK images are converted
 to RGB, and a patch is resized (bilinear) only when its size differs from `data.image_size`;
-each conversion is returned as a note, which the loader counts.
+each conversion is returned as a note, which the loader counts. `whole_slide` tells a
+whole-slide image (a pyramidal TIFF) from a patch by its headers, so it is not decoded as one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,7 +57,16 @@ def _image_problems() -> Iterator[None]:
         raise
     except UnidentifiedImageError:
         raise ImageProblem("unreadable: not a PNG, JPEG or TIFF image") from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        TypeError,
+        EOFError,
+        Image.DecompressionBombError,
+    ) as exc:
+        # TypeError: PIL's word for a TIFF page without ImageWidth/ImageLength ("Missing
+        # dimensions"), met on a later page of a multi-page TIFF when its pages are counted.
         text = str(exc) or type(exc).__name__
         kind = "truncated" if "truncated" in text or isinstance(exc, EOFError) else "unreadable"
         raise ImageProblem(f"{kind} image: {text}") from None
@@ -160,6 +171,60 @@ class FilePatches:
         for i, row in enumerate(rows):
             out[i] = self._decode(int(row))
         return out
+
+
+#: The first four bytes of a TIFF (little/big-endian) and of a BigTIFF.
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+#: tifffile's vendor flags -> the format named in messages.
+_SLIDE_FORMATS = {"svs": "Aperio SVS", "ndpi": "Hamamatsu NDPI", "scn": "Leica SCN",
+                  "philips": "Philips TIFF", "bif": "Ventana BIF"}  # fmt: skip
+
+
+def whole_slide(path: str | Path) -> str | None:
+    """What a whole-slide image is ("pyramidal TIFF, 3 levels, 1024x768 px"), None for any
+    other file. Why: a slide among patches decodes as one patch (its first page, resized) and
+    would be scored as one; predict refuses it by this, before any patch is scored. Only the
+    headers are read (tifffile, the slide reader's library); a TIFF tifffile cannot parse is
+    None here and is left to the decoder to name."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+            if head not in _TIFF_MAGIC or _one_page(head, fh):
+                return None
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            series = tif.series[0]
+            levels = len(series.levels)
+            page = series.levels[0].keyframe
+            width, height = int(page.imagewidth), int(page.imagelength)
+            vendor = next((n for n in _SLIDE_FORMATS if getattr(tif, f"is_{n}", False)), None)
+    except Exception:  # noqa: BLE001 - not a TIFF tifffile reads: the decoder will say
+        return None
+    if levels < 2 and vendor is None:
+        return None
+    kind = _SLIDE_FORMATS[vendor] if vendor else "pyramidal TIFF"
+    return f"{kind}, {levels} level{'s' if levels != 1 else ''}, {width}x{height} px"
+
+
+def _one_page(head: bytes, fh: Any) -> bool:
+    """A classic TIFF of one page without SubIFDs: no pyramid can hide in it. Read from its
+    first IFD alone, so a folder of TIFF patches costs a few bytes a file, not a tifffile
+    parse (a BigTIFF, or anything short, is left to tifffile)."""
+    if head[2:] not in (b"*\x00", b"\x00*"):
+        return False
+    end = "<" if head[:2] == b"II" else ">"
+    (offset,) = struct.unpack(end + "I", fh.read(4))
+    fh.seek(offset)
+    count = fh.read(2)
+    if len(count) < 2:
+        return False
+    (n,) = struct.unpack(end + "H", count)
+    entries, following = fh.read(12 * n), fh.read(4)
+    if len(entries) < 12 * n or len(following) < 4:
+        return False
+    tags = {struct.unpack_from(end + "H", entries, 12 * i)[0] for i in range(n)}
+    return 330 not in tags and struct.unpack(end + "I", following)[0] == 0  # 330: SubIFDs
 
 
 def read_patch(path: str | Path, size: int) -> np.ndarray:
