@@ -21,18 +21,32 @@ from her2exp.core.fileio import check_writable
 SETTINGS_FILE = "tiling.json"  # the settings every per-slide file of `out` was made with
 #: apps.tile_out's locks in `out` (claiming the settings; held by every running tiler).
 CLAIM_LOCK, ACTIVE_LOCK = ".her2exp-tile.claim", ".her2exp-tile.active"
+MASK_MPP_MIN = 2.0  # um per pixel: the finest tissue mask (TilesConfig says why)
 
 
 # -- her2exp-tile --------------------------------------------------------------------------------
 @dataclass
 class TilesConfig:
-    """tiles.*: the physical tile and what counts as tissue."""
+    """tiles.*: the physical tile and what counts as tissue.
+
+    `mask_mpp` is at least `MASK_MPP_MIN` um per pixel: the tissue mask (Otsu's threshold on
+    optical density) needs pixels that average nuclei, cytoplasm and stroma into tissue. On a
+    finer thumbnail a pixel resolves them, Otsu splits the stain from the pale tissue between,
+    and what is left is dropped as specks: on six embedded slides (0.5 um/px), at level 0 (what
+    0.001 asks for) it found none of one slide's tissue, 1-3% of two others' and 21-81% of the
+    rest, at 1 um/px no more, at 2 um/px 89-99% of every slide's (at 8: 92-100%). A finer mask
+    would not serve the grid either (a 224 px tile at 0.5 um/px spans 14 mask pixels at
+    8 um/px) and its memory grows as 1/mask_mpp^2; so a finer value is refused before a slide
+    is opened, not clamped behind the user's back."""
 
     mpp: float = ranged(0.5, gt=0, le=100)  # um per pixel of a tile
     size: int = ranged(224, ge=16, le=8192)  # tile side in pixels (at `mpp`)
     min_tissue: float = ranged(0.5, ge=0, le=1)  # fraction of a tile the tissue mask must cover
     assume_mpp: float | None = ranged(None, gt=0, le=100)  # for slides whose file has none
-    mask_mpp: float = ranged(8.0, gt=0, le=1000)  # um per pixel of the tissue mask's thumbnail
+    mask_mpp: float = ranged(  # um per pixel of the tissue mask's thumbnail
+        8.0, ge=MASK_MPP_MIN, le=1000, allowed=f"a value in [{MASK_MPP_MIN:g}, 1000] um per "
+        "pixel (finer, the tissue mask sees nuclei, not tissue)",
+    )  # fmt: skip
     workers: int = ranged(1, ge=1, le=256)  # slides tiled in parallel processes
     # auto (tiffslide for OME-TIFF, else OpenSlide, else tiffslide) | openslide | tiffslide
     reader: str = "auto"

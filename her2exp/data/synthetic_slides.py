@@ -127,18 +127,20 @@ def write_repeated_slide(
     mpp: float,
     tile: int = 256,
     compression: str = "jpeg",
+    levels: int | None = None,
 ) -> Path:
     """A large pyramidal tiled TIFF (`shape` = (height, width)) of `block` repeated, streamed
     tile by tile (memory: the block's pyramid and one tile), written atomically; the file
     `write_slide` would write for the repeated image (a 20,000 px square one would need
     several GB and minutes through `make_cohort`, which is why the benchmark uses this).
-    The block's sides must divide by 2 for every reduced level."""
+    The block's sides must divide by 2 for every reduced level. `levels`: at most this many
+    (1: a slide without a pyramid, as some exports are, which a thumbnail reads in strips)."""
     import tifffile
 
     if compression not in COMPRESSIONS:
         raise ValueError(f"compression={compression!r}: one of {', '.join(COMPRESSIONS)}")
     dims = [tuple(shape)]
-    while min(dims[-1]) // 2 >= tile:
+    while min(dims[-1]) // 2 >= tile and len(dims) < (levels or len(dims) + 1):
         dims.append((dims[-1][0] // 2, dims[-1][1] // 2))
     if any(side % 2 ** (len(dims) - 1) for side in block.shape[:2]):
         raise ValueError(f"block {block.shape[:2]}: sides must divide by {2 ** (len(dims) - 1)}")

@@ -61,9 +61,16 @@ class SlideInfo:
 
 
 def on_white(rgba: np.ndarray) -> np.ndarray:
-    """RGB uint8 of an RGBA region composited on white (transparent = no data = glass)."""
-    alpha = rgba[..., 3:4].astype(np.float32) / 255.0
-    return np.rint(rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    """RGB uint8 of an RGBA region composited on white (transparent = no data = glass).
+
+    In integers, (rgb * a + 255 * (255 - a)) / 255 rounded: the float form's result for every
+    (rgb, a) at 2 bytes a channel where the float form held 12 (a 24,576 px level's read held
+    GBs of it), and no arithmetic at all where the region is opaque (nearly always)."""
+    rgb, alpha = rgba[..., :3], rgba[..., 3:4]
+    if int(alpha.min()) == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint16)
+    return ((rgb * a + 255 * (255 - a) + 127) // 255).astype(np.uint8)
 
 
 class _OpenSlideBackend:
@@ -285,24 +292,43 @@ class Slide:
     def read(self, x: int, y: int, level: int, size: tuple[int, int]) -> np.ndarray:
         """RGB uint8 (h, w, 3) of `size` (w, h) at `level`, its top left at level-0 (x, y).
 
-        Outside the slide, and where a scanner left no data, is white (as glass)."""
+        Outside the slide, and where a scanner left no data, is white (as glass). A region
+        that does not fit in memory is refused with its size, never with an empty reason."""
+        w, h = int(size[0]), int(size[1])
         try:
-            return self._backend.read(int(x), int(y), int(level), (int(size[0]), int(size[1])))
+            return self._backend.read(int(x), int(y), int(level), (w, h))
+        except MemoryError as exc:  # its str is often empty: say what did not fit
+            reason = f"out of memory reading {w} x {h} px at level {level} "
+            reason += f"({w * h * 3 / 2**20:,.0f} MiB as RGB)" + (f": {exc}" if str(exc) else "")
+            raise SlideError(f"slide {self.path}: region ({x}, {y}) unreadable: {reason}") from exc
         except Exception as exc:  # noqa: BLE001 - a damaged tile: one line naming the slide
-            raise SlideError(f"slide {self.path}: region ({x}, {y}) unreadable: {exc}") from exc
+            reason = str(exc) or type(exc).__name__  # never an empty reason
+            raise SlideError(f"slide {self.path}: region ({x}, {y}) unreadable: {reason}") from exc
+
+    def level0_row(self, level: int, row: int) -> int:
+        """The level-0 y of a read at `level` that starts on its row `row`: tiffslide floors
+        y / downsample; OpenSlide interpolates between rows, least where y / downsample is
+        nearest `row` (not at all where the downsample is a whole number)."""
+        down = self.level_downsamples[level]
+        if self.reader == "openslide":
+            return round(row * down)
+        y = math.ceil(row * down)
+        return y + (int(y / down) < row)  # where the product rounded up to a whole number
 
     def thumbnail(self, max_side: int) -> tuple[np.ndarray, float]:
-        """(RGB thumbnail whose longer side is at most `max_side`, its downsample from level 0)."""
+        """(RGB thumbnail whose longer side is at most `max_side`, its downsample from level 0).
+
+        The level nearest above it is read in strips of about `BLOCK_PIXELS` at most, each
+        reduced as it comes (`reduce_level`): a slide without a pyramid is level 0 alone, and
+        a read of all of it would hold many GB (times `tiles.workers`)."""
         width, height = self.dimensions
         scale = max(width, height) / max_side
         level = self._backend.best_level(max(scale, 1.0))
         lw, lh = self._backend.level_dimensions[level]
-        image = self.read(0, 0, level, (lw, lh))
+        size = (lw, lh)
         if max(lw, lh) > max_side:
-            from PIL import Image
-
-            tw, th = max(1, round(width / scale)), max(1, round(height / scale))
-            image = np.asarray(Image.fromarray(image).resize((tw, th), Image.BOX))
+            size = (max(1, round(width / scale)), max(1, round(height / scale)))
+        image = reduce_level(self, level, (lw, lh), size)
         return image, width / image.shape[1]
 
     def thumbnail_at(self, mpp: float) -> tuple[np.ndarray, float]:
@@ -332,3 +358,78 @@ class Slide:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+#: The level pixels a thumbnail reads at once (24 MiB as RGB; OpenSlide's read holds about 11
+#: bytes a pixel while it decodes): what bounds a thumbnail's memory, whatever the slide's size
+#: (140 MiB over the process's own through OpenSlide, 90 through tiffslide, for the two
+#: thumbnails of her2exp-tile on a 24,576 px slide without a pyramid; a whole read: 21 GB, 4 GB).
+BLOCK_PIXELS = 2**23
+
+
+def reduce_level(
+    slide: Slide,
+    level: int,
+    src: tuple[int, int],
+    out: tuple[int, int],
+    budget: int = BLOCK_PIXELS,
+) -> np.ndarray:
+    """`level` (`src` = its (width, height)) reduced to `out` (w, h): PIL's BOX resize of the
+    whole level, holding no more of it at once than a strip of `budget` pixels.
+
+    A level that small is read whole and resized by PIL, as thumbnails always were (a
+    pyramid's level above a thumbnail usually is that small). A larger one is read in
+    full-width strips of whole thumbnail rows (never fewer level rows than one thumbnail row
+    averages), each reduced across by PIL (its first pass works row by row: these are the rows
+    it makes of the whole level) and down by `_box_down`, PIL's second pass redone with PIL's
+    own coefficients (`_box_rows`): the very pixels of the whole resize wherever the strips
+    hold the level's own rows, i.e. at level 0, at any level through tiffslide and at
+    OpenSlide's levels of a whole-number downsample. (PIL on each strip with a `box` would
+    not do: its float32 box edges move a level row that sits on a thumbnail row's edge to the
+    next thumbnail row.) At an OpenSlide level of a fractional downsample, a strip that does
+    not start at the top starts between two level rows, which OpenSlide interpolates (up to
+    1 / (2 downsample) of a row: at 2.001 up to 45 grey levels on the embedded texture, at
+    whole-number downsamples none)."""
+    from PIL import Image
+
+    (lw, lh), (tw, th) = src, out
+    if lw * lh <= budget:
+        image = slide.read(0, 0, level, src)
+        return image if out == src else np.asarray(Image.fromarray(image).resize(out, Image.BOX))
+    rows = _box_rows(lh, th)
+    per_strip = max(1, int((budget / lw - 2) * th / lh))
+    thumb = np.empty((th, tw, 3), dtype=np.uint8)
+    for j0 in range(0, th, per_strip):
+        part = rows[j0 : j0 + per_strip]
+        y0, y1 = int(part[0, 0]), int(part[-1, 1])
+        strip = slide.read(0, slide.level0_row(level, y0), level, (lw, y1 - y0))
+        if tw != lw:
+            strip = np.asarray(Image.fromarray(strip).resize((tw, y1 - y0), Image.BOX))
+        thumb[j0 : j0 + len(part)] = _box_down(strip, part - [y0, y0, 0])
+    return thumb
+
+
+def _box_down(strip: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """PIL's vertical BOX pass (ImagingResampleVertical_8bpc) over `strip`: thumbnail row j is
+    the sum of its rows rows[j, 0]:rows[j, 1] times the 22-bit weight rows[j, 2], rounded."""
+    out = np.empty((len(rows), *strip.shape[1:]), dtype=np.uint8)
+    for j, (first, end, weight) in enumerate(rows.tolist()):
+        total = strip[first:end].sum(axis=0, dtype=np.int64)
+        out[j] = np.clip((total * weight + (1 << 21)) >> 22, 0, 255)
+    return out
+
+
+def _box_rows(n_src: int, n_out: int) -> np.ndarray:
+    """(first, end, 22-bit weight) of the source rows PIL's BOX averages into each of `n_out`
+    rows: Pillow's precompute_coeffs and normalize_coeffs_8bpc with the same doubles (a
+    pixel whose centre sits on a box edge goes where its floating point puts it)."""
+    scale = float(np.float32(n_src)) / n_out  # Pillow takes the box edges as float32
+    filterscale = max(scale, 1.0)
+    support, ss = 0.5 * filterscale, 1.0 / filterscale
+    rows = np.zeros((n_out, 3), dtype=np.int64)
+    for j in range(n_out):
+        center = (j + 0.5) * scale
+        lo, hi = max(int(center - support + 0.5), 0), min(int(center + support + 0.5), n_src)
+        inside = [x for x in range(lo, hi) if -0.5 < (x - center + 0.5) * ss <= 0.5]
+        rows[j] = inside[0], inside[-1] + 1, int(0.5 + (1.0 / len(inside)) * (1 << 22))
+    return rows

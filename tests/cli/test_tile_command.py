@@ -149,6 +149,18 @@ def test_unusable_slides_are_named_before_anything_is_written(slide_cohort, tmp_
     assert set(tiles["slide_id"]) == set(cohort.table["slide_id"])
 
 
+def test_a_tissue_mask_too_fine_to_see_tissue_is_refused(slide_cohort, tmp_path, capsys):
+    """tiles.mask_mpp=0.001 asked for a mask at level 0, which called the tissue glass ('no
+    tissue' on slides that have it, issue 31): refused before a slide is opened, in one line
+    saying what is allowed and why (TilesConfig: the floor)."""
+    folder, _ = slide_cohort
+    out = tmp_path / "out"
+    err = refused(folder / "slides.csv", out, capsys, "tiles.mask_mpp=0.001")
+    assert "tiles.mask_mpp=0.001 is not allowed: a value in [2, 1000] um per pixel" in err
+    assert "nuclei" in err and len(err.strip().splitlines()) == 1
+    assert not (out / "slides").exists()
+
+
 def test_qupath_regions_include_and_exclude_tiles(slide_cohort, tmp_path) -> None:
     folder, cohort = slide_cohort
     row = cohort.table.iloc[0]
