@@ -188,7 +188,7 @@ def run(
         if changed:
             log.warning(
                 "her2exp-tile: %d slide(s) changed since tiled (another file at the same path, "
-                "or tiled before signatures were recorded), tiled again: %s",
+                "an edited annotation, or tiled before signatures were recorded), tiled again: %s",
                 len(changed), ", ".join(changed),
             )  # fmt: skip
         rows, failed = _tile_all(good, tiles, out)

@@ -26,6 +26,7 @@ the same path is tiled again, and `data=slides` refuses a file that changed sinc
 from __future__ import annotations
 
 import errno
+import hashlib
 import fcntl
 import json
 import logging
@@ -169,9 +170,22 @@ def write_slide(out: Path, job: SlideJob, frame: pd.DataFrame) -> None:
     import pyarrow.parquet as pq
 
     table = pa.Table.from_pandas(frame, preserve_index=False)
-    record = json.dumps({"slide_path": job.path, "signature": job.signature}).encode()
+    record = json.dumps(
+        {"slide_path": job.path, "signature": job.signature, "annotation": annotation_digest(job)}
+    ).encode()
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), RECORD_KEY: record})
     atomic_write(slide_file(out, job.slide_id), lambda fh: pq.write_table(table, fh))
+
+
+def annotation_digest(job: SlideJob) -> str:
+    """SHA-256 of the slide's annotation file ("" without one): regions redrawn in QuPath
+    change which tiles are kept, so the slide is tiled again."""
+    if not job.annotation:
+        return ""
+    try:
+        return hashlib.sha256(Path(job.annotation).read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"  # the checks name it before the slide is tiled
 
 
 def slide_record(out: Path, slide_id: str) -> dict[str, str] | None:
@@ -196,7 +210,8 @@ def state(job: SlideJob, out: Path) -> str:
     record = slide_record(out, job.slide_id)
     if record is None or record["slide_path"] != job.path:
         return "new"
-    return "done" if record["signature"] == job.signature else "changed"
+    same = record["signature"] == job.signature
+    return "done" if same and record.get("annotation", "") == annotation_digest(job) else "changed"
 
 
 def merge_summary(out: Path, rows: list[dict[str, Any]]) -> set[str]:

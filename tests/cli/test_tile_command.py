@@ -161,7 +161,7 @@ def test_a_tissue_mask_too_fine_to_see_tissue_is_refused(slide_cohort, tmp_path,
     assert not (out / "slides").exists()
 
 
-def test_qupath_regions_include_and_exclude_tiles(slide_cohort, tmp_path) -> None:
+def test_qupath_regions_include_and_exclude_tiles(slide_cohort, tmp_path, capsys) -> None:
     folder, cohort = slide_cohort
     row = cohort.table.iloc[0]
     square = [[0, 0], [512, 0], [512, 768], [0, 768], [0, 0]]  # the left half
@@ -188,6 +188,16 @@ def test_qupath_regions_include_and_exclude_tiles(slide_cohort, tmp_path) -> Non
     cells[:, 4:] = False  # the right half
     cells[:2, :2] = False  # the pen mark
     assert len(tiles) >= 0.9 * cells.sum()
+    # The pen mark's region deleted in QuPath: a rerun tiles the slide again (issue 31).
+    geojson["features"] = geojson["features"][:1]
+    (tmp_path / "a.geojson").write_text(json.dumps(geojson))
+    capsys.readouterr()
+    tile(tmp_path / "one.csv", tmp_path / "out")
+    assert "1 slides tiled (1 changed since tiled), 0 already tiled" in capsys.readouterr().out
+    tiles = pd.read_parquet(tmp_path / "out" / "tiles.parquet")
+    assert ((tiles["x"] + 64 < 256) & (tiles["y"] + 64 < 256)).any() == bool(
+        cohort.tissue[row["slide_id"]][:2, :2].any()
+    )
 
 
 def test_other_settings_on_an_earlier_output_are_refused_unless_overwrite(tiled, tmp_path, capsys):
