@@ -26,8 +26,8 @@ the same path is tiled again, and `data=slides` refuses a file that changed sinc
 from __future__ import annotations
 
 import errno
-import hashlib
 import fcntl
+import hashlib
 import json
 import logging
 import os
