@@ -43,9 +43,9 @@ AT_DECISION = {
 DECISION_PARAMS = ("evaluation.decision_level", "evaluation.operating_point")
 # Never a differing-parameter column: bookkeeping, or shown in a column of its own.
 IGNORED_PARAMS = {"output_dir", "tracking.run_name", *DECISION_PARAMS}
-#: Printed (not CSV) precision: counts as integers, minutes to 0.1, the rest to 4 places.
+#: Printed (not CSV) precision: counts as integers, minutes to 0.01, the rest to 4 places.
 INTEGER_COLUMNS = ("best_epoch",)
-PRINT_FORMATS = {"minutes": "{:.1f}"}
+PRINT_FORMATS = {"minutes": "{:.2f}"}
 EMPTY = "-"
 
 
@@ -163,7 +163,7 @@ def decision_columns(runs: pd.DataFrame) -> pd.DataFrame:
 
 def format_table(table: pd.DataFrame) -> str:
     """The table as `her2exp-compare` prints it: integer columns as integers (best epoch 2, not
-    2.0000), metrics to 4 places, minutes to 0.1, a value not logged as `-` (the CSV keeps full
+    2.0000), metrics to 4 places, minutes to 0.01, a value not logged as `-` (the CSV keeps full
     precision and leaves such a cell empty)."""
 
     def cell(value: Any, column: str) -> str:
