@@ -4,7 +4,9 @@
     her2exp-compare sweep=all tracking.uri=http://127.0.0.1:5000
     her2exp-compare leaderboard=true [sweep=latest|<parent run id>] [out=leaderboard.csv]
 
-The table comes from her2exp/apps/compare.py; it is printed and written to `out` as CSV.
+The table comes from her2exp/apps/compare.py: each run's decision level and operating point, and
+its test sensitivity/specificity and AUC there. It is printed (counts as integers, metrics to 4
+places, `-` where a run did not log a value) and written to `out` as CSV at full precision.
 """
 
 from __future__ import annotations
@@ -20,9 +22,7 @@ from her2exp.config import commands as schemas
 @hydra_command("compare")
 def main(cfg: DictConfig) -> None:
     """Print the table and write it as CSV."""
-    import pandas as pd
-
-    from her2exp.apps.compare import compare
+    from her2exp.apps.compare import compare, format_table
     from her2exp.core.fileio import atomic_write_text
 
     schemas.check_compare(cfg)
@@ -30,8 +30,7 @@ def main(cfg: DictConfig) -> None:
         show_leaderboard(cfg)
         return
     table = compare(cfg.experiment, str(cfg.sweep), cfg.tracking.uri)
-    with pd.option_context("display.width", 200, "display.max_columns", 30):
-        print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(format_table(table))
     atomic_write_text(Path(cfg.out), table.to_csv(index=False))
     print(f"her2exp: {len(table)} runs, best first -> {cfg.out}")
 

@@ -189,6 +189,16 @@ def test_optuna_sweep_and_compare(tmp_path: Path) -> None:
     assert table["val_auc"].tolist() == sorted(table["val_auc"], reverse=True)
     assert table["val_auc"].iloc[0] == pytest.approx(best)
     assert {"trainer.lr", "loss.gamma"} <= set(table.columns)  # the swept params differ
+    by_id = {c.info.run_id: c.data.metrics for c in children}
+    assert table["test_sens"].tolist() == [
+        by_id[r]["test_youden_sensitivity"] for r in table.run_id
+    ]
+    # Printed: each run's decision level and operating point, best_epoch an integer (not 1.0000).
+    header, *rows = cmp.stdout.splitlines()[:-1]
+    printed = [dict(zip(header.split(), row.split(), strict=True)) for row in rows]
+    assert [(r["decision_level"], r["operating_point"], r["best_epoch"]) for r in printed] == [
+        ("tile", "youden", "1")
+    ] * 2, cmp.stdout
 
 
 def test_rerun_from_mlflow_alone_gives_the_same_metrics(smoke_run: SmokeRun) -> None:
