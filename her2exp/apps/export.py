@@ -37,6 +37,7 @@ from torch import nn
 from her2exp.config import ConfigError
 from her2exp.config.export import FORMATS, METADATA_KEY, check_out  # the checks without torch
 from her2exp.config.export import ONNX_EXPORTERS as ONNX_EXPORTERS
+from her2exp.core import progress
 from her2exp.engine import Preprocess
 from her2exp.evaluation import (
     TrainedRun,
@@ -382,6 +383,34 @@ def log_export(
         add_to_run(uri, run_id, local, ARTIFACT_PATH, {f"export_{fmt}_max_abs_diff": diff}, tags)
 
 
+def export_checked(
+    run: TrainedRun, graph: ProbabilityGraph, opts: DictConfig, tta: str
+) -> tuple[bytes, float, int]:
+    """The graph's bytes, their largest difference from her2exp's scoring (refused beyond
+    MAX_ABS_DIFF) and the number of test patches checked. One progress bar over its three
+    stages (the reference scores, the export, the check): for a large backbone each runs for
+    minutes on the CPU in fp32, and one batch each leaves no finer step to count."""
+    fmt = str(opts.format)
+    with progress.bar(total=3, desc=f"export check ({fmt})", unit="stage") as stages:
+        stages.set_postfix_str("reference scores", refresh=False)
+        raw = check_patches(run, int(opts.check_patches))
+        ref = reference_probs(run, graph.model, raw, opts.tta)  # warns of a tta not the run's
+        x = client_input(run, raw)
+        meta = file_metadata(run, fmt, tta, int(run.cfg.data.image_size))
+        stages.update()
+        stages.set_postfix_str("export", refresh=False)
+        sample = x[: min(2, len(x))]
+        if fmt == "onnx":
+            blob = onnx_bytes(graph, sample, int(opts.opset), str(opts.onnx_exporter), meta)
+        else:
+            blob = torchscript_bytes(graph, sample, meta)
+        stages.update()
+        stages.set_postfix_str("check", refresh=False)
+        diff = checked(blob, fmt, x, ref, run.source)
+        stages.update()
+    return blob, diff, len(x)
+
+
 def export_run(opts: DictConfig) -> Exported:
     """`her2exp-export`: load the run, fold its scoring into a graph, check the bytes against
     her2exp's scoring on its test patches, then write them atomically and log them."""
@@ -399,24 +428,14 @@ def export_run(opts: DictConfig) -> Exported:
     for line in notes:
         log.warning(line)
     graph = build_graph(run, tta)
-    raw = check_patches(run, int(opts.check_patches))
-    ref = reference_probs(run, graph.model, raw, opts.tta)  # warns of a tta not the run's
-    x = client_input(run, raw)
-    size = int(run.cfg.data.image_size)
-    meta = file_metadata(run, fmt, tta, size)
-    sample = x[: min(2, len(x))]
-    if fmt == "onnx":
-        blob = onnx_bytes(graph, sample, int(opts.opset), str(opts.onnx_exporter), meta)
-    else:
-        blob = torchscript_bytes(graph, sample, meta)
-    diff = checked(blob, fmt, x, ref, run.source)
+    blob, diff, checked_patches = export_checked(run, graph, opts, tta)
     atomic_write(out, blob)
     opset = int(opts.opset) if fmt == "onnx" else None
     tags = versions(fmt, opset, str(opts.onnx_exporter) if fmt == "onnx" else None)
     tags[f"export.{fmt}.tta"] = tta
     tags[f"export.{fmt}.temperature"] = str(temperature_of(run) or "none")
-    tags[f"export.{fmt}.checked_patches"] = str(len(x))
+    tags[f"export.{fmt}.checked_patches"] = str(checked_patches)
     target = log_target(opts, out)
     if target is not None:
         log_export(target, out, fmt, tags, diff)
-    return Exported(out, fmt, diff, len(x), tags, target, notes)
+    return Exported(out, fmt, diff, checked_patches, tags, target, notes)

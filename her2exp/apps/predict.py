@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 from her2exp.apps.predict_bags import check_bag_run, predict_bags
 from her2exp.apps.predictions import Predictions, call
 from her2exp.config import ConfigError
+from her2exp.core import progress
 from her2exp.core.errors import UserError  # the user's files, not a configuration value
 from her2exp.core.fileio import safe_name
 from her2exp.data import slide_tiles as dataset
@@ -171,7 +172,8 @@ def predict_folder(opts: Any) -> Predictions:
     scorers = scorers_of(members, opts)
 
     rows, errors, embedded = [], [], []
-    for start in range(0, len(files), opts.batch_size):
+    starts = range(0, len(files), opts.batch_size)
+    for start in progress.bar(starts, desc="predict", unit="batch"):
         batch, paths = [], []
         for path in files[start : start + opts.batch_size]:
             try:
@@ -264,7 +266,7 @@ def predict_slides(opts: Any, heatmap_dir: Path) -> Predictions:
     probs: list[float] = []
     sds: list[float] = []
     embedded = []
-    for x, _, _ in loader:
+    for x, _, _ in progress.bar(loader, desc="predict: tiles", unit="batch"):
         if bags:
             embedded.append(scorers[0].embed(x))
             continue
@@ -294,7 +296,7 @@ def _heatmaps(run: TrainedRun, table: pd.DataFrame, folder: Path, mpp: float | N
     tile_thresholds = level_thresholds(run, "tile")
     threshold = tile_thresholds.get(run.cfg.evaluation.get("operating_point", "youden"))
     groups = table.groupby(["slide_id", "slide_path", "reader"], sort=True)
-    for (slide_id, slide_path, reader), rows in groups:
+    for (slide_id, slide_path, reader), rows in progress.bar(groups, desc="heatmaps", unit="slide"):
         # Reading needs no resolution: 1.0 stands in for a slide tiled with assume_mpp.
         with Slide(slide_path, assume_mpp=mpp or 1.0, reader=reader) as slide:
             out = folder / f"{safe_name(str(slide_id))}.png"

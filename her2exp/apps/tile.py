@@ -21,6 +21,7 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from her2exp.apps import tile_out
+from her2exp.core import progress
 from her2exp.core.fileio import atomic_write, safe_name
 from her2exp.data.slide_table import SlideJob, read_slide_table
 from her2exp.data.sources import DataValidationError
@@ -213,20 +214,18 @@ def _tile_all(
 ) -> tuple[list[dict[str, Any]], list[tuple[SlideJob, str]]]:
     """Each slide tiled (in `tiles.workers` processes): the summary rows, and the slides that
     failed while their tiles were read."""
-    from tqdm import tqdm
-
     n = len(good)
-    bar = tqdm(total=n, desc="slides", unit="slide", disable=None)
-    if tiles.workers > 1 and n > 1:
-        with ProcessPoolExecutor(max_workers=tiles.workers) as pool:
-            results = list(pool.map(_tile_or_problem, good, [tiles] * n, [out] * n))
-            bar.update(n)
-    else:
-        results = []
-        for job in good:
-            results.append(_tile_or_problem(job, tiles, out))
-            bar.update()
-    bar.close()
+    results = []
+    with progress.bar(total=n, desc="tiling", unit="slide") as bar:
+        if tiles.workers > 1 and n > 1:
+            with ProcessPoolExecutor(max_workers=tiles.workers) as pool:
+                for result in pool.map(_tile_or_problem, good, [tiles] * n, [out] * n):
+                    results.append(result)  # in order: the bar counts the first slides done
+                    bar.update()
+        else:
+            for job in good:
+                results.append(_tile_or_problem(job, tiles, out))
+                bar.update()
     rows = [row for row, _ in results if row is not None]
     return rows, [problem for _, problem in results if problem is not None]
 

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
-from her2exp.core import checkpoint
+from her2exp.core import checkpoint, progress
 from her2exp.core.fileio import atomic_write_text
 from her2exp.data import DataBundle, RowView
 from her2exp.engine.preprocess import Preprocess
@@ -85,6 +85,18 @@ def loader_config(data_cfg: DictConfig) -> DictConfig:
     )
 
 
+def hashes_of(images: np.ndarray | RowView) -> list[str]:
+    """`image_hashes` of every image, read CHUNK at a time (data.cache=false never holds them
+    all), with a progress bar: every patch of the data set is read for it."""
+    out: list[str] = []
+    with progress.bar(total=len(images), desc="features: hashing", unit="image") as shown:
+        for start in range(0, len(images), CHUNK):
+            chunk = images[start : start + CHUNK]
+            out += image_hashes(chunk)
+            shown.update(len(chunk))
+    return out
+
+
 def image_hashes(images: np.ndarray) -> list[str]:
     """sha256 of each uint8 patch's pixels (and shape): the cache's per-image key."""
     out = []
@@ -138,13 +150,15 @@ def embed(
     stain: Any = None,
     batch_size: int = 256,
     autocast_dtype: torch.dtype | None = None,
+    desc: str = "embedding",
 ) -> torch.Tensor:
     """uint8 (N, H, W, 3) patches (an array, or a RowView read a batch at a time) -> (N, D)
     float32 embeddings on the CPU, through the same transform as training batches: stain
     normalisation (on the CPU here, or on the device by `preprocess.stain`), then mean/std on
-    the device."""
+    the device. `desc`: the progress bar's (a large backbone over a cohort takes hours)."""
     out = []
-    for start in range(0, len(images), batch_size):
+    starts = range(0, len(images), batch_size)
+    for start in progress.bar(starts, desc=desc, unit="batch"):
         x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size]))
         x = x.permute(0, 3, 1, 2).contiguous()
         out.append(embed_batch(model, x, preprocess, stain, autocast_dtype))
@@ -196,8 +210,7 @@ def build(
         model, cfg.model, cfg.data.mean, cfg.data.std, cfg.stain, stain, autocast_dtype
     )
     directory = Path(root) / key
-    every = bundle.view()  # read CHUNK rows at a time: data.cache=false never holds them all
-    hashes = [h for i in range(0, len(every), CHUNK) for h in image_hashes(every[i : i + CHUNK])]
+    hashes = hashes_of(bundle.view())
     known = _load(directory, key) if dctx.is_main and directory.is_dir() else {}
     known = distributed.broadcast_object(known)
     first: dict[str, int] = {}
@@ -221,6 +234,7 @@ def build(
         None if on_device else stain,
         cfg.data.eval_batch_size,
         autocast_dtype,
+        "features: embedding",
     )
     new = distributed.gather_in_order(local.numpy()) if missing else np.zeros((0, 0))
     table = dict(known)

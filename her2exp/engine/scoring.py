@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from her2exp.core import progress
 from her2exp.engine.preprocess import Preprocess
 from her2exp.engine.step import StepPolicy
 
@@ -83,16 +84,19 @@ def score(
     autocast_dtype: torch.dtype | None = None,
     criterion: nn.Module | None = None,
     tta: str = "none",
+    desc: str = "scoring",
+    leave: bool = True,
 ) -> Scores:
     """Score every sample once, in loader order (the loader must not shuffle). With `tta=d4`
-    the probability is the mean over the 8 views and the loss the mean of the views' losses."""
+    the probability is the mean over the 8 views and the loss the mean of the views' losses.
+    `desc`, `leave`: its progress bar (core.progress), the pass of a cohort can take hours."""
     model.eval()
     device = preprocess.device
     criterion = criterion if criterion is not None else nn.CrossEntropyLoss()
     policy = StepPolicy(autocast_dtype=autocast_dtype)
     probs, labels = [], []
     loss_sum, n = torch.zeros((), dtype=torch.float64, device=device), 0
-    for x, y, *_ in loader:
+    for x, y, *_ in progress.bar(loader, desc=desc, unit="batch", leave=leave):
         x, y = preprocess(x), y.to(device, non_blocking=True)
         logits = view_logits(model, x, tta, policy)
         for v in logits:

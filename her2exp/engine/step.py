@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from her2exp.core import progress
 from her2exp.engine.preprocess import Preprocess
 from her2exp.runtime import distributed
 
@@ -36,7 +36,7 @@ class StepPolicy:
     grad_clip_norm: float | None = None
     on_nonfinite: str = "stop"  # stop | skip (trainer.on_nonfinite)
     max_nonfinite_steps: int = 10
-    show_progress: bool = False
+    show_progress: bool = False  # trainer.progress; core.progress rules the rest (rank 0, ...)
     debug_nan_at_step: int | None = None  # global batch index whose inputs become NaN
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
@@ -181,7 +181,8 @@ def train_one_epoch(
     window_bad = torch.zeros((), dtype=torch.bool, device=device)
     start = time.perf_counter()
     update.optimizer.zero_grad(set_to_none=True)
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not policy.show_progress)
+    shown = policy.show_progress
+    bar = progress.bar(loader, desc=f"epoch {epoch}", unit="batch", leave=False, show=shown)
     for step, (x, y, *rest) in enumerate(bar):
         window_start = (step // k) * k
         window = min(k, n_batches - window_start)

@@ -125,10 +125,11 @@ def score_cohort_bags(
         scorer.stain,
         int(cohort.data_cfg.eval_batch_size),
         scorer.autocast_dtype,
+        f"embedding {cohort.name}",
     )
     head = scorer.model.head
     loader = bag_loader(embedded, bags, int(run.cfg.mil.batch_size), scorer.device)
-    scores = scorer.for_features(head).score(loader)
+    scores = scorer.for_features(head).score(loader, desc=f"scoring {cohort.name} bags")
     weights = attention(head, loader, scorer.device)
     brows = bag_rows(rows, bags)
     split = ScoredSplit(cohort.name, brows, scores.probs, None, scores.uncalibrated)

@@ -71,7 +71,8 @@ def load_cohort(ecfg: DictConfig, run: TrainedRun) -> Cohort:
 def score_cohort(scorer: Scorer, cohort: Cohort) -> ScoredSplit:
     """The cohort's probabilities with its manifest rows and images (for the galleries)."""
     bundle = cohort.bundle
-    scores = score(scorer, bundle, cohort.split, cohort.data_cfg, cohort.seed)
+    desc = f"scoring {cohort.name}"
+    scores = score(scorer, bundle, cohort.split, cohort.data_cfg, cohort.seed, desc)
     if cohort.split is None:
         idx = np.arange(len(bundle.manifest))
         rows = bundle.manifest.reset_index(drop=True)

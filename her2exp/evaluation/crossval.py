@@ -23,6 +23,7 @@ from pathlib import Path
 import pandas as pd
 
 from her2exp import reports
+from her2exp.core import progress
 from her2exp.core.fileio import atomic_write_text
 from her2exp.evaluation.sweep_children import (
     CALLED,
@@ -131,7 +132,7 @@ def _summarise_cv(children: list[Child], result: SweepResult) -> None:
     assert out is not None
     result.warnings += _cv_warnings(children)
     pooled: dict[str, pd.DataFrame] = {}
-    for level in shared_levels(children):
+    for level in progress.bar(shared_levels(children), desc="CV pooling", unit="level"):
         pooled[level] = pool(children, level)
         ops = operating_points(children, level)
         result.metrics.update(pooled_metrics(pooled[level], level, ops))

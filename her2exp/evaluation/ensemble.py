@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from her2exp import reports
 from her2exp.config import ConfigError
+from her2exp.core import progress
 from her2exp.core.fileio import safe_name
 from her2exp.data.bags import mil_name
 from her2exp.evaluation.cohort import load_cohort, score_cohort
@@ -175,7 +176,8 @@ def load_ensemble(parent_run_id: str, uri: str, overrides: Any = None) -> Ensemb
     the pooled out-of-fold predictions (cv) or the mean validation probabilities (repeat)."""
     client, children, kind = _children(parent_run_id, uri)
     ids = [c.run_id for c in children]
-    members = [_member(c, parent_run_id, uri) for c in ids]
+    loading = progress.bar(ids, desc="ensemble: loading members", unit="run")
+    members = [_member(c, parent_run_id, uri) for c in loading]  # each best.pt downloaded
     own = check_members(members)
     evaluation = resolve_evaluation(own, overrides or OmegaConf.create({}))
     tables = [_table(client, c, TABLE[kind], parent_run_id) for c in ids]
@@ -241,7 +243,7 @@ def evaluate_sweep(ecfg: DictConfig, hydra: HydraRun | None = None) -> dict[str,
     cohort = load_cohort(ecfg, ens.members[0])  # the contract all members share
     scored = [
         score_cohort(build_scorer(m, ecfg.trainer.amp, ecfg.seed, evaluation.tta), cohort)
-        for m in ens.members
+        for m in progress.bar(ens.members, desc="ensemble: members", unit="run")
     ]
     mean, sd = member_stats([s.probs for s in scored])
     split = ScoredSplit(scored[0].name, scored[0].rows, mean, scored[0].images, member_sd=sd)

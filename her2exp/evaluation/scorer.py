@@ -97,13 +97,25 @@ class Scorer:
         return calibrate(self.class_probabilities(x)[:, POSITIVE_CLASS], self.calibration)
 
     def score(
-        self, loader: torch.utils.data.DataLoader, criterion: torch.nn.Module | None = None
+        self,
+        loader: torch.utils.data.DataLoader,
+        criterion: torch.nn.Module | None = None,
+        desc: str = "scoring",
+        leave: bool = True,
     ) -> Scores:
         """Every sample of a loader, in loader order, calibrated (`.uncalibrated` kept): uint8
         patches whose host stain step the loader's collate ran (`score` builds that loader), or
-        feature batches. `criterion`: the loss summed into `Scores.loss_sum` (validation)."""
+        feature batches. `criterion`: the loss summed into `Scores.loss_sum` (validation);
+        `desc`, `leave`: the pass's progress bar (engine.score)."""
         scores = score_pass(
-            self.model, loader, self.preprocess, self.autocast_dtype, criterion, self.tta
+            self.model,
+            loader,
+            self.preprocess,
+            self.autocast_dtype,
+            criterion,
+            self.tta,
+            desc,
+            leave,
         )
         return calibrated(scores, self.calibration)
 
@@ -160,14 +172,19 @@ def build_scorer(
 
 
 def score(
-    scorer: Scorer, bundle: Any, split: str | None, data_cfg: DictConfig, seed: int
+    scorer: Scorer,
+    bundle: Any,
+    split: str | None,
+    data_cfg: DictConfig,
+    seed: int,
+    desc: str = "scoring",
 ) -> Scores:
     """The scorer over one split of `bundle` (None: all of it), the host stain step run by the
-    loader's collate, in the workers, where training ran it."""
+    loader's collate, in the workers, where training ran it. `desc`: its progress bar's."""
     dataset = data.make_dataset(bundle, split, data_cfg, seed)
     collate = None if scorer.stain is None else StainCollate(scorer.stain, False, dataset)
     loader = data.eval_loader(dataset, data_cfg, scorer.device, collate_fn=collate)
-    return scorer.score(loader)
+    return scorer.score(loader, desc=desc)
 
 
 def prepare_patches(images: list[np.ndarray] | np.ndarray, image_size: int) -> torch.Tensor:

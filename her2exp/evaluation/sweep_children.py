@@ -18,6 +18,7 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from her2exp import metrics
+from her2exp.core import progress
 from her2exp.runtime.rundir import RunDir
 from her2exp.tracking.sweep_model import SweepChild, children_on_disk, job_config
 
@@ -81,7 +82,8 @@ def load_children(sweep_dir: Path, records: list[SweepChild] | None = None) -> l
     job order; None: the run directories under `sweep_dir`) whose job folder holds its config
     and its test predictions."""
     children = []
-    for record in children_on_disk(sweep_dir) if records is None else records:
+    listed = children_on_disk(sweep_dir) if records is None else records
+    for record in progress.bar(listed, desc="sweep: reading children", unit="run"):
         run_dir = record.run_dir or Path(sweep_dir) / str(record.job)
         tile = RunDir(run_dir).report(LEVEL_FILES["tile"])
         cfg = job_config(run_dir)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from her2exp.core import progress
 from her2exp.core.fileio import safe_name
 from her2exp.reports.figures import pyplot, save_figure
 from her2exp.reports.heatmap import write_heatmap
@@ -174,9 +175,8 @@ def attention_heatmaps(
         return []
     tiles = slide_tiles(attention, tile_manifest)
     written = []
-    for (slide_id, path, reader), rows in tiles.groupby(
-        ["slide_id", "slide_path", "reader"], sort=True
-    ):
+    slides = tiles.groupby(["slide_id", "slide_path", "reader"], sort=True)
+    for (slide_id, path, reader), rows in progress.bar(slides, desc="heatmaps", unit="slide"):
         bags = ", ".join(sorted(rows["bag_id"].unique()))
         # Reading needs no resolution: 1.0 stands in for a slide tiled with assume_mpp.
         with Slide(path, assume_mpp=1.0, reader=reader) as slide:

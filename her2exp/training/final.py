@@ -49,8 +49,8 @@ def final_evaluation(
     calibrated val scores), and report them. `overrides`: the command line's (the model card's
     reproduce line), as the composition root read them from Hydra."""
     tta = cfg.evaluation.get("tta", "none")
-    val = validator.score(parts.loaders["val"], tta)
-    test = validator.score(parts.loaders["test"], tta)
+    val = validator.score(parts.loaders["val"], tta, "final: val")
+    test = validator.score(parts.loaders["test"], tta, "final: test")
     calibration = fit_calibration(cfg.evaluation, val, test)
     bundle = parts.bundle
     if parts.bags is None:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from her2exp import models, tracking
 from her2exp.config import ConfigError, register_configs, validate
+from her2exp.core import progress
 from her2exp.engine import explain
 from her2exp.runtime import distributed, rundir, runlock
 from her2exp.runtime.hydra_run import HydraRun
@@ -40,9 +41,10 @@ def train(cfg: DictConfig, hydra: HydraRun | None = None) -> dict[str, Any]:
 
     `hydra`: the command's Hydra facts, read once by `run` (None: composed without Hydra)."""
     hydra = HydraRun() if hydra is None else hydra
-    runtime = builders.build_runtime(cfg)
-    with runtime.lock:  # rank 0 holds the run directory until the run ends, however it ends
-        return _train(cfg, hydra, runtime)
+    with progress.quiet(not cfg.trainer.progress):  # trainer.progress=false: no bar of the run
+        runtime = builders.build_runtime(cfg)
+        with runtime.lock:  # rank 0 holds the run directory until the run ends, however it ends
+            return _train(cfg, hydra, runtime)
 
 
 def _train(cfg: DictConfig, hydra: HydraRun, runtime: Runtime) -> dict[str, Any]:

@@ -28,13 +28,19 @@ class Validator:
         calibration yet (final.fit_calibration fits and applies it after the last epoch)."""
         self.scorer, self.criterion, self.dctx = scorer, criterion, dctx
 
-    def score(self, loader: torch.utils.data.DataLoader, tta: str = "none") -> Scores:
+    def score(
+        self,
+        loader: torch.utils.data.DataLoader,
+        tta: str = "none",
+        desc: str = "validation",
+        leave: bool = True,
+    ) -> Scores:
         """BatchNorm running stats drift apart between ranks during training, so rank 0's are
         broadcast first: every rank scores its shard with identical weights. `tta`: the views
         (engine.tta_views); the per-epoch validation scores one, the final evaluation the
-        run's evaluation.tta."""
+        run's evaluation.tta. `desc`, `leave`: rank 0's progress bar over its shard."""
         distributed.broadcast_module_state(self.scorer.model)
-        local = replace(self.scorer, tta=tta).score(loader, self.criterion)
+        local = replace(self.scorer, tta=tta).score(loader, self.criterion, desc, leave)
         if not self.dctx.is_distributed:
             return local
         loss_sum, n = distributed.all_reduce_sum([local.loss_sum, local.n], self.dctx.device)
@@ -47,7 +53,7 @@ class Validator:
 
     def epoch_metrics(self, loader: torch.utils.data.DataLoader) -> dict[str, float]:
         """Validation loss, AUC and the Youden operating point of this epoch's weights."""
-        scores = self.score(loader)
+        scores = self.score(loader, leave=False)  # the epoch's own bar is cleared too
         threshold = metrics.youden_threshold(scores.labels, scores.probs)
         report = metrics.at_threshold(scores.labels, scores.probs, threshold)
         return {
