@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,9 +86,24 @@ def _num(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else str(bound)
 
 
-def ranged(default: Any, **bounds: Any) -> Any:
-    """A dataclass field with its allowed range (`ge`, `gt`, `le`, `lt`, `allowed`)."""
-    return field(default=default, metadata={"range": Range(**bounds)})
+def ranged(default: Any, *, help: str, **bounds: Any) -> Any:
+    """A dataclass field with its allowed range (`ge`, `gt`, `le`, `lt`, `allowed`) and its
+    help: the one text `--help` and the README's key tables read (config.keys.command_keys)."""
+    return field(default=default, metadata={"range": Range(**bounds), "help": help})
+
+
+_NO_DEFAULT: Any = dataclasses.MISSING
+
+
+def option(
+    default: Any = _NO_DEFAULT, *, factory: Callable[[], Any] | None = None, help: str
+) -> Any:
+    """A dataclass field that is not a number with bounds, with its help (as `ranged`);
+    `factory` for a list or map default. The help sits in the field's metadata, not in a `#`
+    comment, so that the command line can show it (`her2exp-<command> --help`)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 def numeric_fields(schema: type, prefix: str = "") -> list[tuple[str, type, bool, Range | None]]:
