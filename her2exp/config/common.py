@@ -23,7 +23,10 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 class UriConfig:
     """`tracking.uri` alone, for the commands that only read or replay MLflow runs."""
 
-    uri: str | None = option(DEFAULT_URI, help="the MLflow tracking URI")
+    uri: str | None = option(
+        DEFAULT_URI,
+        help="the MLflow tracking URI (her2exp-sync: null sends to the one the run used)",
+    )
 
 
 #: The keys that name what a command evaluates or predicts with: exactly one is given

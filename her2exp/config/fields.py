@@ -1,7 +1,7 @@
 """Numeric options with bounds, and the one message shape of every refused value.
 
 `ranged` declares a field's allowed range beside its default; `check_ranges` walks a schema and
-refuses a value outside it; `refuse` is the `key=value is not allowed: ...` line every check
+refuses a value outside it; `refuse` is the `key=value is not allowed (...)` line every check
 raises (a ConfigError, printed by the command line as one line, exit 2).
 """
 
@@ -22,7 +22,7 @@ from her2exp.core.errors import ConfigError
 
 def refuse(key: str, value: Any, allowed: str) -> None:
     """The one message shape of a refused value: the key, the value and what is allowed."""
-    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+    raise ConfigError(f"{key}={value!r} is not allowed ({allowed})")
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,9 @@ def check_rerun(cfg: Any) -> None:
         raise ConfigError("run_id=<MLflow run id> is required")
 
 
+_VERSION = "a version number >= 1"
+
+
 # -- her2exp-promote ----------------------------------------------------------------------------
 @dataclass
 class PromoteCommand:
@@ -106,7 +109,11 @@ class PromoteCommand:
     name: str | None = option(
         None, help="the registered model (tracking.registered_model_name of training)"
     )
-    version: int | None = ranged(None, ge=1, help="the version to promote")
+    # null is the unset default, refused by check_promote with the same words: the range names
+    # what a version is (a message must not offer null, which is refused too).
+    version: int | None = ranged(
+        None, ge=1, allowed=_VERSION, help="the registered model's version to promote"
+    )
     alias: str = option("champion", help="the alias set to that version")
     force: bool = option(
         False, help="promote a version that fails its checklist (recorded on the version)"
@@ -122,7 +129,7 @@ def check_promote(cfg: Any) -> None:
     if not cfg.name:
         raise ConfigError("name=<registered model name> is required")
     if cfg.version is None:
-        raise ConfigError("version=<the version number to promote> is required")
+        raise ConfigError(f"version is required ({_VERSION}, e.g. version=3)")
     if not ALIAS_RE.match(str(cfg.alias)):
         refuse("alias", cfg.alias, "letters, digits, _ and - (e.g. champion)")
     if not cfg.tracking.uri:
