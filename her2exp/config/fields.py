@@ -147,3 +147,27 @@ def _get(node: Any, dotted: str) -> Any:
 def close_matches(name: str, candidates: list[str], n: int = 5) -> list[str]:
     """Names a user probably meant; used for unknown model names."""
     return difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
+
+
+def closest(name: str, candidates: list[str], n: int = 3) -> list[str]:
+    """The candidates a user probably meant by `name`: the same last part under another group
+    (`epochs` -> trainer.epochs), else the nearest spellings of the last part under the same
+    group (`trainer.epoch` -> trainer.epochs), else the nearest anywhere; only those about as
+    near as the nearest (`trainer.amp` is no answer to `trainer.epoch`)."""
+    last = name.rsplit(".", 1)[-1]
+    same_last = {c: c for c in candidates if c.rsplit(".", 1)[-1] == last and c != name}
+    parent = name.rsplit(".", 1)[0] + "." if "." in name else ""
+    siblings = {c[len(parent) :]: c for c in candidates if parent and c.startswith(parent)}
+    everywhere = {c: c for c in candidates}
+    for word, pool, cutoff in (
+        (name, same_last, 0),
+        (last, siblings, 0.6),
+        (name, everywhere, 0.6),
+    ):
+        scored = sorted(
+            ((difflib.SequenceMatcher(None, word, w).ratio(), c) for w, c in pool.items()),
+            key=lambda sc: -sc[0],
+        )
+        if scored and scored[0][0] >= cutoff:
+            return [c for score, c in scored[:n] if score >= scored[0][0] - 0.1]
+    return []

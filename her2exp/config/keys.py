@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from her2exp.config.compose import CONFIG_DIR
-from her2exp.config.fields import Range
+from her2exp.config.fields import Range, closest
 from her2exp.config.store import SCHEMAS
 from her2exp.config.train import TrainConfig
 from her2exp.core.errors import UserError
@@ -124,30 +124,6 @@ def command_groups(command: str) -> dict[str, tuple[str, ...]]:
             options = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml"))
             groups[group] = tuple(options)
     return groups
-
-
-def closest(name: str, candidates: list[str], n: int = 3) -> list[str]:
-    """The candidates a user probably meant by `name`: the same last part under another group
-    (`epochs` -> trainer.epochs), else the nearest spellings of the last part under the same
-    group (`trainer.epoch` -> trainer.epochs), else the nearest anywhere; only those about as
-    near as the nearest (`trainer.amp` is no answer to `trainer.epoch`)."""
-    last = name.rsplit(".", 1)[-1]
-    same_last = {c: c for c in candidates if c.rsplit(".", 1)[-1] == last and c != name}
-    parent = name.rsplit(".", 1)[0] + "." if "." in name else ""
-    siblings = {c[len(parent) :]: c for c in candidates if parent and c.startswith(parent)}
-    everywhere = {c: c for c in candidates}
-    for word, pool, cutoff in (
-        (name, same_last, 0),
-        (last, siblings, 0.6),
-        (name, everywhere, 0.6),
-    ):
-        scored = sorted(
-            ((difflib.SequenceMatcher(None, word, w).ratio(), c) for w, c in pool.items()),
-            key=lambda sc: -sc[0],
-        )
-        if scored and scored[0][0] >= cutoff:
-            return [c for score, c in scored[:n] if score >= scored[0][0] - 0.1]
-    return []
 
 
 def _known(command: str, key: str) -> bool:

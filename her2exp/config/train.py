@@ -22,7 +22,7 @@ from her2exp.config.choices import (
     TTA_CHOICES,
 )
 from her2exp.config.data import DataConfig, StainConfig, validate_data, validate_stain
-from her2exp.config.fields import check_ranges, option, ranged, refuse
+from her2exp.config.fields import check_ranges, closest, option, ranged, refuse
 from her2exp.config.model import (
     LossConfig,
     MilConfig,
@@ -292,11 +292,9 @@ def _check_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
         if key == "hydra" and not prefix:
             continue
         if key not in known:
-            allowed = ", ".join(sorted(known))
-            raise ConfigError(
-                f"{prefix}{key}: not allowed by the schema; {prefix or 'top level'} "
-                f"keys are: {allowed}"
-            )
+            near = closest(f"{prefix}{key}", [f"{prefix}{k}" for k in known])
+            hint = f"did you mean {' or '.join(near)}?" if near else f"keys: {', '.join(known)}"
+            raise ConfigError(f"{prefix}{key} is not a key of the training config ({hint})")
         sub = OmegaConf.get_type(node, key) if isinstance(value, DictConfig) else None
         if sub is not None and dataclasses.is_dataclass(sub):
             _check_keys(node[key], sub, f"{prefix}{key}.")

@@ -59,7 +59,7 @@ def test_unknown_key_fails_at_compose_time() -> None:
         compose_train(["trainer.learning_rate=0.1"])
     # An explicit append gets past Hydra but not validation: the structured schema is closed.
     cfg = compose_train(["+trainer.learning_rate=0.1"])
-    with pytest.raises(ConfigError, match="trainer.learning_rate: not allowed by the schema"):
+    with pytest.raises(ConfigError, match=r"trainer.learning_rate is not a key .*trainer.lr\?"):
         validate(cfg)
 
 
@@ -136,7 +136,7 @@ def test_cli_reports_bad_input_in_one_line_and_exits_nonzero(tmp_path: Path) -> 
         ["experiment=smoke", "trainer.lr=0", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path
     )
     assert proc.returncode == 2
-    assert "her2exp: configuration error: trainer.lr=0" in proc.stderr
+    assert "her2exp: trainer.lr=0" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "mlflow.db").exists()  # nothing tracked, nothing trained
 

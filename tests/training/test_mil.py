@@ -156,7 +156,7 @@ def test_eval_and_predict_score_bags(mil_run: Path, tmp_path: Path) -> None:
         (["mil=abmil", "model.cache_features=false"], "model.cache_features=False"),
         (["mil=abmil", "evaluation.decision_level=tile"], "evaluation.decision_level='tile'"),
         (["mil=abmil", "data.bag_by=slide", "evaluation.decision_level=tile"], "slide or patient"),
-        (["data.bag_by=site"], "data.bag_by='site' is not allowed: one of patient, slide"),
+        (["data.bag_by=site"], "data.bag_by='site' is not allowed (one of patient, slide)"),
         (["mil.name=transmil"], "mil.name='transmil' is not allowed"),
     ],
 )

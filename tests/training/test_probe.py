@@ -75,7 +75,7 @@ def test_probe_configs_compose_and_bad_ones_are_one_line() -> None:
     assert (linear.probe.name, linear.model.head, linear.model.drop_rate) == ("linear", "linear", 0)
     for overrides, expected in (
         (["probe=knn", "model.cache_features=false"], "model.head='knn' is not allowed"),
-        (["probe=knn", "model.head=linear"], "model.head='linear' is not allowed: knn with"),
+        (["probe=knn", "model.head=linear"], "model.head='linear' is not allowed (knn with"),
         (["experiment=fm_probe", "probe.k=0"], "probe.k=0 is not allowed"),
         (["experiment=fm_probe", "probe.name=svm"], "probe.name='svm' is not allowed"),
     ):
