@@ -122,6 +122,29 @@ def run_main(module: str, argv: list[str], monkeypatch, capsys) -> tuple[int | N
         ("server", ["--port", "5000"], "her2exp: --port is not an option (write port=5000:"),
         ("predict", ["input=/nonexistent"], "her2exp: input=/nonexistent"),
         ("server", ["port=0"], "her2exp: port=0 is not allowed (a TCP port"),
+        # issue 32: a misspelt key, an old-style flag, an unknown option: the closest valid ones
+        (
+            "train",
+            ["trainer.epoch=3"],
+            "her2exp: trainer.epoch is not a key of her2exp-train (did you mean trainer.epochs?)",
+        ),
+        ("train", ["+trainer.epoch=3"], "trainer.epoch is not a key of her2exp-train (did you"),
+        ("train", ["--epochs", "3"], "her2exp: --epochs is not an option (write trainer.epochs=3:"),
+        (
+            "train",
+            ["model=resnet"],
+            "her2exp: model=resnet is not an option of model (did you mean resnet18",
+        ),
+        (
+            "sync",
+            ["model=resnet18"],
+            "her2exp: model is not a key of her2exp-sync (its keys: run_dir, tracking.uri)",
+        ),
+        (
+            "promote",
+            ["name=her2", "version=0"],
+            "her2exp: version=0 is not allowed (a version number >= 1)",
+        ),
         # Asked of timm by training (builders.build_runtime) before any work, not by the light
         # config check: the same one line and exit 2 as when config.commands.check_train did.
         (

@@ -63,6 +63,14 @@ def test_unknown_key_fails_at_compose_time() -> None:
         validate(cfg)
 
 
+def test_every_key_of_every_command_has_help() -> None:
+    """The help `--help` prints sits in each schema field's metadata (ranged/option)."""
+    from her2exp.config.commands import CHECKS
+    from her2exp.config.keys import command_keys
+
+    assert [f"{c}: {k.name}" for c in CHECKS for k in command_keys(c) if not k.help] == []
+
+
 def test_typo_in_a_config_file_fails_at_compose_time(tmp_path: Path) -> None:
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
