@@ -5,6 +5,7 @@ the NLL it minimises, and one smoke run with both, end to end through best.pt an
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -151,7 +152,7 @@ def test_report_cohorts_logs_brier_and_ece_before_and_after(tmp_path: Path) -> N
     ],
 )
 def test_bad_tta_and_calibration_values_are_refused(overrides: list[str], message: str) -> None:
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         validate_only("train", ["experiment=smoke", *overrides])
 
 

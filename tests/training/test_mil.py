@@ -4,6 +4,7 @@ her2exp-eval and her2exp-predict score bags; refusals. (The heads themselves: te
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,7 @@ def test_eval_and_predict_score_bags(mil_run: Path, tmp_path: Path) -> None:
     ],
 )
 def test_mil_refusals(extra: list[str], message: str) -> None:
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         validate(compose_train(["experiment=smoke", *extra], Path("/tmp/unused")))
 
 
