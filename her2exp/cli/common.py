@@ -145,11 +145,14 @@ def _message(exc: BaseException, command: str) -> str:
         why = str(exc).splitlines()[1:2] or ["key=value"]
         return f"{exc.override!r} is not key=value ({why[0].strip()})"
     cause = exc.__cause__
-    full_key = getattr(cause, "full_key", None)
-    if isinstance(cause, ValidationError) and full_key:
-        keys = {k.name: k for k in command_keys(command)}
-        if full_key in keys:
-            return f"{full_key}={cause.value!r} is not allowed ({keys[full_key].allowed()})"
+    full_key = getattr(cause, "full_key", None) or ""
+    keys = {k.name: k for k in command_keys(command)}
+    if isinstance(cause, ValidationError) and full_key in keys:
+        return f"{full_key}={cause.value!r} is not allowed ({keys[full_key].allowed()})"
+    parent = keys.get(full_key.rpartition(".")[0])
+    if parent is not None and parent.kind == "map" and "+" in str(exc):
+        # a new entry of a map key (model.kwargs.img_size): Hydra's `+` is the way to add it
+        return f"{full_key} is a new entry of the map {parent.name} (add it with +{full_key}=...)"
     return one_line(exc)
 
 
@@ -161,7 +164,10 @@ def check_flags(command: str, argv: list[str]) -> None:
     parser = get_args_parser()
 
     def error(message: str) -> None:
-        raise UserError(f"{message} (her2exp commands take key=value; --help lists the keys)")
+        raise UserError(
+            f"{message} (her2exp commands take key=value overrides, flags such as -m before or "
+            "after them all; --help lists the keys)"
+        )
 
     parser.error = error  # type: ignore[method-assign]
     _, unknown = parser.parse_known_args(argv)

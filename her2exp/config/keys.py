@@ -177,6 +177,10 @@ def check_overrides(command: str, overrides: list[str]) -> None:
             continue
         if not _known(command, key):
             raise UserError(unknown_key(command, key))
+        if isinstance(o.value(), str) and not any(k.name == key for k in command_keys(command)):
+            under = [k.name for k in command_keys(command) if k.name.startswith(key + ".")]
+            shown = ", ".join(under[:_LISTED]) + (", ..." if len(under) > _LISTED else "")
+            raise UserError(f"{key} is not a group of her2exp-{command} (set its keys: {shown})")
 
 
 def _values(o: Any) -> list[str]:
