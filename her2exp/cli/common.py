@@ -3,11 +3,17 @@
 Every entry point is a Hydra app composed from `conf/<command>.yaml` over a structured schema, and
 a user's mistake ends it with exactly one line on stderr, `her2exp: ...`, and exit status 2:
 
-- a Hydra override error: an unknown key (`foo=1`), a wrong type (`trainer.epochs=abc`), a
-  malformed override (`abc`, `a=[1`), an unknown group option (`model=nope`), also in a sweep
-  (`-m trainer.epochs=1,abc`: each job's composition is checked by the launcher);
-- an unknown command-line flag (`--port 5000`, the syntax of older her2exp versions);
+- a key the command does not take (`trainer.epoch=3`) or a group option without its file
+  (`model=resnet`), answered before Hydra with the closest valid ones (config.keys:
+  `check_overrides`), never Hydra's `+key` hint or a schema's class name;
+- a Hydra override error: a wrong type (`trainer.epochs=abc`, said with the key's range), a
+  malformed override (`abc`, `a=[1`), also in a sweep (`-m trainer.epochs=1,abc`: each job's
+  composition is checked before the launcher);
+- an unknown command-line flag (`--epochs 3`: the key=value it stands for, `trainer.epochs=3`);
 - a `ConfigError` raised by the command (bad values, missing files).
+
+Each in one shape, `her2exp: <what is wrong> (<what is allowed>)`. `--help`/`-h` prints the
+command's own page (cli/help.py: its docstring's purpose and examples, its groups and keys).
 
 Internal bugs keep their traceback (exit 1); `HYDRA_FULL_ERROR=1` shows the full traceback of
 user errors too. Use it instead of `@hydra.main`:
