@@ -335,11 +335,25 @@ def _asks_help(argv: list[str]) -> bool:
     return any(a in _HELP_FLAGS for a in argv)
 
 
+#: Flags whose "overrides" are not the command's keys: shell completion's install=/query=, or
+#: another config than conf/<command>.yaml (its schema is not the command's).
+_OWN_ARGUMENTS = (
+    "shell_completion",
+    "config_path",
+    "config_name",
+    "config_dir",
+    "experimental_rerun",
+)
+
+
 def _overrides(argv: list[str]) -> list[str]:
-    """The key=value overrides of a command line, Hydra's flags left out."""
+    """The key=value overrides of a command line that name the command's keys and groups."""
     from hydra._internal.utils import get_args_parser
 
-    return list(get_args_parser().parse_args(argv).overrides)
+    args = get_args_parser().parse_args(argv)
+    if any(getattr(args, flag, None) for flag in _OWN_ARGUMENTS):
+        return []
+    return list(args.overrides)
 
 
 #: conf/hydra/default.yaml's resolvers (her2exp-train, her2exp-eval) -> the function of
