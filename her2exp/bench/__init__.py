@@ -3,6 +3,8 @@
 - :mod:`her2exp.bench.epoch`: images/s of her2exp's training epoch vs a bare PyTorch loop, with
   gradient clipping on in both loops and off in both (``--cuda``: the GPU preset, resnet18 at
   224 px, batch 128, amp auto, channels_last, compile off and on).
+- :mod:`her2exp.bench.startup`: seconds from a misspelt key (`her2exp-train trainer.epoch=3`)
+  to its one-line answer, against a bare `python -c pass` (goal: under 2 s).
 - :mod:`her2exp.bench.ci`: seconds of the DeLong and bootstrap AUC intervals on 100,000 scores.
 - :mod:`her2exp.bench.stain`: patches/s of her2exp's batched Macenko vs torchstain and
   torch-staintools.
@@ -57,8 +59,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"epoch": results}
     if args.skip_extras:
         return out
-    from her2exp.bench import ci, mil, slides, stain
+    from her2exp.bench import ci, mil, slides, stain, startup
 
+    out["startup"] = startup.main()
     out["ci"] = ci.main()
     print("bench: stain normalisation, 256 patches of 128 px (her2exp.bench.stain)")
     out["stain"] = stain.main([])

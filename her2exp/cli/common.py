@@ -3,11 +3,17 @@
 Every entry point is a Hydra app composed from `conf/<command>.yaml` over a structured schema, and
 a user's mistake ends it with exactly one line on stderr, `her2exp: ...`, and exit status 2:
 
-- a Hydra override error: an unknown key (`foo=1`), a wrong type (`trainer.epochs=abc`), a
-  malformed override (`abc`, `a=[1`), an unknown group option (`model=nope`), also in a sweep
-  (`-m trainer.epochs=1,abc`: each job's composition is checked by the launcher);
-- an unknown command-line flag (`--port 5000`, the syntax of older her2exp versions);
+- a key the command does not take (`trainer.epoch=3`) or a group option without its file
+  (`model=resnet`), answered before Hydra with the closest valid ones (config.keys:
+  `check_overrides`), never Hydra's `+key` hint or a schema's class name;
+- a Hydra override error: a wrong type (`trainer.epochs=abc`, said with the key's range), a
+  malformed override (`abc`, `a=[1`), also in a sweep (`-m trainer.epochs=1,abc`: each job's
+  composition is checked before the launcher);
+- an unknown command-line flag (`--epochs 3`: the key=value it stands for, `trainer.epochs=3`);
 - a `ConfigError` raised by the command (bad values, missing files).
+
+Each in one shape, `her2exp: <what is wrong> (<what is allowed>)`. `--help`/`-h` prints the
+command's own page (cli/help.py: its docstring's purpose and examples, its groups and keys).
 
 Internal bugs keep their traceback (exit 1); `HYDRA_FULL_ERROR=1` shows the full traceback of
 user errors too. Use it instead of `@hydra.main`:
@@ -46,12 +52,20 @@ from typing import TypeVar
 import hydra
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 # compose and CONFIG_DIR live with the schemas (her2exp.config.compose); re-exported here, where
 # commands, tests and notebooks have always imported them.
 from her2exp.config.commands import CHECKS
-from her2exp.config.compose import CONFIG_DIR, compose, compose_run
+from her2exp.config.compose import (
+    CONFIG_DIR,
+    compose,
+    compose_hydra,
+    is_multirun,
+    run_config,
+    without_hydra,
+)
+from her2exp.config.keys import check_overrides, command_keys, flag_hint
 from her2exp.core.errors import ConfigError, UserError
 
 EXIT_USER_ERROR = 2
@@ -121,31 +135,55 @@ def _run_dir_error(exc: BaseException) -> bool:
     )
 
 
-def _message(exc: BaseException) -> str:
-    """The one line of a user error that escaped composition or Hydra's run set-up."""
+def _message(exc: BaseException, command: str) -> str:
+    """The one line of a user error that escaped composition or Hydra's run set-up, in the
+    shape of every refusal: what is wrong, then what is allowed in parentheses."""
+    from hydra.errors import OverrideParseException
+
     if isinstance(exc, ConfigError):
         return str(exc)
     if _run_dir_error(exc):
         return (
-            f"cannot write the run directory: {exc.strerror}: {exc.filename}; set hydra.run.dir "
-            "(hydra.sweep.dir with -m) to a folder you can write"
+            f"cannot write the run directory ({exc.strerror}: {exc.filename}; set "
+            "hydra.run.dir, hydra.sweep.dir with -m, to a folder you can write)"
         )
+    if isinstance(exc, OverrideParseException):
+        why = str(exc).splitlines()[1:2] or ["key=value"]
+        return f"{exc.override!r} is not key=value ({why[0].strip()})"
+    cause = exc.__cause__
+    full_key = getattr(cause, "full_key", None) or ""
+    keys = {k.name: k for k in command_keys(command)}
+    if isinstance(cause, ValidationError) and full_key in keys:
+        return f"{full_key}={cause.value!r} is not allowed ({keys[full_key].allowed()})"
+    parent = keys.get(full_key.rpartition(".")[0])
+    if parent is not None and parent.kind == "map" and "+" in str(exc):
+        # a new entry of a map key (model.kwargs.img_size): Hydra's `+` is the way to add it
+        return f"{full_key} is a new entry of the map {parent.name} (add it with +{full_key}=...)"
     return one_line(exc)
 
 
-def check_flags(argv: list[str]) -> None:
-    """Refuse unknown `--flags` in one line (argparse would print its usage block first)."""
+def check_flags(command: str, argv: list[str]) -> None:
+    """Refuse an unknown `--flag` in one line naming the key=value it stands for (`--epochs 3`:
+    write trainer.epochs=3), before argparse would print its usage block."""
     from hydra._internal.utils import get_args_parser
 
     parser = get_args_parser()
 
     def error(message: str) -> None:
         raise UserError(
-            f"{message}: her2exp commands take key=value overrides (e.g. port=5000, not --port "
-            "5000); --help lists the options"
+            f"{message} (her2exp commands take key=value overrides, flags such as -m before or "
+            "after them all; --help lists the keys)"
         )
 
     parser.error = error  # type: ignore[method-assign]
+    _, unknown = parser.parse_known_args(argv)
+    for token in unknown:
+        if token.startswith("-") and token in argv:
+            flag, _, value = token.partition("=")
+            at = argv.index(token) + 1
+            if not value and at < len(argv) and not argv[at].startswith("-"):
+                value = argv[at] if "=" not in argv[at] else ""
+            raise UserError(flag_hint(command, flag, value or None))
     parser.parse_args(argv)
 
 
@@ -240,12 +278,14 @@ def precheck(
     args = get_args_parser().parse_args(argv)
     if any(getattr(args, flag, None) for flag in _PASS_THROUGH):
         return
-    cfg, _, multirun = compose_run(config_name, args.overrides)
-    if multirun:  # hydra.mode=MULTIRUN: as -m
+    full = compose_hydra(config_name, args.overrides)
+    if is_multirun(full):  # hydra.mode=MULTIRUN: as -m
         return
-    _as_command(CHECKS[config_name], cfg)
+    # The values first, the run directory not yet resolved: under torchrun its resolver
+    # imports torch (conf/hydra/default.yaml), and a refused value needs none of it.
+    _as_command(CHECKS[config_name], without_hydra(full))
     if start_check is not None:
-        _as_command(start_check, cfg)
+        _as_command(start_check, run_config(full)[0])
 
 
 def _as_command(fn: Callable[[DictConfig], R], cfg: DictConfig) -> R:
@@ -256,12 +296,64 @@ def _as_command(fn: Callable[[DictConfig], R], cfg: DictConfig) -> R:
     except UserError as exc:
         fail(str(exc))
     except ConfigError as exc:
-        fail(f"configuration error: {exc}")
+        fail(str(exc))
     except BaseException as exc:
         with contextlib.suppress(AttributeError, TypeError):  # a few builtins refuse
             setattr(exc, _FROM_TASK, True)  # noqa: B010 - a marker, not an attribute API
         raise
     raise AssertionError("unreachable")
+
+
+_HELP_FLAGS = ("--help", "-h")
+
+
+def _print_help(config_name: str, task: Callable[..., object], positional: str | None) -> None:
+    """`--help`: the command's own page (cli/help.py: purpose and examples from the command
+    module's docstring, its groups and keys), composed with the other overrides given; a
+    mistake among those is answered as without --help."""
+    from her2exp.cli.help import help_page
+
+    doc = sys.modules[task.__module__].__doc__
+    argv = positional_to_override([a for a in sys.argv[1:] if a not in _HELP_FLAGS], positional)
+    with _hydra_reraises() as full_error:
+        try:
+            overrides = _overrides(argv)
+            check_overrides(config_name, overrides)
+            page = help_page(config_name, doc, overrides)
+        except Exception as exc:
+            if full_error or not _is_user_error(exc):
+                raise
+            fail(_message(exc, config_name))
+    try:
+        print(page, flush=True)
+    except BrokenPipeError:  # `--help | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _asks_help(argv: list[str]) -> bool:
+    """`--help`/`-h` anywhere: the command's own page (cli/help.py), not Hydra's."""
+    return any(a in _HELP_FLAGS for a in argv)
+
+
+#: Flags whose "overrides" are not the command's keys: shell completion's install=/query=, or
+#: another config than conf/<command>.yaml (its schema is not the command's).
+_OWN_ARGUMENTS = (
+    "shell_completion",
+    "config_path",
+    "config_name",
+    "config_dir",
+    "experimental_rerun",
+)
+
+
+def _overrides(argv: list[str]) -> list[str]:
+    """The key=value overrides of a command line that name the command's keys and groups."""
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(argv)
+    if any(getattr(args, flag, None) for flag in _OWN_ARGUMENTS):
+        return []
+    return list(args.overrides)
 
 
 #: conf/hydra/default.yaml's resolvers (her2exp-train, her2exp-eval) -> the function of
@@ -315,17 +407,20 @@ def hydra_command(
         def main(cfg: DictConfig | None = None) -> R | None:
             if cfg is not None:  # called with a composed config (tests, other code)
                 return job(cfg)
+            if _asks_help(sys.argv[1:]):
+                return _print_help(config_name, task, positional)
             with _hydra_reraises() as full_error:
                 try:
                     sys.argv[1:] = positional_to_override(sys.argv[1:], positional)
-                    check_flags(sys.argv[1:])
+                    check_flags(config_name, sys.argv[1:])
+                    check_overrides(config_name, _overrides(sys.argv[1:]))
                     check_sweep(config_name, sys.argv[1:])
                     precheck(config_name, sys.argv[1:], start_check)
                     return app()
                 except Exception as exc:
                     if full_error or not _is_user_error(exc):
                         raise
-                    fail(_message(exc))
+                    fail(_message(exc, config_name))
             return None
 
         return main

@@ -1,6 +1,7 @@
 """`her2exp-rerun`: train a logged run again from its MLflow record alone, side by side.
 
-    her2exp-rerun run_id=<MLflow run id> [tracking.uri=sqlite:///mlflow.db] [output_dir=DIR]
+    her2exp-rerun run_id=<MLflow run id>                 # -> outputs/rerun/<run id>/<time>
+    her2exp-rerun run_id=<MLflow run id> tracking.uri=http://host:5000 output_dir=DIR
 
 (`her2exp-rerun <run id> ...`, the older spelling, still works.)
 """

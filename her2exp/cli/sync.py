@@ -1,6 +1,7 @@
 """`her2exp-sync`: send the MLflow calls a run deferred while its server was unreachable.
 
-    her2exp-sync run_dir=outputs/<date>/<time> [tracking.uri=http://host:5000]
+    her2exp-sync run_dir=outputs/<date>/<time>
+    her2exp-sync run_dir=outputs/<date>/<time> tracking.uri=http://host:5000   # another server
 
 A run whose tracking server went away keeps training and queues its MLflow calls in
 `<run_dir>/mlflow_buffer.jsonl`; it replays them itself when the server answers again. If the

@@ -1,6 +1,11 @@
-"""`her2exp-train`: compose conf/train.yaml with the command line, train, print the result.
+"""`her2exp-train`: train a HER2 classifier (conf/train.yaml, its groups and key=value
+overrides), evaluate it at thresholds frozen on validation and log the run to MLflow.
 
-Returns the best validation AUC: the objective a Hydra sweeper maximises. The training stack
+    her2exp-train model=resnet18 loss=focal trainer.epochs=50 stain=macenko
+    her2exp-train experiment=smoke tracking=off               # a few seconds on the CPU
+    her2exp-train -m data.split.folds=5 'data.split.fold=range(5)'   # patient-grouped CV
+
+`her2exp-train --help` lists every group and key (cli/help.py). Returns the best validation AUC: the objective a Hydra sweeper maximises. The training stack
 (torch, timm) is imported inside `main`, once Hydra has composed the config, so importing this
 module stays light; her2exp.training.run validates the config before any work.
 """

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from her2exp.config.choices import SEED_MAX
 from her2exp.config.common import label_rules, replaceable
 from her2exp.config.data import DataConfig, SplitConfig, StainConfig
-from her2exp.config.fields import check_ranges, ranged, refuse
+from her2exp.config.fields import check_ranges, option, ranged, refuse
 from her2exp.config.train import TrainConfig, validate
 from her2exp.core.errors import ConfigError, UserError
 
@@ -24,24 +24,37 @@ from her2exp.core.errors import ConfigError, UserError
 class ManifestCommand:
     """`her2exp-manifest`: a folder of patches -> manifest CSV, or the embedded data exported."""
 
-    root: str | None = None  # class (or HER2 score) sub-folders, read as data=folder reads them
-    out: str | None = None  # null: <root>/manifest.csv
-    # null: data=folder's maps; given, a map replaces it (names -> 0 or 1). Typed Any: Hydra
-    # parses keys like 0 as numbers (score_map={0:0,1+:0,3+:1}); manifest_data_config checks.
-    label_map: Any = None  # null: her2_neg -> 0, her2_pos -> 1
-    score_map: Any = None  # null: 0, 1+ -> 0 and 3+ -> 1
-    equivocal: str = "exclude"
-    patient_label: str = "error"  # a patient with patches of both labels: error | max | majority
-    patient_regex: str | None = None
-    seed: int = ranged(42, ge=0, le=SEED_MAX)  # the split seed: training's default
+    root: str | None = option(
+        None, help="class (or HER2 score) sub-folders of patches, read as data=folder reads them"
+    )
+    out: str | None = option(None, help="the manifest CSV; null: <root>/manifest.csv")
+    # Typed Any: Hydra parses keys like 0 as numbers (score_map={0:0,1+:0,3+:1});
+    # manifest_data_config checks the maps.
+    label_map: Any = option(
+        None,
+        help="folder name -> 0 or 1, replacing the default; null: her2_neg -> 0, her2_pos -> 1",
+    )
+    score_map: Any = option(
+        None, help="score folder -> 0 or 1, replacing the default; null: 0, 1+ -> 0 and 3+ -> 1"
+    )
+    equivocal: str = option("exclude", help="IHC 2+ without ISH: exclude | positive | negative")
+    patient_label: str = option(
+        "error", help="a patient with patches of both labels: error | max | majority"
+    )
+    patient_regex: str | None = option(
+        None, help="patient id from the file name: its named group or group 1"
+    )
+    seed: int = ranged(42, ge=0, le=SEED_MAX, help="the split seed (training's default)")
     split: SplitConfig = field(default_factory=SplitConfig)
-    image_size: int = ranged(64, ge=1)  # decode check size (and the export's patch size)
-    on_bad_file: str = "error"  # error | skip: leave bad files out, listed
-    export_synthetic: str | None = None  # write the embedded data as PNGs + manifest here
-    n_patients: int = ranged(40, ge=1)
-    patches_per_patient: int = ranged(12, ge=1)
-    layout: str = "labels"  # labels | scores (export sub-folders)
-    overwrite: bool = False  # replace an existing manifest / an earlier export
+    image_size: int = ranged(64, ge=1, help="decode check size (and the export's patch size)")
+    on_bad_file: str = option("error", help="error | skip: leave bad files out, listed")
+    export_synthetic: str | None = option(
+        None, help="write the embedded data as PNGs + manifest in this folder instead"
+    )
+    n_patients: int = ranged(40, ge=1, help="export_synthetic: patients")
+    patches_per_patient: int = ranged(12, ge=1, help="export_synthetic: patches per patient")
+    layout: str = option("labels", help="export_synthetic's sub-folders: labels | scores")
+    overwrite: bool = option(False, help="replace an existing manifest or an earlier export")
 
 
 def manifest_data_config(cfg: Any) -> DictConfig:
@@ -91,11 +104,11 @@ def check_manifest(cfg: Any) -> None:
 class PrepareCommand:
     """`her2exp-prepare`: stain-normalise a data set once, written as PNGs + manifest."""
 
-    out: str | None = None
+    out: str | None = option(None, help="the output folder (new or empty)")
     data: DataConfig = field(default_factory=DataConfig)
     stain: StainConfig = field(default_factory=StainConfig)
-    seed: int = ranged(42, ge=0, le=SEED_MAX)
-    overwrite: bool = False  # replace an earlier her2exp-prepare output in `out`
+    seed: int = ranged(42, ge=0, le=SEED_MAX, help="the run seed the split and data follow")
+    overwrite: bool = option(False, help="replace an earlier her2exp-prepare output in out")
 
 
 def check_prepare(cfg: Any) -> DictConfig:

@@ -11,7 +11,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from her2exp.config.fields import refuse
+from her2exp.config.fields import option, refuse
 from her2exp.config.train import TrainConfig, validate
 from her2exp.core.errors import ConfigError, UserError
 from her2exp.core.fileio import check_replaceable
@@ -23,7 +23,10 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 class UriConfig:
     """`tracking.uri` alone, for the commands that only read or replay MLflow runs."""
 
-    uri: str | None = DEFAULT_URI
+    uri: str | None = option(
+        DEFAULT_URI,
+        help="the MLflow tracking URI (her2exp-sync: null sends to the one the run used)",
+    )
 
 
 #: The keys that name what a command evaluates or predicts with: exactly one is given

@@ -20,74 +20,128 @@ from her2exp.config.choices import (
     STAIN_CHOICES,
     VERIFY_CHOICES,
 )
-from her2exp.config.fields import ranged, refuse
+from her2exp.config.fields import option, ranged, refuse
 
 
 @dataclass
 class SplitConfig:
-    train: float = ranged(0.7, gt=0, lt=1)
-    val: float = ranged(0.15, gt=0, lt=1)
-    # Not used under cross-validation (folds set): fold k is the test split, and validation takes
-    # val / (train + val) of the other patients.
-    test: float = ranged(0.15, gt=0, lt=1)
-    # Cross-validation (her2exp/data/splits.py): K folds, fold k the test split of this run
-    # (`-m data.split.folds=5 'data.split.fold=range(5)'`); by patient (stratified, grouped) or
-    # by site (leave-one-site-out: K = the number of sites).
-    folds: int | None = ranged(None, ge=2)
-    fold: int | None = ranged(None, ge=0)
-    by: str = "patient"
-    # A manifest's own split column is refused under CV unless this says to ignore it.
-    ignore_column: bool = False
+    train: float = ranged(0.7, gt=0, lt=1, help="fraction of patients in the train split")
+    val: float = ranged(0.15, gt=0, lt=1, help="fraction of patients in the validation split")
+    test: float = ranged(
+        0.15,
+        gt=0,
+        lt=1,
+        help="fraction of patients in the test split; under cross-validation fold k is the test split and validation takes val / (train + val) of the others",
+    )
+    folds: int | None = ranged(
+        None,
+        ge=2,
+        help="cross-validation: K folds (patient-grouped and stratified, or by site); null: one split",
+    )
+    fold: int | None = ranged(
+        None,
+        ge=0,
+        help="cross-validation: the fold that is this run's test split, e.g. -m 'data.split.fold=range(5)'",
+    )
+    by: str = option("patient", help="patient | site (leave-one-site-out: K = the number of sites)")
+    ignore_column: bool = option(
+        False,
+        help="under cross-validation, ignore a manifest's own split column (refused otherwise)",
+    )
 
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"
-    n_patients: int = ranged(100, ge=1)
-    patches_per_patient: int = ranged(20, ge=1)
-    positive_fraction: float = ranged(0.25, gt=0, lt=1)
-    sites: list[str] = field(default_factory=lambda: ["site_a", "site_b"])
-    image_size: int = ranged(64, ge=1)
-    batch_size: int = ranged(64, ge=1)
-    eval_batch_size: int = ranged(256, ge=1)
-    num_workers: int = ranged(0, ge=0)
-    prefetch_factor: int | None = ranged(None, ge=1)
-    persistent_workers: bool = False
-    pin_memory: bool = False
-    augment: bool = True
-    split: SplitConfig = field(default_factory=SplitConfig)
-    # null: the model's own normalisation (timm.data.resolve_data_config), filled in at start.
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    # The user's own patches (data=folder | data=manifest; her2exp/data/sources/).
-    root: str | None = None  # data=folder: class (or HER2 score) sub-folders of patches
-    path: str | None = (
-        None  # data=manifest: a .csv or .parquet manifest; data=slides: tiles.parquet
+    source: str = option(
+        "synthetic", help="synthetic | folder | manifest | slides (the data group sets it)"
     )
-    # data=slides: slide handles each reading process keeps open (least recently used closed).
-    max_open_slides: int = ranged(16, ge=1)
-    label_map: dict[str, int] = field(default_factory=lambda: {"her2_neg": 0, "her2_pos": 1})
-    # IHC score -> label; 2+ (equivocal without ISH) is decided by `equivocal`.
-    score_map: dict[str, int] = field(default_factory=lambda: {"0": 0, "1+": 0, "3+": 1})
-    equivocal: str = "exclude"  # exclude | positive | negative
-    # A patient whose patches carry both labels: error (listed before training) | max (HER2+ if
-    # any patch is) | majority (the more common label; a tie is HER2+). Patches take its label.
-    patient_label: str = "error"
-    patient_regex: str | None = None  # patient id from the file name: named group or group 1
-    on_bad_file: str = "error"  # error: list every problem and stop | skip: drop bad files
-    cache: bool = True  # decode every patch once, up front, and keep them in memory
-    # data.cache=false (patches decoded in the DataLoader workers): how the files are checked
-    # before training. header: format, mode and size of each (a truncated file fails when read);
-    # full: decode each once. data.cache=true always decodes (it keeps the pixels).
-    verify: str = "header"
-    # null: the run's `seed`. Fix them in a seed sweep so only the initialisation varies.
-    data_seed: int | None = ranged(None, ge=0, le=SEED_MAX)  # renders the embedded data set
-    split_seed: int | None = ranged(None, ge=0, le=SEED_MAX)  # assigns patients to train/val/test
-    # data=synthetic: the fraction of a HER2+ patient's patches that carry its HER2 expression,
-    # the rest drawn like HER2- patches but keeping the label (a bag task); null: all of them.
-    positive_patch_fraction: float | None = ranged(None, gt=0, le=1)
-    # mil != none: the bag of tiles one prediction is made for (her2exp/data/bags.py).
-    bag_by: str = "patient"  # patient | slide
+    n_patients: int = ranged(100, ge=1, help="data=synthetic: patients generated")
+    patches_per_patient: int = ranged(20, ge=1, help="data=synthetic: patches per patient")
+    positive_fraction: float = ranged(
+        0.25, gt=0, lt=1, help="data=synthetic: fraction of HER2+ patients"
+    )
+    sites: list[str] = option(
+        factory=lambda: ["site_a", "site_b"],
+        help="data=synthetic: the sites patients are drawn from (each with its own stain)",
+    )
+    image_size: int = ranged(64, ge=1, help="patch side in px the model sees")
+    batch_size: int = ranged(64, ge=1, help="training patches per step (global under DDP)")
+    eval_batch_size: int = ranged(256, ge=1, help="patches per scoring batch")
+    num_workers: int = ranged(0, ge=0, help="DataLoader worker processes")
+    prefetch_factor: int | None = ranged(
+        None, ge=1, help="batches each worker loads ahead; null: PyTorch's default"
+    )
+    persistent_workers: bool = option(
+        False, help="keep the workers between epochs (needs num_workers > 0)"
+    )
+    pin_memory: bool = option(False, help="pinned host memory for faster copies to the GPU")
+    augment: bool = option(True, help="random flips and rotations of training patches")
+    split: SplitConfig = field(default_factory=SplitConfig)
+    mean: list[float] | None = option(
+        None,
+        help="normalisation mean (three values); null: the model's own",
+    )
+    std: list[float] | None = option(
+        None, help="normalisation std (three values); null: the model's own"
+    )
+    root: str | None = option(
+        None,
+        help="data=folder: class (or HER2 score) sub-folders of patches",
+    )
+    path: str | None = option(
+        None, help="data=manifest: a .csv or .parquet manifest; data=slides: tiles.parquet"
+    )
+    max_open_slides: int = ranged(
+        16,
+        ge=1,
+        help="data=slides: slide handles each reading process keeps open (least recently used closed)",
+    )
+    label_map: dict[str, int] = option(
+        factory=lambda: {"her2_neg": 0, "her2_pos": 1},
+        help="folder or label name -> 0 (HER2-) or 1 (HER2+)",
+    )
+    score_map: dict[str, int] = option(
+        factory=lambda: {"0": 0, "1+": 0, "3+": 1},
+        help="IHC score -> label; 2+ is decided by equivocal",
+    )
+    equivocal: str = option("exclude", help="IHC 2+ without ISH: exclude | positive | negative")
+    patient_label: str = option(
+        "error",
+        help="a patient whose patches carry both labels: error | max (HER2+ if any) | majority (a tie is HER2+)",
+    )
+    patient_regex: str | None = option(
+        None, help="patient id from the file name: its named group or group 1"
+    )
+    on_bad_file: str = option(
+        "error", help="error: list every problem and stop | skip: drop bad files"
+    )
+    cache: bool = option(True, help="decode every patch once, up front, and keep them in memory")
+    verify: str = option(
+        "header",
+        help="data.cache=false: how files are checked before training: header (format, mode, size) | full (decode each once)",
+    )
+    data_seed: int | None = ranged(
+        None,
+        ge=0,
+        le=SEED_MAX,
+        help="seed that renders the embedded data set; null: the run's seed",
+    )
+    split_seed: int | None = ranged(
+        None,
+        ge=0,
+        le=SEED_MAX,
+        help="seed that assigns patients to train/val/test; null: the run's seed",
+    )
+    positive_patch_fraction: float | None = ranged(
+        None,
+        gt=0,
+        le=1,
+        help="data=synthetic: fraction of a HER2+ patient's patches that show HER2 (a bag task); null: all",
+    )
+    bag_by: str = option(
+        "patient",
+        help="mil != none: the bag one prediction is made for: patient | slide",
+    )
 
 
 def _validate_folds(sp: Any) -> None:
@@ -186,20 +240,39 @@ def validate_data(d: Any, m: Any) -> None:
 class StainConfig:
     """Macenko normalisation (all splits) and/or HED jitter (train only); her2exp/stain/."""
 
-    name: str = "none"  # none | macenko | hed_jitter | macenko_jitter
-    io: float = ranged(240.0, gt=0, le=255)  # background (white) intensity
-    alpha: float = ranged(1.0, gt=0, lt=50)  # robust extremes: percentiles alpha, 100 - alpha
-    beta: float = ranged(0.15, ge=0)  # optical density below which a pixel is background
-    min_tissue_fraction: float = ranged(0.05, ge=0, lt=1)
-    n_sample: int | None = ranged(4096, ge=1)
-    percentile_method: str = "topk"
-    exact: bool = False
-    rescale: str = "hematoxylin"  # all (classic Macenko) | hematoxylin | none; see macenko.py
-    on_device: bool = False  # true: per batch on the training device; false: in the workers
-    reference: str | None = None  # a reference image; null: fit on training patches
-    fit_patches: int = ranged(512, ge=1)
-    sigma: float = ranged(0.05, ge=0, lt=1)
-    shift_sigma: float | None = ranged(None, ge=0, lt=1)
+    name: str = option(
+        "none", help="none | macenko | hed_jitter | macenko_jitter (the stain group sets it)"
+    )
+    io: float = ranged(240.0, gt=0, le=255, help="Macenko: background (white) intensity")
+    alpha: float = ranged(
+        1.0, gt=0, lt=50, help="Macenko: robust extremes at percentiles alpha and 100 - alpha"
+    )
+    beta: float = ranged(
+        0.15, ge=0, help="Macenko: optical density below which a pixel is background"
+    )
+    min_tissue_fraction: float = ranged(
+        0.05,
+        ge=0,
+        lt=1,
+        help="Macenko: tissue pixels a patch needs to be normalised (else left as is)",
+    )
+    n_sample: int | None = ranged(
+        4096, ge=1, help="Macenko: pixels sampled per patch for the stain vectors; null: all"
+    )
+    percentile_method: str = option("topk", help="Macenko: topk (fast) | sort")
+    exact: bool = option(False, help="Macenko: no shortcuts (all pixels, full sort)")
+    rescale: str = option(
+        "hematoxylin", help="Macenko: all (classic) | hematoxylin (keeps DAB intensity) | none"
+    )
+    on_device: bool = option(
+        False, help="true: normalise per batch on the training device; false: in the workers"
+    )
+    reference: str | None = option(None, help="a reference image; null: fit on training patches")
+    fit_patches: int = ranged(512, ge=1, help="training patches the reference is fitted on")
+    sigma: float = ranged(0.05, ge=0, lt=1, help="HED jitter: scale of the random stain factors")
+    shift_sigma: float | None = ranged(
+        None, ge=0, lt=1, help="HED jitter: scale of the random shifts; null: sigma"
+    )
 
 
 def validate_stain(st: Any) -> None:

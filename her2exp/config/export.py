@@ -11,7 +11,7 @@ from typing import Any
 
 from her2exp.config.choices import TTA_CHOICES
 from her2exp.config.common import UriConfig, one_source
-from her2exp.config.fields import check_ranges, ranged, refuse
+from her2exp.config.fields import check_ranges, option, ranged, refuse
 from her2exp.core.errors import UserError
 from her2exp.core.fileio import check_writable
 
@@ -29,16 +29,20 @@ class ExportCommand:
     """`her2exp-export`: a trained run as an ONNX or TorchScript graph (uint8 patches in,
     P(HER2+) out), checked against PyTorch and logged to the run (her2exp/apps/export.py)."""
 
-    run_id: str | None = None
-    checkpoint: str | None = None
-    format: str = "onnx"  # onnx | torchscript
-    out: str | None = None  # null: <run dir>/export/model.onnx (model.ts)
-    overwrite: bool = False  # replace an existing export file
-    tta: str | None = None  # null: the run's own evaluation.tta, folded into the graph
-    opset: int = ranged(18, ge=13, le=23)  # ONNX opset (onnx only)
-    onnx_exporter: str = "legacy"  # legacy (TorchScript-based, fast) | dynamo (torch.export)
-    check_patches: int = ranged(256, ge=1)  # test patches the export is checked on
-    log: bool = True  # add the file, tags and metric to the run's MLflow run
+    run_id: str | None = option(None, help="the MLflow run of the trained model")
+    checkpoint: str | None = option(None, help="a best.pt of the trained model")
+    format: str = option("onnx", help="onnx | torchscript")
+    out: str | None = option(
+        None, help="the export file; null: <run dir>/export/model.onnx (model.ts)"
+    )
+    overwrite: bool = option(False, help="replace an earlier export at out")
+    tta: str | None = option(None, help="none | d4, folded into the graph; null: the run's own")
+    opset: int = ranged(18, ge=13, le=23, help="ONNX opset (onnx only)")
+    onnx_exporter: str = option(
+        "legacy", help="legacy (TorchScript-based, fast) | dynamo (torch.export)"
+    )
+    check_patches: int = ranged(256, ge=1, help="test patches the export is checked on")
+    log: bool = option(True, help="add the file, tags and metric to the run's MLflow run")
     tracking: UriConfig = field(default_factory=UriConfig)
 
 

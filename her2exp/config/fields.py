@@ -1,7 +1,7 @@
 """Numeric options with bounds, and the one message shape of every refused value.
 
 `ranged` declares a field's allowed range beside its default; `check_ranges` walks a schema and
-refuses a value outside it; `refuse` is the `key=value is not allowed: ...` line every check
+refuses a value outside it; `refuse` is the `key=value is not allowed (...)` line every check
 raises (a ConfigError, printed by the command line as one line, exit 2).
 """
 
@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +22,7 @@ from her2exp.core.errors import ConfigError
 
 def refuse(key: str, value: Any, allowed: str) -> None:
     """The one message shape of a refused value: the key, the value and what is allowed."""
-    raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+    raise ConfigError(f"{key}={value!r} is not allowed ({allowed})")
 
 
 @dataclass(frozen=True)
@@ -85,9 +86,24 @@ def _num(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else str(bound)
 
 
-def ranged(default: Any, **bounds: Any) -> Any:
-    """A dataclass field with its allowed range (`ge`, `gt`, `le`, `lt`, `allowed`)."""
-    return field(default=default, metadata={"range": Range(**bounds)})
+def ranged(default: Any, *, help: str, **bounds: Any) -> Any:
+    """A dataclass field with its allowed range (`ge`, `gt`, `le`, `lt`, `allowed`) and its
+    help: the one text `--help` and the README's key tables read (config.keys.command_keys)."""
+    return field(default=default, metadata={"range": Range(**bounds), "help": help})
+
+
+_NO_DEFAULT: Any = dataclasses.MISSING
+
+
+def option(
+    default: Any = _NO_DEFAULT, *, factory: Callable[[], Any] | None = None, help: str
+) -> Any:
+    """A dataclass field that is not a number with bounds, with its help (as `ranged`);
+    `factory` for a list or map default. The help sits in the field's metadata, not in a `#`
+    comment, so that the command line can show it (`her2exp-<command> --help`)."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 def numeric_fields(schema: type, prefix: str = "") -> list[tuple[str, type, bool, Range | None]]:
@@ -131,3 +147,27 @@ def _get(node: Any, dotted: str) -> Any:
 def close_matches(name: str, candidates: list[str], n: int = 5) -> list[str]:
     """Names a user probably meant; used for unknown model names."""
     return difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
+
+
+def closest(name: str, candidates: list[str], n: int = 3) -> list[str]:
+    """The candidates a user probably meant by `name`: the same last part under another group
+    (`epochs` -> trainer.epochs), else the nearest spellings of the last part under the same
+    group (`trainer.epoch` -> trainer.epochs), else the nearest anywhere; only those about as
+    near as the nearest (`trainer.amp` is no answer to `trainer.epoch`)."""
+    last = name.rsplit(".", 1)[-1]
+    same_last = {c: c for c in candidates if c.rsplit(".", 1)[-1] == last and c != name}
+    parent = name.rsplit(".", 1)[0] + "." if "." in name else ""
+    siblings = {c[len(parent) :]: c for c in candidates if parent and c.startswith(parent)}
+    everywhere = {c: c for c in candidates}
+    for word, pool, cutoff in (
+        (name, same_last, 0),
+        (last, siblings, 0.6),
+        (name, everywhere, 0.6),
+    ):
+        scored = sorted(
+            ((difflib.SequenceMatcher(None, word, w).ratio(), c) for w, c in pool.items()),
+            key=lambda sc: -sc[0],
+        )
+        if scored and scored[0][0] >= cutoff:
+            return [c for score, c in scored[:n] if score >= scored[0][0] - 0.1]
+    return []

@@ -8,7 +8,7 @@ her2exp.models.check_model_name when training builds the run (timm is not import
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -23,38 +23,68 @@ from her2exp.config.choices import (
     PROBE_CHOICES,
     WEIGHT_SUFFIXES,
 )
-from her2exp.config.fields import ranged, refuse
+from her2exp.config.fields import option, ranged, refuse
 
 
 @dataclass
 class ModelConfig:
     """A timm backbone (built offline from `name` + `kwargs`) and the HER2 head on its embedding."""
 
-    name: str = "resnet18"  # the timm architecture; hub names (hf-hub:...) go in hub_id
-    pretrained: bool = False  # timm's own pretrained weights (a hub download unless cached)
-    hub_id: str | None = None  # where pretrained=true loads from; null: timm's default for `name`
-    weights: str | None = None  # a local .safetensors/.pth/.bin for the backbone (offline)
-    # Extra timm.create_model kwargs (init_values, dynamic_img_size, pretrained_cfg_overlay, ...);
-    # values with a _target_ are built by hydra.utils.instantiate (e.g. Virchow2's mlp_layer).
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    embedding: str = "pooled"  # pooled: timm's global_pool | cls_mean: class token + mean patch
-    head: str = "linear"  # linear | mlp (timm.layers.Mlp, head_hidden_dim wide) | knn (probe)
-    head_hidden_dim: int = ranged(256, ge=1)
-    knn_k: int = ranged(20, ge=1)  # head=knn: neighbours voting (probe=knn sets ${probe.k})
-    finetune: str = "full"  # full | frozen (linear probe) | last_n_blocks
+    name: str = option(
+        "resnet18", help="the timm architecture; hub names (hf-hub:...) go in hub_id"
+    )
+    pretrained: bool = option(
+        False, help="timm's own pretrained weights (a hub download unless cached)"
+    )
+    hub_id: str | None = option(
+        None, help="where pretrained=true loads from; null: timm's default for name"
+    )
+    weights: str | None = option(
+        None, help="a local .safetensors/.pth/.bin for the backbone (offline)"
+    )
+    kwargs: dict[str, Any] = option(
+        factory=dict,
+        help="extra timm.create_model arguments; values with a _target_ are built by hydra.utils.instantiate",
+    )
+    embedding: str = option(
+        "pooled", help="pooled: timm's global pool | cls_mean: class token + mean patch token"
+    )
+    head: str = option(
+        "linear", help="linear | mlp (head_hidden_dim wide) | knn (a probe on cached features)"
+    )
+    head_hidden_dim: int = ranged(256, ge=1, help="head=mlp: width of the hidden layer")
+    knn_k: int = ranged(
+        20, ge=1, help="head=knn: neighbours voting (probe=knn sets it from probe.k)"
+    )
+    finetune: str = option("full", help="full | frozen (linear probe) | last_n_blocks")
     n_last_blocks: int = ranged(
-        1, ge=1
-    )  # finetune=last_n_blocks: timm layer groups trained, from the top
-    cache_features: bool = False  # frozen backbone: embed each image once, train the head on it
-    feature_cache_dir: str | None = None  # null: <run dir>/features; shared: reused across runs
-    num_classes: int = ranged(2, ge=2, le=2, allowed="2 (binary HER2-/HER2+)")
-    drop_rate: float = ranged(0.0, ge=0, lt=1)
-    channels_last: bool = False
-    compile: bool = False
-    compile_mode: str = "default"
-    compile_before_ddp: bool = False
-    compile_backend: str = "inductor"
-    min_image_size: int = ranged(32, ge=1)
+        1, ge=1, help="finetune=last_n_blocks: timm layer groups trained, from the top"
+    )
+    cache_features: bool = option(
+        False, help="frozen backbone: embed each image once, train the head on the embeddings"
+    )
+    feature_cache_dir: str | None = option(
+        None,
+        help="where cached features go; null: <run dir>/features; a shared folder is reused across runs",
+    )
+    num_classes: int = ranged(
+        2, ge=2, le=2, allowed="2 (binary HER2-/HER2+)", help="classes of the head"
+    )
+    drop_rate: float = ranged(0.0, ge=0, lt=1, help="dropout before the head")
+    channels_last: bool = option(
+        False, help="channels-last memory format (faster convolutions on GPUs)"
+    )
+    compile: bool = option(False, help="torch.compile the model")
+    compile_mode: str = option(
+        "default", help="torch.compile's mode: default | reduce-overhead | max-autotune"
+    )
+    compile_before_ddp: bool = option(
+        False, help="compile the model before wrapping it in DDP (else after)"
+    )
+    compile_backend: str = option("inductor", help="torch.compile's backend")
+    min_image_size: int = ranged(
+        32, ge=1, help="the smallest data.image_size the backbone accepts, in px"
+    )
 
 
 def validate_model(m: Any) -> None:
@@ -94,13 +124,19 @@ def validate_model(m: Any) -> None:
 
 @dataclass
 class LossConfig:
-    name: str = "ce"
-    gamma: float = ranged(2.0, ge=0)
+    name: str = option("ce", help="ce (cross-entropy) | focal")
+    gamma: float = ranged(2.0, ge=0, help="loss=focal: the focusing exponent")
     alpha: float | None = ranged(
-        None, gt=0, lt=1, allowed="null or a value in (0, 1) weighting the HER2+ class"
+        None,
+        gt=0,
+        lt=1,
+        allowed="null or a value in (0, 1) weighting the HER2+ class",
+        help="loss=focal: the weight of the HER2+ class; null: none",
     )
-    use_class_weights: bool = False
-    label_smoothing: float = ranged(0.0, ge=0, lt=1)
+    use_class_weights: bool = option(
+        False, help="weight classes by inverse frequency in the train split"
+    )
+    label_smoothing: float = ranged(0.0, ge=0, lt=1, help="label smoothing of the targets")
 
 
 def validate_loss(loss: Any) -> None:
@@ -115,12 +151,12 @@ class MilConfig:
     `data.bag_by`; `none` is the patch classifier. Named apart from `evaluation.*_aggregation`,
     which aggregates patch scores after the fact."""
 
-    name: str = "none"  # none | mean_pool | max_pool | abmil
-    hidden: int = ranged(128, ge=1)  # the instance embedding's width in the head
-    attention_dim: int = ranged(128, ge=1)  # abmil: width of the attention network
-    dropout: float = ranged(0.25, ge=0, lt=1)
-    gated: bool = True  # abmil: gated attention (Ilse et al. 2018, eq. 9)
-    batch_size: int = ranged(8, ge=1)  # bags per optimizer step (global) and per scoring batch
+    name: str = option("none", help="none | mean_pool | max_pool | abmil")
+    hidden: int = ranged(128, ge=1, help="the instance embedding's width in the head")
+    attention_dim: int = ranged(128, ge=1, help="abmil: width of the attention network")
+    dropout: float = ranged(0.25, ge=0, lt=1, help="dropout in the bag head")
+    gated: bool = option(True, help="abmil: gated attention (Ilse et al. 2018, eq. 9)")
+    batch_size: int = ranged(8, ge=1, help="bags per optimizer step (global) and per scoring batch")
 
 
 def validate_mil(mil: Any, cfg: Any) -> None:
@@ -152,9 +188,11 @@ class ProbeConfig:
     experiment=fm_probe; her2exp/training/probe.py): the group files set the head, this records which
     protocol a run is, so a sweep's leaderboard can group its children by it."""
 
-    name: str = "none"  # none | linear | knn | abmil
-    k: int = ranged(20, ge=1)  # probe=knn: neighbours (cosine similarity), model.knn_k
-    n_runs: int = ranged(5, ge=1)  # seeds per backbone x protocol in an fm_probe multirun
+    name: str = option("none", help="none | linear | knn | abmil (the group file sets the head)")
+    k: int = ranged(20, ge=1, help="probe=knn: neighbours by cosine similarity (sets model.knn_k)")
+    n_runs: int = ranged(
+        5, ge=1, help="seeds per backbone x protocol in an experiment=fm_probe multirun"
+    )
 
 
 def validate_probe(p: Any, cfg: Any) -> None:

@@ -30,7 +30,7 @@ def parse_model_uri(model_uri: str) -> ModelRef:
     """`models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/RUN_ID[/model]`; anything else is
     one line naming what is allowed."""
     uri = str(model_uri).strip()
-    bad = ConfigError(f"model_uri={model_uri!r} is not allowed: {MODEL_URI_FORMS}")
+    bad = ConfigError(f"model_uri={model_uri!r} is not allowed ({MODEL_URI_FORMS})")
     if uri.startswith("runs:/"):
         parts = uri[len("runs:/") :].strip("/").split("/")
         if not parts[0] or len(parts) > 2 or (len(parts) == 2 and parts[1] != "model"):

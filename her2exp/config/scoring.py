@@ -20,7 +20,7 @@ from her2exp.config.choices import (
 )
 from her2exp.config.common import UriConfig, one_source
 from her2exp.config.data import DataConfig
-from her2exp.config.fields import check_ranges, ranged, refuse
+from her2exp.config.fields import check_ranges, option, ranged, refuse
 from her2exp.config.model_uri import parse_model_uri
 from her2exp.config.train import TrackingConfig
 from her2exp.core.errors import ConfigError, UserError
@@ -32,27 +32,37 @@ from her2exp.core.fileio import check_writable
 class EvaluationOverrides:
     """`evaluation.*` of her2exp-eval: null keeps the training run's own setting."""
 
-    target_sensitivity: float | None = ranged(None, gt=0, lt=1)
-    n_boot: int | None = ranged(None, ge=0)
-    slide_aggregation: str | None = None
-    patient_aggregation: str | None = None
-    topk: int | None = ranged(None, ge=1)
-    decision_level: str | None = None
-    operating_point: str | None = None
-    gallery_max: int | None = ranged(None, ge=0)
-    tta: str | None = None  # none | d4; the run's thresholds were chosen on its own setting
-    calibration: str | None = None  # frozen in best.pt: only the run's own is accepted
-    explain: bool | None = (
-        None  # Grad-CAM / token maps over the galleries (her2exp/engine/explain.py)
+    target_sensitivity: float | None = ranged(
+        None, gt=0, lt=1, help="null: the run's own evaluation.target_sensitivity"
     )
-    figures: bool | None = None  # the report's PNG figures (a smoke run's own: off)
+    n_boot: int | None = ranged(
+        None, ge=0, help="bootstrap resamples of the AUC interval; null: the run's own"
+    )
+    slide_aggregation: str | None = option(None, help="mean | max | topk_mean; null: the run's own")
+    patient_aggregation: str | None = option(
+        None, help="mean | max | topk_mean; null: the run's own"
+    )
+    topk: int | None = ranged(None, ge=1, help="topk_mean's k; null: the run's own")
+    decision_level: str | None = option(None, help="tile | slide | patient; null: the run's own")
+    operating_point: str | None = option(
+        None, help="youden | sens{N} | sens{N}_lcb | p50; null: the run's own"
+    )
+    gallery_max: int | None = ranged(None, ge=0, help="patches per gallery; null: the run's own")
+    tta: str | None = option(
+        None, help="none | d4; null: the run's own (its thresholds were chosen on it)"
+    )
+    calibration: str | None = option(None, help="frozen in best.pt: only the run's own is accepted")
+    explain: bool | None = option(
+        None, help="Grad-CAM / token maps over the galleries; null: the run's own"
+    )
+    figures: bool | None = option(None, help="the report's PNG figures; null: the run's own")
 
 
 @dataclass
 class EvalTrainerOverrides:
     """`trainer.amp` of her2exp-eval: null scores with the run's own AMP setting."""
 
-    amp: str | None = None
+    amp: str | None = option(None, help="auto | bf16 | fp16 | off; null: the run's own")
 
 
 @dataclass
@@ -60,18 +70,30 @@ class EvalCommand:
     """`her2exp-eval`: a trained run (MLflow run id or best.pt) scored at its frozen thresholds,
     on a new cohort (`data.*`) or on the run's own val/test split (`split=test`)."""
 
-    run_id: str | None = None
-    checkpoint: str | None = None
-    sweep_run_id: str | None = None  # a sweep's parent run: its finished children as an ensemble
-    split: str | None = None  # null: the cohort `data` describes | val | test: the run's own
-    cohort_name: str | None = None  # null: "external", or the split's name
-    # A different seed from training (42) for a new cohort: new patients, not re-rendered ones.
-    seed: int = ranged(2026, ge=0, le=SEED_MAX)
+    run_id: str | None = option(None, help="the MLflow run of the trained model")
+    checkpoint: str | None = option(None, help="a best.pt of the trained model")
+    sweep_run_id: str | None = option(
+        None, help="a sweep's parent run: its finished children as an ensemble"
+    )
+    split: str | None = option(
+        None, help="null: the cohort data.* describes | val | test: the run's own split"
+    )
+    cohort_name: str | None = option(
+        None, help="the cohort's name in the report; null: external, or the split's name"
+    )
+    seed: int = ranged(
+        2026,
+        ge=0,
+        le=SEED_MAX,
+        help="renders a new embedded cohort (another seed than training's: new patients)",
+    )
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     evaluation: EvaluationOverrides = field(default_factory=EvaluationOverrides)
     trainer: EvalTrainerOverrides = field(default_factory=EvalTrainerOverrides)
-    output_dir: str = MISSING
+    output_dir: str = option(
+        MISSING, help="the report's directory (set by Hydra: outputs/eval/<date>/<time>)"
+    )
 
 
 EVAL_SPLITS = ("val", "test")
@@ -102,24 +124,33 @@ def check_eval(cfg: Any) -> None:
 class PredictCommand:
     """`her2exp-predict`: a trained run applied to a folder of patches."""
 
-    checkpoint: str | None = None
-    run_id: str | None = None
-    sweep_run_id: str | None = None  # a sweep's parent run: its finished children as an ensemble
-    # models:/NAME@ALIAS | models:/NAME/VERSION | runs:/ID/model: the training run behind it
-    model_uri: str | None = None
-    input: str | None = None  # a folder of patches (searched recursively), or a tiles.parquet
-    out: str = "predictions.csv"
-    # Slides (input= a tile manifest of her2exp-tile): one PNG per slide; null: <out>_heatmaps/.
-    heatmaps: str | None = None
-    num_workers: int = ranged(0, ge=0)  # DataLoader workers reading tiles from the slides
-    output: str | None = None  # deprecated spelling of `out`
-    batch_size: int = ranged(64, ge=1)
-    overwrite: bool = False  # replace an existing `out` table (and its errors list)
-    # CSV with columns path (relative to input, or absolute), slide_id, patient_id: needed when
-    # the decision level is slide or patient (then <out>.slides.csv / .patients.csv too)
-    groups: str | None = None
-    decision_level: str | None = None  # null: the run's own
-    tta: str | None = None  # null: the run's own evaluation.tta | none | d4 (8 views a patch)
+    checkpoint: str | None = option(None, help="a best.pt of the trained model")
+    run_id: str | None = option(None, help="the MLflow run of the trained model")
+    sweep_run_id: str | None = option(
+        None, help="a sweep's parent run: its finished children as an ensemble"
+    )
+    model_uri: str | None = option(
+        None,
+        help="models:/NAME@ALIAS | models:/NAME/VERSION | runs:/ID/model",
+    )
+    input: str | None = option(
+        None, help="a folder of patches (searched recursively), or a tiles.parquet of her2exp-tile"
+    )
+    out: str = option("predictions.csv", help="the predictions table (CSV)")
+    heatmaps: str | None = option(
+        None,
+        help="slides: the folder of one heatmap PNG per slide; null: <out>_heatmaps/",
+    )
+    num_workers: int = ranged(0, ge=0, help="DataLoader workers reading tiles from the slides")
+    output: str | None = option(None, help="deprecated spelling of out")
+    batch_size: int = ranged(64, ge=1, help="patches per scoring batch")
+    overwrite: bool = option(False, help="replace an existing out table (and its errors list)")
+    groups: str | None = option(
+        None,
+        help="a CSV of path, slide_id, patient_id: needed at the slide or patient decision level",
+    )
+    decision_level: str | None = option(None, help="tile | slide | patient; null: the run's own")
+    tta: str | None = option(None, help="none | d4 (8 views a patch); null: the run's own")
     tracking: UriConfig = field(default_factory=UriConfig)
 
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from her2exp.config.choices import READERS
 from her2exp.config.common import label_rules
-from her2exp.config.fields import check_ranges, ranged, refuse
+from her2exp.config.fields import check_ranges, option, ranged, refuse
 from her2exp.core.errors import ConfigError, UserError
 from her2exp.core.fileio import check_writable
 
@@ -39,21 +39,36 @@ class TilesConfig:
     8 um/px) and its memory grows as 1/mask_mpp^2; so a finer value is refused before a slide
     is opened, not clamped behind the user's back."""
 
-    mpp: float = ranged(0.5, gt=0, le=100)  # um per pixel of a tile
-    size: int = ranged(224, ge=16, le=8192)  # tile side in pixels (at `mpp`)
-    min_tissue: float = ranged(0.5, ge=0, le=1)  # fraction of a tile the tissue mask must cover
-    assume_mpp: float | None = ranged(None, gt=0, le=100)  # for slides whose file has none
-    mask_mpp: float = ranged(  # um per pixel of the tissue mask's thumbnail
-        8.0, ge=MASK_MPP_MIN, le=1000, allowed=f"a value in [{MASK_MPP_MIN:g}, 1000] um per "
+    mpp: float = ranged(0.5, gt=0, le=100, help="um per pixel of a tile")
+    size: int = ranged(224, ge=16, le=8192, help="tile side in px (at mpp)")
+    min_tissue: float = ranged(
+        0.5, ge=0, le=1, help="fraction of a tile the tissue mask must cover"
+    )
+    assume_mpp: float | None = ranged(
+        None,
+        gt=0,
+        le=100,
+        help="um per pixel for slides whose file has none; null: such slides are refused",
+    )
+    mask_mpp: float = ranged(
+        8.0,
+        ge=MASK_MPP_MIN,
+        le=1000,
+        allowed=f"a value in [{MASK_MPP_MIN:g}, 1000] um per "
         "pixel (finer, the tissue mask sees nuclei, not tissue)",
-    )  # fmt: skip
-    workers: int = ranged(1, ge=1, le=256)  # slides tiled in parallel processes
-    # auto (tiffslide for OME-TIFF, else OpenSlide, else tiffslide) | openslide | tiffslide
-    reader: str = "auto"
-    shard: str | None = None  # i/n: this machine's share of the slides (SLURM arrays)
-    # QuPath classes whose regions are excluded (pen, artefacts); any other class includes.
-    exclude_classes: list[str] = field(
-        default_factory=lambda: ["Ignore*", "Ignore", "Exclude", "Pen", "Artefact", "Artifact"]
+        help="um per pixel of the tissue mask's thumbnail",
+    )
+    workers: int = ranged(1, ge=1, le=256, help="slides tiled in parallel processes")
+    reader: str = option(
+        "auto",
+        help="auto (tiffslide for OME-TIFF, else OpenSlide) | openslide | tiffslide",
+    )
+    shard: str | None = option(
+        None, help="i/n: this machine's share of the slides (SLURM arrays); null: all"
+    )
+    exclude_classes: list[str] = option(
+        factory=lambda: ["Ignore*", "Ignore", "Exclude", "Pen", "Artefact", "Artifact"],
+        help="QuPath classes whose regions are excluded; any other class includes",
     )
 
 
@@ -61,16 +76,22 @@ class TilesConfig:
 class TileCommand:
     """`her2exp-tile`: a slide table -> tiles.parquet (coordinates), QC thumbnails, summary."""
 
-    slide_table: str | None = None  # CSV or Parquet: path, label or score, [patient_id, site, ...]
-    out: str | None = None
+    slide_table: str | None = option(
+        None, help="CSV or Parquet: path, label or score, [patient_id, site, ...]"
+    )
+    out: str | None = option(None, help="the output folder of the tile manifest")
     tiles: TilesConfig = field(default_factory=TilesConfig)
-    label_map: Any = None  # null: her2_neg -> 0, her2_pos -> 1 (as data=manifest)
-    score_map: Any = None  # null: 0, 1+ -> 0 and 3+ -> 1
-    equivocal: str = "exclude"
-    on_bad_file: str = "error"  # error | skip: leave unusable slides out, listed in summary.csv
-    # Tile an earlier output again with other settings (cleared once, by the first job of a
-    # shard array to claim `out`; one with the same settings is resumed, never cleared).
-    overwrite: bool = False
+    # Typed Any, as her2exp-manifest's maps (Hydra parses keys like 0 as numbers).
+    label_map: Any = option(None, help="label name -> 0 or 1; null: her2_neg -> 0, her2_pos -> 1")
+    score_map: Any = option(None, help="score -> 0 or 1; null: 0, 1+ -> 0 and 3+ -> 1")
+    equivocal: str = option("exclude", help="IHC 2+ without ISH: exclude | positive | negative")
+    on_bad_file: str = option(
+        "error", help="error | skip: leave unusable slides out, listed in summary.csv"
+    )
+    overwrite: bool = option(
+        False,
+        help="tile an earlier output again with other settings (cleared once; same settings resume)",
+    )
 
 
 def tile_data_config(cfg: Any) -> DictConfig:

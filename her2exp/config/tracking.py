@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from her2exp.config.common import UriConfig
-from her2exp.config.fields import check_ranges, ranged, refuse
+from her2exp.config.fields import check_ranges, option, ranged, refuse
 from her2exp.config.model_uri import ALIAS_RE
 from her2exp.core.errors import ConfigError
 from her2exp.core.fileio import check_writable
@@ -20,11 +20,13 @@ from her2exp.core.fileio import check_writable
 class CompareCommand:
     """`her2exp-compare`: the runs of an experiment or a sweep, best first."""
 
-    experiment: str = "her2exp"
-    sweep: str = "latest"  # latest | all | <parent run id>
-    out: str = "compare.csv"
+    experiment: str = option("her2exp", help="the MLflow experiment")
+    sweep: str = option("latest", help="latest | all | <parent run id>: the runs compared")
+    out: str = option("compare.csv", help="the table's CSV file")
     tracking: UriConfig = field(default_factory=UriConfig)
-    leaderboard: bool = False  # the sweep parent's backbone x protocol leaderboard instead
+    leaderboard: bool = option(
+        False, help="the sweep parent's backbone x protocol leaderboard instead"
+    )
 
 
 def check_compare(cfg: Any) -> None:
@@ -41,13 +43,22 @@ _PORT = "a TCP port (1-65535; pg_port 0: a free one)"
 class ServerCommand:
     """`her2exp-server`: an MLflow tracking server on PostgreSQL (a private cluster in `dir`)."""
 
-    dir: str = ".mlflow-server"
-    backend_store_uri: str | None = None  # an existing database; null: private PostgreSQL
-    artifacts_destination: str | None = None  # null: <dir>/artifacts
-    host: str = "127.0.0.1"
-    port: int = ranged(5000, ge=1, le=65535, allowed=_PORT)
-    pg_port: int = ranged(0, ge=0, le=65535, allowed=_PORT)  # 0: a free port
-    workers: int = ranged(1, ge=1)
+    dir: str = option(
+        ".mlflow-server",
+        help="the server's folder (its private PostgreSQL cluster, artifacts, logs)",
+    )
+    backend_store_uri: str | None = option(
+        None, help="an existing database; null: a private PostgreSQL in dir"
+    )
+    artifacts_destination: str | None = option(
+        None, help="where artifacts are stored; null: <dir>/artifacts"
+    )
+    host: str = option("127.0.0.1", help="the address the server listens on")
+    port: int = ranged(5000, ge=1, le=65535, allowed=_PORT, help="the server's TCP port")
+    pg_port: int = ranged(
+        0, ge=0, le=65535, allowed=_PORT, help="the private PostgreSQL's port; 0: a free one"
+    )
+    workers: int = ranged(1, ge=1, help="server worker processes")
 
 
 def check_server(cfg: Any) -> None:
@@ -59,8 +70,8 @@ def check_server(cfg: Any) -> None:
 class SyncCommand:
     """`her2exp-sync`: replay the MLflow calls a run deferred while its server was away."""
 
-    run_dir: str | None = None
-    tracking: UriConfig = field(default_factory=lambda: UriConfig(uri=None))  # null: the run's
+    run_dir: str | None = option(None, help="the run directory whose queued MLflow calls are sent")
+    tracking: UriConfig = field(default_factory=lambda: UriConfig(uri=None))
 
 
 def check_sync(cfg: Any) -> None:
@@ -75,8 +86,10 @@ def check_sync(cfg: Any) -> None:
 class RerunCommand:
     """`her2exp-rerun`: train a logged run again from what MLflow holds."""
 
-    run_id: str | None = None
-    output_dir: str | None = None  # null: outputs/rerun/<run id>/<time>
+    run_id: str | None = option(None, help="the MLflow run to train again")
+    output_dir: str | None = option(
+        None, help="the new run's directory; null: outputs/rerun/<run id>/<time>"
+    )
     tracking: UriConfig = field(default_factory=UriConfig)
 
 
@@ -85,16 +98,27 @@ def check_rerun(cfg: Any) -> None:
         raise ConfigError("run_id=<MLflow run id> is required")
 
 
+_VERSION = "a version number >= 1"
+
+
 # -- her2exp-promote ----------------------------------------------------------------------------
 @dataclass
 class PromoteCommand:
     """`her2exp-promote`: a registered model's alias set to a version that passed its checklist."""
 
-    name: str | None = None  # the registered model (tracking.registered_model_name of training)
-    version: int | None = ranged(None, ge=1)
-    alias: str = "champion"
-    force: bool = False  # promote a version that fails its checklist (recorded on the version)
-    reason: str | None = None  # why, with force=true (tag her2exp.force_reason)
+    name: str | None = option(
+        None, help="the registered model (tracking.registered_model_name of training)"
+    )
+    # null is the unset default, refused by check_promote with the same words: the range names
+    # what a version is (a message must not offer null, which is refused too).
+    version: int | None = ranged(
+        None, ge=1, allowed=_VERSION, help="the registered model's version to promote"
+    )
+    alias: str = option("champion", help="the alias set to that version")
+    force: bool = option(
+        False, help="promote a version that fails its checklist (recorded on the version)"
+    )
+    reason: str | None = option(None, help="why, with force=true (tag her2exp.force_reason)")
     tracking: UriConfig = field(default_factory=UriConfig)
 
 
@@ -105,7 +129,7 @@ def check_promote(cfg: Any) -> None:
     if not cfg.name:
         raise ConfigError("name=<registered model name> is required")
     if cfg.version is None:
-        raise ConfigError("version=<the version number to promote> is required")
+        raise ConfigError(f"version is required ({_VERSION}, e.g. version=3)")
     if not ALIAS_RE.match(str(cfg.alias)):
         refuse("alias", cfg.alias, "letters, digits, _ and - (e.g. champion)")
     if not cfg.tracking.uri:

@@ -22,7 +22,7 @@ from her2exp.config.choices import (
     TTA_CHOICES,
 )
 from her2exp.config.data import DataConfig, StainConfig, validate_data, validate_stain
-from her2exp.config.fields import check_ranges, ranged, refuse
+from her2exp.config.fields import check_ranges, closest, option, ranged, refuse
 from her2exp.config.model import (
     LossConfig,
     MilConfig,
@@ -56,40 +56,85 @@ def warn_deprecated(cfg: Any) -> None:
 
 @dataclass
 class TrainerConfig:
-    epochs: int = ranged(10, ge=1)
-    lr: float = ranged(1e-3, gt=0)
-    weight_decay: float = ranged(1e-4, ge=0)
-    warmup_epochs: float = ranged(1.0, ge=0)
-    # The cosine schedule's floor as a fraction of lr: 0 decays to zero, 1 is a constant lr.
-    min_lr_ratio: float = ranged(0.01, ge=0, le=1)
-    layer_decay: float | None = ranged(
-        None, gt=0, le=1
-    )  # ViT-style layer-wise lr decay (timm), e.g. 0.75; null: off
-    accumulation_steps: int = ranged(1, ge=1)
-    grad_clip_norm: float | None = ranged(1.0, gt=0, allowed="null (no clipping) or a value > 0")
-    amp: str = "auto"
-    early_stop_patience: int = ranged(5, ge=1)
-    monitor: str | None = None  # deprecated (DEPRECATED): ignored, warns when set
-    resume: str | None = (
-        None  # a last.pt, or auto: the run directory's own (her2exp/runtime/rundir.py)
+    epochs: int = ranged(10, ge=1, help="training epochs (early stopping may end the run sooner)")
+    lr: float = ranged(1e-3, gt=0, help="peak learning rate of AdamW, reached after the warmup")
+    weight_decay: float = ranged(
+        1e-4, ge=0, help="AdamW weight decay (none on norms, biases and the tokens the model names)"
     )
-    resume_force: bool = False  # resume even though the experiment changed (recorded in MLflow)
-    overwrite: bool = False  # a run directory holding an earlier run's checkpoint: replace it
-    stop_after_epoch: int | None = ranged(None, ge=1)
-    deterministic: bool = False
-    device: str = "auto"
-    nproc_per_node: int = ranged(1, ge=1)
-    sync_bn: bool = False
-    dist_timeout_s: float = ranged(300.0, gt=0)
-    progress: bool = True
-    save_checkpoints: bool = True
-    # A non-finite loss or gradient: stop (keep the last good checkpoint) or skip that optimizer
-    # step, counting it, and stop once more than max_nonfinite_steps were skipped in the run.
-    on_nonfinite: str = "stop"
-    max_nonfinite_steps: int = ranged(10, ge=0)
-    # Debugging: NaN inputs at this training batch (0-based, counted over the whole run), to
-    # exercise on_nonfinite. Never set it for real training.
-    debug_nan_at_step: int | None = ranged(None, ge=0)
+    warmup_epochs: float = ranged(
+        1.0, ge=0, help="linear warmup before the cosine decay, in epochs (fractions allowed)"
+    )
+    min_lr_ratio: float = ranged(
+        0.01,
+        ge=0,
+        le=1,
+        help="the cosine schedule's floor as a fraction of lr: 0 decays to zero, 1 is a constant lr",
+    )
+    layer_decay: float | None = ranged(
+        None, gt=0, le=1, help="ViT-style layer-wise lr decay (timm), e.g. 0.75; null: off"
+    )
+    accumulation_steps: int = ranged(
+        1, ge=1, help="micro-batches per optimizer step (gradient accumulation)"
+    )
+    grad_clip_norm: float | None = ranged(
+        1.0,
+        gt=0,
+        allowed="null (no clipping) or a value > 0",
+        help="clip the gradient norm to this value before each step",
+    )
+    amp: str = option(
+        "auto",
+        help="auto | bf16 | fp16 | off; auto: bf16 on GPUs that support it, fp16 + GradScaler on older ones, fp32 on the CPU",
+    )
+    early_stop_patience: int = ranged(
+        5, ge=1, help="epochs without a better validation AUC before training stops"
+    )
+    monitor: str | None = option(
+        None,
+        help="deprecated and ignored (the best epoch is the one with the highest validation AUC); warns when set",
+    )
+    resume: str | None = option(
+        None, help="a last.pt to resume from, or auto: the run directory's own; null: a new run"
+    )
+    resume_force: bool = option(
+        False, help="resume even though the experiment changed (recorded in MLflow)"
+    )
+    overwrite: bool = option(
+        False, help="a run directory holding an earlier run's checkpoint: replace it"
+    )
+    stop_after_epoch: int | None = ranged(
+        None, ge=1, help="stop after this epoch as if pre-empted (tests resume); null: never"
+    )
+    deterministic: bool = option(
+        False,
+        help="deterministic algorithms (torch.use_deterministic_algorithms): reproducible, slower",
+    )
+    device: str = option("auto", help="auto | cpu | cuda | cuda:N; auto: CUDA when available")
+    nproc_per_node: int = ranged(
+        1,
+        ge=1,
+        help="worker processes started in-process for DDP (a sweep's job); torchrun sets its own",
+    )
+    sync_bn: bool = option(False, help="synchronise BatchNorm statistics across DDP ranks")
+    dist_timeout_s: float = ranged(
+        300.0, gt=0, help="seconds a DDP collective waits for the other ranks"
+    )
+    progress: bool = option(True, help="show progress bars")
+    save_checkpoints: bool = option(
+        True, help="write last.pt and best.pt (false: nothing to resume from)"
+    )
+    on_nonfinite: str = option(
+        "stop",
+        help="a non-finite loss or gradient: stop (keep the last good checkpoint) | skip that step, stopping once more than max_nonfinite_steps were skipped",
+    )
+    max_nonfinite_steps: int = ranged(
+        10, ge=0, help="on_nonfinite=skip: skipped steps allowed in a run before it stops"
+    )
+    debug_nan_at_step: int | None = ranged(
+        None,
+        ge=0,
+        help="debugging only: NaN inputs at this training batch (0-based, over the whole run) to exercise on_nonfinite",
+    )
 
 
 def validate_trainer(t: Any) -> None:
@@ -104,15 +149,25 @@ def validate_trainer(t: Any) -> None:
 
 @dataclass
 class TrackingConfig:
-    backend: str = "mlflow"
-    uri: str = "sqlite:///mlflow.db"
-    experiment: str = "her2exp"
-    run_name: str | None = None
-    artifact_location: str | None = None
-    log_checkpoint: bool = True
-    log_model: bool = True
-    registered_model_name: str | None = None
-    fallback: str = "none"
+    backend: str = option("mlflow", help="mlflow | off")
+    uri: str = option(
+        "sqlite:///mlflow.db",
+        help="the MLflow tracking URI: sqlite:///file.db, a folder, or http://host:port of a server",
+    )
+    experiment: str = option("her2exp", help="the MLflow experiment the run goes in")
+    run_name: str | None = option(None, help="the MLflow run name; null: MLflow's own")
+    artifact_location: str | None = option(
+        None, help="where a new experiment stores artifacts; null: the server's default"
+    )
+    log_checkpoint: bool = option(True, help="log best.pt as an MLflow artifact")
+    log_model: bool = option(True, help="log the MLflow model (raw patches in, P(HER2+) out)")
+    registered_model_name: str | None = option(
+        None, help="register the logged model under this name; null: not registered"
+    )
+    fallback: str = option(
+        "none",
+        help="the server unreachable at start: none (stop) | local (log to ./mlflow.db instead)",
+    )
 
 
 def validate_tracking(tr: Any) -> None:
@@ -131,30 +186,54 @@ class EvaluationConfig:
     one small slide weighs every tile alike. `decision_level` is where the clinic decides: its
     thresholds, chosen on validation at that level, are the headline and what predict calls."""
 
-    target_sensitivity: float = ranged(0.90, gt=0, lt=1)
-    # sens{N}_lcb: the one-sided confidence of the lower bound on validation sensitivity.
-    lcb_confidence: float = ranged(0.95, gt=0, lt=1)
-    n_boot: int = ranged(1000, ge=0, allowed="0 (DeLong CI only) or a number of resamples")
-    slide_aggregation: str = "mean"  # mean | max | topk_mean of the slide's tile scores
-    patient_aggregation: str = "mean"  # mean | max | topk_mean of the patient's tile scores
-    topk: int = ranged(8, ge=1)  # topk_mean: mean of the k highest tile scores (all if fewer)
-    decision_level: str = "tile"  # tile | slide | patient
-    operating_point: str = "youden"
-    gallery_max: int = ranged(32, ge=0)
-    # The PNG figures of a report (ROCs, PR, reliability, decision curve, confusion matrices,
-    # galleries): ~6 s of matplotlib per run. Off in experiment=smoke (the tests); the numbers,
-    # summary.md, best.json and predictions are written either way.
-    figures: bool = True
-    # Final evaluation, eval and predict (per-epoch validation stays one view): none | d4, the
-    # mean HER2+ probability over the 8 rotations and flips of each patch.
-    tta: str = "none"
-    # none | temperature: one T fitted on validation by NLL, frozen in best.pt like the
-    # thresholds (which are then chosen on the calibrated probabilities) and applied downstream.
-    calibration: str = "none"
-    # Grad-CAM (CNN) / token maps (ViT) over the false-negative and false-positive galleries
-    # (her2exp/engine/explain.py). Off in experiment=smoke, and in a multirun unless its command line
-    # sets it (explain.resolve_sweep_default); skipped with model.cache_features=true.
-    explain: bool = True
+    target_sensitivity: float = ranged(
+        0.90, gt=0, lt=1, help="the sensitivity the sens{N} operating points aim at on validation"
+    )
+    lcb_confidence: float = ranged(
+        0.95,
+        gt=0,
+        lt=1,
+        help="sens{N}_lcb: the one-sided confidence of the lower bound on validation sensitivity",
+    )
+    n_boot: int = ranged(
+        1000,
+        ge=0,
+        allowed="0 (DeLong CI only) or a number of resamples",
+        help="bootstrap resamples of the AUC confidence interval",
+    )
+    slide_aggregation: str = option(
+        "mean", help="mean | max | topk_mean of the slide's tile scores"
+    )
+    patient_aggregation: str = option(
+        "mean", help="mean | max | topk_mean of the patient's tile scores"
+    )
+    topk: int = ranged(8, ge=1, help="topk_mean: mean of the k highest tile scores (all if fewer)")
+    decision_level: str = option(
+        "tile",
+        help="tile | slide | patient: where the clinic decides (its thresholds are the headline)",
+    )
+    operating_point: str = option(
+        "youden", help="youden | sens{N} | sens{N}_lcb | p50: the threshold predict calls with"
+    )
+    gallery_max: int = ranged(
+        32, ge=0, help="patches shown per gallery of false negatives and false positives"
+    )
+    figures: bool = option(
+        True,
+        help="the report's PNG figures (~6 s of matplotlib a run; off in experiment=smoke); numbers and tables are written either way",
+    )
+    tta: str = option(
+        "none",
+        help="none | d4: final evaluation, eval and predict as the mean over the 8 rotations and flips of each patch",
+    )
+    calibration: str = option(
+        "none",
+        help="none | temperature: one T fitted on validation by NLL, frozen in best.pt; the thresholds are then chosen on the calibrated probabilities",
+    )
+    explain: bool = option(
+        True,
+        help="Grad-CAM (CNN) / token maps (ViT) over the galleries; off in experiment=smoke, in a multirun unless set, and with model.cache_features=true",
+    )
 
 
 def validate_evaluation(e: Any) -> None:
@@ -187,10 +266,17 @@ class TrainConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     mil: MilConfig = field(default_factory=MilConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
-    seed: int = ranged(42, ge=0, le=SEED_MAX)
-    task_name: str = "train"
-    output_dir: str = MISSING
-    tags: dict[str, str] = field(default_factory=dict)
+    seed: int = ranged(
+        42,
+        ge=0,
+        le=SEED_MAX,
+        help="the run's seed (initialisation, sampling; data and split too unless data.*_seed)",
+    )
+    task_name: str = option("train", help="the job's name (Hydra's job log file)")
+    output_dir: str = option(
+        MISSING, help="the run directory (set by Hydra: outputs/<date>/<time>)"
+    )
+    tags: dict[str, str] = option(factory=dict, help="extra MLflow tags, e.g. 'tags={study:a}'")
 
 
 def register_configs() -> None:
@@ -206,11 +292,9 @@ def _check_keys(node: DictConfig, schema: type, prefix: str = "") -> None:
         if key == "hydra" and not prefix:
             continue
         if key not in known:
-            allowed = ", ".join(sorted(known))
-            raise ConfigError(
-                f"{prefix}{key}: not allowed by the schema; {prefix or 'top level'} "
-                f"keys are: {allowed}"
-            )
+            near = closest(f"{prefix}{key}", [f"{prefix}{k}" for k in known])
+            hint = f"did you mean {' or '.join(near)}?" if near else f"keys: {', '.join(known)}"
+            raise ConfigError(f"{prefix}{key} is not a key of the training config ({hint})")
         sub = OmegaConf.get_type(node, key) if isinstance(value, DictConfig) else None
         if sub is not None and dataclasses.is_dataclass(sub):
             _check_keys(node[key], sub, f"{prefix}{key}.")

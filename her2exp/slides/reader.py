@@ -231,7 +231,7 @@ def _is_ome(path: Path) -> bool:
 def open_backend(path: Path, reader: str) -> _OpenSlideBackend | _TiffSlideBackend:
     """The backend `reader` names; `auto` as the module docstring says (and why)."""
     if reader not in READERS:
-        raise SlideError(f"slide {path}: reader={reader!r} is not allowed: {', '.join(READERS)}")
+        raise SlideError(f"slide {path}: reader={reader!r} is not allowed ({', '.join(READERS)})")
     order = {"openslide": [_OpenSlideBackend], "tiffslide": [_TiffSlideBackend]}.get(reader)
     if order is None:
         order = [_TiffSlideBackend] if _is_ome(path) else [_OpenSlideBackend, _TiffSlideBackend]

@@ -168,7 +168,7 @@ def _worker(container: dict[str, Any], hydra: HydraRun) -> dict[str, Any]:
         return train(cfg, hydra)
     except ConfigError as exc:
         if distributed.env_rank() == 0:
-            print(f"her2exp: configuration error: {exc}", file=sys.stderr)
+            print(f"her2exp: {exc}", file=sys.stderr)
         raise
 
 

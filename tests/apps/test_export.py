@@ -137,7 +137,7 @@ def test_refusals_are_one_line(exports: Exports, smoke_run) -> None:
     ckpt = smoke_run.run_dir / "checkpoints" / "best.pt"
     base = schemas.validate_only("export", [f"checkpoint={ckpt}"])  # composed once
     cases = [
-        ({"format": "tflite"}, "format='tflite' is not allowed: onnx, torchscript"),
+        ({"format": "tflite"}, "format='tflite' is not allowed (onnx, torchscript)"),
         ({"checkpoint": None}, "give exactly one of run_id="),
         ({"out": str(exports.onnx)}, "exists (an earlier her2exp onnx export): overwrite=true"),
         ({"opset": 12}, "opset=12 is not allowed"),

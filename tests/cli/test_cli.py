@@ -102,24 +102,55 @@ def run_main(module: str, argv: list[str], monkeypatch, capsys) -> tuple[int | N
 @pytest.mark.parametrize(
     ("module", "argv", "expected"),
     [
-        ("compare", ["foo=1"], "her2exp: Could not override 'foo': Key 'foo' not in"),
-        ("compare", ["sweep"], "her2exp: Error parsing override 'sweep'"),
-        ("predict", ["batch_size=abc"], "could not be converted to Integer"),
+        (
+            "compare",
+            ["foo=1"],
+            "her2exp: foo is not a key of her2exp-compare (its keys: experiment,",
+        ),
+        ("compare", ["sweep"], "her2exp: 'sweep' is not key=value (missing EQUAL"),
+        (
+            "predict",
+            ["batch_size=abc"],
+            "her2exp: batch_size='abc' is not allowed (an integer >= 1)",
+        ),
         (
             "prepare",
             ["data=nope"],
-            "Available options in 'data': folder, manifest, slides, synthetic",
+            "her2exp: data=nope is not an option of data (options: folder, manifest, slides,",
         ),
-        ("predict", ["-m", "batch_size=abc,1"], "Error merging override batch_size=abc"),
-        ("server", ["--port", "5000"], "unrecognized arguments: --port"),
-        ("predict", ["input=/nonexistent"], "her2exp: configuration error: input=/nonexistent"),
-        ("server", ["port=0"], "configuration error: port=0 is not allowed"),
+        ("predict", ["-m", "batch_size=abc,1"], "batch_size='abc' is not allowed (an integer"),
+        ("server", ["--port", "5000"], "her2exp: --port is not an option (write port=5000:"),
+        ("predict", ["input=/nonexistent"], "her2exp: input=/nonexistent"),
+        ("server", ["port=0"], "her2exp: port=0 is not allowed (a TCP port"),
+        # issue 32: a misspelt key, an old-style flag, an unknown option: the closest valid ones
+        (
+            "train",
+            ["trainer.epoch=3"],
+            "her2exp: trainer.epoch is not a key of her2exp-train (did you mean trainer.epochs?)",
+        ),
+        ("train", ["+trainer.epoch=3"], "trainer.epoch is not a key of her2exp-train (did you"),
+        ("train", ["--epochs", "3"], "her2exp: --epochs is not an option (write trainer.epochs=3:"),
+        (
+            "train",
+            ["model=resnet"],
+            "her2exp: model=resnet is not an option of model (did you mean resnet18",
+        ),
+        (
+            "sync",
+            ["model=resnet18"],
+            "her2exp: model is not a key of her2exp-sync (its keys: run_dir, tracking.uri)",
+        ),
+        (
+            "promote",
+            ["name=her2", "version=0"],
+            "her2exp: version=0 is not allowed (a version number >= 1)",
+        ),
         # Asked of timm by training (builders.build_runtime) before any work, not by the light
         # config check: the same one line and exit 2 as when config.commands.check_train did.
         (
             "train",
             ["experiment=smoke", "tracking=off", "model.name=resnet181"],
-            "her2exp: configuration error: model.name='resnet181' is not a timm model",
+            "her2exp: model.name='resnet181' is not a timm model",
         ),
     ],
 )
@@ -168,7 +199,7 @@ def test_hydra_full_error_shows_the_whole_traceback(monkeypatch) -> None:
     from hydra.errors import ConfigCompositionException
 
     monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
-    monkeypatch.setattr(sys, "argv", ["her2exp-compare", "foo=1"])
+    monkeypatch.setattr(sys, "argv", ["her2exp-compare", "leaderboard=maybe"])
     with pytest.raises(ConfigCompositionException):
         common_main()
     assert os.environ["HYDRA_FULL_ERROR"] == "1"

@@ -75,7 +75,7 @@ def run_main(module: str, argv: list[str], monkeypatch, capsys) -> tuple[object,
         ("train", ["experiment=smoke", "model.name=resnet181"], "is not a timm model"),
         ("train", ["experiment=smoke", "tracking.uri=sqlite:////proc/x.db"], "cannot be used"),
         ("eval", ["run_id=x", "evaluation.n_boot=-1"], "evaluation.n_boot=-1 is not allowed"),
-        ("eval", ["run_id=x", "checkpoint=/no/best.pt"], "configuration error"),
+        ("eval", ["run_id=x", "checkpoint=/no/best.pt"], "give exactly one of run_id"),
     ],
 )
 def test_a_refused_command_line_creates_no_run_directory(

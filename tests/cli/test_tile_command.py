@@ -156,7 +156,7 @@ def test_a_tissue_mask_too_fine_to_see_tissue_is_refused(slide_cohort, tmp_path,
     folder, _ = slide_cohort
     out = tmp_path / "out"
     err = refused(folder / "slides.csv", out, capsys, "tiles.mask_mpp=0.001")
-    assert "tiles.mask_mpp=0.001 is not allowed: a value in [2, 1000] um per pixel" in err
+    assert "tiles.mask_mpp=0.001 is not allowed (a value in [2, 1000] um per pixel" in err
     assert "nuclei" in err and len(err.strip().splitlines()) == 1
     assert not (out / "slides").exists()
 

@@ -73,7 +73,7 @@ def test_site_folds_hold_whole_sites_out() -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["data.split.fold=1"], "data.split.fold=1 is not allowed: null unless data.split.folds"),
+        (["data.split.fold=1"], "data.split.fold=1 is not allowed (null unless data.split.folds"),
         (["data.split.folds=3", "data.split.fold=3"], "an integer in [0, 3)"),
         (["data.split.folds=3"], "data.split.fold=None is not allowed"),
         (["data.split.by=site"], "data.split.by='site' is not allowed"),
@@ -103,7 +103,7 @@ def test_folds_the_data_cannot_meet_are_one_line(overrides: list[str], expected:
 
 
 def test_a_fold_error_reaches_the_user_without_a_doubled_prefix() -> None:
-    """What her2exp-train prints: `her2exp: configuration error: data.split.folds=7 ...`."""
+    """What her2exp-train prints: `her2exp: data.split.folds=7 ...`."""
     from her2exp.runtime import distributed
     from her2exp.training import builders
 

@@ -99,7 +99,7 @@ def test_her2exp_eval_refuses_a_grid_as_an_ensemble(lr_grid: tuple[Path, str]) -
     )
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stderr.strip() == (
-        f"her2exp: configuration error: sweep_run_id={parent!r}: its children differ in trainer.lr, not only in "
+        f"her2exp: sweep_run_id={parent!r}: its children differ in trainer.lr, not only in "
         "seeds or folds: a hyper-parameter grid (plain sweep), not an ensemble; evaluate one "
         "child with run_id="
     )
