@@ -159,7 +159,7 @@ def closest(name: str, candidates: list[str], n: int = 3) -> list[str]:
     parent = name.rsplit(".", 1)[0] + "." if "." in name else ""
     siblings = {c[len(parent) :]: c for c in candidates if parent and c.startswith(parent)}
     everywhere = {c: c for c in candidates}
-    for word, pool, cutoff in (
+    for word, pool, min_ratio in (
         (name, same_last, 0),
         (last, siblings, 0.6),
         (name, everywhere, 0.6),
@@ -168,6 +168,6 @@ def closest(name: str, candidates: list[str], n: int = 3) -> list[str]:
             ((difflib.SequenceMatcher(None, word, w).ratio(), c) for w, c in pool.items()),
             key=lambda sc: -sc[0],
         )
-        if scored and scored[0][0] >= cutoff:
+        if scored and scored[0][0] >= min_ratio:
             return [c for score, c in scored[:n] if score >= scored[0][0] - 0.1]
     return []
