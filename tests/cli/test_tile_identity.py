@@ -17,31 +17,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from test_tile_command import SIZE, refused, tile  # the same in-process her2exp-tile
 
 from conftest import compose_train
 from her2exp import data
 from her2exp.apps import tile as tile_app
 from her2exp.cli.common import compose
-from her2exp.cli.tile import main
 from her2exp.config import commands as schemas
 from her2exp.config.tile import ACTIVE_LOCK
 from her2exp.data.sources import DataValidationError
 from her2exp.data.synthetic_slides import write_slide
-
-SIZE = ["tiles.size=128"]
-
-
-def tile(table: Path, out: Path, *overrides: str) -> None:
-    main(compose("tile", [f"slide_table={table}", f"out={out}", *SIZE, *overrides]))
-
-
-def refused(table: Path, out: Path, capsys, *overrides: str) -> str:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        tile(table, out, *overrides)
-    err = capsys.readouterr().err
-    assert info.value.code == 2 and err.startswith("her2exp: "), err
-    return err
 
 
 def absolute(folder: Path, cohort) -> pd.DataFrame:
