@@ -49,7 +49,7 @@ format: $(STAMP) ## apply ruff format and safe fixes
 	$(VENV)/bin/ruff format .
 
 mlflow-server: $(STAMP) ## team MLflow server on 127.0.0.1:5000: PostgreSQL backend (private cluster in .mlflow-server/ unless ARGS="backend_store_uri=..."), served artifacts
-	$(VENV)/bin/her2exp-server dir=$(CURDIR)/.mlflow-server port=5000 $(ARGS)
+	$(VENV)/bin/her2exp-server out=$(CURDIR)/.mlflow-server port=5000 $(ARGS)
 
 ui: $(STAMP) ## MLflow UI on 127.0.0.1:5000 over ./mlflow.db
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
@@ -67,7 +67,7 @@ demo-folder: $(STAMP) ## export the embedded data as a PNG folder + manifest und
 demo-slides: $(STAMP) ## 20 embedded whole-slide TIFFs -> her2exp-tile -> her2exp-train data=slides (offline, a few minutes)
 	rm -rf outputs/demo_slides
 	$(PY) -m her2exp.data.synthetic_slides outputs/demo_slides/slides --n-slides 20
-	$(VENV)/bin/her2exp-tile slide_table=outputs/demo_slides/slides/slides.csv out=outputs/demo_slides/tiles tiles.mpp=0.5 tiles.size=128 tiles.workers=2
+	$(VENV)/bin/her2exp-tile input=outputs/demo_slides/slides/slides.csv out=outputs/demo_slides/tiles tiles.mpp=0.5 tiles.size=128 tiles.processes=2
 	$(VENV)/bin/her2exp-train data=slides data.path=$(CURDIR)/outputs/demo_slides/tiles/tiles.parquet model=resnet10t data.image_size=64 data.num_workers=2 trainer.epochs=4 evaluation.decision_level=slide hydra.run.dir=outputs/demo_slides/run $(ARGS)
 
 ddp: $(STAMP) ## the 2-process CPU DDP example (torchrun, gloo)

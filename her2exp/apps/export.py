@@ -42,6 +42,7 @@ from her2exp.engine import Preprocess
 from her2exp.evaluation import (
     TrainedRun,
     build_scorer,
+    by_model_uri,
     load_model,
     load_run,
     rebuild_run_data,
@@ -418,8 +419,9 @@ def export_run(opts: DictConfig) -> Exported:
     from her2exp.tracking import require_store
 
     fmt = str(opts.format)
-    if opts.run_id:
+    if opts.run_id or opts.model_uri:
         require_store(opts.tracking.uri, lookup=True)  # a look-up never creates a store
+    opts = by_model_uri(opts)  # the registry's alias or version -> its run (logged to it)
     run = load_run(opts)
     out = default_out(opts, run, fmt)
     check_out(out, fmt, bool(opts.overwrite))  # the default under the run directory too

@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
 from her2exp.apps.predict_bags import check_bag_run, predict_bags
@@ -47,11 +46,10 @@ from her2exp.data.sources import (  # the files and the decoding training uses
 )
 from her2exp.evaluation.ensemble import load_ensemble, member_stats
 from her2exp.evaluation.scorer import Scorer, build_scorer, prepare_patches
-from her2exp.evaluation.trained_run import TrainedRun, level_thresholds, load_run
+from her2exp.evaluation.trained_run import TrainedRun, by_model_uri, level_thresholds, load_run
 from her2exp.reports.heatmap import write_heatmap
 from her2exp.reports.mil import attention_heatmaps
 from her2exp.slides.reader import Slide
-from her2exp.tracking.registry import resolve_model_uri  # predict's contract (issue 20)
 
 log = logging.getLogger("her2exp")
 
@@ -216,13 +214,6 @@ def load_runs(opts: Any) -> tuple[TrainedRun, list[TrainedRun]]:
         return run, [run]
     ens = load_ensemble(opts.sweep_run_id, opts.tracking.uri)
     return ens.run, ens.members
-
-
-def by_model_uri(opts: Any) -> Any:
-    """`opts` with `model_uri` (an alias, a version, runs:/ID/model) replaced by the run id it
-    names, for the load_run path (best.pt: thresholds, stain, calibration)."""
-    run_id = resolve_model_uri(opts.model_uri, opts.tracking.uri)
-    return OmegaConf.merge(opts, {"run_id": run_id, "model_uri": None})
 
 
 def scorers_of(members: list[TrainedRun], opts: Any) -> list[Scorer]:

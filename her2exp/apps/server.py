@@ -7,7 +7,7 @@ unless told otherwise. Given ``backend_store_uri=`` it uses that database (the t
 PostgreSQL); without one it creates and runs a private PostgreSQL cluster under ``dir=`` (Debian's
 ``postgresql`` package), so a laptop or CI has the same set-up as the team.
 
-    her2exp-server dir=.mlflow-server port=5000          # local PostgreSQL + mlflow server
+    her2exp-server out=.mlflow-server port=5000          # local PostgreSQL + mlflow server
     her2exp-server backend_store_uri=postgresql+psycopg2://user@db:5432/mlflow \\
         artifacts_destination=s3://bucket/mlflow host=0.0.0.0 port=5000
 

@@ -170,7 +170,7 @@ def _tile_or_problem(
 def run(
     jobs: list[SlideJob], out: Path, tiles: DictConfig, on_bad_file: str, overwrite: bool = False
 ) -> dict[str, Any]:
-    """Check this shard's slides, claim `out` (tile_out), tile them (in `tiles.workers`
+    """Check this shard's slides, claim `out` (tile_out), tile them (in `tiles.processes`
     processes), then the manifest when the whole table is tiled. Returns counts for the
     command's last line."""
     mine = shard_of(jobs, tiles.shard)
@@ -212,13 +212,13 @@ def run(
 def _tile_all(
     good: list[SlideJob], tiles: DictConfig, out: Path
 ) -> tuple[list[dict[str, Any]], list[tuple[SlideJob, str]]]:
-    """Each slide tiled (in `tiles.workers` processes): the summary rows, and the slides that
+    """Each slide tiled (in `tiles.processes` processes): the summary rows, and the slides that
     failed while their tiles were read."""
     n = len(good)
     results = []
     with progress.bar(total=n, desc="tiling", unit="slide") as bar:
-        if tiles.workers > 1 and n > 1:
-            with ProcessPoolExecutor(max_workers=tiles.workers) as pool:
+        if tiles.processes > 1 and n > 1:
+            with ProcessPoolExecutor(max_workers=tiles.processes) as pool:
                 for result in pool.map(_tile_or_problem, good, [tiles] * n, [out] * n):
                     results.append(result)  # in order: the bar counts the first slides done
                     bar.update()

@@ -42,7 +42,7 @@ def tile_cohort(folder: Path, n_slides: int) -> Path:
     make_cohort(folder / "slides", n_slides=n_slides, compression="jpeg")
     out = folder / "tiles"
     table = folder / "slides" / "slides.csv"
-    cfg = compose("tile", [f"slide_table={table}", f"out={out}", "tiles.size=128"])
+    cfg = compose("tile", [f"input={table}", f"out={out}", "tiles.size=128"])
     check_tile(cfg)  # what her2exp-tile checks before a slide is opened
     jobs = tile.read_slide_table(table, tile_data_config(cfg))
     tile.run(jobs, out, cfg.tiles, cfg.on_bad_file)

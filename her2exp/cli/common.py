@@ -56,6 +56,7 @@ from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 # compose and CONFIG_DIR live with the schemas (her2exp.config.compose); re-exported here, where
 # commands, tests and notebooks have always imported them.
+from her2exp.config import renames
 from her2exp.config.commands import CHECKS
 from her2exp.config.compose import (
     CONFIG_DIR,
@@ -188,7 +189,7 @@ def check_flags(command: str, argv: list[str]) -> None:
 
 
 def positional_to_override(argv: list[str], key: str | None) -> list[str]:
-    """`her2exp-sync DIR` (the older syntax) -> `her2exp-sync run_dir='DIR'`."""
+    """`her2exp-sync DIR` (the older syntax) -> `her2exp-sync input='DIR'`."""
     if key is None or not argv or "=" in argv[0] or argv[0].startswith("-"):
         return argv
     # Hydra's quoted strings: a quote is escaped, and so are the backslashes right before a
@@ -315,6 +316,7 @@ def _print_help(config_name: str, task: Callable[..., object], positional: str |
 
     doc = sys.modules[task.__module__].__doc__
     argv = positional_to_override([a for a in sys.argv[1:] if a not in _HELP_FLAGS], positional)
+    argv = renames.apply(config_name, argv)
     with _hydra_reraises() as full_error:
         try:
             overrides = _overrides(argv)
@@ -412,6 +414,7 @@ def hydra_command(
             with _hydra_reraises() as full_error:
                 try:
                     sys.argv[1:] = positional_to_override(sys.argv[1:], positional)
+                    sys.argv[1:] = renames.apply(config_name, sys.argv[1:])
                     check_flags(config_name, sys.argv[1:])
                     check_overrides(config_name, _overrides(sys.argv[1:]))
                     check_sweep(config_name, sys.argv[1:])

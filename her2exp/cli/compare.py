@@ -1,6 +1,6 @@
 """`her2exp-compare` / `make compare`: the runs of an experiment or a sweep, best first.
 
-    her2exp-compare [experiment=her2exp] [sweep=latest|all|<parent run id>] [out=compare.csv]
+    her2exp-compare [tracking.experiment=her2exp] [sweep=latest|all|<parent run id>] [out=compare.csv]
     her2exp-compare sweep=all tracking.uri=http://127.0.0.1:5000
     her2exp-compare leaderboard=true [sweep=latest|<parent run id>] [out=leaderboard.csv]
 
@@ -29,7 +29,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.leaderboard:
         show_leaderboard(cfg)
         return
-    table = compare(cfg.experiment, str(cfg.sweep), cfg.tracking.uri)
+    table = compare(cfg.tracking.experiment, str(cfg.sweep), cfg.tracking.uri)
     print(format_table(table))
     atomic_write_text(Path(cfg.out), table.to_csv(index=False))
     print(f"her2exp: {len(table)} runs, best first -> {cfg.out}")
@@ -41,7 +41,7 @@ def show_leaderboard(cfg: DictConfig) -> None:
     from her2exp.core.fileio import atomic_write_text
     from her2exp.evaluation.crossval import format_pm
 
-    table = leaderboard(cfg.experiment, str(cfg.sweep), cfg.tracking.uri)
+    table = leaderboard(cfg.tracking.experiment, str(cfg.sweep), cfg.tracking.uri)
     print(
         "backbone | protocol | level | runs | test AUC mean +- sd [mean DeLong 95% CI] | "
         "sensitivity | specificity (at the frozen operating point)"

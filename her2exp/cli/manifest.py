@@ -1,8 +1,8 @@
 """`her2exp-manifest`: a folder tree of patches -> a manifest CSV to check and edit.
 
-    her2exp-manifest root=/path/patches                     # -> /path/patches/manifest.csv
-    her2exp-manifest root=/path/patches out=cohort.csv 'patient_regex="^([^_]+)_"' seed=42
-    her2exp-manifest root=/path/patches 'label_map={neg:0,pos:1}' on_bad_file=skip
+    her2exp-manifest input=/path/patches                     # -> /path/patches/manifest.csv
+    her2exp-manifest input=/path/patches out=cohort.csv 'patient_regex="^([^_]+)_"' seed=42
+    her2exp-manifest input=/path/patches 'label_map={neg:0,pos:1}' on_bad_file=skip
     her2exp-manifest export_synthetic=outputs/demo_folder n_patients=40 image_size=32
 
 The folder is read and validated exactly as `data=folder` reads it (every file decoded), then
@@ -43,7 +43,7 @@ def export(cfg: DictConfig) -> None:
 
 
 def write(cfg: DictConfig) -> None:
-    """root=DIR: read it as data=folder, split it, write the manifest (and the skipped files)."""
+    """input=DIR: read it as data=folder, split it, write the manifest (and the skipped files)."""
     from her2exp.data import sources
 
     data_cfg = schemas.manifest_data_config(cfg)
@@ -69,7 +69,7 @@ def write(cfg: DictConfig) -> None:
     print(f"her2exp-manifest: train on it with: her2exp-train data=manifest data.path={out}")
 
 
-@hydra_command("manifest", positional="root")
+@hydra_command("manifest", positional="input")
 def main(cfg: DictConfig) -> None:
     """Export the embedded data, or write the manifest of a folder."""
     schemas.check_manifest(cfg)

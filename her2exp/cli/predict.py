@@ -42,8 +42,6 @@ def main(cfg: DictConfig) -> None:
     from her2exp.core.fileio import atomic_write_text
 
     schemas.check_predict(cfg)
-    if cfg.output is not None:
-        log.warning("output= is deprecated: use out=%s", cfg.output)
     out = schemas.predict_out(cfg)
     if schemas.predict_on_slides(cfg):
         maps = schemas.heatmap_dir(cfg)

@@ -1,8 +1,8 @@
 """`her2exp-server` / `make mlflow-server`: a team's MLflow server on PostgreSQL (her2exp/apps/server.py).
 
-    her2exp-server dir=.mlflow-server port=5000          # private PostgreSQL + mlflow server
+    her2exp-server out=.mlflow-server port=5000          # private PostgreSQL + mlflow server
     her2exp-server backend_store_uri=postgresql+psycopg2://user@db:5432/mlflow \\
-        artifacts_destination=s3://bucket/mlflow host=0.0.0.0 port=5000 [workers=4]
+        artifacts_destination=s3://bucket/mlflow host=0.0.0.0 port=5000 [processes=4]
 
 Runs then use `tracking=server tracking.uri=http://HOST:PORT`.
 """
@@ -23,13 +23,13 @@ def main(cfg: DictConfig) -> None:
     schemas.check_server(cfg)
     try:
         code = serve(
-            cfg.dir,
+            cfg.out,
             cfg.backend_store_uri,
             cfg.artifacts_destination,
             cfg.host,
             cfg.port,
             cfg.pg_port,
-            cfg.workers,
+            cfg.processes,
         )
     except PostgresUnavailable as exc:
         raise UserError(str(exc)) from exc

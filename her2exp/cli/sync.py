@@ -1,7 +1,7 @@
 """`her2exp-sync`: send the MLflow calls a run deferred while its server was unreachable.
 
-    her2exp-sync run_dir=outputs/<date>/<time>
-    her2exp-sync run_dir=outputs/<date>/<time> tracking.uri=http://host:5000   # another server
+    her2exp-sync input=outputs/<date>/<time>
+    her2exp-sync input=outputs/<date>/<time> tracking.uri=http://host:5000   # another server
 
 A run whose tracking server went away keeps training and queues its MLflow calls in
 `<run_dir>/mlflow_buffer.jsonl`; it replays them itself when the server answers again. If the
@@ -24,14 +24,14 @@ from her2exp.cli.common import UserError, hydra_command
 from her2exp.config import commands as schemas
 
 
-@hydra_command("sync", positional="run_dir")
+@hydra_command("sync", positional="input")
 def main(cfg: DictConfig) -> None:
     """Replay; exit 1 (the rest stays queued) when the server is still away or a call fails."""
     from her2exp import tracking
     from her2exp.core.fileio import UnsafePath
 
     schemas.check_sync(cfg)
-    run_dir = Path(cfg.run_dir)
+    run_dir = Path(cfg.input)
     buffer = run_dir / tracking.BUFFER_FILE
     queued = tracking.DeferredLog(buffer).records()
     what = tracking.describe_deferred(queued)

@@ -1,7 +1,7 @@
 """`her2exp-tile`: whole slides -> a tile manifest that `data=slides` will train on.
 
-    her2exp-tile slide_table=slides.csv out=tiles/ tiles.mpp=0.5 tiles.size=224
-    her2exp-tile slide_table=slides.csv out=tiles/ tiles.workers=4 tiles.shard=0/8
+    her2exp-tile input=slides.csv out=tiles/ tiles.mpp=0.5 tiles.size=224
+    her2exp-tile input=slides.csv out=tiles/ tiles.processes=4 tiles.shard=0/8
 
 The slide table (CSV or Parquet) has `path` (relative to the table, or absolute), `label` (0/1 or
 a label_map name) or `score` (0, 1+, 2+, 3+), and optionally `slide_id`, `patient_id`, `site`,
@@ -31,7 +31,7 @@ def main(cfg: DictConfig) -> None:
     schemas.check_tile(cfg)
     out = Path(cfg.out)
     try:
-        jobs = tile.read_slide_table(Path(cfg.slide_table), schemas.tile_data_config(cfg))
+        jobs = tile.read_slide_table(Path(cfg.input), schemas.tile_data_config(cfg))
         done = tile.run(jobs, out, cfg.tiles, cfg.on_bad_file, cfg.overwrite)
     except DataValidationError as exc:
         raise UserError(str(exc)) from exc

@@ -24,10 +24,10 @@ from her2exp.core.errors import ConfigError, UserError
 class ManifestCommand:
     """`her2exp-manifest`: a folder of patches -> manifest CSV, or the embedded data exported."""
 
-    root: str | None = option(
+    input: str | None = option(
         None, help="class (or HER2 score) sub-folders of patches, read as data=folder reads them"
     )
-    out: str | None = option(None, help="the manifest CSV; null: <root>/manifest.csv")
+    out: str | None = option(None, help="the manifest CSV; null: <input>/manifest.csv")
     # Typed Any: Hydra parses keys like 0 as numbers (score_map={0:0,1+:0,3+:1});
     # manifest_data_config checks the maps.
     label_map: Any = option(
@@ -61,7 +61,7 @@ def manifest_data_config(cfg: Any) -> DictConfig:
     """The `data=folder` config a manifest command stands for, validated as training would."""
     data = {
         "source": "folder",
-        "root": cfg.root,
+        "root": cfg.input,
         "equivocal": cfg.equivocal,
         "patient_label": cfg.patient_label,
         "patient_regex": cfg.patient_regex,
@@ -74,7 +74,7 @@ def manifest_data_config(cfg: Any) -> DictConfig:
 
 def manifest_out(cfg: Any) -> Path:
     """Where `her2exp-manifest root=...` writes: `out`, or <root>/manifest.csv."""
-    return Path(cfg.out) if cfg.out else Path(cfg.root) / "manifest.csv"
+    return Path(cfg.out) if cfg.out else Path(cfg.input) / "manifest.csv"
 
 
 def check_manifest(cfg: Any) -> None:
@@ -85,10 +85,10 @@ def check_manifest(cfg: Any) -> None:
     if cfg.export_synthetic:
         replaceable(cfg.export_synthetic, "export_synthetic", cfg.overwrite, "manifest.csv")
         return
-    if not cfg.root:
-        raise ConfigError("give root=<folder of patches> or export_synthetic=<output folder>")
-    if not Path(cfg.root).is_dir():
-        raise ConfigError(f"root={cfg.root} is not a folder")
+    if not cfg.input:
+        raise ConfigError("give input=<folder of patches> or export_synthetic=<output folder>")
+    if not Path(cfg.input).is_dir():
+        raise ConfigError(f"input={cfg.input} is not a folder")
     out = manifest_out(cfg)
     if out.is_dir():
         raise UserError(f"out={out} is a folder: give the manifest's file name (cohort.csv)")

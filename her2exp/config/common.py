@@ -30,7 +30,7 @@ class UriConfig:
 
 
 #: The keys that name what a command evaluates or predicts with: exactly one is given
-#: (model_uri: predict only, resolved to a run id by registry.resolve_model_uri).
+#: (model_uri: eval, predict, export; resolved to a run id by registry.resolve_model_uri).
 SOURCES = ("run_id", "checkpoint", "sweep_run_id", "model_uri")
 
 

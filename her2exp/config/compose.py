@@ -14,7 +14,10 @@ from hydra import initialize_config_dir
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from her2exp.config import store  # noqa: F401 - registers the schemas the entry configs list
+from her2exp.config import (
+    renames,
+    store,  # noqa: F401 - registers the schemas the entry configs list
+)
 
 #: conf/ of the repository: every command's entry config and its groups.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent.parent / "conf")
@@ -25,6 +28,7 @@ _HYDRA_OUTPUT_DIR = "${hydra:runtime.output_dir}"
 def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The config a command would run with, without Hydra's run (tests, notebooks): pass it to
     the command's `main(cfg)`. Interpolations of Hydra's runtime (`${hydra:...}`) stay unset."""
+    overrides = renames.apply(config_name, overrides)  # old spellings, with a warning
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return hydra.compose(config_name=config_name, overrides=list(overrides))
 

@@ -12,6 +12,7 @@ from typing import Any
 from her2exp.config.choices import TTA_CHOICES
 from her2exp.config.common import UriConfig, one_source
 from her2exp.config.fields import check_ranges, option, ranged, refuse
+from her2exp.config.model_uri import parse_model_uri
 from her2exp.core.errors import UserError
 from her2exp.core.fileio import check_writable
 
@@ -31,6 +32,9 @@ class ExportCommand:
 
     run_id: str | None = option(None, help="the MLflow run of the trained model")
     checkpoint: str | None = option(None, help="a best.pt of the trained model")
+    model_uri: str | None = option(
+        None, help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model (the registry)"
+    )
     format: str = option("onnx", help="onnx | torchscript")
     out: str | None = option(
         None, help="the export file; null: <run dir>/export/model.onnx (model.ts)"
@@ -58,6 +62,8 @@ def check_export(cfg: Any) -> None:
     if cfg.tta is not None and cfg.tta not in TTA_CHOICES:
         refuse("tta", cfg.tta, f"null (the run's own) or {', '.join(TTA_CHOICES)}")
     one_source(cfg)
+    if cfg.model_uri:
+        parse_model_uri(cfg.model_uri)  # its form; the store is read when resolved
     if cfg.out is not None:
         check_out(Path(cfg.out), str(cfg.format), bool(cfg.overwrite))
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from her2exp.config.choices import (
     AGGREGATION_CHOICES,
@@ -48,9 +48,6 @@ class EvaluationOverrides:
         None, help="youden | sens{N} | sens{N}_lcb | p50; null: the run's own"
     )
     gallery_max: int | None = ranged(None, ge=0, help="patches per gallery; null: the run's own")
-    tta: str | None = option(
-        None, help="none | d4; null: the run's own (its thresholds were chosen on it)"
-    )
     calibration: str | None = option(None, help="frozen in best.pt: only the run's own is accepted")
     explain: bool | None = option(
         None, help="Grad-CAM / token maps over the galleries; null: the run's own"
@@ -75,6 +72,9 @@ class EvalCommand:
     sweep_run_id: str | None = option(
         None, help="a sweep's parent run: its finished children as an ensemble"
     )
+    model_uri: str | None = option(
+        None, help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID/model (the registry)"
+    )
     split: str | None = option(
         None, help="null: the cohort data.* describes | val | test: the run's own split"
     )
@@ -91,9 +91,20 @@ class EvalCommand:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     evaluation: EvaluationOverrides = field(default_factory=EvaluationOverrides)
     trainer: EvalTrainerOverrides = field(default_factory=EvalTrainerOverrides)
+    tta: str | None = option(
+        None,
+        help="none | d4: the views averaged; null: the run's own (its thresholds were chosen "
+        "on it); the key her2exp-predict and her2exp-export take",
+    )
     output_dir: str = option(
         MISSING, help="the report's directory (set by Hydra: outputs/eval/<date>/<time>)"
     )
+
+
+def evaluation_overrides(cfg: Any) -> Any:
+    """her2exp-eval's `evaluation.*` overrides with its `tta=` among them: what is merged over
+    the run's own evaluation settings (`tta=` is top-level, as in predict and export)."""
+    return OmegaConf.merge(cfg.evaluation, {"tta": cfg.get("tta")})
 
 
 EVAL_SPLITS = ("val", "test")
@@ -111,12 +122,15 @@ def check_eval(cfg: Any) -> None:
         "slide_aggregation": AGGREGATION_CHOICES,
         "patient_aggregation": AGGREGATION_CHOICES,
         "decision_level": LEVEL_CHOICES,
-        "tta": TTA_CHOICES,
         "calibration": CALIBRATION_CHOICES,
     }
     for key, allowed in choices.items():
         if e[key] is not None and e[key] not in allowed:
             refuse(f"evaluation.{key}", e[key], f"null (the run's own) or {', '.join(allowed)}")
+    if cfg.tta is not None and cfg.tta not in TTA_CHOICES:
+        refuse("tta", cfg.tta, f"null (the run's own) or {', '.join(TTA_CHOICES)}")
+    if cfg.model_uri:
+        parse_model_uri(cfg.model_uri)  # its form now; the store is read when it is resolved
 
 
 # -- her2exp-predict -----------------------------------------------------------------------------
@@ -142,7 +156,6 @@ class PredictCommand:
         help="slides: the folder of one heatmap PNG per slide; null: <out>_heatmaps/",
     )
     num_workers: int = ranged(0, ge=0, help="DataLoader workers reading tiles from the slides")
-    output: str | None = option(None, help="deprecated spelling of out")
     batch_size: int = ranged(64, ge=1, help="patches per scoring batch")
     overwrite: bool = option(False, help="replace an existing out table (and its errors list)")
     groups: str | None = option(
@@ -155,8 +168,8 @@ class PredictCommand:
 
 
 def predict_out(cfg: Any) -> Path:
-    """The table `her2exp-predict` writes (`output=` is the deprecated spelling of `out=`)."""
-    return Path(cfg.output or cfg.out)
+    """The table `her2exp-predict` writes (`output=`, its old spelling: config.renames)."""
+    return Path(cfg.out)
 
 
 def predict_on_slides(cfg: Any) -> bool:
@@ -216,7 +229,7 @@ def check_predict(cfg: Any) -> None:
                 f"out={path} exists (the predictions of an earlier run): give another out=, "
                 "or overwrite=true to replace it"
             )
-    check_writable(out, "output" if cfg.output else "out")
+    check_writable(out, "out")
     maps = heatmap_dir(cfg)
     if slides:
         check_writable(maps, "heatmaps", folder=True)

@@ -58,7 +58,7 @@ class TilesConfig:
         "pixel (finer, the tissue mask sees nuclei, not tissue)",
         help="um per pixel of the tissue mask's thumbnail",
     )
-    workers: int = ranged(1, ge=1, le=256, help="slides tiled in parallel processes")
+    processes: int = ranged(1, ge=1, le=256, help="slides tiled in parallel processes")
     reader: str = option(
         "auto",
         help="auto (tiffslide for OME-TIFF, else OpenSlide) | openslide | tiffslide",
@@ -76,8 +76,8 @@ class TilesConfig:
 class TileCommand:
     """`her2exp-tile`: a slide table -> tiles.parquet (coordinates), QC thumbnails, summary."""
 
-    slide_table: str | None = option(
-        None, help="CSV or Parquet: path, label or score, [patient_id, site, ...]"
+    input: str | None = option(
+        None, help="the slide table, CSV or Parquet: path, label or score, [patient_id, site, ...]"
     )
     out: str | None = option(None, help="the output folder of the tile manifest")
     tiles: TilesConfig = field(default_factory=TilesConfig)
@@ -115,10 +115,10 @@ def check_tile(cfg: Any) -> None:
             or not 0 <= int(parts[0]) < int(parts[1])
         ):
             refuse("tiles.shard", shard, "i/n with 0 <= i < n (e.g. 0/4)")
-    if not cfg.slide_table:
-        raise ConfigError("slide_table=<CSV or Parquet of slides> is required")
-    if not Path(cfg.slide_table).is_file():
-        raise ConfigError(f"slide_table={cfg.slide_table}: no such file")
+    if not cfg.input:
+        raise ConfigError("input=<the slide table: CSV or Parquet of slides> is required")
+    if not Path(cfg.input).is_file():
+        raise ConfigError(f"input={cfg.input}: no such file")
     if not cfg.out:
         raise ConfigError("out=<folder for the tile manifest> is required")
     tile_data_config(cfg)
@@ -130,7 +130,7 @@ def check_tile(cfg: Any) -> None:
 
 
 def settings(tiles: DictConfig) -> dict[str, Any]:
-    """What makes two tilings of a slide the same (workers and shards do not)."""
+    """What makes two tilings of a slide the same (processes and shards do not)."""
     keep = ("mpp", "size", "min_tissue", "assume_mpp", "mask_mpp", "exclude_classes", "reader")
     return {k: OmegaConf.to_container(tiles, resolve=True)[k] for k in keep}
 

@@ -17,13 +17,20 @@ from her2exp.core.fileio import check_writable
 
 # -- her2exp-compare -----------------------------------------------------------------------------
 @dataclass
+class CompareTracking(UriConfig):
+    """`tracking.*` of her2exp-compare: the store and the experiment whose runs are compared
+    (the key training logs its runs under; `experiment=` is train's bundle of overrides)."""
+
+    experiment: str = option("her2exp", help="the MLflow experiment whose runs are compared")
+
+
+@dataclass
 class CompareCommand:
     """`her2exp-compare`: the runs of an experiment or a sweep, best first."""
 
-    experiment: str = option("her2exp", help="the MLflow experiment")
     sweep: str = option("latest", help="latest | all | <parent run id>: the runs compared")
     out: str = option("compare.csv", help="the table's CSV file")
-    tracking: UriConfig = field(default_factory=UriConfig)
+    tracking: CompareTracking = field(default_factory=lambda: CompareTracking())
     leaderboard: bool = option(
         False, help="the sweep parent's backbone x protocol leaderboard instead"
     )
@@ -41,24 +48,24 @@ _PORT = "a TCP port (1-65535; pg_port 0: a free one)"
 # -- her2exp-server ------------------------------------------------------------------------------
 @dataclass
 class ServerCommand:
-    """`her2exp-server`: an MLflow tracking server on PostgreSQL (a private cluster in `dir`)."""
+    """`her2exp-server`: an MLflow tracking server on PostgreSQL (a private cluster in `out`)."""
 
-    dir: str = option(
+    out: str = option(
         ".mlflow-server",
         help="the server's folder (its private PostgreSQL cluster, artifacts, logs)",
     )
     backend_store_uri: str | None = option(
-        None, help="an existing database; null: a private PostgreSQL in dir"
+        None, help="an existing database; null: a private PostgreSQL in out"
     )
     artifacts_destination: str | None = option(
-        None, help="where artifacts are stored; null: <dir>/artifacts"
+        None, help="where artifacts are stored; null: <out>/artifacts"
     )
     host: str = option("127.0.0.1", help="the address the server listens on")
     port: int = ranged(5000, ge=1, le=65535, allowed=_PORT, help="the server's TCP port")
     pg_port: int = ranged(
         0, ge=0, le=65535, allowed=_PORT, help="the private PostgreSQL's port; 0: a free one"
     )
-    workers: int = ranged(1, ge=1, help="server worker processes")
+    processes: int = ranged(1, ge=1, help="server worker processes")
 
 
 def check_server(cfg: Any) -> None:
@@ -70,15 +77,15 @@ def check_server(cfg: Any) -> None:
 class SyncCommand:
     """`her2exp-sync`: replay the MLflow calls a run deferred while its server was away."""
 
-    run_dir: str | None = option(None, help="the run directory whose queued MLflow calls are sent")
+    input: str | None = option(None, help="the run directory whose queued MLflow calls are sent")
     tracking: UriConfig = field(default_factory=lambda: UriConfig(uri=None))
 
 
 def check_sync(cfg: Any) -> None:
-    if not cfg.run_dir:
-        raise ConfigError("run_dir=<run directory> is required")
-    if not Path(cfg.run_dir).is_dir():
-        raise ConfigError(f"run_dir={cfg.run_dir} is not a folder")
+    if not cfg.input:
+        raise ConfigError("input=<run directory> is required")
+    if not Path(cfg.input).is_dir():
+        raise ConfigError(f"input={cfg.input} is not a folder")
 
 
 # -- her2exp-rerun -------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ class SlideJob:
     row: int = 0  # the table's row number as a spreadsheet shows it (the header is row 1)
 
 
-def read_table(table: Path, what: str = "slide_table") -> pd.DataFrame:
+def read_table(table: Path, what: str = "input") -> pd.DataFrame:
     """A CSV or Parquet table as text cells; an unreadable, empty or header-only file is one
     UserError line naming it (not a pandas or pyarrow traceback)."""
     try:

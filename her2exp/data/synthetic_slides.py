@@ -32,7 +32,7 @@ COMPRESSIONS = ("zlib", "jpeg")
 
 @dataclass(frozen=True)
 class SlideCohort:
-    """The slide table (what `her2exp-tile slide_table=` reads) and, if asked, the level-0
+    """The slide table (what `her2exp-tile input=` reads) and, if asked, the level-0
     pixels and tissue-cell masks each slide was written from."""
 
     table: (

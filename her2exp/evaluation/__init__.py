@@ -49,6 +49,7 @@ from her2exp.evaluation.scorer import Scorer, build_scorer, calibrate, calibrate
 from her2exp.evaluation.trained_run import (
     CHECKPOINT_KEYS,
     TrainedRun,
+    by_model_uri,
     check_frozen_aggregation,
     check_frozen_scoring,
     describe_source,
@@ -84,6 +85,7 @@ __all__ = [
     "load_checkpoint",
     "load_cohort",
     "load_model",
+    "by_model_uri",
     "load_run",
     "load_source",
     "one_line",

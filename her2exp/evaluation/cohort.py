@@ -14,11 +14,13 @@ from omegaconf import DictConfig, OmegaConf
 from her2exp import data
 from her2exp.config import ConfigError
 from her2exp.config.commands import check_eval
+from her2exp.config.scoring import evaluation_overrides
 from her2exp.data import RowView
 from her2exp.evaluation.scored import ScoredSplit
 from her2exp.evaluation.scorer import Scorer, score
 from her2exp.evaluation.trained_run import (
     TrainedRun,
+    by_model_uri,
     check_frozen_aggregation,
     check_frozen_scoring,
     load_run,
@@ -89,9 +91,9 @@ def prepare_evaluation(ecfg: DictConfig) -> tuple[TrainedRun, DictConfig, Cohort
     evaluation settings (the run's, merged with the command's) and the cohort's data."""
     check_eval(ecfg)
     if ecfg.tracking.backend == "mlflow":
-        require_store(ecfg.tracking.uri, lookup=bool(ecfg.run_id))
-    run = load_run(ecfg)
-    evaluation = resolve_evaluation(run.cfg.get("evaluation"), ecfg.evaluation)
+        require_store(ecfg.tracking.uri, lookup=bool(ecfg.run_id or ecfg.model_uri))
+    run = load_run(by_model_uri(ecfg))
+    evaluation = resolve_evaluation(run.cfg.get("evaluation"), evaluation_overrides(ecfg))
     check_frozen_aggregation(run, evaluation)
     check_frozen_scoring(run, evaluation)
     run.decision_level = evaluation.decision_level

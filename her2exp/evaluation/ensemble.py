@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from her2exp import reports
 from her2exp.config import ConfigError
+from her2exp.config.scoring import evaluation_overrides
 from her2exp.core import progress
 from her2exp.core.fileio import safe_name
 from her2exp.data.bags import mil_name
@@ -231,8 +232,8 @@ def evaluate_sweep(ecfg: DictConfig, hydra: HydraRun | None = None) -> dict[str,
         )
     if ecfg.tracking.backend == "mlflow":
         require_store(ecfg.tracking.uri, lookup=True)
-    ens = load_ensemble(ecfg.sweep_run_id, ecfg.tracking.uri, ecfg.evaluation)
-    evaluation = resolve_evaluation(ens.run.cfg.get("evaluation"), ecfg.evaluation)
+    ens = load_ensemble(ecfg.sweep_run_id, ecfg.tracking.uri, evaluation_overrides(ecfg))
+    evaluation = resolve_evaluation(ens.run.cfg.get("evaluation"), evaluation_overrides(ecfg))
     if evaluation.operating_point not in ens.run.thresholds:
         raise ConfigError(
             f"evaluation.operating_point={evaluation.operating_point!r}: the ensemble chose "

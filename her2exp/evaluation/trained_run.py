@@ -21,6 +21,7 @@ from her2exp.core import checkpoint
 from her2exp.data.bags import attach_head, mil_name
 from her2exp.runtime.rundir import ARTIFACTS, artifact
 from her2exp.stain import pipeline as stain_pipeline
+from her2exp.tracking.registry import resolve_model_uri
 from her2exp.tracking.store import download_from_run
 
 CHECKPOINT_KEYS = ("model", "config")  # what every her2exp best.pt holds
@@ -74,6 +75,16 @@ def _download_best(run_id: str, uri: str) -> dict[str, Any]:
             "checkpoint=<best.pt>",
         )
         return load_checkpoint(local, f"runs:/{run_id}/{artifact(ARTIFACTS.best)}")
+
+
+def by_model_uri(opts: Any) -> Any:
+    """`opts` with `model_uri` (an alias, a version, runs:/ID/model) replaced by the run id it
+    names (eval, predict, export: the same keys name a trained model in every command); `opts`
+    itself when it names the run otherwise."""
+    if not opts.get("model_uri"):
+        return opts
+    run_id = resolve_model_uri(opts.model_uri, opts.tracking.uri)
+    return OmegaConf.merge(opts, {"run_id": run_id, "model_uri": None})
 
 
 def load_source(source: Any) -> tuple[dict[str, Any], str | None]:

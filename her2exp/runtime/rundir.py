@@ -416,7 +416,7 @@ def clear_earlier_run(run_dir: Path) -> list[str]:
     if buffer.is_file() and buffer.stat().st_size > 0:
         raise ConfigError(
             f"trainer.overwrite=true: {buffer} still holds MLflow calls of the earlier run that "
-            f"never reached the server; send them first (her2exp-sync run_dir={run_dir}) or "
+            f"never reached the server; send them first (her2exp-sync input={run_dir}) or "
             "delete the file"
         )
     removed = []

@@ -320,7 +320,7 @@ class Slide:
 
         The level nearest above it is read in strips of about `BLOCK_PIXELS` at most, each
         reduced as it comes (`reduce_level`): a slide without a pyramid is level 0 alone, and
-        a read of all of it would hold many GB (times `tiles.workers`)."""
+        a read of all of it would hold many GB (times `tiles.processes`)."""
         width, height = self.dimensions
         scale = max(width, height) / max_side
         level = self._backend.best_level(max(scale, 1.0))

@@ -119,7 +119,7 @@ class MlflowTracker(Tracker):
 
     Once the run exists, a call that fails because the server is unreachable is queued in the
     run directory (`offline.OfflineQueue`) and training goes on; the queue is replayed as soon as
-    the server answers, at the end of the run, or later by `her2exp-sync run_dir=<run_dir>`. Other
+    the server answers, at the end of the run, or later by `her2exp-sync input=<run_dir>`. Other
     failures are recorded and reported at the end. Checkpoints and reports never depend on
     MLflow.
     """

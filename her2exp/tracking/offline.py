@@ -2,7 +2,7 @@
 
 A run whose server goes away keeps training; its calls are appended, in order, to
 `<run_dir>/mlflow_buffer.jsonl` (one JSON record per call) and replayed by the run itself as soon
-as the server answers, or afterwards by `her2exp-sync run_dir=<run_dir>`. `<run_dir>/mlflow_run.json`
+as the server answers, or afterwards by `her2exp-sync input=<run_dir>`. `<run_dir>/mlflow_run.json`
 records the run id and URI, so a resumed attempt continues the same run.
 
 What `her2exp-sync` trusts: the run directory's own files. A deferred model
@@ -335,5 +335,5 @@ class OfflineQueue:
             return None
         return (
             f"MLflow server {self.uri} unreachable: deferred {describe_deferred(records)} "
-            f"to {self.buffer.path}; replay with: her2exp-sync run_dir={self.run_dir}"
+            f"to {self.buffer.path}; replay with: her2exp-sync input={self.run_dir}"
         )

@@ -24,9 +24,9 @@ BAD = [
     ("her2exp-manifest", ["--export-synthetic", "out"]),
     ("her2exp-prepare", ["data=nope"]),
     ("her2exp-server", ["port=abc"]),
-    ("her2exp-sync", ["run_dir=/nonexistent/run"]),
+    ("her2exp-sync", ["input=/nonexistent/run"]),
     ("her2exp-rerun", ["-m", "run_id=x", "output_dir=[a,b"]),
-    ("her2exp-tile", ["slide_table=/nonexistent/slides.csv", "out={out}/tiles"]),
+    ("her2exp-tile", ["input=/nonexistent/slides.csv", "out={out}/tiles"]),
     ("her2exp-train", ["trainer.epochs=abc"]),
 ]
 # The further mistakes of a script already started above: the same main() in this process (the
@@ -220,8 +220,8 @@ def test_a_leading_bare_argument_is_the_commands_main_key() -> None:
 
 def test_compose_gives_the_commands_config() -> None:
     cfg = common.compose("server", ["port=5001"])
-    assert cfg.port == 5001 and cfg.dir == ".mlflow-server" and cfg.backend_store_uri is None
-    cfg = common.compose("manifest", ["root=/data", "score_map={0:0,1+:0,3+:1}"])
+    assert cfg.port == 5001 and cfg.out == ".mlflow-server" and cfg.backend_store_uri is None
+    cfg = common.compose("manifest", ["input=/data", "score_map={0:0,1+:0,3+:1}"])
     from her2exp.config.commands import manifest_data_config
 
     assert dict(manifest_data_config(cfg).score_map) == {"0": 0, "1+": 0, "3+": 1}

@@ -42,7 +42,7 @@ def test_help_shows_the_commands_purpose_examples_and_only_its_own_keys(
     keys = re.findall(r"^  (\S+): \S", page, flags=re.MULTILINE)
     assert keys == [k.name for k in command_keys(command)]
     assert ("trainer.epochs" in keys) == (command == "train")
-    assert ("run_dir" in keys) == (command == "sync")
+    assert ("tiles.processes" in keys) == (command == "tile")
 
 
 def test_a_key_shows_its_type_default_range_and_help(monkeypatch, capsys) -> None:

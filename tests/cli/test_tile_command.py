@@ -29,7 +29,7 @@ SIZE = ["tiles.size=128"]  # one tile per rendered tissue cell at 0.5 um/px
 
 
 def tile(table: Path, out: Path, *overrides: str) -> None:
-    main(compose("tile", [f"slide_table={table}", f"out={out}", *SIZE, *overrides]))
+    main(compose("tile", [f"input={table}", f"out={out}", *SIZE, *overrides]))
 
 
 def refused(table: Path, out: Path, capsys, *overrides: str) -> str:
@@ -101,7 +101,7 @@ def test_shards_write_the_manifest_once_every_shard_has_run(tiled, tmp_path, cap
     capsys.readouterr()
     tile(folder / "slides.csv", out, "tiles.shard=0/2")
     assert "3 slides tiled" in capsys.readouterr().out and not (out / "tiles.parquet").exists()
-    tile(folder / "slides.csv", out, "tiles.shard=1/2", "tiles.workers=2")
+    tile(folder / "slides.csv", out, "tiles.shard=1/2", "tiles.processes=2")
     assert "-> " in capsys.readouterr().out
     assert pd.read_parquet(out / "tiles.parquet").equals(pd.read_parquet(done / "tiles.parquet"))
 

@@ -111,13 +111,13 @@ def test_a_slide_replaced_after_tiling_is_tiled_again_and_refused_by_training(
 
 
 def shard_cfg(table: Path, out: Path, *overrides: str):
-    cfg = compose("tile", [f"slide_table={table}", f"out={out}", *SIZE, *overrides])
+    cfg = compose("tile", [f"input={table}", f"out={out}", *SIZE, *overrides])
     schemas.check_tile(cfg)  # what her2exp-tile checks at start: out is empty for both
     return cfg
 
 
 def run_shard(cfg) -> dict:
-    jobs = tile_app.read_slide_table(Path(cfg.slide_table), schemas.tile_data_config(cfg))
+    jobs = tile_app.read_slide_table(Path(cfg.input), schemas.tile_data_config(cfg))
     return tile_app.run(jobs, Path(cfg.out), cfg.tiles, cfg.on_bad_file, cfg.overwrite)
 
 
@@ -168,7 +168,7 @@ def test_an_empty_or_corrupt_slide_table_is_one_line(tmp_path, capsys, name, con
     table = tmp_path / name
     table.write_bytes(content)
     err = refused(table, tmp_path / "out", capsys)
-    assert err.startswith(f"her2exp: slide_table={table}: {says}"), err
+    assert err.startswith(f"her2exp: input={table}: {says}"), err
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 

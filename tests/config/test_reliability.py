@@ -31,9 +31,9 @@ COMMANDS = {"train": config.TrainConfig, **schemas.SCHEMAS}
 REQUIRED = {
     "eval": ["run_id=abc"],
     "predict": ["input=.", "run_id=abc"],
-    "manifest": ["root=."],
+    "manifest": ["input=."],
     "prepare": ["out=x", "stain=macenko"],
-    "tile": ["slide_table=pyproject.toml", "out=x"],
+    "tile": ["input=pyproject.toml", "out=x"],
     "promote": ["name=her2", "version=1"],
     "export": ["run_id=abc"],
 }

@@ -222,8 +222,8 @@ def test_slide_paths_hold_from_any_working_directory(tiled_slides, tmp_path, mon
 
     folder, _, out = tiled_slides
     monkeypatch.chdir(folder.parent)
-    cfg = compose("tile", [f"slide_table={folder.name}/slides.csv", "out=x"])
-    jobs = read_slide_table(Path(cfg.slide_table), schemas.tile_data_config(cfg))
+    cfg = compose("tile", [f"input={folder.name}/slides.csv", "out=x"])
+    jobs = read_slide_table(Path(cfg.input), schemas.tile_data_config(cfg))
     assert all(Path(j.path).is_absolute() and Path(j.path).is_file() for j in jobs)
     moved = tmp_path / "cohort"
     shutil.copytree(folder, moved / "slides")

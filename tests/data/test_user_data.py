@@ -432,7 +432,7 @@ def test_manifest_cli_writes_what_data_manifest_loads(
     root = tmp_path / "patches"
     write_tree(root, patches)
     out = tmp_path / "lists" / "cohort.csv"
-    argv = [f"root={root}", f"patient_regex='{REGEX}'", "seed=7", f"image_size={SIZE}"]
+    argv = [f"input={root}", f"patient_regex='{REGEX}'", "seed=7", f"image_size={SIZE}"]
     assert manifest_command(*argv, f"out={out}") == 0
     assert "wrote 48 rows" in capsys.readouterr().out
     written = pd.read_csv(out)

@@ -2,7 +2,7 @@
 
 Issue 31: invalid JSON, a feature without geometry, Point or LineString geometries, an empty
 polygon, a list root, a string classification, and a real QuPath export holding one Point
-annotation all crashed the tiler with a traceback (with tiles.workers=2 after tiling.json was
+annotation all crashed the tiler with a traceback (with tiles.processes=2 after tiling.json was
 written). Now: points and lines are ignored with a note naming the feature, a list root and a
 string class are read, and every other problem is refused in one line naming the file and the
 feature, with the slides' other problems, before anything is written.
@@ -155,24 +155,24 @@ def table_with(slide_cohort, tmp_path: Path, annotations: dict[int, object]) -> 
 
 
 def tile(table: Path, out: Path, *overrides: str) -> None:
-    main(compose("tile", [f"slide_table={table}", f"out={out}", "tiles.size=128", *overrides]))
+    main(compose("tile", [f"input={table}", f"out={out}", "tiles.size=128", *overrides]))
 
 
 def test_bad_annotations_are_named_with_the_slides_before_anything_is_written(
     slide_cohort, tmp_path, capsys
 ) -> None:
-    """With tiles.workers=2 too (the crash came after tiling.json); skip leaves them out."""
+    """With tiles.processes=2 too (the crash came after tiling.json); skip leaves them out."""
     csv = table_with(slide_cohort, tmp_path, {0: "{", 1: [feature(None)], 2: [feature(polygon())]})
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
-        tile(csv, tmp_path / "out", "tiles.workers=2")
+        tile(csv, tmp_path / "out", "tiles.processes=2")
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.startswith("her2exp: ") and "3 problems" in err, err
     assert f"annotation {tmp_path / 'a0.geojson'}: not valid JSON (line 1, column 2: " in err
     assert f"annotation {tmp_path / 'a1.geojson'}: feature 0: has no geometry" in err
     assert f"annotation {tmp_path / 'a2.geojson'}: feature 0: an empty Polygon" in err
     assert not (tmp_path / "out").exists()
-    tile(csv, tmp_path / "out", "tiles.workers=2", "on_bad_file=skip")
+    tile(csv, tmp_path / "out", "tiles.processes=2", "on_bad_file=skip")
     summary = pd.read_csv(tmp_path / "out" / "summary.csv", keep_default_na=False)
     reasons = dict(zip(summary["slide_id"], summary["reason"], strict=True))
     ids = slide_cohort[1].table["slide_id"]

@@ -132,7 +132,7 @@ def test_her2exp_tile_tiles_a_table_with_an_ome_slide(slide_cohort, tmp_path: Pa
     csv = tmp_path / "slides.csv"
     table.to_csv(csv, index=False)
     out = tmp_path / "tiles"
-    main(compose("tile", [f"slide_table={csv}", f"out={out}", "tiles.size=128"]))
+    main(compose("tile", [f"input={csv}", f"out={out}", "tiles.size=128"]))
     tiles = pd.read_parquet(out / "tiles.parquet")
     readers = tiles.groupby("slide_id")["reader"].unique().map(list).to_dict()
     assert readers == {first.slide_id: ["tiffslide"], second.slide_id: ["openslide"]}
@@ -150,7 +150,7 @@ def test_her2exp_tile_tiles_a_table_with_an_ome_slide(slide_cohort, tmp_path: Pa
     assert np.array_equal(got, want)
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
-        main(compose("tile", [f"slide_table={csv}", f"out={tmp_path / 'x'}", "tiles.reader=pil"]))
+        main(compose("tile", [f"input={csv}", f"out={tmp_path / 'x'}", "tiles.reader=pil"]))
     err = capsys.readouterr().err
     assert (
         info.value.code == 2

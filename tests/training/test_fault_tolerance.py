@@ -462,7 +462,7 @@ def test_mlflow_server_lost_and_back_mid_run_then_synced(
         and "the MLflow model" in err
         and "run status FINISHED" in err
     )
-    assert f"her2exp-sync run_dir={run_dir}" in err
+    assert f"her2exp-sync input={run_dir}" in err
     assert "her2exp: best val AUC" in la.out.read_text()  # training itself was untouched
 
     server.start()
@@ -472,7 +472,7 @@ def test_mlflow_server_lost_and_back_mid_run_then_synced(
     assert sync.returncode == 0, sync.stdout + sync.stderr
     assert not (run_dir / "mlflow_buffer.jsonl").exists()
     again = subprocess.run(
-        [str(BIN / "her2exp-sync"), f"run_dir={run_dir}"],
+        [str(BIN / "her2exp-sync"), f"input={run_dir}"],
         capture_output=True,
         text=True,
         timeout=120,
