@@ -6,7 +6,7 @@ world size and data; the new run is tagged `user.rerun_of` and the two runs' hea
 printed side by side. A different git commit, or a dirty original checkout (its diff is the
 `audit/git_diff.patch` artifact), is reported, since code is the one input MLflow cannot replay.
 
-    her2exp-rerun run_id=<run id> [tracking.uri=sqlite:///mlflow.db] [output_dir=DIR]
+    her2exp-rerun run_id=<run id> [tracking.uri=sqlite:///mlflow.db] [out=DIR]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`her2exp-rerun`: train a logged run again from its MLflow record alone, side by side.
 
     her2exp-rerun run_id=<MLflow run id>                 # -> outputs/rerun/<run id>/<time>
-    her2exp-rerun run_id=<MLflow run id> tracking.uri=http://host:5000 output_dir=DIR
+    her2exp-rerun run_id=<MLflow run id> tracking.uri=http://host:5000 out=DIR
 
 (`her2exp-rerun <run id> ...`, the older spelling, still works.)
 """
@@ -25,7 +25,7 @@ def main(cfg: DictConfig) -> None:
     logging.getLogger("her2exp").setLevel(logging.INFO)
     # Hydra's runtime config is not passed on: the retrained run records the original's
     # overrides, not this command line's (training reads it only as its entry hands it over).
-    before, after = rerun(str(cfg.run_id), cfg.tracking.uri, cfg.output_dir)
+    before, after = rerun(str(cfg.run_id), cfg.tracking.uri, cfg.out)
     print(f"her2exp: rerun of {cfg.run_id} is MLflow run {after['mlflow_run_id']}")
     for key, new in (("best_val_auc", after["best_val_auc"]), ("test_auc", after["test_auc"])):
         print(f"  {key:>13}: original {before.get(key, float('nan')):.6f}  rerun {new:.6f}")

@@ -34,6 +34,7 @@ RENAMED: dict[str, dict[str, str]] = {
     "compare": {"experiment": "tracking.experiment"},
     "predict": {"output": "out"},
     "eval": {"evaluation.tta": "tta"},
+    "rerun": {"output_dir": "out"},
 }
 
 _PREFIXES = ("++", "+", "~")

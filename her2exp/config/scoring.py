@@ -104,7 +104,8 @@ class EvalCommand:
 def evaluation_overrides(cfg: Any) -> Any:
     """her2exp-eval's `evaluation.*` overrides with its `tta=` among them: what is merged over
     the run's own evaluation settings (`tta=` is top-level, as in predict and export)."""
-    return OmegaConf.merge(cfg.evaluation, {"tta": cfg.get("tta")})
+    given = OmegaConf.to_container(cfg.evaluation) if cfg.get("evaluation") else {}
+    return OmegaConf.create({**given, "tta": cfg.get("tta")})
 
 
 EVAL_SPLITS = ("val", "test")

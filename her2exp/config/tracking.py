@@ -94,7 +94,7 @@ class RerunCommand:
     """`her2exp-rerun`: train a logged run again from what MLflow holds."""
 
     run_id: str | None = option(None, help="the MLflow run to train again")
-    output_dir: str | None = option(
+    out: str | None = option(
         None, help="the new run's directory; null: outputs/rerun/<run id>/<time>"
     )
     tracking: UriConfig = field(default_factory=UriConfig)

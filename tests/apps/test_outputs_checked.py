@@ -84,7 +84,7 @@ def sources(name: str, smoke_run: SmokeRun, tmp_path: Path) -> list[str]:
     if name == "tile":
         table = tmp_path / "slides.csv"
         table.write_text("path,label\nmissing.svs,her2_pos\n")
-        return [f"slide_table={table}"]
+        return [f"input={table}"]
     if name == "predict":
         patches = tmp_path / "patches"
         patches.mkdir()

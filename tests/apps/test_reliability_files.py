@@ -130,7 +130,7 @@ def test_manifest_refuses_to_replace_an_existing_manifest(tmp_path: Path) -> Non
         Image.fromarray(image).save(root / ("her2_neg", "her2_pos")[label] / f"P{k}_0.png")
     mine = root / "manifest.csv"
     mine.write_text("path,label,patient_id\nedited by hand,1,real patient\n")
-    proc = command("manifest", [f"root={root}", f"image_size={SIZE}"], tmp_path)
+    proc = command("manifest", [f"input={root}", f"image_size={SIZE}"], tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(f"her2exp: {mine} exists")
     assert "overwrite=true" in proc.stderr and "edited by hand" in mine.read_text()
@@ -143,7 +143,7 @@ def test_manifest_refuses_to_replace_an_existing_manifest(tmp_path: Path) -> Non
     )
     # A bad file, skipped and listed; once it is gone a rerun leaves no stale list behind.
     (root / "her2_pos" / "bad.png").write_bytes(b"\x89PNG\r\n")
-    base = [f"root={root}", f"image_size={SIZE}", "on_bad_file=skip", "overwrite=true"]
+    base = [f"input={root}", f"image_size={SIZE}", "on_bad_file=skip", "overwrite=true"]
     assert exit_code(manifest_cli.main, "manifest", base) == 0
     listed = root / "manifest.skipped.csv"
     assert "bad.png" in listed.read_text() and "edited by hand" not in mine.read_text()
@@ -247,7 +247,7 @@ def test_sync_refuses_uploads_from_outside_the_run_dir(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="call 3.*outside"):  # fileio.UnsafePath
             offline.sync(run_dir)
         assert buffer.read_text() == text  # nothing sent, nothing dropped
-    proc = command("sync", [f"run_dir={run_dir}"], tmp_path)  # the last one, as the user sees it
+    proc = command("sync", [f"input={run_dir}"], tmp_path)  # the last one, as the user sees it
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("her2exp: refused")
     assert f"{tmp_path}, outside {run_dir}" in proc.stderr and buffer.read_text() == text

@@ -25,7 +25,7 @@ BAD = [
     ("her2exp-prepare", ["data=nope"]),
     ("her2exp-server", ["port=abc"]),
     ("her2exp-sync", ["input=/nonexistent/run"]),
-    ("her2exp-rerun", ["-m", "run_id=x", "output_dir=[a,b"]),
+    ("her2exp-rerun", ["-m", "run_id=x", "out=[a,b"]),
     ("her2exp-tile", ["input=/nonexistent/slides.csv", "out={out}/tiles"]),
     ("her2exp-train", ["trainer.epochs=abc"]),
 ]
@@ -105,7 +105,7 @@ def run_main(module: str, argv: list[str], monkeypatch, capsys) -> tuple[int | N
         (
             "compare",
             ["foo=1"],
-            "her2exp: foo is not a key of her2exp-compare (its keys: experiment,",
+            "her2exp: foo is not a key of her2exp-compare (its keys: sweep, out,",
         ),
         ("compare", ["sweep"], "her2exp: 'sweep' is not key=value (missing EQUAL"),
         (
@@ -138,7 +138,7 @@ def run_main(module: str, argv: list[str], monkeypatch, capsys) -> tuple[int | N
         (
             "sync",
             ["model=resnet18"],
-            "her2exp: model is not a key of her2exp-sync (its keys: run_dir, tracking.uri)",
+            "her2exp: model is not a key of her2exp-sync (its keys: input, tracking.uri)",
         ),
         (
             "promote",

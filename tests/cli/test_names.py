@@ -25,6 +25,7 @@ VALUES = {
     "experiment": "other",
     "output": "scores.csv",
     "evaluation.tta": "d4",
+    "output_dir": "reruns/a",
 }
 OLD_SPELLINGS = [(c, old, new) for c, table in RENAMED.items() for old, new in table.items()]
 

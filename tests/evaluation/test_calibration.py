@@ -207,7 +207,7 @@ def test_a_calibrated_d4_run_freezes_its_temperature_and_eval_reproduces_it(
     # One view instead of eight really scores differently (evaluation.score, what eval and the
     # ensemble call); the frozen calibration is not optional.
     run, settings, cohort = evaluation.prepare_evaluation(
-        _eval_cfg(calibrated_run, tmp_path / "b", "split=test", "evaluation.tta=none")
+        _eval_cfg(calibrated_run, tmp_path / "b", "split=test", "tta=none")
     )
     assert settings.tta == "none"
     scorer = evaluation.build_scorer(run, None, cohort.seed, settings.tta)
@@ -216,7 +216,5 @@ def test_a_calibrated_d4_run_freezes_its_temperature_and_eval_reproduces_it(
     assert np.abs(single.probs - test["prob_her2_pos"].to_numpy()).max() > 1e-4
     with pytest.raises(ConfigError, match="froze its thresholds on temperature calibrated"):
         _eval(calibrated_run, tmp_path / "c", "split=test", "evaluation.calibration=none")
-    with pytest.raises(ConfigError, match=r"evaluation.tta='d8' is not allowed \(null"):
-        evaluation.prepare_evaluation(
-            _eval_cfg(calibrated_run, tmp_path / "d", "evaluation.tta=d8")
-        )
+    with pytest.raises(ConfigError, match=r"tta='d8' is not allowed \(null"):
+        evaluation.prepare_evaluation(_eval_cfg(calibrated_run, tmp_path / "d", "tta=d8"))

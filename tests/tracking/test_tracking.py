@@ -204,7 +204,7 @@ def test_optuna_sweep_and_compare(tmp_path: Path) -> None:
 def test_rerun_from_mlflow_alone_gives_the_same_metrics(smoke_run: SmokeRun) -> None:
     proc = subprocess.run(
         [str(BIN / "her2exp-rerun"), f"run_id={smoke_run.run_id}", f"tracking.uri={smoke_run.uri}",
-         f"output_dir={smoke_run.cwd / 'rerun'}"],
+         f"out={smoke_run.cwd / 'rerun'}"],
         cwd=smoke_run.cwd, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
