@@ -199,9 +199,11 @@ def run(
                         len(skipped), out / "summary.csv")  # fmt: skip
         with tile_out.claim_lock(out):
             settled = tile_out.merge_summary(out, rows + skipped)
-            complete = all(tile_out.state(j, out) == "done" or j.slide_id in settled for j in jobs)
+            done = [j for j in jobs if tile_out.state(j, out) == "done"]
+            finished = {j.slide_id for j in done} | settled  # tiled, or left out by skip
+            complete = all(j.slide_id in finished for j in jobs)
             if complete:
-                tile_out.write_manifest(jobs, out, MANIFEST_COLUMNS)
+                tile_out.write_manifest(done, out, MANIFEST_COLUMNS)
     finally:
         held.release()
     reused = len(mine) - len(checked) - len(late)

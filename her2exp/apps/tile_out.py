@@ -232,15 +232,14 @@ def merge_summary(out: Path, rows: list[dict[str, Any]]) -> set[str]:
     return set(table.loc[table["status"] == "skipped", "slide_id"])
 
 
-def write_manifest(jobs: list[SlideJob], out: Path, columns: list[str]) -> None:
-    """All slides' tiles, with the table's current labels, patients, sites and splits (a label
-    corrected in the table needs no retiling)."""
+def write_manifest(done: list[SlideJob], out: Path, columns: list[str]) -> None:
+    """The tiles of the slides `done` (those `state` calls done), with the table's current
+    labels, patients, sites and splits (a label corrected in the table needs no retiling)."""
     parts = []
-    for job in sorted(jobs, key=lambda j: j.slide_id):
-        if state(job, out) == "done":
-            part = pd.read_parquet(slide_file(out, job.slide_id))
-            for key in ("patient_id", "label", "her2_score", "site", "split"):
-                part[key] = getattr(job, key)
-            parts.append(part)
+    for job in sorted(done, key=lambda j: j.slide_id):
+        part = pd.read_parquet(slide_file(out, job.slide_id))
+        for key in ("patient_id", "label", "her2_score", "site", "split"):
+            part[key] = getattr(job, key)
+        parts.append(part)
     frame = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=columns)
     atomic_write(out / "tiles.parquet", frame.to_parquet(index=False))

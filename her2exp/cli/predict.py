@@ -23,7 +23,6 @@ names the training run through the model registry (her2exp-promote sets aliases)
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import pandas as pd
@@ -31,8 +30,6 @@ from omegaconf import DictConfig
 
 from her2exp.cli.common import hydra_command
 from her2exp.config import commands as schemas
-
-log = logging.getLogger("her2exp")
 
 
 @hydra_command("predict")

@@ -108,24 +108,15 @@ def bar(
     stream = sys.stderr
     if not (show and enabled()):
         return tqdm(iterable, total=total, disable=True)
+    shown = {"desc": desc, "unit": unit, "leave": leave}
     if getattr(stream, "isatty", lambda: False)():
-        return tqdm(
-            iterable,
-            total=total,
-            desc=desc,
-            unit=unit,
-            leave=leave,
-            file=stream,
-            dynamic_ncols=True,
-        )
+        return tqdm(iterable, total=total, file=stream, dynamic_ncols=True, **shown)
     if total is None and hasattr(iterable, "__len__"):
         total = len(iterable)  # type: ignore[arg-type]
     return tqdm(
         iterable,
         total=total,
-        desc=desc,
-        unit=unit,
-        leave=leave,
+        **shown,
         file=_LogLines(stream),
         bar_format=LOG_FORMAT if total is not None else LOG_FORMAT_OPEN,
         delay=LOG_INTERVAL_S,

@@ -11,7 +11,7 @@ file changed after tiling is tiled again (and `data=slides` refuses it).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -136,8 +136,6 @@ def _table_problems(jobs: list[SlideJob]) -> list[tuple[str, str]]:
 
 def _signed(jobs: list[SlideJob]) -> tuple[list[SlideJob], list[tuple[str, str]]]:
     """The jobs with their files' signatures, and the files that could not be read for one."""
-    from dataclasses import replace
-
     signed, problems = [], []
     for job in jobs:
         if not Path(job.path).is_file():  # already listed as "no such file"
