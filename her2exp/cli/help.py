@@ -12,6 +12,7 @@ same functions (`command_defaults`, `key_range`, `show_value`), so the page and 
 
 from __future__ import annotations
 
+import re
 import textwrap
 from typing import Any
 
@@ -48,15 +49,24 @@ def purpose_and_examples(doc: str | None) -> tuple[str, list[str]]:
     return purpose, examples[:_EXAMPLES]
 
 
-def show_value(value: Any) -> str:
-    """A value as a command line writes it (`null`, `true`, `[a,b]`): --help's and the
-    reference's one wording (her2exp/cli/reference.py)."""
+#: A string inside a list or map with one of these is quoted, as an override must quote it.
+_NEEDS_QUOTES = re.compile(r"[\s,:\[\]{}'\"=]|^$")
+
+
+def show_value(value: Any, nested: bool = False) -> str:
+    """A value as a command line writes it (`null`, `true`, `[a,b]`, `[a,'b c']`): --help's
+    and the reference's one wording (her2exp/cli/reference.py)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, list | dict):
-        return str(value).replace("'", "").replace(" ", "")
+    if isinstance(value, list):
+        return "[" + ",".join(show_value(v, nested=True) for v in value) + "]"
+    if isinstance(value, dict):
+        items = (f"{show_value(k, True)}:{show_value(v, True)}" for k, v in value.items())
+        return "{" + ",".join(items) + "}"
+    if nested and isinstance(value, str) and _NEEDS_QUOTES.search(value):
+        return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
     return str(value)
 
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import CONF, REPO
+from her2exp.cli.help import show_value
 from her2exp.cli.reference import PAGES, flatten, main, text
 from her2exp.config.commands import CHECKS
 from her2exp.config.keys import command_keys
@@ -93,3 +94,9 @@ def test_pages_are_one_titled_myst_document_without_a_local_path(fresh: Path, na
 def test_text_escapes_markdown_outside_code_spans_and_pipes_everywhere() -> None:
     assert text("a|b <run dir>\n*x* `c|<d>`") == r"a\|b \<run dir> \*x\* `c\|<d>`"
     assert text("# not a heading > x") == r"\# not a heading > x"
+
+
+def test_a_string_in_a_list_keeps_its_spaces_quoted_as_an_override_writes_it() -> None:
+    """conf/hydra/launcher/her2_slurm.yaml's `setup` once read `[exportNCCL_...=1]`."""
+    assert show_value(["export X=1", "a"]) == "['export X=1',a]"
+    assert show_value({"neg": 0, "pos": [1, None]}) == "{neg:0,pos:[1,null]}"
