@@ -5,7 +5,7 @@ STAMP := $(VENV)/.her2exp-installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow bench gpu-check lint format ui montage clean demo-folder demo-slides ddp sweep compare mlflow-server
+.PHONY: help install train test test-slow bench gpu-check lint format ui montage clean demo-folder demo-slides ddp sweep compare mlflow-server reference
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -58,6 +58,9 @@ montage: $(STAMP) ## redraw docs/synthetic_montage.png from the embedded generat
 	$(PY) -c "from her2exp.data import synthetic as s; from PIL import Image; \
 	im = Image.fromarray(s.montage(s.generate(seed=0), per_group=6)); \
 	im.resize((im.width * 2, im.height * 2), Image.NEAREST).save('docs/synthetic_montage.png')"
+
+reference: $(STAMP) ## regenerate docs/reference from the code (commands' keys, config groups); tests/docs fails while stale
+	$(PY) -m her2exp.cli.reference docs/reference
 
 demo-folder: $(STAMP) ## export the embedded data as a PNG folder + manifest under outputs/, then train on it via data=folder
 	rm -rf outputs/demo_folder
