@@ -5,7 +5,7 @@ STAMP := $(VENV)/.her2exp-installed
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow bench gpu-check lint format ui montage clean demo-folder demo-slides ddp sweep compare mlflow-server reference
+.PHONY: help install train test test-slow bench gpu-check lint format ui montage clean demo-folder demo-slides ddp sweep compare mlflow-server docs reference
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk -F':.*?## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ lint: $(STAMP) ## ruff check + format check + the import contracts (layers, ligh
 format: $(STAMP) ## apply ruff format and safe fixes
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+docs: $(STAMP) reference ## build the documentation site into docs/_build/html (strict)
+	$(PY) -m sphinx -W -n --keep-going -q -b html docs docs/_build/html
 
 mlflow-server: $(STAMP) ## team MLflow server on 127.0.0.1:5000: PostgreSQL backend (private cluster in .mlflow-server/ unless ARGS="backend_store_uri=..."), served artifacts
 	$(VENV)/bin/her2exp-server out=$(CURDIR)/.mlflow-server port=5000 $(ARGS)

@@ -88,7 +88,8 @@ def _num(bound: float) -> str:
 
 def ranged(default: Any, *, help: str, **bounds: Any) -> Any:
     """A dataclass field with its allowed range (`ge`, `gt`, `le`, `lt`, `allowed`) and its
-    help: the one text `--help` and the README's key tables read (config.keys.command_keys)."""
+    help: the one text `--help` and the generated reference (docs/reference/) read
+    (config.keys.command_keys)."""
     return field(default=default, metadata={"range": Range(**bounds), "help": help})
 
 

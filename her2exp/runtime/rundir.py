@@ -1,6 +1,6 @@
 """What a run directory may already hold when a run starts, decided before any work.
 
-A fixed `hydra.run.dir` is the recommended recipe (README, "Pre-emption and resume"), so a second
+A fixed `hydra.run.dir` is the recommended recipe (docs/howto/preemption.md), so a second
 start in it must never destroy the first run's checkpoints and reports by accident, and a resume
 must continue the experiment that was started, not a changed one whose new settings the restored
 optimizer and schedule would silently override:
