@@ -162,7 +162,8 @@ def compose_line(command: str, args: list[str]) -> None:
 
 def _values_only(command: str, cfg: object) -> None:
     """The command's own checks, where they ask about values; a refusal naming a file, folder,
-    run or table the page only names as an example is the user's data, not the line."""
+    run or table the page only names as an example (missing here, or there from an earlier
+    try) is the user's data, not the line."""
     from her2exp.core.errors import ConfigError, UserError
 
     try:
@@ -180,7 +181,7 @@ def precheck_config(command: str, cfg: object) -> None:
 
 _MISSING = re.compile(
     r"(does not exist|not found|no such|not a (file|folder|directory)|no run|cannot reach|"
-    r"unreachable|no MLflow|no experiment|not readable|is empty|no registered)",
+    r"unreachable|no MLflow|no experiment|not readable|is empty|no registered|is not empty|exists)",
     re.I,
 )
 
