@@ -258,7 +258,9 @@ def headline(
     keys = {f"threshold_{infix}{op}_val" for op in ops} | {"calibration_temperature"}
     for prefix in prefixes:
         split = prefix[:-1]
-        for entry in SPLIT_METRICS:
+        for entry in SPLIT_METRICS:  # no frozen point at the level (an old run): its AUC
+            if "{op}" not in entry.pattern:
+                keys.add(entry.pattern.format(split=split, level=infix))
             keys |= {entry.pattern.format(split=split, level=infix, op=op) for op in ops}
     return {k: v for k, v in flat.items() if k in keys}
 

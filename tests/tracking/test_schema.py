@@ -106,6 +106,24 @@ def test_the_table_holds_every_number_under_its_former_key(logged, smoke_run: Sm
     assert float(frozen["value"]) == pytest.approx(best["thresholds"]["patient"]["youden"])
 
 
+def test_headline_keeps_the_decision_level_and_the_tile_auc() -> None:
+    flat = {
+        f"test_{infix}{stat}": 0.5
+        for infix in ("", "slide_", "patient_")
+        for stat in ("auc", "auc_low", "youden_sensitivity", "youden_npv", "p50_sensitivity")
+    }
+    kept = schema.headline(flat, ["test_"], "slide", ["youden"])
+    assert set(kept) == {"test_auc", "test_auc_low", "test_slide_auc", "test_slide_auc_low",
+                         "test_slide_youden_sensitivity"}  # fmt: skip
+    # A level without frozen points (a checkpoint from before levels): its AUCs still go.
+    assert set(schema.headline(flat, ["test_"], "patient", [])) == {
+        "test_auc",
+        "test_auc_low",
+        "test_patient_auc",
+        "test_patient_auc_low",
+    }
+
+
 def test_the_reference_page_is_the_schema() -> None:
     page = ROOT / "docs" / "reference" / "mlflow.md"
     assert page.read_text() == schema.reference_markdown(), (
