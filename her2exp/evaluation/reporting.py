@@ -16,8 +16,10 @@ from omegaconf import DictConfig
 
 from her2exp import metrics, reports
 from her2exp.core.fileio import safe_name
+from her2exp.evaluation import metrics_table
 from her2exp.evaluation.scored import ScoredSplit, evaluate_scored, level_table
 from her2exp.runtime.rundir import ARTIFACTS, artifact
+from her2exp.tracking import schema
 from her2exp.tracking.base import Tracker
 
 log = logging.getLogger(__name__)
@@ -109,19 +111,12 @@ def report_cohorts(
         written += _write_predictions(report_dir, s, evaluations[s.name], tile)
     written += list(extra_reports or [])
     remove_stale_reports(report_dir, written)
-    flat: dict[str, float] = {}
-    for name, ev in evaluations.items():
-        prefix = f"{'final_val' if name == 'val' else name}_"
-        flat.update(ev.as_flat_dict(prefix))
-        if name in before:
-            flat[f"{prefix}brier_uncalibrated"] = before[name].brier
-            flat[f"{prefix}ece_uncalibrated"] = before[name].ece
-    if (calibration or {}).get("method") == "temperature":
-        flat["calibration_temperature"] = float(calibration["temperature"])
-    for level, values in levels.items():
-        infix = "" if level == "tile" else f"{level}_"
-        flat.update({f"threshold_{infix}{k}_val": v for k, v in values.items()})
-    tracker.log_metrics(flat)
+    flat = metrics_table.flat_metrics(evaluations, before, calibration, levels)
+    table = metrics_table.metrics_table(flat, evaluations, levels)
+    metrics_table.write_metrics_table(report_dir, table)
+    prefixes = [metrics_table.split_prefix(name) for name in evaluations]
+    level = ecfg.decision_level
+    tracker.log_metrics(schema.headline(flat, prefixes, level, levels.get(level, {})))
     tracker.log_artifact(report_dir, artifact(ARTIFACTS.reports))
     return evaluations
 

@@ -222,7 +222,8 @@ class SplitEvaluation:
         }
 
 
-#: The per-site metrics kept in MLflow: the pooled split has the full set.
+#: The per-site statistics of the flat dict (rows of reports/metrics.csv): the pooled split has
+#: the full set.
 SITE_METRICS = ("sensitivity", "specificity")
 
 

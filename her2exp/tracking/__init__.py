@@ -14,6 +14,8 @@ below (pyproject.toml's `floors` contract lists it).
 | `base`            | the `Tracker` interface (also the no-op tracker), `TrackingUnavailable` |
 | `factory`         | `build`: the tracker for this process                                   |
 | `audit`           | audit tags: git, pip freeze, environment, run tags (pure, no MLflow)   |
+| `schema`          | what a run shows in MLflow: metrics kept (`headline`), tags, artifacts, |
+|                   | the experiment's kind; docs/reference/mlflow.md (pure, no MLflow)      |
 | `store`           | the store's URI, reachability, transient errors and retries           |
 | `mlflow_tracker`  | `MlflowTracker`: one run per job, continued by resumed attempts        |
 | `offline`         | calls buffered in the run directory while the server is away; replay  |
@@ -23,7 +25,7 @@ below (pyproject.toml's `floors` contract lists it).
 | `sweep`           | a Hydra multirun's context, its jobs' child-run tags, the one listing  |
 |                   | of its children (MLflow, else the run directories), experiment runs   |
 
-Within the package the modules form a DAG: base <- store <- offline <- mlflow_tracker <-
+Within the package the modules form a DAG: schema <- store, base <- store <- offline <- mlflow_tracker <-
 factory, store <- registry, audit and offline <- sweep_model <- sweep <- mlflow_tracker; none
 imports the package.
 

@@ -26,6 +26,7 @@ from omegaconf import DictConfig
 
 from her2exp.config import ConfigError
 from her2exp.tracking.base import TrackingUnavailable
+from her2exp.tracking.schema import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
 
 log = logging.getLogger(__name__)
 
@@ -297,19 +298,41 @@ def experiment_id(client: Any, cfg: DictConfig, uri: str) -> str:
     """Get or create `cfg.experiment`; a SQLite store keeps its artifacts beside the database.
 
     Not `mlflow.set_experiment`: that sets process-global state and takes no artifact location.
+    Either way the experiment is marked a model-training one (`ensure_experiment_kind`), or
+    MLflow's UI opens it in its GenAI view (traces, prompts), where no run's curves are.
     """
     import mlflow
 
     exp = client.get_experiment_by_name(cfg.experiment)
     if exp is not None:
+        ensure_experiment_kind(client, exp)
         return exp.experiment_id
     location = cfg.get("artifact_location")
     if location is None and uri.startswith(SQLITE):
         location = (Path(uri[len(SQLITE) :]).parent / "mlartifacts").as_uri()
     try:
-        return client.create_experiment(cfg.experiment, artifact_location=location)
+        return client.create_experiment(
+            cfg.experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except mlflow.exceptions.MlflowException:
         exp = client.get_experiment_by_name(cfg.experiment)  # created concurrently
         if exp is None:
             raise
+        ensure_experiment_kind(client, exp)
         return exp.experiment_id
+
+
+def ensure_experiment_kind(client: Any, experiment: Any) -> None:
+    """Tag an experiment made before her2exp set its kind (or by hand) as a model-training one.
+
+    A kind already set, by her2exp or a user, is left as it is: the user may want another view.
+    A store that refuses the tag costs the UI's default view only, never the run: warned.
+    """
+    import mlflow
+
+    if EXPERIMENT_KIND_TAG in (experiment.tags or {}):
+        return
+    try:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    except mlflow.exceptions.MlflowException as exc:
+        log.warning("experiment %r: could not set its kind (%s)", experiment.name, exc)

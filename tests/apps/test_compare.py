@@ -21,15 +21,18 @@ import pytest
 from conftest import SmokeRun, copy_store
 
 
-def log_like(client, source, level: str, op: str, drop: str | None = None) -> str:
-    """A finished run with `source`'s params and metrics, deciding at `level`/`op`; metrics
-    whose name starts with `drop` left out (a run that never logged that level)."""
+def log_like(
+    client, source, full: dict[str, float], level: str, op: str, drop: str | None = None
+) -> str:
+    """A finished run with `source`'s params and metrics (`full`: every number of its
+    evaluation, as a run deciding at another level logs that level's), deciding at `level`/`op`;
+    metrics whose name starts with `drop` left out (a run that never logged that level)."""
     from mlflow.entities import Metric, Param
 
     run = client.create_run(source.info.experiment_id)
     decision = {"evaluation.decision_level": level, "evaluation.operating_point": op}
     params = [Param(k, v) for k, v in (source.data.params | decision).items()]
-    keep = {k: v for k, v in source.data.metrics.items() if not (drop and k.startswith(drop))}
+    keep = {k: v for k, v in full.items() if not (drop and k.startswith(drop))}
     metrics = [Metric(k, v, 0, 0) for k, v in keep.items()]
     for i in range(0, len(params), 100):  # MLflow's batch limits
         client.log_batch(run.info.run_id, params=params[i : i + 100])
@@ -50,9 +53,11 @@ def test_compare_shows_each_run_at_its_own_decision_point(
     uri = f"sqlite:///{db}"
     client = mlflow.MlflowClient(tracking_uri=uri)
     smoke = client.get_run(smoke_run.run_id)
-    m = smoke.data.metrics
-    slide = log_like(client, smoke, "slide", "sens90")
-    patient = log_like(client, smoke, "patient", "p50", drop="test_patient_")
+    # The smoke run decides at the tile level; its other levels are rows of reports/metrics.csv.
+    rows = pd.read_csv(smoke_run.run_dir / "reports" / "metrics.csv")
+    m = dict(zip(rows["metric"], rows["value"], strict=True)) | smoke.data.metrics
+    slide = log_like(client, smoke, m, "slide", "sens90")
+    patient = log_like(client, smoke, m, "patient", "p50", drop="test_patient_")
 
     from her2exp.cli.compare import main
 

@@ -184,13 +184,16 @@ def test_eval_scores_with_the_runs_amp_setting(smoke_run: SmokeRun, tmp_path: Pa
 def test_eval_split_test_reproduces_the_runs_test_metrics(smoke_run: SmokeRun, tmp_path) -> None:
     """`her2exp-eval run_id=... split=test` rebuilds the run's data and split from its stored
     config and seed and scores them at the frozen thresholds: every test metric the run logged
-    (AUC with its CIs, each operating point) comes out the same."""
+    (AUC with its CIs, each operating point; MLflow's headline metrics and the rest of its
+    reports/metrics.csv) comes out the same."""
     import mlflow
 
     args = [f"run_id={smoke_run.run_id}", f"tracking.uri={smoke_run.uri}", "split=test"]
     out = evaluation.evaluate_cohort(eval_config(args, tmp_path))
     assert out["cohort"] == "test"
-    logged = mlflow.MlflowClient(tracking_uri=smoke_run.uri).get_run(smoke_run.run_id).data.metrics
+    table = pd.read_csv(smoke_run.run_dir / "reports" / "metrics.csv")
+    logged = dict(zip(table["metric"], table["value"], strict=True))
+    logged |= mlflow.MlflowClient(tracking_uri=smoke_run.uri).get_run(smoke_run.run_id).data.metrics
     again = out["evaluation"].as_flat_dict("test_")
     shared = sorted(set(again) & set(logged))
     assert {
