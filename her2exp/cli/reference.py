@@ -6,7 +6,8 @@ A hand-written key table goes stale the day a default changes. Each page here is
 what the commands run with: `commands.md` from every command's schema (config.keys.command_keys:
 the type, default, range and help of `ranged`/`option`, in cli/help.py's wording, so that
 `--help` and the page say the same), `groups.md` from conf/ (every group, every option with its
-leading comment and the keys it sets). tests/docs/test_reference.py regenerates the pages and
+leading comment and the keys it sets), `mlflow.md` from tracking/schema.py (the metrics, tags and
+artifacts a run writes). tests/docs/test_reference.py regenerates the pages and
 fails on a committed page that differs. A page is one entry of PAGES (file name -> function
 returning its MyST Markdown); output is deterministic (sorted, no time, no absolute path).
 
@@ -235,9 +236,17 @@ def groups_page(conf: Path | None = None) -> str:
 
 #: The generated pages: file name under docs/reference -> its Markdown. Adding a page is one
 #: entry here (import a heavy module inside its function: the light-cli contract).
+def mlflow_page() -> str:
+    """What a run logs to MLflow: tracking/schema.py's metrics, tags and artifacts."""
+    from her2exp.tracking.schema import reference_markdown
+
+    return reference_markdown()
+
+
 PAGES: dict[str, Callable[[], str]] = {
     "commands.md": commands_page,
     "groups.md": groups_page,
+    "mlflow.md": mlflow_page,
 }
 
 

@@ -284,7 +284,7 @@ def reference_markdown() -> str:
     lines = [
         "# What a run logs to MLflow",
         "",
-        "Generated from `her2exp/tracking/schema.py` by `make docs`; do not edit by hand.",
+        "Generated from `her2exp/tracking/schema.py` by `make reference`; do not edit by hand.",
         "",
         f"Experiments carry `{EXPERIMENT_KIND_TAG}={EXPERIMENT_KIND}`, so MLflow's UI opens",
         "them in its model-training view. A run's metrics are curated to what a reviewer",
