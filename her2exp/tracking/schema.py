@@ -6,8 +6,9 @@ of them one bar each. The curation rule lives here (`headline`): per-epoch curve
 split the tile AUC, the decision level's AUC and its frozen operating points with their CIs;
 every number the run computes goes, under its old key, into the `reports/metrics.csv` table.
 tests/tracking/test_schema.py checks that a real run logs nothing this schema does not describe,
-that the keys her2exp's readers (promote, compare, the sweep callback) read are logged, and that
-docs/reference/mlflow.md is `reference_markdown()`. Pure Python: no MLflow import.
+that the keys her2exp's readers (promote, compare, the sweep callback) read are logged;
+tests/docs/test_reference.py that docs/reference/mlflow.md is `reference_markdown()`. No MLflow
+import.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+
+from her2exp.runtime.rundir import CONFIG_RESOLVED  # the run directory's names live there
 
 #: The experiment tag MLflow's UI reads to pick its view; `custom_model_development` is the
 #: model-training one (runs, curves), `genai_development` the GenAI one (traces, prompts).
@@ -216,7 +219,7 @@ ARTIFACTS = (
     ),
     Name("reports/model_card.md", "the model card (model_card.json: its facts)"),
     Name("checkpoints/", "best.pt: weights, frozen thresholds and calibration"),
-    Name("config_resolved.yaml", "the resolved config the run trained with"),
+    Name(CONFIG_RESOLVED, "the resolved config the run trained with"),
     Name("hydra/", "Hydra's config, overrides and runtime config"),
     Name("audit/", "pip freeze and, on a dirty tree, the git diff"),
     Name("data/", "files left out by data.on_bad_file=skip"),
