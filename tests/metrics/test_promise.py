@@ -172,10 +172,10 @@ def test_site_with_one_class_gets_nan_auc_and_a_note_not_an_error() -> None:
 
 
 def test_smoke_run_reports_each_site_and_what_validation_can_promise(smoke_run: SmokeRun) -> None:
-    """The smoke data has two sites: summary.md, best.json and reports/metrics.csv carry each site's AUC and
-    rates at the pooled frozen thresholds, equal to evaluating that site's rows alone; summary.md
-    states per level the validation positives, the number needed and the verdict."""
-
+    """The smoke data has two sites: summary.md, best.json and reports/metrics.csv carry each
+    site's AUC and rates at the pooled frozen thresholds, equal to evaluating that site's rows
+    alone; summary.md states per level the validation positives, the number needed and the
+    verdict."""
     reports = smoke_run.run_dir / "reports"
     best = json.loads((reports / "best.json").read_text())
     frozen = best["thresholds"]
