@@ -1,18 +1,18 @@
 """The one model of a sweep (`her2exp.tracking.sweep_model`): one classification for the sweep
 callback's summary and the ensemble, the same from MLflow and from the run directories; a
-hyper-parameter grid refused as an ensemble by the real `her2exp-eval`, before any checkpoint;
-and, read from the source, one definition of the classification and MLflow imported only in
-her2exp/tracking."""
+hyper-parameter grid refused as an ensemble by `her2exp-eval`'s main (sys.argv in this process),
+before any checkpoint; and, read from the source, one definition of the classification and
+MLflow imported only in her2exp/tracking."""
 
 from __future__ import annotations
 
 import ast
-import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, SweepRun, mlflow_store, run_cli
+from conftest import REPO, SweepRun, mlflow_store, run_cli
 from her2exp.tracking.sweep import client_for, finished_children, sweep_children
 from her2exp.tracking.sweep_model import SweepChild, not_an_ensemble, sweep_kind
 
@@ -75,7 +75,8 @@ def lr_grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     cwd = tmp_path_factory.mktemp("lr_grid")
     mlflow_store(cwd / "mlflow.db")
     args = ["-m", "experiment=smoke", "trainer.epochs=1", "trainer.lr=0.001,0.003"]
-    args += ["tracking.log_model=false", "tracking.log_checkpoint=false"]
+    args += ["tracking.log_model=false", "tracking.log_checkpoint=false", "evaluation.n_boot=0"]
+    args += ["data.n_patients=12", "data.patches_per_patient=6"]  # a grid of any size is refused
     proc = run_cli([*args, f"hydra.sweep.dir={cwd / 'sweep'}"], cwd=cwd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     import mlflow
@@ -86,19 +87,24 @@ def lr_grid(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return cwd, parent.info.run_id
 
 
-def test_her2exp_eval_refuses_a_grid_as_an_ensemble(lr_grid: tuple[Path, str]) -> None:
+def test_her2exp_eval_refuses_a_grid_as_an_ensemble(
+    lr_grid: tuple[Path, str], monkeypatch, capsys
+) -> None:
+    """her2exp-eval's main() in this process, as its console script calls it (sys.argv, the
+    cwd): the path from the command line to the one line is the script's; an interpreter start
+    would cost seconds (test_cli's real scripts prove the same exit 2 and one line)."""
+    from her2exp.cli.eval import main
+
     cwd, parent = lr_grid
     args = [f"sweep_run_id={parent}", f"tracking.uri=sqlite:///{cwd}/mlflow.db"]
     args += ["data.n_patients=8", "data.patches_per_patient=6", "evaluation.n_boot=0"]
-    proc = subprocess.run(
-        [str(BIN / "her2exp-eval"), *args, f"output_dir={cwd / 'eval'}"],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stderr.strip() == (
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["her2exp-eval", *args, f"output_dir={cwd / 'eval'}"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert err.strip() == (
         f"her2exp: sweep_run_id={parent!r}: its children differ in trainer.lr, not only in "
         "seeds or folds: a hyper-parameter grid (plain sweep), not an ensemble; evaluate one "
         "child with run_id="

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import BIN, compose_train
+from conftest import compose_train
 from her2exp.core import checkpoint
 from her2exp.data import synthetic
 from her2exp.stain import pipeline as stain_pipeline
@@ -81,22 +80,16 @@ def test_rescale_modes() -> None:
 
 
 def test_prepare_writes_a_normalised_manifest_that_trains(tmp_path: Path) -> None:
+    """her2exp-manifest's export and her2exp-prepare through their mains in this process (an
+    interpreter start each cost seconds; test_reliability_files runs both as processes)."""
+    from her2exp.cli import manifest, prepare
+    from her2exp.cli.common import compose
+
     src, out = tmp_path / "src", tmp_path / "prepared"
     export = [f"export_synthetic={src}", "n_patients=16", "patches_per_patient=6", "image_size=32"]
-    subprocess.run([str(BIN / "her2exp-manifest"), *export], check=True, capture_output=True)
-    proc = subprocess.run(
-        [
-            str(BIN / "her2exp-prepare"),
-            f"out={out}",
-            "data=folder",
-            f"data.root={src}",
-            'data.patient_regex="^([^-]+)-"',
-            "data.image_size=32",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest.main(compose("manifest", export))
+    folder = ["data=folder", f"data.root={src}", 'data.patient_regex="^([^-]+)-"']
+    prepare.main(compose("prepare", [f"out={out}", *folder, "data.image_size=32"]))
     manifest = pd.read_csv(out / "manifest.csv")
     assert len(manifest) == 16 * 6 and (out / manifest["path"]).map(Path.is_file).all()
     record = json.loads((out / "prepare.json").read_text())

@@ -123,12 +123,20 @@ def test_logged_mlflow_model_scores_a_batch(http_run, mlflow_server: str) -> Non
     assert np.array_equal(got["called_her2_pos"], (got["prob_her2_pos"] >= t).astype(int))
 
 
-def test_unreachable_tracking_server_fails_before_training(tmp_path: Path) -> None:
+def test_unreachable_tracking_server_fails_before_training(tmp_path: Path, monkeypatch, capsys):
+    """her2exp-train's main() in this process, as its console script calls it (sys.argv, the
+    cwd): an interpreter start would cost seconds; test_cli's real scripts prove a refused
+    her2exp-train exits 2 with one line as a process."""
+    from her2exp.cli.train import main
+
     port = _free_port()  # nothing listens there
-    proc = run_cli(["experiment=smoke", f"tracking.uri=http://127.0.0.1:{port}",
-                    f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)  # fmt: skip
-    assert proc.returncode == 2
-    assert f"tracking.uri=http://127.0.0.1:{port} cannot be reached" in proc.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["her2exp-train", "experiment=smoke",
+                        f"tracking.uri=http://127.0.0.1:{port}", f"hydra.run.dir={tmp_path / 'run'}"])  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert f"tracking.uri=http://127.0.0.1:{port} cannot be reached" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -159,7 +167,7 @@ def test_grid_sweep_is_a_parent_with_children(tmp_path: Path) -> None:
     assert (tmp_path / "sweep" / "0" / "reports" / "best.json").is_file()
 
 
-def test_optuna_sweep_and_compare(tmp_path: Path) -> None:
+def test_optuna_sweep_and_compare(tmp_path: Path, monkeypatch, capsys) -> None:
     import mlflow
 
     # Two trials: enough for a best value to pick and a table to sort.
@@ -181,9 +189,15 @@ def test_optuna_sweep_and_compare(tmp_path: Path) -> None:
     assert result["best_value"] == pytest.approx(best)
 
     out = tmp_path / "compare.csv"
-    cmp = subprocess.run([str(BIN / "her2exp-compare"), f"out={out}"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert cmp.returncode == 0, cmp.stderr
+    # her2exp-compare's main() in this process, as its console script calls it (sys.argv, cwd).
+    from her2exp.cli.compare import main as compare
+
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.chdir(tmp_path)
+        patch.setattr("sys.argv", ["her2exp-compare", f"out={out}"])
+        compare()
+    printed_out = capsys.readouterr().out
     table = pd.read_csv(out)
     assert len(table) == 2
     assert table["val_auc"].tolist() == sorted(table["val_auc"], reverse=True)
@@ -194,11 +208,11 @@ def test_optuna_sweep_and_compare(tmp_path: Path) -> None:
         by_id[r]["test_youden_sensitivity"] for r in table.run_id
     ]
     # Printed: each run's decision level and operating point, best_epoch an integer (not 1.0000).
-    header, *rows = cmp.stdout.splitlines()[:-1]
+    header, *rows = printed_out.splitlines()[:-1]
     printed = [dict(zip(header.split(), row.split(), strict=True)) for row in rows]
     assert [(r["decision_level"], r["operating_point"], r["best_epoch"]) for r in printed] == [
         ("tile", "youden", "1")
-    ] * 2, cmp.stdout
+    ] * 2, printed_out
 
 
 def test_rerun_from_mlflow_alone_gives_the_same_metrics(smoke_run: SmokeRun) -> None:
@@ -222,18 +236,22 @@ def test_the_sweep_callback_keeps_its_old_dotted_path() -> None:
     """`her2exp.tracking.MlflowSweepCallback`, the callback's path in the saved .hydra configs of
     runs before it moved to evaluation, instantiates the same class as conf/hydra names now;
     importing tracking alone still does not import evaluation (the alias is lazy)."""
+    # A fresh interpreter for the import claim only: the torch stack that importing the callback
+    # loads would cost it seconds, and the class identities hold in this process as well.
     code = (
         "import sys; import her2exp.tracking as t; "
-        "assert 'her2exp.evaluation' not in sys.modules, 'tracking imported evaluation'; "
-        "from hydra.utils import get_class, instantiate; "
-        "from her2exp.evaluation.sweep_callback import MlflowSweepCallback as New; "
-        "assert get_class('her2exp.tracking.MlflowSweepCallback') is New; "
-        "assert type(instantiate({'_target_': 'her2exp.tracking.MlflowSweepCallback'})) is New"
+        "assert 'her2exp.evaluation' not in sys.modules, 'tracking imported evaluation'"
     )
     proc = subprocess.run(
         [str(BIN / "python"), "-c", code], cwd=REPO, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    from hydra.utils import get_class, instantiate
+
+    from her2exp.evaluation.sweep_callback import MlflowSweepCallback as New
+
+    assert get_class("her2exp.tracking.MlflowSweepCallback") is New
+    assert type(instantiate({"_target_": "her2exp.tracking.MlflowSweepCallback"})) is New
     conf = yaml.safe_load((REPO / "conf/hydra/default.yaml").read_text())
     assert conf["callbacks"]["mlflow_sweep"]["_target_"] == (
         "her2exp.evaluation.sweep_callback.MlflowSweepCallback"

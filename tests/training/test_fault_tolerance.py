@@ -418,8 +418,24 @@ def server(tmp_path: Path):
     srv.stop()
 
 
+def sync_here(argv: list[str], monkeypatch, capsys) -> tuple[object, str, str]:
+    """her2exp-sync's main in this process, as its console script calls it: (exit code, stdout,
+    stderr). An interpreter start costs seconds; test_reliability_files and test_cli run
+    her2exp-sync as a process."""
+    from her2exp.cli.sync import main
+
+    capsys.readouterr()
+    monkeypatch.setattr("sys.argv", ["her2exp-sync", *argv])
+    try:
+        code = main()
+    except SystemExit as exc:
+        code = exc.code
+    printed = capsys.readouterr()
+    return code, printed.out, printed.err
+
+
 def test_mlflow_server_lost_and_back_mid_run_then_synced(
-    server: MlflowServer, tmp_path: Path
+    server: MlflowServer, tmp_path: Path, monkeypatch, capsys
 ) -> None:
     """Away in epoch 2 (buffered), back in epoch 3 (replayed by the run), away again from epoch 4
     to the end (the run warns what it deferred), then `her2exp-sync` sends the rest."""
@@ -466,18 +482,11 @@ def test_mlflow_server_lost_and_back_mid_run_then_synced(
     assert "her2exp: best val AUC" in la.out.read_text()  # training itself was untouched
 
     server.start()
-    sync = subprocess.run(
-        [str(BIN / "her2exp-sync"), str(run_dir)], capture_output=True, text=True, timeout=300
-    )
-    assert sync.returncode == 0, sync.stdout + sync.stderr
-    assert not (run_dir / "mlflow_buffer.jsonl").exists()
-    again = subprocess.run(
-        [str(BIN / "her2exp-sync"), f"input={run_dir}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert again.returncode == 0 and "nothing to replay" in again.stdout
+    monkeypatch.chdir(tmp_path)
+    code, out, err = sync_here([str(run_dir)], monkeypatch, capsys)
+    assert code in (None, 0) and not (run_dir / "mlflow_buffer.jsonl").exists(), out + err
+    code, out, err = sync_here([f"input={run_dir}"], monkeypatch, capsys)
+    assert code in (None, 0) and "nothing to replay" in out, out + err
 
     client = mlflow.MlflowClient(tracking_uri=server.url)
     run_id = json.loads((run_dir / "mlflow_run.json").read_text())["run_id"]

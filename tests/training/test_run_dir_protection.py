@@ -1,5 +1,6 @@
 """Nothing of a finished or running run is lost to `trainer.resume=auto` (issue 30, 1, 2 and 6):
-real `her2exp-train` processes on copies of the session's smoke run (directory and SQLite store).
+`her2exp-train` on copies of the session's smoke run (directory and SQLite store): real
+processes where two runs meet, its main from sys.argv in this process for a lone refusal.
 
 - a finished run whose last.pt was deleted cannot be resumed: refused, naming trainer.overwrite;
 - a last.pt that is a directory: refused, nothing overwritten;
@@ -54,9 +55,28 @@ def _refused(proc: subprocess.CompletedProcess, *needles: str) -> str:
     return err
 
 
+def _train_here(args: list[str], cwd: Path, monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """her2exp-train's main() in this process, as its console script calls it (sys.argv, the
+    cwd): its exit status and output as a process's. An interpreter start costs seconds;
+    test_precheck's real console script is refused by the same resume check (rundir.plan)."""
+    from her2exp.cli.train import main
+
+    capsys.readouterr()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["her2exp-train", *args])
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    try:
+        main()
+        code: object = 0
+    except SystemExit as exc:
+        code = exc.code
+    printed = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, printed.out, printed.err)
+
+
 @pytest.mark.parametrize("damage", ["deleted", "a directory"])
 def test_resume_auto_never_trains_into_a_finished_run(
-    smoke_run: SmokeRun, tmp_path: Path, damage: str
+    smoke_run: SmokeRun, tmp_path: Path, damage: str, monkeypatch, capsys
 ) -> None:
     """last.pt deleted (users delete it: it is the large file) or a directory: refused before
     any work (another lr, too: nothing would report it), best.pt, reports, config_resolved.yaml
@@ -73,7 +93,7 @@ def test_resume_auto_never_trains_into_a_finished_run(
         "trainer.lr=0.01",
         f"tracking.uri={uri}",
     ]
-    proc = run_cli(args, cwd=tmp_path)
+    proc = _train_here(args, tmp_path, monkeypatch, capsys)
     if damage == "deleted":
         _refused(proc, f"hydra.run.dir={run.root}", "no last.pt to resume", "trainer.overwrite")
     else:
