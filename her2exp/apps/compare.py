@@ -25,6 +25,7 @@ import pandas as pd
 
 from her2exp.config import ConfigError
 from her2exp.tracking.registry import decision_metric
+from her2exp.tracking.schema import level_infix
 from her2exp.tracking.sweep import client_for, download_artifact, experiment_runs
 
 #: Logged metric -> column, the same for every run (tile level: the selection metric).
@@ -151,7 +152,7 @@ def decision_columns(runs: pd.DataFrame) -> pd.DataFrame:
             if isinstance(run.get(f"params.{p}"), str)
         }
         level, op, _ = decision_metric(params)
-        prefix = "test_" if level == "tile" else f"test_{level}_"
+        prefix = f"test_{level_infix(level)}"
         row: dict[str, Any] = {"decision_level": level, "operating_point": op}
         for column, name in AT_DECISION.items():
             value = run.get(f"metrics.{prefix}{name.format(op=op)}")

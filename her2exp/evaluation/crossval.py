@@ -45,7 +45,6 @@ from her2exp.evaluation.sweep_leaderboard import (
 from her2exp.evaluation.sweep_markdown import cv_checklist, cv_markdown, repeat_markdown
 from her2exp.evaluation.sweep_pooling import (
     child_rates,
-    level_infix,
     mean_sd,
     nan_auc,
     pool,
@@ -53,6 +52,7 @@ from her2exp.evaluation.sweep_pooling import (
     roc_curve,
     spread,
 )
+from her2exp.tracking.schema import level_infix
 from her2exp.tracking.sweep_model import JOB_KEYS, SEED_KEYS, SweepChild, repeat_groups, sweep_kind
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,9 @@ import pandas as pd
 
 from her2exp import reports
 from her2exp.evaluation.sweep_children import Child, decision_point, operating_points
-from her2exp.evaluation.sweep_pooling import level_infix, nan_auc
+from her2exp.evaluation.sweep_pooling import nan_auc
 from her2exp.reports.checklist import AUC_MIN, RECALL_MIN, SPECIFICITY_MIN
+from her2exp.tracking.schema import level_infix
 
 
 def plus_minus(metrics: Mapping[str, float], key: str, mean: str, sd: str) -> str:

@@ -18,6 +18,7 @@ import pandas as pd
 from her2exp.evaluation.sweep_children import CALLED, Child
 from her2exp.metrics.operating_points import binary_report
 from her2exp.metrics.ranking import auc, auc_ci_delong, roc_with_band
+from her2exp.tracking.schema import level_infix
 
 
 def nan_auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -54,11 +55,6 @@ def spread(per_child: list[dict[str, float]], prefix: str, suffixes: tuple[str, 
         mean, sd = mean_sd([r[key] for r in per_child])
         out[f"{prefix}{key}{suffixes[0]}"], out[f"{prefix}{key}{suffixes[1]}"] = mean, sd
     return out
-
-
-def level_infix(level: str) -> str:
-    """The metric-name infix of a level: '' for tiles, 'slide_' / 'patient_'."""
-    return "" if level == "tile" else f"{level}_"
 
 
 def pool(children: list[Child], level: str) -> pd.DataFrame:

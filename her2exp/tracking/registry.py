@@ -26,6 +26,7 @@ from her2exp.config.model_uri import ALIAS_RE as ALIAS_RE
 from her2exp.config.model_uri import MODEL_URI_FORMS as MODEL_URI_FORMS
 from her2exp.config.model_uri import ModelRef as ModelRef
 from her2exp.config.model_uri import parse_model_uri
+from her2exp.tracking.schema import level_infix
 from her2exp.tracking.store import require_store
 
 #: Version tags written by a promotion (the checklist's evidence, the force record).
@@ -134,8 +135,7 @@ def decision_metric(params: dict[str, str]) -> tuple[str, str, str]:
     default = EvaluationConfig()
     level = params.get("evaluation.decision_level", default.decision_level)
     op = params.get("evaluation.operating_point", default.operating_point)
-    infix = "" if level == "tile" else f"{level}_"
-    return level, op, f"test_{infix}{op}_sensitivity"
+    return level, op, f"test_{level_infix(level)}{op}_sensitivity"
 
 
 def sensitivity_check(params: dict[str, str], metrics: dict[str, float]) -> Check:
