@@ -20,9 +20,12 @@ from pathlib import Path
 import pytest
 
 from her2exp.cli.common import check_flags, check_sweep
+from her2exp.config import ConfigError
+from her2exp.config.commands import CHECKS
 from her2exp.config.compose import compose_hydra, is_multirun, without_hydra
 from her2exp.config.keys import check_overrides
 from her2exp.config.renames import renamed
+from her2exp.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
@@ -164,19 +167,11 @@ def _values_only(command: str, cfg: object) -> None:
     """The command's own checks, where they ask about values; a refusal naming a file, folder,
     run or table the page only names as an example (missing here, or there from an earlier
     try) is the user's data, not the line."""
-    from her2exp.core.errors import ConfigError, UserError
-
     try:
-        precheck_config(command, cfg)
+        CHECKS[command](cfg)
     except (UserError, ConfigError) as exc:
         if not _about_missing_input(str(exc)):
             raise
-
-
-def precheck_config(command: str, cfg: object) -> None:
-    from her2exp.config.commands import CHECKS
-
-    CHECKS[command](cfg)
 
 
 _MISSING = re.compile(
@@ -219,15 +214,18 @@ def test_command_line_composes(line: Line) -> None:
 
 
 def test_a_wrong_line_is_caught(tmp_path: Path) -> None:
-    """The check refuses what a stale page would show: an old name and an unknown key."""
+    """The check refuses what a stale page would show: an old name, an unknown key and a value
+    the command's checks refuse (not taken for a missing example file)."""
     page = tmp_path / "p.md"
     page.write_text(
-        "```bash\nher2exp-tile slide_table=t.csv out=o\nher2exp-train trainer.epoch=3\n```\n"
+        "```bash\nher2exp-tile slide_table=t.csv out=o\nher2exp-train trainer.epoch=3\n"
+        "her2exp-train trainer.lr=-1\n```\n"
     )
     lines = shell_lines(page.resolve())
     assert [line.text for line in lines] == [
         "her2exp-tile slide_table=t.csv out=o",
         "her2exp-train trainer.epoch=3",
+        "her2exp-train trainer.lr=-1",  # a value the command's own checks refuse
     ]
     for line in lines:
         (command, args), *_ = commands(line)
